@@ -2,15 +2,26 @@
 
 Reading order: internlm2.py, dinov2.py, projector.py, llava.py, then tokenizer.py, data.py, image.py,
 loader.py, and the two training scripts at the repository root.
+
+The public classes are imported on first use (PEP 562), so `python -m llava_min.data check` or a loader
+worker does not pay for modules it never touches.
 """
 IMAGE_TOKEN_INDEX = -200  # placeholder id in input_ids for one image; not a vocabulary id
 IGNORE_INDEX = -100       # label value that the loss ignores
 
-from .internlm2 import InternLM2, InternLM2Config  # noqa: E402
-from .dinov2 import DINOv2, DINOv2Config  # noqa: E402
-from .projector import Projector  # noqa: E402
-from .llava import LLaVA  # noqa: E402
-from .tokenizer import Tokenizer  # noqa: E402
+_EXPORTS = {
+    "InternLM2": "internlm2", "InternLM2Config": "internlm2",
+    "DINOv2": "dinov2", "DINOv2Config": "dinov2",
+    "Projector": "projector",
+    "LLaVA": "llava",
+    "Tokenizer": "tokenizer",
+}
 
-__all__ = ["InternLM2", "InternLM2Config", "DINOv2", "DINOv2Config", "Projector", "LLaVA", "Tokenizer",
-           "IMAGE_TOKEN_INDEX", "IGNORE_INDEX"]
+__all__ = [*_EXPORTS, "IMAGE_TOKEN_INDEX", "IGNORE_INDEX"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'llava_min' has no attribute {name!r}")
