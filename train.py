@@ -1,0 +1,390 @@
+"""Stage 1 of LLaVA training: align the projector on image captions (LLM and ViT frozen).
+
+One process:
+    python train.py --data data/shapes/pretrain.json --image-folder data/shapes \\
+        --tokenizer data/shapes/tok.model --llm-config tiny --vit-config tiny --out out/stage1
+Several GPUs / nodes (every rank reads and tokenizes its own samples lazily; nothing is preprocessed up front):
+    torchrun --nproc_per_node 4 train.py --data blip_laion_cc_sbu_558k.json --image-folder LLaVA-Pretrain/images \\
+        --tokenizer internlm2/tokenizer.model --llm internlm2-chat-7b --vit dinov2-large --out out/pretrain
+
+finetune.py (stage 2) runs this same script with its own defaults (`main(stage=2)`); this file is the whole
+training story, top to bottom: arguments, distributed set-up, model, data, optimiser, resume, the loop, saving.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on long runs
+
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+from llava_min import IGNORE_INDEX, dist  # noqa: E402
+from llava_min.checkpoint import (capture_rng_state, latest_checkpoint, load_training_state,  # noqa: E402
+                                  restore_rng_state, save_checkpoint)
+from llava_min.data import LLaVADataset, collate, load_samples, validate  # noqa: E402
+from llava_min.dinov2 import DINOv2  # noqa: E402
+from llava_min.dinov2 import load_config as vit_config  # noqa: E402
+from llava_min.internlm2 import InternLM2  # noqa: E402
+from llava_min.internlm2 import load_config as llm_config  # noqa: E402
+from llava_min.llava import LLaVA, LLaVAConfig  # noqa: E402
+from llava_min.loader import Loader  # noqa: E402
+from llava_min.lora import apply_lora, merged_state_dict  # noqa: E402
+from llava_min.optim import clip_grad_norm, lr_at, make_optimizer, param_groups  # noqa: E402
+from llava_min.plot import plot_loss  # noqa: E402
+from llava_min.projector import Projector  # noqa: E402
+from llava_min.sampler import GlobalBatchSampler  # noqa: E402
+from llava_min.tokenizer import Tokenizer  # noqa: E402
+from llava_min.weights import save_state, write_json  # noqa: E402
+
+# Per-stage defaults (LLaVA-1.5 / XTuner InternLM2 configs; see docs and ../reference/llava_xtuner.md (c)).
+STAGE_DEFAULTS = {
+    1: dict(train="projector", lr=1e-3, batch_size=32, grad_accum=1, save_every=500),
+    2: dict(train="projector,llm", lr=2e-5, batch_size=16, grad_accum=1, save_every=500),
+}
+# Settings a stage-2 run takes from its --init-from folder unless given on the command line.
+INHERITED = ("tokenizer", "image_size", "image_mode", "max_length", "system")
+
+
+def parse_args(stage: int, argv=None) -> argparse.Namespace:
+    d = STAGE_DEFAULTS[stage]
+    p = argparse.ArgumentParser(description=__doc__ if stage == 1 else sys.modules["__main__"].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, help="LLaVA-format JSON (a list) or JSONL files")
+    p.add_argument("--image-folder", default=".", help="image paths in the data are relative to it")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model (inherited with --init-from)")
+    p.add_argument("--llm", default=None, help="pretrained InternLM2 folder")
+    p.add_argument("--llm-config", default=None, help="fresh init: preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
+    p.add_argument("--vit", default=None, help="pretrained DINOv2 folder")
+    p.add_argument("--vit-config", default=None, help="fresh init: preset (tiny, dinov2-small/-base/-large/-giant[-reg]) or config.json")
+    p.add_argument("--projector", default=None, help="pretrained projector folder (XTuner or HF LLaVA names)")
+    p.add_argument("--init-from", default=None, help="a folder written by train.py (stage 1 output)")
+    p.add_argument("--train", default=d["train"], help="comma list of projector,llm,vit, or all")
+    p.add_argument("--lora-r", type=int, default=0, help="train the LLM through LoRA adapters of this rank")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 * r)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (warm-up then cosine)")
+    p.add_argument("--projector-lr", type=float, default=None, help="separate peak lr for the projector")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--max-length", type=int, default=2048, help="cap on the LLM's sequence, image tokens included")
+    p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336; inherited)")
+    p.add_argument("--image-mode", choices=["pad", "crop"], default=None, help="pad to square (LLaVA-1.5) or centre crop")
+    p.add_argument("--system", default=None, help="system prompt for every sample")
+    p.add_argument("--num-workers", type=int, default=4, help="loader worker processes; 0 = in the main process")
+    p.add_argument("--loader-timeout", type=float, default=600, help="seconds a loader worker may be silent")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=d["save_every"], help="checkpoint every N optimizer steps")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept in OUT/checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--dist-timeout", type=float, default=600, help="timeout (s) of every collective")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block's activations in backward")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default bfloat16 on CUDA, float32 on CPU); trained weights stay fp32")
+    p.add_argument("--zero", action="store_true", help="shard optimizer state across ranks (ZeRO-1)")
+    p.add_argument("--nan", choices=["stop", "skip"], default="stop", help="on a NaN/inf loss: stop, or skip the step")
+    p.add_argument("--log-every", type=int, default=1)
+    args = p.parse_args(argv)
+    args.stage = stage
+    return args
+
+
+def inherit_from_init(args, init_dir: Path, explicit: set[str]) -> list[str]:
+    """Take tokenizer and data settings from a stage-1 folder, unless the command line set them."""
+    saved = json.loads((init_dir / "args.json").read_text()) if (init_dir / "args.json").exists() else {}
+    saved["tokenizer"] = str(init_dir / "tokenizer.model")
+    said = []
+    for key in INHERITED:
+        if key not in explicit and saved.get(key) is not None:
+            setattr(args, key, saved[key])
+            said.append(f"{key}={saved[key]}")
+    return said
+
+
+def build_model(args, tok: Tokenizer, d: dist.Dist) -> LLaVA:
+    """Load or freshly initialise the three parts (fresh weights identical on every rank: seeded)."""
+    if args.init_from:
+        model = LLaVA.from_pretrained(args.init_from, dtype=torch.float32)
+    else:
+        torch.manual_seed(args.seed)
+        if args.llm:
+            llm = InternLM2.from_pretrained(args.llm, dtype=torch.float32)
+        elif args.llm_config:
+            llm = InternLM2(llm_config(args.llm_config))
+        else:
+            raise SystemExit("give --llm DIR, --llm-config NAME_OR_JSON, or --init-from DIR")
+        if args.vit:
+            vit = DINOv2.from_pretrained(args.vit, dtype=torch.float32)
+        elif args.vit_config:
+            vit = DINOv2(vit_config(args.vit_config))
+        else:
+            raise SystemExit("give --vit DIR, --vit-config NAME_OR_JSON, or --init-from DIR")
+        if args.projector:
+            projector = Projector.from_pretrained(args.projector, dtype=torch.float32)
+        else:
+            projector = Projector(vit.config.hidden_size, llm.config.hidden_size)
+        model = LLaVA(llm, vit, projector, LLaVAConfig())
+    cfg = model.config
+    cfg.image_size, cfg.image_mode = args.image_size, args.image_mode
+    cfg.stop_ids = [tok.im_end_id, tok.eos_id]
+    if tok.vocab_size > model.llm.config.vocab_size:
+        raise SystemExit(f"the tokenizer has {tok.vocab_size} pieces but the LLM's vocab_size is "
+                         f"{model.llm.config.vocab_size}: ids past the embedding table would crash. Use a "
+                         "tokenizer that fits or an LLM config with vocab_size >= the tokenizer's")
+    if args.image_size % model.vit.config.patch_size:
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size "
+                         f"{model.vit.config.patch_size}")
+    return model
+
+
+def main(stage: int = 1, argv=None) -> None:
+    args = parse_args(stage, argv)
+    explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
+                if a.startswith("--")}
+    out = Path(args.out)
+    d = dist.setup(timeout_s=args.dist_timeout, out_dir=out)
+    try:
+        run(args, explicit, out, d)
+    finally:
+        dist.teardown(d)
+
+
+def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
+    log, print0 = d.log, d.print0
+
+    # ---- settings -------------------------------------------------------------------------------
+    if args.init_from:
+        said = inherit_from_init(args, Path(args.init_from), explicit)
+        print0(f"stage {args.stage}: from {args.init_from}, inherited " + (", ".join(said) or "nothing"))
+    args.image_size = args.image_size or 336
+    args.image_mode = args.image_mode or "pad"
+    if not args.tokenizer:
+        raise SystemExit("give --tokenizer FILE (or --init-from a stage-1 folder, which holds one)")
+    parts = {"projector", "llm", "vit"} if args.train == "all" else set(args.train.split(","))
+    if not parts <= {"projector", "llm", "vit"}:
+        raise SystemExit(f"--train {args.train!r}: use a comma list of projector, llm, vit, or all")
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    compute_dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    # ---- model ----------------------------------------------------------------------------------
+    tok = Tokenizer(args.tokenizer)
+    model = build_model(args, tok, d)
+    model.requires_grad_(False)
+    for name in parts:
+        getattr(model, name).requires_grad_(True)
+    if args.lora_r:
+        if "llm" not in parts:
+            raise SystemExit("--lora-r trains the LLM through adapters: add llm to --train")
+        model.llm.requires_grad_(False)
+        replaced = apply_lora(model.llm, r=args.lora_r, alpha=args.lora_alpha or 2 * args.lora_r,
+                              dropout=args.lora_dropout)
+        print0(f"LoRA r={args.lora_r} on {len(replaced)} linear layers of the LLM")
+    # Frozen parts are stored in the compute dtype (half the memory in bf16); trained ones stay fp32.
+    for part in (model.llm, model.vit, model.projector):
+        for p in part.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(compute_dtype)
+    model.to(device)
+    if args.grad_checkpointing:
+        model.set_gradient_checkpointing(True)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    print0(f"parameters: {n_all:,} total, {n_train:,} trained ({', '.join(sorted(parts))}"
+           f"{', LoRA' if args.lora_r else ''})")
+
+    # ---- data: cheap checks on every rank, tokenization later, per sample, in loader workers ------
+    samples = load_samples(args.data)
+    image_tokens = model.vit.num_patches(args.image_size, args.image_size)
+    validate(samples, args.image_folder, sources=args.data)
+    dataset = LLaVADataset(samples, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
+                           max_length=args.max_length, image_tokens=image_tokens, system=args.system)
+    print0(dataset.report())
+    global_batch = args.batch_size * d.world_size * args.grad_accum
+    sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed)
+    if sampler.steps_per_epoch == 0:
+        raise SystemExit(f"{len(dataset)} samples are fewer than one global batch of {global_batch} "
+                         f"(batch {args.batch_size} x {d.world_size} processes x accumulation {args.grad_accum})")
+    max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
+
+    # ---- optimiser ------------------------------------------------------------------------------
+    groups = param_groups(model, args.lr, args.weight_decay, projector_lr=args.projector_lr)
+    optimizer = make_optimizer(groups, args.lr, zero=args.zero and d.world_size > 1)
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if d.world_size > 1 else model
+
+    # ---- resume ---------------------------------------------------------------------------------
+    start_step = 0
+    if args.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            print0(f"--resume: no complete checkpoint in {out}/checkpoints, starting from step 0")
+        else:
+            state = load_training_state(ckpt, map_location=device)
+            load_trained_weights(model, state["trainable"], ckpt)
+            optimizer.load_state_dict(state["optimizer"])
+            restore_rng_state(state["rng"])
+            start_step = state["step"]
+            if state.get("global_batch") != global_batch:
+                raise SystemExit(f"{ckpt}: saved with global batch {state.get('global_batch')}, now {global_batch}; "
+                                 "keep batch x processes x accumulation equal to continue the same data order")
+            print0(f"resumed from {ckpt} at step {start_step} (saved by {state.get('world_size')} processes, "
+                   f"now {d.world_size})")
+
+    # All ranks must agree on what they are about to do (a mismatch hangs DDP later, loudly here).
+    fingerprint = hashlib.sha256(json.dumps({k: v for k, v in vars(args).items() if k != "resume"},
+                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
+    dist.check_consistent(d, {"samples": len(dataset), "max_steps": max_steps, "start_step": start_step,
+                              "trainable_params": n_train, "config_hash": fingerprint})
+    if d.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        print0("configuration:\n" + "\n".join(f"  {k:18s} {v}" for k, v in sorted(vars(args).items())))
+
+    # ---- the loop -------------------------------------------------------------------------------
+    steps = range(start_step, max_steps)
+    batches = (sampler.local_batch(s, d.rank, d.world_size, m, args.grad_accum)
+               for s in steps for m in range(args.grad_accum))
+    loader = Loader(dataset, batches, collate, num_workers=args.num_workers, timeout=args.loader_timeout,
+                    pin_memory=device.type == "cuda")
+    metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
+    bar = progress(d, start_step, max_steps)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    batch_iter = iter(loader)
+    ddp_model.train()
+    try:
+        for step in steps:
+            t0 = time.time()
+            micro = [next(batch_iter) for _ in range(args.grad_accum)]
+            # Loss is normalised by the supervised-token count of the whole global batch, so any split of
+            # it over processes and micro-batches gives the same loss and gradients (torchtitan does this).
+            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+            counts = torch.tensor([float(local_tokens)], device=device)
+            dist.all_reduce(d, counts, what=f"supervised-token count at step {step + 1}")
+            global_tokens = max(counts.item(), 1.0)
+            loss_sum = torch.zeros((), device=device)
+            seen = 0
+            for m, batch in enumerate(micro):
+                sync = m == len(micro) - 1 or d.world_size == 1
+                ctx = contextlib.nullcontext() if sync or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
+                with ctx:
+                    with autocast:
+                        o = ddp_model(batch["input_ids"].to(device, non_blocking=True),
+                                      None if batch["pixel_values"] is None else
+                                      batch["pixel_values"].to(device, non_blocking=True),
+                                      labels=batch["labels"].to(device, non_blocking=True),
+                                      attention_mask=batch["attention_mask"].to(device, non_blocking=True))
+                    # DDP averages gradients over ranks; multiply back so the sum is over the global batch.
+                    (o.loss_sum * (d.world_size / global_tokens)).backward()
+                loss_sum += o.loss_sum.detach()
+                seen += int(o.attention_mask.sum()) * d.world_size
+            dist.all_reduce(d, loss_sum, what=f"loss sum at step {step + 1}")
+            loss = loss_sum.item() / global_tokens
+            if not math.isfinite(loss):
+                ids = [i for b in micro for i in b["ids"]]
+                msg = (f"step {step + 1}: loss is {loss} (NaN/inf). Samples of this rank's batches: {ids[:32]}. "
+                       "Try a lower --lr, --dtype bfloat16 instead of fp16, or --nan skip")
+                if args.nan == "stop":
+                    raise FloatingPointError(msg)
+                log(msg + " -- skipping this step")
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            lr = lr_at(step, max_steps, args.lr, args.warmup_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            grad_norm = clip_grad_norm(model, args.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            dt = time.time() - t0
+            record = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                      "tokens_per_s": round(seen / dt, 1), "seconds": round(dt, 3)}
+            if device.type == "cuda":
+                record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+            d.heartbeat(step + 1, "step done")
+            last = step + 1 == max_steps
+            if (step + 1) % args.save_every == 0 or last:
+                save(model, tok, optimizer, args, out, step + 1, global_batch, d, final=last)
+    finally:
+        loader.close()
+        if metrics:
+            metrics.close()
+            bar.close()
+    print0(f"done: {max_steps} steps; model in {out}")
+
+
+def progress(d, start: int, total: int):
+    """tqdm bar on rank 0 only; other ranks log through d.log."""
+    if d.rank != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+
+def save(model: LLaVA, tok: Tokenizer, optimizer, args, out: Path, step: int, global_batch: int, d,
+         final: bool) -> None:
+    """Checkpoint (atomic: temporary folder, then rename) and, at the end, the model itself in OUT."""
+    if hasattr(optimizer, "consolidate_state_dict"):   # ZeRO-1: gather the shards on rank 0 (a collective)
+        optimizer.consolidate_state_dict(to=0)
+    if d.rank == 0:
+        def write(folder: Path) -> None:
+            write_model(model, tok, folder)
+
+        # The trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical; the frozen
+        # rest is rebuilt exactly as at the start (same folders, same seed).
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        state = {"optimizer": optimizer.state_dict(), "step": step, "rng": capture_rng_state(), "trainable": trainable,
+                 "global_batch": global_batch, "world_size": d.world_size, "args": vars(args)}
+        folder = save_checkpoint(out, step, write, state, keep=args.keep)
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        if final:
+            write_model(model, tok, out)
+        d.log(f"saved {folder}")
+    dist.barrier(d, what=f"checkpoint save at step {step}")
+
+
+def write_model(model: LLaVA, tok: Tokenizer, folder: Path) -> None:
+    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json."""
+    save_state(merged_state_dict(model.llm), folder / "llm")       # LoRA folded in: the official keys again
+    write_json(model.llm.config.to_dict(), folder / "llm" / "config.json")
+    model.vit.save_pretrained(folder / "vit")
+    model.projector.save_pretrained(folder / "projector")
+    (folder / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
+    write_json(asdict(model.config), folder / "llava_config.json")
+
+
+def load_trained_weights(model: LLaVA, trainable: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Resume: copy the saved trained tensors into the model being trained (LoRA-wrapped or not)."""
+    params = dict(model.named_parameters())
+    wanted = {n for n, p in params.items() if p.requires_grad}
+    if set(trainable) != wanted:
+        extra, missing = sorted(set(trainable) - wanted), sorted(wanted - set(trainable))
+        raise SystemExit(f"{ckpt}: trained tensors differ from this run's (only in checkpoint: {extra[:3]}, "
+                         f"only in this run: {missing[:3]}); resume with the same --train / --lora-r")
+    with torch.no_grad():
+        for n, t in trainable.items():
+            params[n].copy_(t)
+
+
+if __name__ == "__main__":
+    main(stage=1)
