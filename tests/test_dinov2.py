@@ -215,3 +215,17 @@ def test_corrupt_checkpoint_names_key_and_file(tmp_path):
     save_file(tensors, weights)
     with pytest.raises(CheckpointError, match="missing tensor 'encoder.layer.1.mlp.fc1.weight'"):
         DINOv2.from_pretrained(tmp_path)
+
+
+def test_loads_image_classification_checkpoint(tmp_path):
+    """Dinov2ForImageClassification nests the backbone under "dinov2." beside a classifier head: the backbone
+    loads and the head is left alone."""
+    from transformers import Dinov2ForImageClassification
+
+    ref = hf_dinov2()
+    classifier = Dinov2ForImageClassification(ref.config)
+    classifier.dinov2.load_state_dict(ref.state_dict())
+    classifier.save_pretrained(tmp_path)
+    x = torch.randn(1, 3, 28, 42)
+    with torch.no_grad():
+        _close(DINOv2.from_pretrained(tmp_path)(x), ref(pixel_values=x).last_hidden_state)
