@@ -1,0 +1,171 @@
+"""Images: decoding any file to RGB, and the two ways LLaVA-InternLM2 turns it into ViT input.
+
+`load_image(path)` opens a file safely and returns an RGB `PIL.Image`:
+  * EXIF orientation is applied (a phone photo taken upright is upright);
+  * every Pillow mode becomes RGB: palette (with its transparency), RGBA/LA/PA composited on white
+    (as transformers' `convert_to_rgb` does), grayscale, CMYK, and 16/32-bit integer modes scaled from
+    their full range rather than clipped at 255;
+  * a decompression bomb (more than `Image.MAX_IMAGE_PIXELS` pixels), an unreadable, truncated or
+    non-image file raises `ImageError` naming the path and what to do. Nothing is silently skipped.
+
+`preprocess(image, size, mode)` returns the normalised (3, size, size) tensor:
+  * "pad"  -- LLaVA-1.5 / XTuner: `expand2square` with the mean colour, then a bicubic resize to size x size
+              (`expand2square` in xtuner/dataset/utils.py and LLaVA's train.py);
+  * "crop" -- DINOv2's image processor (transformers' BitImageProcessor with the facebook/dinov2-*
+              preprocessor_config.json: shortest edge 256, centre crop 224, bicubic), scaled to `size`:
+              shortest edge to round(size * 256 / 224), then a centre crop of size x size.
+Both then scale to [0, 1] and normalise with the ImageNet mean and std. Only Pillow and numpy are used.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# expand2square's fill colour: XTuner and LLaVA use tuple(int(x * 255) for x in image_mean) -> (123, 116, 103)
+PAD_COLOR = tuple(int(m * 255) for m in IMAGENET_MEAN)
+# The background that transparent pixels are composited on (transformers' convert_to_rgb uses white).
+ALPHA_BACKGROUND = (255, 255, 255)
+# DINOv2 resizes the shortest edge to 256 before a 224 centre crop (facebook/dinov2-* preprocessor_config.json).
+CROP_RESIZE_RATIO = 256 / 224
+MODES = ("pad", "crop")
+
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.array(IMAGENET_STD, dtype=np.float32)
+
+
+class ImageError(ValueError):
+    """An image file cannot be used, or preprocessing was asked for something impossible."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode `path` fully and return it as an upright RGB image; raise `ImageError` on any problem."""
+    path = os.fspath(path)
+    try:
+        # A bomb header is refused by Image.open itself: more than 2x MAX_IMAGE_PIXELS raises
+        # DecompressionBombError, more than 1x only warns; turn that warning into an error too, so a
+        # crafted file cannot exhaust a loader worker's memory.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now: a truncated file fails here, not later inside the model
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image, path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({e}); if the image is genuine, "
+                         f"shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                         f"(now {Image.MAX_IMAGE_PIXELS}) before loading") from e
+    except FileNotFoundError as e:
+        raise ImageError(f"{path}: image file not found; check --image-folder and the sample's "
+                         f"\"image\" path") from e
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
+        # Pillow reports a truncated or corrupt stream as OSError (sometimes SyntaxError/ValueError
+        # from a plugin's header parser); UnidentifiedImageError is an OSError for non-image files.
+        hint = ("the file is truncated; re-download or re-extract it"
+                if "truncated" in str(e) else
+                "it is not a readable image; re-download it, or remove the sample from the data")
+        raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e}); {hint}") from e
+
+
+def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
+    """Any Pillow mode -> RGB, compositing alpha on `ALPHA_BACKGROUND` and scaling high bit depths."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        # A palette image may mark one index (or several, via a tRNS table) transparent.
+        mode = "RGBA" if "transparency" in image.info else "RGB"
+        image = image.convert(mode)
+        if mode == "RGB":
+            return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")  # RGBa/La (premultiplied) are un-premultiplied by convert
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        # Pillow's own convert("RGB") clips these to 0..255, turning a normal 16-bit scan white.
+        # 'I;16*' is 16-bit unsigned; 'I' (32-bit signed) is how Pillow widens 16-bit data, so both are
+        # read on the 0..65535 scale.
+        values = np.asarray(image.convert("I"), dtype=np.float64)  # (H, W)
+        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255 exactly
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+    if mode == "F":
+        # Float images have no fixed range; follow transformers (to_pil_image): values in [0, 1] are
+        # scaled by 255, integer-valued data in [0, 255] is taken as is, anything else is an error.
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255.0
+        elif not (values.size == 0 or (values.min() >= 0 and values.max() <= 255)):
+            raise ImageError(f"{name}: float image with values in [{values.min()}, {values.max()}]; "
+                             f"save it as an 8-bit image (or scale it to [0, 1])")
+        gray = np.rint(values).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
+    try:
+        return image.convert("RGB")  # L, 1, CMYK, YCbCr, RGBX, HSV, ...
+    except ValueError as e:
+        raise ImageError(f"{name}: cannot convert Pillow mode {image.mode!r} to RGB ({e}); "
+                         f"save the image as 8-bit RGB") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# ViT input
+
+def expand2square(image: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
+    """Pad to a square of side max(w, h) filled with `background`, the image centred (LLaVA / XTuner)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def resize_shortest_edge(image: Image.Image, shortest: int) -> Image.Image:
+    """Bicubic resize so the shorter side is `shortest`, with transformers' rounding of the long side.
+
+    transformers' get_resize_output_image_size: new_long = int(shortest * long / short) (floored).
+    """
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest * long / short)
+    new_size = (shortest, new_long) if width <= height else (new_long, shortest)  # PIL: (width, height)
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Crop size x size from the centre; offsets floored as transformers' center_crop does."""
+    width, height = image.size
+    if width < size or height < size:
+        raise ImageError(f"center_crop: a {width}x{height} image is smaller than the crop {size}")
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess(image: Image.Image, size: int, mode: str = "pad", patch_size: int = 14) -> torch.Tensor:
+    """An image -> normalised FloatTensor (3, size, size) for the ViT (see the module docstring)."""
+    if size <= 0 or size % patch_size:
+        raise ImageError(f"image size {size} is not a positive multiple of the ViT patch size {patch_size}; "
+                         f"use e.g. --image-size {max(1, round(size / patch_size)) * patch_size}")
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    if mode == "pad":
+        image = expand2square(image).resize((size, size), Image.Resampling.BICUBIC)
+    elif mode == "crop":
+        image = center_crop(resize_shortest_edge(image, round(size * CROP_RESIZE_RATIO)), size)
+    else:
+        raise ImageError(f"unknown image mode {mode!r}; use one of {MODES}")
+    pixels = np.asarray(image, dtype=np.float32) / 255.0      # (size, size, 3) in [0, 1]
+    pixels = (pixels - _MEAN) / _STD
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, size, size)
+
