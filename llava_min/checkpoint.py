@@ -192,15 +192,13 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, write_fn: Callable[[P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    aside = ckpt_dir / f".old-{final.name}-{os.getpid()}"
     if final.exists():  # a save of the same step: move the old one aside, never delete before replacing
-        aside = ckpt_dir / f".old-{final.name}-{os.getpid()}"
         os.rename(final, aside)
-        os.rename(tmp, final)
-        _fsync_path(ckpt_dir)
-        shutil.rmtree(aside)
-    else:
-        os.rename(tmp, final)
+    os.rename(tmp, final)
     _fsync_path(ckpt_dir)
+    if aside.exists():
+        shutil.rmtree(aside)
     _write_text_atomic(ckpt_dir / LATEST, final.name + "\n")
 
     if keep is not None:
