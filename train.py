@@ -29,8 +29,8 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from llava_min import IGNORE_INDEX, dist  # noqa: E402
-from llava_min.checkpoint import (capture_rng_state, latest_checkpoint, load_training_state,  # noqa: E402
-                                  restore_rng_state, save_checkpoint)
+from llava_min.checkpoint import (capture_rng_state, clean_leftovers, latest_checkpoint,  # noqa: E402
+                                  load_training_state, restore_rng_state, save_checkpoint)
 from llava_min.data import LLaVADataset, collate, load_samples, validate  # noqa: E402
 from llava_min.dinov2 import DINOv2  # noqa: E402
 from llava_min.dinov2 import load_config as vit_config  # noqa: E402
@@ -39,7 +39,7 @@ from llava_min.internlm2 import load_config as llm_config  # noqa: E402
 from llava_min.llava import LLaVA, LLaVAConfig  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
 from llava_min.lora import apply_lora, merged_state_dict  # noqa: E402
-from llava_min.optim import clip_grad_norm, lr_at, make_optimizer, param_groups  # noqa: E402
+from llava_min.optim import CosineSchedule, clip_gradients, gather_optimizer_state, make_optimizer, param_groups  # noqa: E402,E501
 from llava_min.plot import plot_loss  # noqa: E402
 from llava_min.projector import Projector  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
@@ -188,6 +188,13 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     model.requires_grad_(False)
     for name in parts:
         getattr(model, name).requires_grad_(True)
+    if "vit" in parts:
+        # Blocks after the selected layer and the final LayerNorm never reach the loss: freeze them, or DDP
+        # waits forever for their gradients.
+        n_blocks = len(model.vit.encoder.layer)
+        for block in model.vit.encoder.layer[model.config.select_layer % (n_blocks + 1):]:
+            block.requires_grad_(False)
+        model.vit.layernorm.requires_grad_(False)
     if args.lora_r:
         if "llm" not in parts:
             raise SystemExit("--lora-r trains the LLM through adapters: add llm to --train")
@@ -225,11 +232,17 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     # ---- optimiser ------------------------------------------------------------------------------
     groups = param_groups(model, args.lr, args.weight_decay, projector_lr=args.projector_lr)
     optimizer = make_optimizer(groups, args.lr, zero=args.zero and d.world_size > 1)
+    schedule = CosineSchedule(optimizer, max_steps, args.warmup_ratio)   # warm-up then cosine, per group
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if d.world_size > 1 else model
 
     # ---- resume ---------------------------------------------------------------------------------
     start_step = 0
+    if d.rank == 0:
+        clean_leftovers(out)                       # half-written checkpoints of a killed run
+    if not args.resume and latest_checkpoint(out) is not None:
+        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
+                         "another --out")
     if args.resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
@@ -238,7 +251,9 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
             state = load_training_state(ckpt, map_location=device)
             load_trained_weights(model, state["trainable"], ckpt)
             optimizer.load_state_dict(state["optimizer"])
-            restore_rng_state(state["rng"])
+            schedule.load_state_dict(state["schedule"])
+            rng = state["rng"]   # one per rank; a different world size continues from rank 0's stream
+            restore_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
             start_step = state["step"]
             if state.get("global_batch") != global_batch:
                 raise SystemExit(f"{ckpt}: saved with global batch {state.get('global_batch')}, now {global_batch}; "
@@ -253,6 +268,7 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
                               "trainable_params": n_train, "config_hash": fingerprint})
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        keep_metrics_until(out / "metrics.jsonl", start_step)   # a resumed run rewrites the steps after its checkpoint
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
         print0("configuration:\n" + "\n".join(f"  {k:18s} {v}" for k, v in sorted(vars(args).items())))
 
@@ -304,12 +320,11 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
                 log(msg + " -- skipping this step")
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            lr = lr_at(step, max_steps, args.lr, args.warmup_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            grad_norm = clip_grad_norm(model, args.clip)
+            lr = schedule.lr
+            grad_norm = clip_gradients(model.parameters(), args.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            schedule.step()
 
             dt = time.time() - t0
             record = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
@@ -324,13 +339,19 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
             d.heartbeat(step + 1, "step done")
             last = step + 1 == max_steps
             if (step + 1) % args.save_every == 0 or last:
-                save(model, tok, optimizer, args, out, step + 1, global_batch, d, final=last)
+                save(model, tok, optimizer, schedule, args, out, step + 1, global_batch, d, final=last)
     finally:
         loader.close()
         if metrics:
             metrics.close()
             bar.close()
     print0(f"done: {max_steps} steps; model in {out}")
+
+
+def keep_metrics_until(file: Path, step: int) -> None:
+    if file.exists():
+        lines = [ln for ln in file.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        file.write_text("".join(ln + "\n" for ln in lines))
 
 
 def progress(d, start: int, total: int):
@@ -341,11 +362,11 @@ def progress(d, start: int, total: int):
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
 
 
-def save(model: LLaVA, tok: Tokenizer, optimizer, args, out: Path, step: int, global_batch: int, d,
+def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, step: int, global_batch: int, d,
          final: bool) -> None:
     """Checkpoint (atomic: temporary folder, then rename) and, at the end, the model itself in OUT."""
-    if hasattr(optimizer, "consolidate_state_dict"):   # ZeRO-1: gather the shards on rank 0 (a collective)
-        optimizer.consolidate_state_dict(to=0)
+    optimizer_state = gather_optimizer_state(optimizer)                 # collective under ZeRO
+    rng = dist.all_gather_object(d, capture_rng_state(), what=f"RNG states for the checkpoint at step {step}")
     if d.rank == 0:
         def write(folder: Path) -> None:
             write_model(model, tok, folder)
@@ -353,7 +374,8 @@ def save(model: LLaVA, tok: Tokenizer, optimizer, args, out: Path, step: int, gl
         # The trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical; the frozen
         # rest is rebuilt exactly as at the start (same folders, same seed).
         trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        state = {"optimizer": optimizer.state_dict(), "step": step, "rng": capture_rng_state(), "trainable": trainable,
+        state = {"optimizer": optimizer_state, "schedule": schedule.state_dict(), "step": step, "rng": rng,
+                 "trainable": trainable,
                  "global_batch": global_batch, "world_size": d.world_size, "args": vars(args)}
         folder = save_checkpoint(out, step, write, state, keep=args.keep)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
