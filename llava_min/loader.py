@@ -1,0 +1,480 @@
+"""The data loader: worker processes that build collated batches, written out so that every part is visible.
+
+    loader = Loader(dataset, sampler.batches_for_rank(rank, world, accum), collate, num_workers=4)
+    with loader:
+        for batch in loader: ...
+
+How it works (the same shape as torch.utils.data.DataLoader, without its layers of indirection):
+  * The main process starts `num_workers` processes (`_worker_loop`). Each has its own task pipe and
+    result pipe. Batch number b goes to worker b % num_workers as (b, [sample indices]); the worker
+    calls `load_batch` -- dataset[i] for each index, then collate_fn -- and sends the collated batch back.
+  * At most `prefetch` batches per worker are in flight (sent and not yet handed to the caller), which
+    bounds the memory that finished batches can hold. Results arrive in any order; `ready` holds them
+    until their turn, so the output order is that of `batches`, whatever the number of workers.
+  * Before each batch, `load_batch` reseeds Python's, numpy's and torch's generators from
+    (seed, batch number). Per-sample randomness therefore depends on the batch, never on which worker
+    ran it (or whether a worker did: num_workers=0 gives the same batches).
+  * num_workers=0 runs the very same `load_batch` in the main process: a breakpoint() in the dataset
+    works, and a crash in native code shows its traceback (the first thing to try after a SIGSEGV).
+
+Nothing fails silently. The main process waits with `multiprocessing.connection.wait` on every result pipe
+and on every worker's sentinel (a handle that becomes ready when the process ends), so:
+  * an exception in a worker arrives as `SampleError`, naming the sample index, id and image path, with
+    the worker's traceback;
+  * a worker that dies -- SIGKILL from the kernel's OOM killer, SIGBUS when /dev/shm is full, SIGSEGV in
+    a native library -- is seen at once and raised as `WorkerDied`, naming the worker, its pid, the signal,
+    the sample it was loading, the likely cause and the fix. Workers enable `faulthandler`, so a crashing
+    worker prints its Python stack to stderr first;
+  * a worker that sends nothing for `timeout` seconds while it has work raises `WorkerTimeout`, naming the
+    sample it is stuck on; its Python stack is printed to stderr first (SIGUSR1 -> faulthandler).
+On any error, at the end of the data, on close(), on garbage collection and on Ctrl-C, the workers are
+stopped: SIGTERM, then SIGKILL if needed, and joined. Workers ignore SIGINT (Ctrl-C reaches the whole
+process group; the main process alone decides), and a worker whose main process has gone exits by itself
+within a second, so none is left behind even when the main process is killed.
+
+Tensors cross processes through shared memory: torch.multiprocessing registers pickling rules that turn a
+tensor into a handle to a shared-memory segment (in /dev/shm, which is why a small /dev/shm raises SIGBUS
+in the worker). We keep torch's default sharing strategy on Linux, "file_descriptor": a segment is unlinked
+at once and passed as an open file descriptor, so the kernel frees it when the last process holding it
+exits -- nothing leaks when a worker is killed, which is exactly the case this loader is built for.
+"file_system" passes file names instead and would leave segments behind in /dev/shm after a SIGKILL. Its
+one advantage, no limit from `ulimit -n`, does not matter here: a collated batch is a handful of tensors
+and at most prefetch x num_workers batches are in flight.
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+_POLL_S = 1.0   # how often the main process looks at the clock for timeouts while it waits
+_JOIN_S = 2.0   # how long a stopping worker gets before the next, harsher signal
+
+
+class LoaderError(RuntimeError):
+    """The loader stopped; the message names the batch, the sample and what to do."""
+
+    def __init__(self, message: str, batch_number: int | None = None, index: int | None = None):
+        super().__init__(message)
+        self.batch_number = batch_number  # which batch of the iteration (counted from first_batch)
+        self.index = index                # the sample index, where one sample is to blame
+
+
+class SampleError(LoaderError):
+    """dataset[i] or collate_fn raised."""
+
+
+class WorkerDied(LoaderError):
+    """A worker process ended without being asked to (a signal, or an exit from native code)."""
+
+
+class WorkerTimeout(LoaderError):
+    """A worker produced nothing for `timeout` seconds while it had a batch to build."""
+
+
+# What a signal that ended a worker most likely means, and what to do about it.
+_DEATH_HINTS = {
+    signal.SIGKILL: "the host ran out of memory and the kernel's OOM killer ended the worker (`dmesg | grep -i "
+                    "oom` shows it), or someone ran kill -9. Fix: fewer --num-workers, a smaller prefetch, or a "
+                    "smaller --batch-size; each worker holds a copy of what it touches of the data set",
+    signal.SIGBUS: "shared memory ran out: batches travel from workers through /dev/shm, and it is too small "
+                   "(container default: 64 MB; see `df -h /dev/shm`). Fix: enlarge it (docker run --shm-size=8g, "
+                   "or a bigger /dev/shm mount) or use fewer --num-workers",
+    signal.SIGSEGV: "a native library (an image decoder, numpy, torch) crashed in the worker; its Python stack "
+                    "is printed above on stderr. Fix: run with --num-workers 0 to reproduce it in the main "
+                    "process with a traceback, then check the image file and the library versions",
+    signal.SIGABRT: "a native library aborted (an assertion in C/C++ code); its Python stack is printed above on "
+                    "stderr. Run with --num-workers 0 to reproduce it in the main process",
+    signal.SIGTERM: "something outside the loader terminated the worker (a job scheduler, or a user)",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-batch code: the same in a worker and, with num_workers=0, in the main process
+
+def batch_seed(seed: int, batch_number: int) -> int:
+    """The 32-bit seed of one batch: a hash of (seed, batch number), so no two pairs share a stream."""
+    return int(np.random.SeedSequence([seed, batch_number]).generate_state(1)[0])
+
+
+def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indices: list[int], current) -> Any:
+    """Reseed, build every sample, collate. `current.value` tells an observer which sample is being built
+    (-1 while collating), so a death or a hang can be blamed on the right sample."""
+    s = batch_seed(seed, batch_number)
+    random.seed(s)
+    np.random.seed(s)
+    torch.default_generator.manual_seed(s)  # CPU only: the main process's CUDA generators stay untouched
+    samples = []
+    for i in indices:
+        current.value = i
+        samples.append(dataset[i])
+    current.value = -1
+    return collate_fn(samples)
+
+
+def _failure(error: BaseException, index: int) -> dict:
+    """What the main process needs to explain an exception (the exception itself may not pickle)."""
+    return {"index": index if index >= 0 else None, "error": f"{type(error).__name__}: {error}",
+            "traceback": traceback.format_exc()}
+
+
+def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks: Connection,
+                 results: Connection, current, parent_pid: int) -> None:
+    """A worker process: receive (batch number, indices), send back (batch number, batch, failure)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
+    torch.set_num_threads(1)                       # N workers x all cores each would oversubscribe the CPU
+    faulthandler.enable()                          # SIGSEGV/SIGBUS/SIGABRT: print the Python stack, then die
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the main process asks this when we hang
+    while True:
+        if not tasks.poll(_POLL_S):
+            if os.getppid() != parent_pid:
+                return  # the main process is gone (killed): do not live on as an orphan
+            continue
+        try:
+            task = tasks.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        number, indices = task
+        try:
+            batch = load_batch(dataset, collate_fn, seed, number, indices, current)
+            # Pickled here rather than inside send(), so that the main process can always read the batch
+            # number, even when the tensors' shared memory cannot be fetched any more.
+            results.send((number, bytes(ForkingPickler.dumps(batch)), None))
+        except BaseException as e:  # noqa: BLE001 -- SystemExit from a library must be reported too
+            try:
+                results.send((number, None, _failure(e, current.value)))
+            except OSError:
+                return  # the main process closed the pipe: it is stopping us anyway
+
+
+# --------------------------------------------------------------------------------------------------
+# Messages
+
+def describe_sample(dataset, index: int) -> str:
+    """'sample 5 (id 'x', data.json item 5, image /data/x.png)' when the data set keeps its raw records in
+    `dataset.samples` (as LLaVADataset does), else 'sample 5'."""
+    try:
+        record = dataset.samples[index]
+    except Exception:  # noqa: BLE001 -- the data set need not have `samples`
+        return f"sample {index}"
+    if not isinstance(record, dict):
+        return f"sample {index}"
+    from .data import describe  # the data module's wording, so that both kinds of error read alike
+
+    return describe(record, index, getattr(dataset, "image_folder", None))
+
+
+def _batch_text(number: int, indices: list[int]) -> str:
+    shown = ", ".join(map(str, indices[:16])) + (", ..." if len(indices) > 16 else "")
+    return f"batch {number} (samples [{shown}])"
+
+
+def _sample_error(dataset, where: str, number: int, indices: list[int], failure: dict, traceback_text: bool):
+    index = failure["index"]
+    what = (f"{describe_sample(dataset, index)} of {_batch_text(number, indices)}" if index is not None
+            else f"collate_fn for {_batch_text(number, indices)}")
+    message = (f"{where} failed on {what}: {failure['error']}\n"
+               f"Run with --num-workers 0 to debug it in the main process (pdb and breakpoint() work there).")
+    if traceback_text:
+        message += f"\n\nTraceback in the worker:\n{failure['traceback']}"
+    return SampleError(message, number, index)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader
+
+@dataclass
+class _Worker:
+    id: int
+    process: Any
+    tasks: Connection            # main -> worker: (batch number, indices), or None to stop
+    results: Connection          # worker -> main: (batch number, batch, failure)
+    current: Any                 # shared int: the sample index the worker is building, -1 otherwise
+    pending: deque = field(default_factory=deque)  # (number, indices) sent and not answered, oldest first
+    busy_since: float = 0.0      # when the worker last answered or got work while idle
+
+    def name(self) -> str:
+        return f"loader worker {self.id} (pid {self.process.pid})"
+
+    def doing(self, dataset) -> str:
+        """What the worker was busy with, for an error message."""
+        if not self.pending:
+            return "while idle"
+        number, indices = self.pending[0]
+        index = self.current.value
+        if index >= 0:
+            return f"while building {describe_sample(dataset, index)} of {_batch_text(number, indices)}"
+        return f"while collating or sending {_batch_text(number, indices)}"
+
+
+class Loader:
+    """Collated batches of `dataset` for each list of indices in `batches`, in order (see module docstring).
+
+    dataset      indexable; dataset[i] -> sample. Raw records in `dataset.samples[i]` with "id" / "image"
+                 (and `dataset.image_folder`), as LLaVADataset has, make errors name the id and image file.
+    batches      iterable of lists of sample indices, e.g. GlobalBatchSampler.batches_for_rank(...)
+    collate_fn   list of samples -> batch (tensors, and dicts/lists/tuples of them)
+    num_workers  worker processes; 0 = build batches in the main process
+    prefetch     batches in flight per worker
+    timeout      seconds a worker may spend on one batch before WorkerTimeout (None: no limit)
+    pin_memory   pin batches in page-locked memory for fast, asynchronous copies to the GPU (CUDA only)
+    start_method "fork", "spawn" or "forkserver"; None = the platform default (fork on Linux before
+                 Python 3.14). With spawn/forkserver the data set and collate_fn must pickle.
+    seed, first_batch   batch b is built with generators seeded from (seed, first_batch + b); to resume at
+                 optimizer step k, pass first_batch = k * grad_accum with batches starting at that step.
+    """
+
+    _active = None  # weak reference to the running iteration (a class default, for __del__ after a failed __init__)
+
+    def __init__(self, dataset, batches: Iterable[list[int]], collate_fn: Callable, num_workers: int = 0,
+                 prefetch: int = 2, timeout: float | None = 600, pin_memory: bool = False,
+                 start_method: str | None = None, seed: int = 0, first_batch: int = 0):
+        if num_workers < 0 or prefetch < 1:
+            raise ValueError(f"num_workers must be >= 0 and prefetch >= 1, got {num_workers} and {prefetch}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.dataset = dataset
+        self.batches = batches
+        self.collate_fn = collate_fn
+        self.num_workers = num_workers
+        self.prefetch = prefetch
+        self.timeout = timeout
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.context = mp.get_context(start_method)
+        self.seed = seed
+        self.first_batch = first_batch
+        self.worker_pids: list[int] = []  # of the running workers, for diagnostics
+
+    def __len__(self) -> int:
+        return len(self.batches)  # TypeError for a generator, as for any iterable without a length
+
+    def __iter__(self) -> Iterator[Any]:
+        self.close()  # one pass at a time: a new one stops the workers of an unfinished one
+        iteration = self._in_main() if self.num_workers == 0 else self._in_workers()
+        # A weak reference: the iteration refers to the loader, so a strong one back would make a cycle
+        # and delay the workers' shutdown to the cyclic garbage collector.
+        self._active = weakref.ref(iteration)
+        return iteration
+
+    def close(self) -> None:
+        """Stop the workers of the running iteration, if any (also done at its end, on error and on GC)."""
+        iteration = self._active() if self._active is not None else None
+        if iteration is not None:
+            iteration.close()  # raises GeneratorExit at its yield; its `finally` stops the workers
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------------------
+    # num_workers = 0
+
+    def _in_main(self) -> Iterator[Any]:
+        current = SimpleNamespace(value=-1)
+        for number, indices in enumerate(self.batches, start=self.first_batch):
+            indices = list(indices)
+            # load_batch reseeds the global generators; the training loop's own random state must not move.
+            states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+            try:
+                batch = load_batch(self.dataset, self.collate_fn, self.seed, number, indices, current)
+            except Exception as e:
+                raise _sample_error(self.dataset, "the main process (num_workers=0)", number, indices,
+                                    _failure(e, current.value), traceback_text=False) from e
+            finally:
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_rng_state(states[2])
+            yield self._pin(batch)
+
+    # ----------------------------------------------------------------------------------------------
+    # num_workers > 0
+
+    def _in_workers(self) -> Iterator[Any]:
+        workers = self._start_workers()
+        finished = False
+        try:
+            tasks = enumerate(self.batches, start=self.first_batch)
+            in_flight = deque()  # batch numbers sent and not yet yielded, in order
+            ready = {}           # batch number -> batch, for results that came early
+            exhausted = False
+            while True:
+                while not exhausted and len(in_flight) < self.prefetch * self.num_workers:
+                    number, indices = next(tasks, (None, None))
+                    if number is None:
+                        exhausted = True
+                        break
+                    self._send(workers[(number - self.first_batch) % self.num_workers], number, list(indices))
+                    in_flight.append(number)
+                if not in_flight:
+                    finished = True
+                    return
+                while in_flight[0] not in ready:
+                    self._receive(workers, ready)
+                yield self._pin(ready.pop(in_flight.popleft()))
+        finally:
+            self._stop_workers(workers, graceful=finished)
+
+    def _start_workers(self) -> list[_Worker]:
+        workers = []
+        try:
+            for i in range(self.num_workers):
+                task_out, task_in = self.context.Pipe(duplex=False)       # (reader, writer)
+                result_out, result_in = self.context.Pipe(duplex=False)
+                current = self.context.Value("q", -1, lock=False)        # one int64 in shared memory
+                process = self.context.Process(
+                    target=_worker_loop, name=f"llava-min-loader-{i}", daemon=True,
+                    args=(i, self.dataset, self.collate_fn, self.seed, task_out, result_in, current, os.getpid()))
+                process.start()
+                # Only the worker keeps its ends: when it dies, its result pipe reaches end-of-file at once.
+                task_out.close()
+                result_in.close()
+                workers.append(_Worker(i, process, task_in, result_out, current))
+        except BaseException:
+            self._stop_workers(workers, graceful=False)
+            raise
+        self.worker_pids = [w.process.pid for w in workers]
+        return workers
+
+    def _send(self, worker: _Worker, number: int, indices: list[int]) -> None:
+        if not worker.pending:
+            worker.busy_since = time.monotonic()
+        worker.pending.append((number, indices))
+        try:
+            worker.tasks.send((number, indices))
+        except OSError:
+            worker.process.join(_JOIN_S)  # the worker is gone: report how it ended
+            raise self._death_error(worker) from None
+
+    def _receive(self, workers: list[_Worker], ready: dict) -> None:
+        """Wait for one event: store a result, or raise for a failure, a death or a timeout."""
+        by_handle = {}
+        for w in workers:
+            by_handle[w.results] = by_handle[w.process.sentinel] = w
+        events = wait(list(by_handle), timeout=_POLL_S if self.timeout is None else min(_POLL_S, self.timeout))
+        for handle in events:
+            w = by_handle[handle]
+            if handle is w.results:
+                self._take(w, ready)
+            else:  # the sentinel: the process ended
+                # Read what it sent before it died, so that `pending` names the batch it really held.
+                while w.results.poll():
+                    self._take(w, ready)
+                w.process.join(_JOIN_S)  # collect its exit code
+                raise self._death_error(w)
+        if not events and self.timeout is not None:
+            now = time.monotonic()
+            for w in workers:
+                if w.pending and now - w.busy_since > self.timeout:
+                    raise self._timeout_error(w, now - w.busy_since)
+
+    def _take(self, w: _Worker, ready: dict) -> None:
+        """Receive one message from `w`: keep the batch, or raise its failure."""
+        try:
+            number, payload, failure = w.results.recv()
+            sent_number, indices = w.pending.popleft()
+            assert number == sent_number, (number, sent_number)  # each worker answers in order
+            # Unpickling fetches each tensor's shared memory from the worker (file_descriptor strategy):
+            # this fails if the worker has died since it sent the message.
+            batch = None if failure else ForkingPickler.loads(payload)
+        except (EOFError, OSError, RuntimeError) as e:  # end of file, or the tensors' owner is gone
+            w.process.join(_JOIN_S)
+            if w.process.exitcode is None:
+                raise LoaderError(
+                    f"could not receive a batch from {w.name()}: {type(e).__name__}: {e}. If this is 'Too many "
+                    f"open files' or 'received 0 items of ancdata', raise the open-file limit (ulimit -n) or "
+                    f"lower --num-workers", w.pending[0][0] if w.pending else None) from e
+            raise self._death_error(w) from None
+        w.busy_since = time.monotonic()
+        if failure is not None:
+            raise _sample_error(self.dataset, w.name(), number, indices, failure, traceback_text=True)
+        ready[number] = batch
+
+    def _death_error(self, w: _Worker) -> WorkerDied:
+        code = w.process.exitcode
+        if code is not None and code < 0:
+            sig = signal.Signals(-code)
+            how = f"was killed by {sig.name}"
+            hint = _DEATH_HINTS.get(sig, "a signal from outside the loader")
+        else:
+            how = f"exited with code {code}"
+            hint = "the data set or a library it calls ended the process (exit(), os._exit())"
+        number = w.pending[0][0] if w.pending else None
+        index = w.current.value if w.pending and w.current.value >= 0 else None
+        return WorkerDied(f"{w.name()} {how} {w.doing(self.dataset)}.\nLikely cause: {hint}.", number, index)
+
+    def _timeout_error(self, w: _Worker, waited: float) -> WorkerTimeout:
+        number = w.pending[0][0]
+        index = w.current.value if w.current.value >= 0 else None
+        try:
+            os.kill(w.process.pid, signal.SIGUSR1)  # faulthandler in the worker prints its stack on stderr
+            time.sleep(0.5)                         # give it the moment it needs before we stop it
+        except OSError:
+            pass
+        return WorkerTimeout(
+            f"{w.name()} sent nothing for {waited:.0f} s (timeout {self.timeout:g} s) {w.doing(self.dataset)}; "
+            f"its Python stack is printed above on stderr. A read from a slow or hung network file system, or "
+            f"a deadlock in a library, are the usual causes. If samples really take this long, raise "
+            f"--loader-timeout; the workers are now stopped.", number, index)
+
+    def _stop_workers(self, workers: list[_Worker], graceful: bool) -> None:
+        """End every worker: at the end of the data ask politely; otherwise SIGTERM, then SIGKILL; join all."""
+        if graceful:
+            for w in workers:
+                try:
+                    w.tasks.send(None)
+                except OSError:
+                    pass
+            for w in workers:
+                w.process.join(_JOIN_S)
+        for w in workers:
+            if w.process.is_alive():
+                w.process.terminate()
+        for w in workers:
+            w.process.join(_JOIN_S)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(_JOIN_S)
+            if w.process.is_alive():  # stuck in the kernel (a dead network mount): nothing more can be done
+                print(f"llava-min loader: {w.name()} did not exit after SIGKILL; it is left behind",
+                      file=sys.stderr)
+            w.tasks.close()
+            w.results.close()
+        self.worker_pids = []
+
+    def _pin(self, batch):
+        return _pin_memory(batch) if self.pin_memory else batch
+
+
+def _pin_memory(obj):
+    """Pinned copies of the tensors in nested dicts/lists/tuples; anything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.pin_memory()
+    if isinstance(obj, dict):
+        return {k: _pin_memory(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pin_memory(v) for v in obj)
+    return obj
