@@ -207,8 +207,10 @@ class LLaVA(nn.Module):
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 loss_chunk: int = 1024) -> LLaVAOutput:
         embeds, labels, mask = self.embed(input_ids, pixel_values, labels, attention_mask)
-        has_padding = not bool(mask.all())
-        hidden = self.llm.forward_hidden(embeds, attention_mask=mask if has_padding else None)
+        # Right padding (what `collate` makes) needs no mask: causal attention already keeps the trailing pads
+        # away from every real position, and the kernel's causal fast path is quicker than an explicit mask.
+        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+        hidden = self.llm.forward_hidden(embeds, attention_mask=None if right_padded else mask)
         out = LLaVAOutput(hidden=hidden, head=self.llm.output, labels=labels, attention_mask=mask)
         if labels is not None:
             out.loss_sum, out.num_tokens = self.loss_sum(hidden, labels, loss_chunk)
