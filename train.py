@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from llava_min import IGNORE_INDEX, dist  # noqa: E402
 from llava_min.checkpoint import (capture_rng_state, clean_leftovers, latest_checkpoint,  # noqa: E402
                                   load_training_state, restore_rng_state, save_checkpoint)
-from llava_min.data import LLaVADataset, collate, load_samples, validate  # noqa: E402
+from llava_min.data import LLaVADataset, collate  # noqa: E402
 from llava_min.dinov2 import DINOv2  # noqa: E402
 from llava_min.dinov2 import load_config as vit_config  # noqa: E402
 from llava_min.internlm2 import InternLM2  # noqa: E402
@@ -216,10 +216,10 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
            f"{', LoRA' if args.lora_r else ''})")
 
     # ---- data: cheap checks on every rank, tokenization later, per sample, in loader workers ------
-    samples = load_samples(args.data)
+    # Every bad sample is listed at once (DataError) before any step; samples whose first answer cannot fit
+    # in --max-length are dropped and counted in the report.
     image_tokens = model.vit.num_patches(args.image_size, args.image_size)
-    validate(samples, args.image_folder, sources=args.data)
-    dataset = LLaVADataset(samples, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
+    dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
                            max_length=args.max_length, image_tokens=image_tokens, system=args.system)
     print0(dataset.report())
     global_batch = args.batch_size * d.world_size * args.grad_accum
