@@ -142,6 +142,7 @@ def build_model(args, tok: Tokenizer, d: dist.Dist) -> LLaVA:
     cfg = model.config
     cfg.image_size, cfg.image_mode = args.image_size, args.image_mode
     cfg.stop_ids = [tok.im_end_id, tok.eos_id]
+    cfg.text_vocab_size = tok.vocab_size
     if tok.vocab_size > model.llm.config.vocab_size:
         raise SystemExit(f"the tokenizer has {tok.vocab_size} pieces but the LLM's vocab_size is "
                          f"{model.llm.config.vocab_size}: ids past the embedding table would crash. Use a "
@@ -178,7 +179,7 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     parts = {"projector", "llm", "vit"} if args.train == "all" else set(args.train.split(","))
     if not parts <= {"projector", "llm", "vit"}:
         raise SystemExit(f"--train {args.train!r}: use a comma list of projector, llm, vit, or all")
-    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = d.device
     compute_dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -277,7 +278,7 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     batches = (sampler.local_batch(s, d.rank, d.world_size, m, args.grad_accum)
                for s in steps for m in range(args.grad_accum))
     loader = Loader(dataset, batches, collate, num_workers=args.num_workers, timeout=args.loader_timeout,
-                    pin_memory=device.type == "cuda")
+                    pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
     metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
     bar = progress(d, start_step, max_steps)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)

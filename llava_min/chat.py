@@ -74,4 +74,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:   # bad input: the message says what and where, no traceback
+        sys.exit(f"error: {e}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import string
+import sys
 import time
 from pathlib import Path
 
@@ -88,4 +89,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:   # bad input: the message says what and where, no traceback
+        sys.exit(f"error: {e}")

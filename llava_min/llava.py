@@ -42,6 +42,7 @@ class LLaVAConfig:
     image_mode: str = "pad"         # "pad" (LLaVA-1.5 expand-to-square) or "crop" (DINOv2 centre crop)
     stop_ids: list[int] = field(default_factory=lambda: [92542, 2])  # <|im_end|>, </s>
     pad_id: int = 0                 # input_ids padding (XTuner's DEFAULT_PAD_TOKEN_INDEX)
+    text_vocab_size: int | None = None  # the tokenizer's size; generation never picks the LLM's padding ids
 
     @classmethod
     def from_dict(cls, d: dict) -> "LLaVAConfig":
@@ -265,6 +266,8 @@ class LLaVA(nn.Module):
         n = 0
         for step in range(max_new_tokens):
             logits = self.llm.output(hidden[:, -1]).float()                 # (B, vocab)
+            if self.config.text_vocab_size is not None:                     # padded vocabulary: ids with no text
+                logits[:, self.config.text_vocab_size:] = float("-inf")
             token = _pick(logits, temperature, top_p, generator)
             token = torch.where(done, stop[0], token)
             out[:, step] = token
