@@ -8,14 +8,15 @@ turn it into batches (tokenize, decode the PNG, pad to square, resize, normalise
 per-sample work of a training run. Without those files, a stand-in data set decodes random-noise PNGs
 written here. The batches come from GlobalBatchSampler; both loaders get the same list of batches.
 
-Each configuration is timed from the start of the iteration (worker start-up included, as a training
-run pays it) to the last batch, best of --repeats. Printed: samples/s, our speed-up over our own
-0-worker rate, and our rate over torch's with the same number of workers.
+Each configuration is timed from the start of the iteration (worker start-up included, as a training run
+pays it) to the last batch; ours and torch's alternate, best of --repeats each. Printed: samples/s, our
+speed-up over our own 0-worker rate, and our rate over torch's with the same number of workers.
 Goal: 2 workers >= 1.7x the 0-worker rate, and not slower than torch's DataLoader.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import subprocess
@@ -87,15 +88,12 @@ def noise_collate(samples):
     return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]), "input_ids": ids}
 
 
-def rate(make_iterable, n_samples: int, repeats: int) -> float:
-    """Best samples/s over `repeats` full passes."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in make_iterable():
-            pass
-        best = min(best, time.perf_counter() - start)
-    return n_samples / best
+def seconds(make_iterable) -> float:
+    """Wall time of one full pass, worker start-up included."""
+    start = time.perf_counter()
+    for _ in make_iterable():
+        pass
+    return time.perf_counter() - start
 
 
 def main(argv=None):
@@ -105,7 +103,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prefetch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the main process, as in a training run's data path; workers set 1 too
 
@@ -119,21 +117,25 @@ def main(argv=None):
         sampler = GlobalBatchSampler(dataset.lengths, args.batch_size)
         batches = list(sampler.batches_for_rank(stop_step=sampler.steps_per_epoch))
         n = sum(len(b) for b in batches)
+        load = os.getloadavg()[0]
         print(f"{what}; {len(batches)} batches of {args.batch_size}, {args.image_size} px; "
               f"{os.cpu_count()} CPUs; best of {args.repeats}")
         print(f"{'workers':>7} {'ours samples/s':>15} {'torch samples/s':>16} {'ours / ours@0':>14} "
               f"{'ours / torch':>13}")
         base = None
         for workers in args.workers:
-            ours = rate(lambda: Loader(dataset, batches, collate, num_workers=workers, prefetch=args.prefetch),
-                        n, args.repeats)
-            peer = rate(lambda: torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                prefetch_factor=args.prefetch if workers else None), n, args.repeats)
-            base = base or (ours if workers == 0 else None)
-            speedup = f"{ours / base:.2f}x" if base else "-"
-            print(f"{workers:>7} {ours:>15.1f} {peer:>16.1f} {speedup:>14} {ours / peer:>12.2f}x", flush=True)
-
+            ours = functools.partial(Loader, dataset, batches, collate, num_workers=workers, prefetch=args.prefetch)
+            peer = functools.partial(torch.utils.data.DataLoader, dataset, batch_sampler=batches, collate_fn=collate,
+                                     num_workers=workers, prefetch_factor=args.prefetch if workers else None)
+            # Alternate the two, so that both see the same load from other processes; keep the best pass.
+            times = [(seconds(ours), seconds(peer)) for _ in range(args.repeats)]
+            ours_rate, peer_rate = n / min(t[0] for t in times), n / min(t[1] for t in times)
+            base = base or (ours_rate if workers == 0 else None)
+            speedup = f"{ours_rate / base:.2f}x" if base else "-"
+            print(f"{workers:>7} {ours_rate:>15.1f} {peer_rate:>16.1f} {speedup:>14} {ours_rate / peer_rate:>12.2f}x",
+                  flush=True)
+        print(f"load average {os.getloadavg()[0]:.1f} at the end (it was {load:.1f} at the start): other "
+              f"processes on the {os.cpu_count()} CPUs make the ratios less reliable the higher it is")
 
 if __name__ == "__main__":
     main()

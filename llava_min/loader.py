@@ -91,7 +91,8 @@ class WorkerTimeout(LoaderError):
 _DEATH_HINTS = {
     signal.SIGKILL: "the host ran out of memory and the kernel's OOM killer ended the worker (`dmesg | grep -i "
                     "oom` shows it), or someone ran kill -9. Fix: fewer --num-workers, a smaller prefetch, or a "
-                    "smaller --batch-size; each worker holds a copy of what it touches of the data set",
+                    "smaller --batch-size: every worker holds its own batches in flight and its own copy of "
+                    "whatever it touches of the data set",
     signal.SIGBUS: "shared memory ran out: batches travel from workers through /dev/shm, and it is too small "
                    "(container default: 64 MB; see `df -h /dev/shm`). Fix: enlarge it (docker run --shm-size=8g, "
                    "or a bigger /dev/shm mount) or use fewer --num-workers",
@@ -416,9 +417,11 @@ class Loader:
     def _death_error(self, w: _Worker) -> WorkerDied:
         code = w.process.exitcode
         if code is not None and code < 0:
-            sig = signal.Signals(-code)
-            how = f"was killed by {sig.name}"
-            hint = _DEATH_HINTS.get(sig, "a signal from outside the loader")
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:  # a real-time signal has no name
+                how = f"was killed by signal {-code}"
+            hint = _DEATH_HINTS.get(-code, "a signal from outside the loader")
         else:
             how = f"exited with code {code}"
             hint = "the data set or a library it calls ended the process (exit(), os._exit())"
