@@ -1,0 +1,206 @@
+"""llava_min.dist under real `torchrun` with gloo: a hung or failing rank ends the job quickly and says why.
+
+Proves, each with two real worker processes (this file is also the worker script):
+  * a rank frozen with SIGSTOP makes the job end within --dist-timeout + 60 s, non-zero, with a message that
+    names the collective, the step, the timeout and the frozen rank; the surviving rank's stack is on disk;
+  * a rank that raises makes every rank exit promptly (long before the timeout);
+  * check_consistent names the field and the differing rank, on every rank;
+  * a barrier that one rank never reaches names that rank;
+  * `kill -USR1` on a rank blocked inside a collective dumps every rank's stack and the run goes on;
+and, in one process: the collectives are identities, and heartbeats land in OUT/heartbeats.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from llava_min import dist  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker side: `python -m torch.distributed.run ... tests/test_dist.py SCENARIO OUT TIMEOUT`
+
+def worker(scenario: str, out: Path, timeout: float) -> None:
+    torch.set_num_threads(1)
+    d = dist.setup(timeout_s=timeout, out_dir=out)
+    try:
+        if scenario == "steps":            # all_reduce every 0.2 s until OUT/stop appears (or 300 steps)
+            for step in range(1, 300):
+                d.heartbeat(step, "forward")
+                time.sleep(0.2 if d.rank == 0 else 0.6)   # rank 0 mostly waits inside the all_reduce
+                dist.all_reduce(d, torch.ones(1), what=f"loss sum at step {step}")
+                if (out / "stop").exists():
+                    break
+            d.log(f"finished at step {step}")
+        elif scenario == "raise":
+            for step in range(1, 300):
+                d.heartbeat(step, "forward")
+                if d.rank == 1 and step == 3:
+                    raise ValueError("rank 1 broke on purpose at step 3")
+                dist.all_reduce(d, torch.ones(1), what=f"loss sum at step {step}")
+                time.sleep(0.1)
+        elif scenario == "mismatch":
+            dist.check_consistent(d, {"samples": 1000 + d.rank, "max_steps": 10, "config_hash": "abc"})
+        elif scenario == "barrier":
+            if d.rank == 1:
+                d.heartbeat(1, "preparing data")
+                time.sleep(30)
+            dist.barrier(d, what="data ready")
+    finally:
+        dist.teardown(d)
+
+
+# --------------------------------------------------------------------------------------------------
+# The test side
+
+def launch(scenario: str, out: Path, timeout: float) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log = open(out.parent / f"{scenario}.log", "w")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, scenario, str(out), str(timeout)]
+    # Its own session, so that cleanup can end torchrun and both workers together.
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_file = out.parent / f"{scenario}.log"
+    return proc
+
+
+def finish(proc: subprocess.Popen, limit: float) -> tuple[int, float, str]:
+    """Wait up to `limit` s; return (exit code, seconds waited, log). Kills everything left on a timeout."""
+    start = time.monotonic()
+    try:
+        rc = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        kill_session(proc)
+    log = proc.log_file.read_text()
+    assert rc is not None, f"the job was still running after {limit} s:\n{log[-3000:]}"
+    return rc, time.monotonic() - start, log
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+def heartbeat(out: Path, rank: int) -> dict:
+    try:
+        return json.loads((out / "heartbeats" / f"rank-{rank}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for(cond, limit: float, what: str, proc: subprocess.Popen):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) while waiting for {what}"
+        time.sleep(0.1)
+    raise AssertionError(f"waited {limit} s for {what}")
+
+
+def test_sigstopped_rank_ends_the_job_with_a_named_timeout(tmp_path):
+    out, timeout = tmp_path / "out", 4
+    proc = launch("steps", out, timeout)
+    try:
+        beat = wait_for(lambda: heartbeat(out, 1) if heartbeat(out, 1).get("step", 0) >= 2 else None,
+                        40, "rank 1 to reach step 2", proc)
+        os.kill(beat["pid"], signal.SIGSTOP)
+        rc, seconds, log = finish(proc, timeout + 60)
+    finally:
+        kill_session(proc)
+    assert rc != 0
+    assert seconds < timeout + 60
+    assert "DistTimeout" in log and "timed out after" in log and f"--dist-timeout {timeout} s" in log, log[-3000:]
+    assert "all_reduce 'loss sum at step" in log
+    assert f"rank 1 (pid {beat['pid']}" in log and "process silent" in log, log[-3000:]
+    stack = (out / "stacks" / "rank-0.txt").read_text()
+    assert "Thread MainThread" in stack and "all_reduce" in stack and "in worker" in stack
+    assert "none from rank(s) 1" in log
+
+
+def test_a_rank_that_raises_ends_every_rank_promptly(tmp_path):
+    out = tmp_path / "out"
+    proc = launch("raise", out, 120)         # a hang would last the whole 120 s timeout
+    rc, seconds, log = finish(proc, 60)
+    assert rc != 0
+    assert "rank 1 broke on purpose at step 3" in log
+    assert seconds < 30, f"took {seconds:.0f} s"
+    assert heartbeat(out, 1)["phase"].startswith("exited: ValueError")
+
+
+def test_check_consistent_names_rank_and_field_on_every_rank(tmp_path):
+    out = tmp_path / "out"
+    rc, _, log = finish(launch("mismatch", out, 30), 60)
+    assert rc != 0
+    for rank in (0, 1):
+        assert f"RankMismatch: rank {rank}: the ranks disagree at start-up" in log, log[-3000:]
+    assert log.count("'samples' differs on rank(s) 1 from rank 0 (rank 0: 1000; rank 1: 1001)") == 2
+    assert "max_steps" not in log.split("RankMismatch")[1].split("\n")[1]
+
+
+def test_barrier_names_the_rank_that_never_came(tmp_path):
+    out = tmp_path / "out"
+    rc, seconds, log = finish(launch("barrier", out, 2), 40)
+    assert rc != 0 and seconds < 25
+    assert "barrier 'data ready'" in log
+    assert "Ranks 1 failed to pass monitoredBarrier" in log, log[-3000:]
+    assert "rank 1 (pid" in log and "preparing data" in log
+
+
+def test_usr1_dumps_every_rank_without_stopping(tmp_path):
+    out = tmp_path / "out"
+    proc = launch("steps", out, 30)
+    try:
+        beat = wait_for(lambda: heartbeat(out, 0) if heartbeat(out, 0).get("step", 0) >= 2 else None,
+                        40, "rank 0 to reach step 2", proc)
+        os.kill(beat["pid"], signal.SIGUSR1)    # rank 0 spends most of its time blocked in all_reduce
+        stacks = [out / "stacks" / f"rank-{r}.txt" for r in (0, 1)]
+        wait_for(lambda: all(f.exists() for f in stacks), 10, "both stack files", proc)
+        for f in stacks:
+            text = f.read_text()
+            assert "SIGUSR1 to rank 0" in text and "in worker" in text and "Thread MainThread" in text
+        step = heartbeat(out, 1)["step"]
+        wait_for(lambda: heartbeat(out, 1).get("step", 0) > step + 1, 20, "steps after the dump", proc)
+        (out / "stop").touch()
+        rc, _, log = finish(proc, 30)
+    finally:
+        kill_session(proc)
+    assert rc == 0, log[-3000:]
+    assert "[rank 0] finished at step" in log and "[rank 1] finished at step" in log
+
+
+def test_one_process(tmp_path):
+    d = dist.setup(timeout_s=5, out_dir=tmp_path)
+    try:
+        assert (d.rank, d.world_size, d.is_distributed) == (0, 1, False)
+        t = torch.tensor([3.0])
+        assert dist.all_reduce(d, t, what="x") is t and t.item() == 3.0
+        assert dist.all_gather_object(d, {"a": 1}) == [{"a": 1}]
+        dist.barrier(d)
+        dist.check_consistent(d, {"samples": 10})
+        d.heartbeat(7, "forward")
+        d._write_heartbeat()
+        beat = heartbeat(tmp_path, 0)
+        assert (beat["step"], beat["phase"], beat["pid"]) == (7, "forward", os.getpid())
+    finally:
+        dist.teardown(d)
+    assert heartbeat(tmp_path, 0)["phase"] == "exited"
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], Path(sys.argv[2]), float(sys.argv[3]))
