@@ -8,6 +8,10 @@ How it works (the same shape as torch.utils.data.DataLoader, without its layers 
   * The main process starts `num_workers` processes (`_worker_loop`). Each has its own task pipe and
     result pipe. Batch number b goes to worker b % num_workers as (b, [sample indices]); the worker
     calls `load_batch` -- dataset[i] for each index, then collate_fn -- and sends the collated batch back.
+  * Pipes, not multiprocessing.Queue: a Queue sends from a background feeder thread, so a batch that
+    fails to pickle is lost with only a printed traceback, and an exiting process must first join that
+    thread (a classic hang at shutdown). A pipe's send() happens in the caller, and only the worker holds
+    the writing end of its result pipe, so its death shows as end-of-file at once.
   * At most `prefetch` batches per worker are in flight (sent and not yet handed to the caller), which
     bounds the memory that finished batches can hold. Results arrive in any order; `ready` holds them
     until their turn, so the output order is that of `batches`, whatever the number of workers.
@@ -28,7 +32,7 @@ and on every worker's sentinel (a handle that becomes ready when the process end
   * a worker that sends nothing for `timeout` seconds while it has work raises `WorkerTimeout`, naming the
     sample it is stuck on; its Python stack is printed to stderr first (SIGUSR1 -> faulthandler).
 On any error, at the end of the data, on close(), on garbage collection and on Ctrl-C, the workers are
-stopped: SIGTERM, then SIGKILL if needed, and joined. Workers ignore SIGINT (Ctrl-C reaches the whole
+stopped (asked to at the end of the data; otherwise SIGTERM, then SIGKILL if needed) and joined. Workers ignore SIGINT (Ctrl-C reaches the whole
 process group; the main process alone decides), and a worker whose main process has gone exits by itself
 within a second, so none is left behind even when the main process is killed.
 
@@ -37,8 +41,9 @@ tensor into a handle to a shared-memory segment (in /dev/shm, which is why a sma
 in the worker). We keep torch's default sharing strategy on Linux, "file_descriptor": a segment is unlinked
 at once and passed as an open file descriptor, so the kernel frees it when the last process holding it
 exits -- nothing leaks when a worker is killed, which is exactly the case this loader is built for.
-"file_system" passes file names instead and would leave segments behind in /dev/shm after a SIGKILL. Its
-one advantage, no limit from `ulimit -n`, does not matter here: a collated batch is a handful of tensors
+"file_system" passes file names instead, which can leave segments behind in /dev/shm when a process dies
+abruptly (torch's multiprocessing notes say so; its torch_shm_manager daemon only mitigates it). Its one
+advantage, no limit from `ulimit -n`, does not matter here: a collated batch is a handful of tensors
 and at most prefetch x num_workers batches are in flight.
 """
 from __future__ import annotations
@@ -234,7 +239,8 @@ class Loader:
     collate_fn   list of samples -> batch (tensors, and dicts/lists/tuples of them)
     num_workers  worker processes; 0 = build batches in the main process
     prefetch     batches in flight per worker
-    timeout      seconds a worker may spend on one batch before WorkerTimeout (None: no limit)
+    timeout      seconds a worker may spend on one batch before WorkerTimeout (None: no limit); the first
+                 batch's time includes the worker's start-up (seconds with spawn, which imports torch anew)
     pin_memory   pin batches in page-locked memory for fast, asynchronous copies to the GPU (CUDA only)
     start_method "fork", "spawn" or "forkserver"; None = the platform default (fork on Linux before
                  Python 3.14). With spawn/forkserver the data set and collate_fn must pickle.
