@@ -232,11 +232,12 @@ def setup(timeout_s: float = 600.0, backend: str | None = None, out_dir: str | o
     d.heartbeat(0, "init_process_group")
     d._write_heartbeat()
     timeout = datetime.timedelta(seconds=timeout_s)
+    start = time.monotonic()
     try:
         tdist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
         d.cpu_group = tdist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else tdist.group.WORLD
     except Exception as e:
-        _fail(d, "init_process_group", f"joining the job of {world_size} processes", 0.0, e)
+        _fail(d, "init_process_group", f"joining the job of {world_size} processes", time.monotonic() - start, e)
     d.heartbeat(0, "started")
     return d
 
@@ -345,6 +346,8 @@ def collective(d: Dist, what: str, kind: str = "collective", any_error: bool = F
     start = time.monotonic()
     try:
         yield
+    except DistTimeout:
+        raise                                   # already named by an inner collective
     except RuntimeError as e:
         if not (any_error or isinstance(e, getattr(tdist, "DistError", ())) or
                 any(h in str(e).lower() for h in DIST_ERROR_HINTS)):

@@ -7,7 +7,8 @@ Proves, each with two real worker processes (this file is also the worker script
   * check_consistent names the field and the differing rank, on every rank;
   * a barrier that one rank never reaches names that rank;
   * `kill -USR1` on a rank blocked inside a collective dumps every rank's stack and the run goes on;
-and, in one process: the collectives are identities, and heartbeats land in OUT/heartbeats.
+and, in one process: the collectives are identities, heartbeats land in OUT/heartbeats, and
+`collective()` turns a peer failure inside a block into a named DistTimeout while other errors pass.
 """
 import json
 import os
@@ -197,6 +198,16 @@ def test_one_process(tmp_path):
         d._write_heartbeat()
         beat = heartbeat(tmp_path, 0)
         assert (beat["step"], beat["phase"], beat["pid"]) == (7, "forward", os.getpid())
+        # collective() names distributed failures inside a block (DDP's backward) and lets others through
+        with pytest.raises(RuntimeError, match="^shape mismatch$"):
+            with dist.collective(d, "DDP gradient all-reduce at step 7"):
+                raise RuntimeError("shape mismatch")
+        with pytest.raises(dist.DistTimeout, match="collective 'DDP gradient all-reduce at step 7' at step 7 "
+                                                   "failed after .* Connection closed by peer"):
+            with dist.collective(d, "DDP gradient all-reduce at step 7"):
+                raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+        assert "Connection closed" not in (tmp_path / "stacks" / "rank-0.txt").read_text()
+        assert "DDP gradient all-reduce at step 7' failed" in (tmp_path / "stacks" / "rank-0.txt").read_text()
     finally:
         dist.teardown(d)
     assert heartbeat(tmp_path, 0)["phase"] == "exited"
