@@ -177,6 +177,11 @@ def heartbeat_file(out_dir: Path, rank: int) -> Path:
     return Path(out_dir) / "heartbeats" / f"rank-{rank}.json"
 
 
+def read_heartbeat(out_dir: Path, rank: int) -> dict:
+    """Rank N's last heartbeat ({} if it has none yet): for tools and tests that watch a run from outside."""
+    return _read_json(heartbeat_file(out_dir, rank)) or {}
+
+
 def stack_file(out_dir: Path, rank: int) -> Path:
     return Path(out_dir) / "stacks" / f"rank-{rank}.txt"
 
@@ -395,8 +400,8 @@ def describe_ranks(d: Dist, waiting_in: str | None = None) -> str:
     now = time.time()
     lines = []
     for rank in range(d.world_size):
-        beat = _read_json(heartbeat_file(d.out_dir, rank))
-        if beat is None:
+        beat = read_heartbeat(d.out_dir, rank)
+        if not beat:
             lines.append(f"  rank {rank}: no heartbeat (never reached set-up, or {d.out_dir} is not shared)")
             continue
         ago, silent = now - beat.get("time", now), now - beat.get("alive", now)
@@ -414,7 +419,7 @@ def describe_ranks(d: Dist, waiting_in: str | None = None) -> str:
 def _wait_for_stacks(d: Dist, since: float) -> list[int]:
     """Ranks whose stack file is newer than `since`, waiting up to STACK_WAIT_S for the live ones."""
     deadline = time.monotonic() + STACK_WAIT_S
-    beats = [_read_json(heartbeat_file(d.out_dir, r)) or {} for r in range(d.world_size)]
+    beats = [read_heartbeat(d.out_dir, r) for r in range(d.world_size)]
     live = {r for r, b in enumerate(beats) if time.time() - b.get("alive", 0) < 3 * ALIVE_EVERY_S}
     while True:
         written = []

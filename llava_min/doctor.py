@@ -57,7 +57,8 @@ class Check:
     detail: str
 
     def line(self) -> str:
-        return f"{self.status.upper() if self.status in ('warn', 'fail') else self.status:4s}  {self.name:12s} {self.detail}"
+        status = self.status.upper() if self.status in ("warn", "fail") else self.status   # problems shout
+        return f"{status:4s}  {self.name:12s} {self.detail}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -414,7 +414,10 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
 
 def plan_from_args(args, world_size: int | None = None, device: str | None = None) -> Plan:
     """A Plan from an argparse namespace with finetune.py's names (missing ones take the defaults)."""
-    get = lambda name, default=None: getattr(args, name, None) if getattr(args, name, None) is not None else default  # noqa: E731
+    def get(name, default=None):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
     init = Path(get("init_from")) if get("init_from") else None
     llm_source = get("llm") or get("llm_config") or (init / "llm" if init else None)
     vit_source = get("vit") or get("vit_config") or (init / "vit" if init else None)
@@ -446,6 +449,12 @@ def report(plan: Plan, gpu_gib: float | None = None) -> str:
     frozen_b = 2 if plan.dtype == "bfloat16" else 4
     ckpt = "on" if plan.grad_checkpointing else "off"
     world = plan.world_size
+    if e.optimizer != e.optimizer_unsharded:
+        optimizer_note = f"ZeRO-1 over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
+    elif world > 1:
+        optimizer_note = f"trained x 8 B; with --zero over {world} ranks: {e.optimizer_unsharded / world / GiB:.2f}"
+    else:
+        optimizer_note = "trained x 8 B"
     lines = [
         f"memory per GPU: {world} process{'es' if world > 1 else ''}{', DDP' if world > 1 else ''}, "
         f"{plan.dtype}{' autocast, fp32 master weights' if plan.dtype == 'bfloat16' else ''}",
@@ -461,10 +470,7 @@ def report(plan: Plan, gpu_gib: float | None = None) -> str:
         f"  gradients                        {g(e.gradients)}   trained x 4 B",
         f"  DDP gradient buckets             {g(e.ddp_buckets)}   "
         + ("trained x 4 B (0 with gradient_as_bucket_view)" if e.ddp_buckets else "none"),
-        f"  optimizer (AdamW m, v)           {g(e.optimizer)}   "
-        + (f"ZeRO-1 over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})" if e.optimizer
-           != e.optimizer_unsharded else f"trained x 8 B" + (f"; with --zero over {world} ranks: "
-                                                              f"{e.optimizer_unsharded / world / GiB:.2f}" if world > 1 else "")),
+        f"  optimizer (AdamW m, v)           {g(e.optimizer)}   {optimizer_note}",
         f"  autocast bf16 weight copies      {g(e.autocast_copies)}",
         f"  activations                      {g(e.activation_total)}   "
         f"(checkpointing {ckpt}; {'off' if plan.grad_checkpointing else 'on'}: {e.activations_other_mode / GiB:.2f})",

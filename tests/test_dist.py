@@ -10,7 +10,6 @@ Proves, each with two real worker processes (this file is also the worker script
 and, in one process: the collectives are identities, heartbeats land in OUT/heartbeats, and
 `collective()` turns a peer failure inside a block into a named DistTimeout while other errors pass.
 """
-import json
 import os
 import signal
 import subprocess
@@ -96,11 +95,10 @@ def kill_session(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def heartbeat(out: Path, rank: int) -> dict:
-    try:
-        return json.loads((out / "heartbeats" / f"rank-{rank}.json").read_text())
-    except (OSError, ValueError):
-        return {}
+def reached(out: Path, rank: int, step: int) -> dict | None:
+    """The rank's heartbeat once it has reached `step`."""
+    beat = dist.read_heartbeat(out, rank)
+    return beat if beat.get("step", 0) >= step else None
 
 
 def wait_for(cond, limit: float, what: str, proc: subprocess.Popen):
@@ -118,8 +116,7 @@ def test_sigstopped_rank_ends_the_job_with_a_named_timeout(tmp_path):
     out, timeout = tmp_path / "out", 4
     proc = launch("steps", out, timeout)
     try:
-        beat = wait_for(lambda: heartbeat(out, 1) if heartbeat(out, 1).get("step", 0) >= 2 else None,
-                        40, "rank 1 to reach step 2", proc)
+        beat = wait_for(lambda: reached(out, 1, 2), 40, "rank 1 to reach step 2", proc)
         os.kill(beat["pid"], signal.SIGSTOP)
         rc, seconds, log = finish(proc, timeout + 60)
     finally:
@@ -141,7 +138,7 @@ def test_a_rank_that_raises_ends_every_rank_promptly(tmp_path):
     assert rc != 0
     assert "rank 1 broke on purpose at step 3" in log
     assert seconds < 30, f"took {seconds:.0f} s"
-    assert heartbeat(out, 1)["phase"].startswith("exited: ValueError")
+    assert dist.read_heartbeat(out, 1)["phase"].startswith("exited: ValueError")
 
 
 def test_check_consistent_names_rank_and_field_on_every_rank(tmp_path):
@@ -167,16 +164,15 @@ def test_usr1_dumps_every_rank_without_stopping(tmp_path):
     out = tmp_path / "out"
     proc = launch("steps", out, 30)
     try:
-        beat = wait_for(lambda: heartbeat(out, 0) if heartbeat(out, 0).get("step", 0) >= 2 else None,
-                        40, "rank 0 to reach step 2", proc)
+        beat = wait_for(lambda: reached(out, 0, 2), 40, "rank 0 to reach step 2", proc)
         os.kill(beat["pid"], signal.SIGUSR1)    # rank 0 spends most of its time blocked in all_reduce
         stacks = [out / "stacks" / f"rank-{r}.txt" for r in (0, 1)]
         wait_for(lambda: all(f.exists() for f in stacks), 10, "both stack files", proc)
         for f in stacks:
             text = f.read_text()
             assert "SIGUSR1 to rank 0" in text and "in worker" in text and "Thread MainThread" in text
-        step = heartbeat(out, 1)["step"]
-        wait_for(lambda: heartbeat(out, 1).get("step", 0) > step + 1, 20, "steps after the dump", proc)
+        step = dist.read_heartbeat(out, 1)["step"]
+        wait_for(lambda: reached(out, 1, step + 2), 20, "steps after the dump", proc)
         (out / "stop").touch()
         rc, _, log = finish(proc, 30)
     finally:
@@ -196,7 +192,7 @@ def test_one_process(tmp_path):
         dist.check_consistent(d, {"samples": 10})
         d.heartbeat(7, "forward")
         d._write_heartbeat()
-        beat = heartbeat(tmp_path, 0)
+        beat = dist.read_heartbeat(tmp_path, 0)
         assert (beat["step"], beat["phase"], beat["pid"]) == (7, "forward", os.getpid())
         # collective() names distributed failures inside a block (DDP's backward) and lets others through
         with pytest.raises(RuntimeError, match="^shape mismatch$"):
@@ -210,7 +206,7 @@ def test_one_process(tmp_path):
         assert "DDP gradient all-reduce at step 7' failed" in (tmp_path / "stacks" / "rank-0.txt").read_text()
     finally:
         dist.teardown(d)
-    assert heartbeat(tmp_path, 0)["phase"] == "exited"
+    assert dist.read_heartbeat(tmp_path, 0)["phase"] == "exited"
 
 
 if __name__ == "__main__":
