@@ -28,7 +28,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from llava_min import IGNORE_INDEX, dist  # noqa: E402
+from llava_min import IGNORE_INDEX, dist, doctor, memory  # noqa: E402
 from llava_min.checkpoint import (capture_rng_state, clean_leftovers, latest_checkpoint,  # noqa: E402
                                   load_training_state, restore_rng_state, save_checkpoint)
 from llava_min.data import LLaVADataset, collate  # noqa: E402
@@ -160,6 +160,7 @@ def main(stage: int = 1, argv=None) -> None:
     out = Path(args.out)
     d = dist.setup(timeout_s=args.dist_timeout, out_dir=out)
     try:
+        doctor.quick_check(d)        # under torchrun: every rank joined, no shared GPU, a correct all-reduce
         run(args, explicit, out, d)
     finally:
         dist.teardown(d)
@@ -234,8 +235,10 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     groups = param_groups(model, args.lr, args.weight_decay, projector_lr=args.projector_lr)
     optimizer = make_optimizer(groups, args.lr, zero=args.zero and d.world_size > 1)
     schedule = CosineSchedule(optimizer, max_steps, args.warmup_ratio)   # warm-up then cosine, per group
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if d.world_size > 1 else model
+    # gradient_as_bucket_view: gradients live inside DDP's all-reduce buckets instead of beside them (one
+    # copy of the trained parameters' size saved). Frozen parameters are not in any bucket.
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True) if d.world_size > 1 else model
 
     # ---- resume ---------------------------------------------------------------------------------
     start_step = 0
@@ -267,6 +270,9 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
     dist.check_consistent(d, {"samples": len(dataset), "max_steps": max_steps, "start_step": start_step,
                               "trainable_params": n_train, "config_hash": fingerprint})
+    plan = memory.plan_from_args(args, world_size=d.world_size)
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    print0(memory.report(plan, gpu_gib))
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         keep_metrics_until(out / "metrics.jsonl", start_step)   # a resumed run rewrites the steps after its checkpoint
@@ -287,31 +293,9 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     try:
         for step in steps:
             t0 = time.time()
+            d.heartbeat(step + 1, "waiting for data")
             micro = [next(batch_iter) for _ in range(args.grad_accum)]
-            # Loss is normalised by the supervised-token count of the whole global batch, so any split of
-            # it over processes and micro-batches gives the same loss and gradients (torchtitan does this).
-            local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            counts = torch.tensor([float(local_tokens)], device=device)
-            dist.all_reduce(d, counts, what=f"supervised-token count at step {step + 1}")
-            global_tokens = max(counts.item(), 1.0)
-            loss_sum = torch.zeros((), device=device)
-            seen = 0
-            for m, batch in enumerate(micro):
-                sync = m == len(micro) - 1 or d.world_size == 1
-                ctx = contextlib.nullcontext() if sync or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
-                with ctx:
-                    with autocast:
-                        o = ddp_model(batch["input_ids"].to(device, non_blocking=True),
-                                      None if batch["pixel_values"] is None else
-                                      batch["pixel_values"].to(device, non_blocking=True),
-                                      labels=batch["labels"].to(device, non_blocking=True),
-                                      attention_mask=batch["attention_mask"].to(device, non_blocking=True))
-                    # DDP averages gradients over ranks; multiply back so the sum is over the global batch.
-                    (o.loss_sum * (d.world_size / global_tokens)).backward()
-                loss_sum += o.loss_sum.detach()
-                seen += int(o.attention_mask.sum()) * d.world_size
-            dist.all_reduce(d, loss_sum, what=f"loss sum at step {step + 1}")
-            loss = loss_sum.item() / global_tokens
+            loss, seen = forward_backward(ddp_model, micro, autocast, device, d, step)
             if not math.isfinite(loss):
                 ids = [i for b in micro for i in b["ids"]]
                 msg = (f"step {step + 1}: loss is {loss} (NaN/inf). Samples of this rank's batches: {ids[:32]}. "
@@ -341,12 +325,51 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
             last = step + 1 == max_steps
             if (step + 1) % args.save_every == 0 or last:
                 save(model, tok, optimizer, schedule, args, out, step + 1, global_batch, d, final=last)
+    except torch.cuda.OutOfMemoryError:
+        # Say what would fit before the traceback: the estimate and the flags that change it.
+        log("CUDA out of memory. " + memory.report(plan, gpu_gib) + "\nflags that would fit: "
+            + " ".join(memory.suggest_fit(plan, gpu_gib or 0.0)))
+        raise
     finally:
         loader.close()
         if metrics:
             metrics.close()
             bar.close()
     print0(f"done: {max_steps} steps; model in {out}")
+
+
+def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: int) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns the global mean loss and the
+    number of LLM positions the whole job processed.
+
+    The loss is normalised by the supervised-token count of the whole global batch (all ranks, all
+    micro-batches), so any split of it over processes and accumulation gives the same loss and gradients.
+    """
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    counts = torch.tensor([float(local_tokens)], device=device)
+    dist.all_reduce(d, counts, what=f"supervised-token count at step {step + 1}")
+    global_tokens = max(counts.item(), 1.0)
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    for m, batch in enumerate(micro):
+        last = m == len(micro) - 1
+        # Gradients are all-reduced only on the last micro-batch (DDP's no_sync on the others).
+        sync = contextlib.nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
+        with sync:
+            d.heartbeat(step + 1, f"forward {m + 1}/{len(micro)}")
+            with autocast:
+                pixels = batch["pixel_values"]
+                o = ddp_model(batch["input_ids"].to(device, non_blocking=True),
+                              None if pixels is None else pixels.to(device, non_blocking=True),
+                              labels=batch["labels"].to(device, non_blocking=True),
+                              attention_mask=batch["attention_mask"].to(device, non_blocking=True))
+            # DDP averages gradients over ranks; multiplying by world_size makes it the global-batch sum.
+            with dist.collective(d, f"backward (DDP gradient all-reduce) {m + 1}/{len(micro)} at step {step + 1}"):
+                (o.loss_sum * (d.world_size / global_tokens)).backward()
+        loss_sum += o.loss_sum.detach()
+        seen += int(o.attention_mask.sum()) * d.world_size
+    dist.all_reduce(d, loss_sum, what=f"loss sum at step {step + 1}")
+    return loss_sum.item() / global_tokens, seen
 
 
 def keep_metrics_until(file: Path, step: int) -> None:

@@ -14,8 +14,8 @@ the parameters with requires_grad: the projector, the LLM or its LoRA adapters, 
 
   weights        trained x 4 (fp32 master weights) + frozen x 2 in bf16 (x 4 in fp32)
   gradients      trained x 4
-  DDP buckets    trained x 4 under DDP (world size > 1): DDP copies gradients into flat buckets for the
-                 all-reduce unless it is built with gradient_as_bucket_view=True (then 0)
+  DDP buckets    0: train.py builds DDP with gradient_as_bucket_view=True, so gradients live in the flat
+                 all-reduce buckets; without it (Plan.ddp_bucket_view=False) another trained x 4
   optimizer      AdamW's exp_avg and exp_avg_sq: trained x 8; with --zero (ZeRO-1, torch's
                  ZeroRedundancyOptimizer) each rank keeps 1 / world_size of it
   autocast       bf16 copies of the trained matrices (autocast casts each fp32 weight once per forward and
@@ -104,7 +104,7 @@ class Plan:
     select_layer: int = -2
     loss_chunk: int = LOSS_CHUNK
     device: str = "cuda"                # "cpu" only changes the dropout mask size (see the docstring)
-    ddp_bucket_view: bool = False       # DDP(gradient_as_bucket_view=True) removes the bucket copy
+    ddp_bucket_view: bool = True        # train.py builds DDP(gradient_as_bucket_view=True): no bucket copy
 
     @property
     def act_bytes(self) -> int:

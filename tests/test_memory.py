@@ -117,7 +117,9 @@ def test_bytes_per_parameter():
     plan = preset_plan(batch_size=1, world_size=4)
     e, p = memory.estimate(plan), memory.param_counts(plan)
     assert e.weights == 4 * p["trained"] + 2 * p["frozen"]
-    assert e.gradients == e.ddp_buckets == 4 * p["trained"]
+    assert e.gradients == 4 * p["trained"]
+    assert e.ddp_buckets == 0                                   # train.py's DDP uses gradient_as_bucket_view
+    assert memory.estimate(plan.replace(ddp_bucket_view=False)).ddp_buckets == 4 * p["trained"]
     assert e.optimizer == e.optimizer_unsharded == 8 * p["trained"]
     assert e.autocast_copies == 2 * p["trained_matmul"]
     assert e.total == (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
