@@ -10,7 +10,9 @@ written here. The batches come from GlobalBatchSampler; both loaders get the sam
 
 Each configuration is timed from the start of the iteration (worker start-up included, as a training run
 pays it) to the last batch; ours and torch's alternate, best of --repeats each. Printed: samples/s, our
-speed-up over our own 0-worker rate, and our rate over torch's with the same number of workers.
+speed-up over our own 0-worker rate, our rate over torch's with the same number of workers, and the CPU
+time per sample of the main process and its workers together (what moving batches between processes costs,
+and a figure that other processes on a busy machine disturb less than the rates).
 Goal: 2 workers >= 1.7x the 0-worker rate, and not slower than torch's DataLoader.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import functools
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -88,12 +91,16 @@ def noise_collate(samples):
     return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]), "input_ids": ids}
 
 
-def seconds(make_iterable) -> float:
-    """Wall time of one full pass, worker start-up included."""
-    start = time.perf_counter()
+def one_pass(make_iterable) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process and its workers) of one full pass, start-up included."""
+    def cpu():
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime  # children: joined workers
+
+    start, start_cpu = time.perf_counter(), cpu()
     for _ in make_iterable():
         pass
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu() - start_cpu
 
 
 def main(argv=None):
@@ -121,21 +128,24 @@ def main(argv=None):
         print(f"{what}; {len(batches)} batches of {args.batch_size}, {args.image_size} px; "
               f"{os.cpu_count()} CPUs; best of {args.repeats}")
         print(f"{'workers':>7} {'ours samples/s':>15} {'torch samples/s':>16} {'ours / ours@0':>14} "
-              f"{'ours / torch':>13}")
+              f"{'ours / torch':>13} {'CPU ms/sample ours, torch':>26}")
         base = None
         for workers in args.workers:
             ours = functools.partial(Loader, dataset, batches, collate, num_workers=workers, prefetch=args.prefetch)
             peer = functools.partial(torch.utils.data.DataLoader, dataset, batch_sampler=batches, collate_fn=collate,
                                      num_workers=workers, prefetch_factor=args.prefetch if workers else None)
             # Alternate the two, so that both see the same load from other processes; keep the best pass.
-            times = [(seconds(ours), seconds(peer)) for _ in range(args.repeats)]
-            ours_rate, peer_rate = n / min(t[0] for t in times), n / min(t[1] for t in times)
+            runs = [(one_pass(ours), one_pass(peer)) for _ in range(args.repeats)]
+            (ours_s, ours_cpu), (peer_s, peer_cpu) = [min(r[k] for r in runs) for k in (0, 1)]
+            ours_rate, peer_rate = n / ours_s, n / peer_s
             base = base or (ours_rate if workers == 0 else None)
             speedup = f"{ours_rate / base:.2f}x" if base else "-"
-            print(f"{workers:>7} {ours_rate:>15.1f} {peer_rate:>16.1f} {speedup:>14} {ours_rate / peer_rate:>12.2f}x",
-                  flush=True)
-        print(f"load average {os.getloadavg()[0]:.1f} at the end (it was {load:.1f} at the start): other "
-              f"processes on the {os.cpu_count()} CPUs make the ratios less reliable the higher it is")
+            print(f"{workers:>7} {ours_rate:>15.1f} {peer_rate:>16.1f} {speedup:>14} {ours_rate / peer_rate:>12.2f}x "
+                  f"{1e3 * ours_cpu / n:>18.1f}, {1e3 * peer_cpu / n:.1f}", flush=True)
+        print(f"load average {os.getloadavg()[0]:.1f} at the end (it was {load:.1f} at the start): other processes "
+              f"on the {os.cpu_count()} CPUs make the ratios less reliable the higher it is; CPU time per sample "
+              f"(main process + workers) is less sensitive to them")
+
 
 if __name__ == "__main__":
     main()
