@@ -143,6 +143,7 @@ def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks
                  results: Connection, current, parent_pid: int) -> None:
     """A worker process: receive (batch number, indices), send back (batch number, batch, failure)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
+    signal.set_wakeup_fd(-1)                       # a signal wake-up pipe inherited by fork is the main process's
     torch.set_num_threads(1)                       # N workers x all cores each would oversubscribe the CPU
     faulthandler.enable()                          # SIGSEGV/SIGBUS/SIGABRT: print the Python stack, then die
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the main process asks this when we hang
