@@ -1,17 +1,18 @@
 """The loader, with real worker processes: same batches for 0, 1 and 2 workers; every failure is loud and named.
 
-Proves: batches (random parts included) are identical for 0, 1 and 2 workers and in the order asked,
-also when workers finish out of order, and a resumed loader (first_batch) continues the same stream;
-num_workers=0 leaves the caller's random state alone; an exception in dataset[i] or collate_fn arrives as
-SampleError naming the index, id, image path and the worker's traceback; a worker that dies from SIGKILL
-(self-inflicted, or sent from outside), SIGBUS, SIGSEGV or exit() ends the load within 30 s with
-WorkerDied naming the worker, pid, signal, sample and cause; a hung worker raises WorkerTimeout naming
-the stuck sample; Ctrl-C ends a loading script at once. After each: no worker process is left.
+Proves: batches (random parts included) are identical for 0, 1 and 2 workers (fork, and spawn) and in
+the order asked, also when workers finish out of order, and a resumed loader (first_batch) continues the
+same stream; num_workers=0 leaves the caller's random state alone; an exception in dataset[i] or
+collate_fn arrives as SampleError naming the index, id, image path and the worker's traceback; a worker
+that dies from SIGKILL (self-inflicted, or sent from outside), SIGBUS, SIGSEGV or exit() ends the load
+within 30 s with WorkerDied naming the worker, pid, signal, sample and cause; a hung worker raises
+WorkerTimeout naming the stuck sample; workers ignore SIGINT; Ctrl-C ends a loading script with one
+KeyboardInterrupt; leaving the loop early, close() and garbage collection stop the workers. After each:
+no worker process is left, and workers exit by themselves when their main process is SIGKILLed.
 """
 import ctypes
 import multiprocessing
 import os
-import re
 import pathlib
 import random
 import signal
@@ -102,10 +103,6 @@ def run_until_error(loader, error_type):
             for _ in loader:
                 pass
     return info.value, time.monotonic() - start
-
-
-def worker_pid(message):
-    return int(re.search(r"\(pid (\d+)\)", message).group(1))
 
 
 def test_same_batches_for_0_1_2_workers_in_order():
