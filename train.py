@@ -46,7 +46,7 @@ from llava_min.sampler import GlobalBatchSampler  # noqa: E402
 from llava_min.tokenizer import Tokenizer  # noqa: E402
 from llava_min.weights import save_state, write_json  # noqa: E402
 
-# Per-stage defaults (LLaVA-1.5 / XTuner InternLM2 configs; see docs and ../reference/llava_xtuner.md (c)).
+# Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
 STAGE_DEFAULTS = {
     1: dict(train="projector", lr=1e-3, batch_size=32, grad_accum=1, save_every=500),
     2: dict(train="projector,llm", lr=2e-5, batch_size=16, grad_accum=1, save_every=500),

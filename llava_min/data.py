@@ -17,7 +17,7 @@ at once, with index, id, file and line):
     placeholder with no picture, the second a picture the text never refers to;
   * a text-only sample has no "image" field (or null) and no tag.
 
-Template and labels (reference/llava_xtuner.md 1.6 and (b); `encode_conversation`): XTuner's llava_map_fn
+Template and labels (xtuner/dataset/utils.py `encode_fn`, xtuner/utils/templates.py; `encode_conversation`): XTuner's llava_map_fn
 moves the tag to the front of its human turn as "<image>\\n", then for every turn
 
     [<s>]  <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n  ⟦{answer}<|im_end|>⟧  \\n

@@ -15,7 +15,7 @@ needs no renames:
 
 The architecture is Llama's: pre-norm blocks, rotary position embeddings (half-split `rotate_half`
 convention), grouped-query attention. What is InternLM2's own is the fused `wqkv` projection, laid out
-per KV group (see `Attention.forward` and ../shared/reference/models.md 1.3).
+per KV group (see `Attention.forward`; the same split as InternLM's tools/convert2llama.py).
 
 References: the released remote code `modeling_internlm2.py` (InternLM/InternEvo
 transformers/internlm2_model/) and transformers' `models/llama/modeling_llama.py` + `modeling_rope_utils.py`
@@ -223,7 +223,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32, cast back to the input dtype, THEN scale: the released code multiplies the
-        # weight with the input-dtype value (models.md 1.4), which matters in bf16.
+        # weight with the input-dtype value (InternLM2RMSNorm / LlamaRMSNorm), which matters in bf16.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -303,7 +303,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         G, hd = self.groups, self.head_dim
         # One matmul for q, k and v. Its output features are laid out per KV group: for each of the n_kv
-        # groups, its G query heads, then its key head, then its value head (models.md 1.3). Taking the
+        # groups, its G query heads, then its key head, then its value head (InternLM tools/convert2llama.py). Taking the
         # first n_heads * head_dim features as q would be wrong.
         qkv = self.wqkv(x).view(B, T, self.n_kv, G + 2, hd)       # (B, T, n_kv, G + 2, head_dim)
         cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)           # no-op unless autocast runs the matmul in bf16

@@ -1,6 +1,6 @@
 """AdamW with parameter groups, the warm-up + cosine learning rate, and gradient clipping.
 
-Settings follow XTuner's LLaVA-InternLM2 configs and LLaVA-1.5 (reference/llava_xtuner.md, part (c)):
+Settings follow XTuner's LLaVA-InternLM2 configs and LLaVA-1.5 (xtuner/configs/llava/internlm2_chat_*, LLaVA scripts/v1_5):
 AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at norm 1, a linear warm-up over the first
 3% of the steps from 1e-5 x the peak (mmengine `LinearLR(start_factor=1e-5)`), then a cosine down to
 `min_ratio` x the peak (0 in XTuner: `CosineAnnealingLR(eta_min=0)`).

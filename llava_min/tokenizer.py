@@ -1,6 +1,6 @@
 """InternLM2's tokenizer: a sentencepiece BPE model plus the six chat tokens, and a trainer for small models.
 
-The released InternLM2 `tokenizer.model` (models.md 1.6-1.7) is a sentencepiece BPE model with byte
+The released InternLM2 `tokenizer.model` (InternLM/InternEvo `tools/tokenizer_internlm2.model`, sha256 f868398f...) is a sentencepiece BPE model with byte
 fallback, split digits, no dummy prefix and no whitespace clean-up. The chat tokens that the internlm2_chat
 template uses are NOT stored under their names: the model holds `[UNUSED_TOKEN_141]`..`[UNUSED_TOKEN_146]`
 at ids 92538..92543, and the `<|...|>` names exist only in Hugging Face's tokenizer_config.json. So this
@@ -38,7 +38,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>")
-# The pieces that hold the chat tokens inside the released InternLM2 tokenizer.model (models.md 1.6).
+# The pieces that hold the chat tokens inside the released InternLM2 tokenizer.model (its tokenizer_config.json `added_tokens_decoder` names them).
 INTERNLM2_PIECES = {
     "<|plugin|>": "[UNUSED_TOKEN_141]",        # 92538
     "<|interpreter|>": "[UNUSED_TOKEN_142]",   # 92539
@@ -211,7 +211,7 @@ def train(files, vocab_size: int, out: str | os.PathLike, threads: int | None = 
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(text), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-            # as the released model (models.md 1.7): bytes for anything unseen, digits one by one, the text
+            # as the released model's trainer_spec: bytes for anything unseen, digits one by one, the text
             # exactly as given (no dummy prefix, no whitespace clean-up, identity normalisation)
             byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
             normalization_rule_name="identity", allow_whitespace_only_pieces=True,

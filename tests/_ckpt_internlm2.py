@@ -133,7 +133,7 @@ def llama_config(config: InternLM2Config, attn_implementation: str = "eager"):
 
 
 def internlm2_to_llama(config: InternLM2Config, state: dict[str, torch.Tensor], attn_implementation: str = "eager"):
-    """A transformers LlamaForCausalLM holding the same weights: wqkv split per models.md 1.3, keys renamed
+    """A transformers LlamaForCausalLM holding the same weights: wqkv split as InternLM's tools/convert2llama.py does, keys renamed
     as InternLM's convert2llama.py does. Eager attention (softmax written out) by default; "sdpa" for speed."""
     from transformers import LlamaForCausalLM
 

@@ -21,17 +21,18 @@ from llava_min.internlm2 import InternLM2Config
 
 
 def write_tiny_llava(folder, llm_config: InternLM2Config, vit: dict | None = None, image_token_id: int | None = None,
-                     seed: int = 0, num_shards: int = 2, attn_implementation: str = "eager"):
+                     seed: int = 0, num_shards: int = 2, attn_implementation: str = "eager", llm_std: float = 0.08):
     """Write folder/llm, folder/vit, folder/projector; return the transformers reference holding the same weights.
 
     vit: keyword arguments of _ckpt_dinov2.hf_dinov2 (hidden, layers, heads, image_size, patch_size).
     image_token_id: the vocabulary id transformers replaces with image features (default: the last id).
+    llm_std: spread of the random LLM weights (wider models want smaller ones).
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     folder = Path(folder)
     vit = dict(vit or {})
-    state = write_internlm2_checkpoint(folder / "llm", llm_config, random_internlm2_state(llm_config, seed),
+    state = write_internlm2_checkpoint(folder / "llm", llm_config, random_internlm2_state(llm_config, seed, std=llm_std),
                                        num_shards=num_shards)
     dinov2 = write_tiny_dinov2(folder / "vit", seed=seed, **vit)
     projector = write_tiny_projector(folder / "projector", vision_hidden=dinov2.config.hidden_size,

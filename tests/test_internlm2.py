@@ -49,7 +49,7 @@ def max_diff(a, b):
 # The wqkv layout itself
 
 def test_wqkv_split_follows_the_documented_row_formula():
-    # models.md 1.3: row r = (g * (G + 2) + s) * head_dim + j; s < G is query head g*G + s, s = G key g,
+    # The grouped layout (InternLM tools/convert2llama.py): row r = (g * (G + 2) + s) * head_dim + j; s < G is query head g*G + s, s = G key g,
     # s = G + 1 value g. Checked on row indices, independently of any model code.
     n_heads, n_kv, hd = 8, 2, 3
     G = n_heads // n_kv
@@ -137,7 +137,7 @@ def test_padded_batch_matches_transformers(tmp_path, side):
 
 
 def test_rms_norm_in_bf16_matches_the_released_rounding():
-    # Normalise in fp32, round to bf16, then multiply by the weight (models.md 1.4): bit for bit as
+    # Normalise in fp32, round to bf16, then multiply by the weight (InternLM2RMSNorm): bit for bit as
     # transformers' LlamaRMSNorm, which is the released InternLM2RMSNorm.
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
