@@ -86,6 +86,8 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336; inherited)")
     p.add_argument("--image-mode", choices=["pad", "crop"], default=None, help="pad to square (LLaVA-1.5) or centre crop")
     p.add_argument("--system", default=None, help="system prompt for every sample")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="drop (and count) samples that fail the start-up check instead of stopping")
     p.add_argument("--num-workers", type=int, default=4, help="loader worker processes; 0 = in the main process")
     p.add_argument("--loader-timeout", type=float, default=600, help="seconds a loader worker may be silent")
     p.add_argument("--seed", type=int, default=0)
@@ -147,9 +149,6 @@ def build_model(args, tok: Tokenizer, d: dist.Dist) -> LLaVA:
         raise SystemExit(f"the tokenizer has {tok.vocab_size} pieces but the LLM's vocab_size is "
                          f"{model.llm.config.vocab_size}: ids past the embedding table would crash. Use a "
                          "tokenizer that fits or an LLM config with vocab_size >= the tokenizer's")
-    if args.image_size % model.vit.config.patch_size:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size "
-                         f"{model.vit.config.patch_size}")
     return model
 
 
@@ -184,8 +183,25 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     compute_dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    # ---- model ----------------------------------------------------------------------------------
+    # ---- data: cheap checks on every rank, tokenization later, per sample, in loader workers ------
+    # Before the model is loaded, so a bad sample is reported in seconds, not after minutes of loading.
+    # Every bad sample is listed at once (DataError); samples whose first answer cannot fit in --max-length
+    # are dropped and counted in the report.
+    print0(f"reading data from {', '.join(map(str, args.data))}")
     tok = Tokenizer(args.tokenizer)
+    vit_cfg = vit_config(args.vit or args.vit_config or Path(args.init_from or ".") / "vit")
+    if args.image_size % vit_cfg.patch_size:
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size {vit_cfg.patch_size}")
+    image_tokens = (args.image_size // vit_cfg.patch_size) ** 2      # LLM positions per image
+    dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
+                           max_length=args.max_length, image_tokens=image_tokens, system=args.system,
+                           skip_bad=args.skip_bad_samples)
+    print0(dataset.report())
+    global_batch = args.batch_size * d.world_size * args.grad_accum
+    sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed)
+    max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
+
+    # ---- model ----------------------------------------------------------------------------------
     model = build_model(args, tok, d)
     model.requires_grad_(False)
     for name in parts:
@@ -217,29 +233,10 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     print0(f"parameters: {n_all:,} total, {n_train:,} trained ({', '.join(sorted(parts))}"
            f"{', LoRA' if args.lora_r else ''})")
 
-    # ---- data: cheap checks on every rank, tokenization later, per sample, in loader workers ------
-    # Every bad sample is listed at once (DataError) before any step; samples whose first answer cannot fit
-    # in --max-length are dropped and counted in the report.
-    image_tokens = model.vit.num_patches(args.image_size, args.image_size)
-    dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
-                           max_length=args.max_length, image_tokens=image_tokens, system=args.system)
-    print0(dataset.report())
-    global_batch = args.batch_size * d.world_size * args.grad_accum
-    sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed)
-    if sampler.steps_per_epoch == 0:
-        raise SystemExit(f"{len(dataset)} samples are fewer than one global batch of {global_batch} "
-                         f"(batch {args.batch_size} x {d.world_size} processes x accumulation {args.grad_accum})")
-    max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
-
     # ---- optimiser ------------------------------------------------------------------------------
     groups = param_groups(model, args.lr, args.weight_decay, projector_lr=args.projector_lr)
     optimizer = make_optimizer(groups, args.lr, zero=args.zero and d.world_size > 1)
     schedule = CosineSchedule(optimizer, max_steps, args.warmup_ratio)   # warm-up then cosine, per group
-    # gradient_as_bucket_view: gradients live inside DDP's all-reduce buckets instead of beside them (one
-    # copy of the trained parameters' size saved). Frozen parameters are not in any bucket.
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True) if d.world_size > 1 else model
-
     # ---- resume ---------------------------------------------------------------------------------
     start_step = 0
     if d.rank == 0:
@@ -270,6 +267,14 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
     dist.check_consistent(d, {"samples": len(dataset), "max_steps": max_steps, "start_step": start_step,
                               "trainable_params": n_train, "config_hash": fingerprint})
+    # DDP's constructor is itself a collective (parameter shapes compared, rank 0's weights broadcast): name it.
+    # gradient_as_bucket_view: gradients live inside DDP's all-reduce buckets instead of beside them (one
+    # copy of the trained parameters' size saved). Frozen parameters are not in any bucket.
+    # broadcast_buffers=False: the model's only buffer (the ViT's mask token) never changes, and the default
+    # would broadcast it from rank 0 in every forward: one more collective per step, outside any name.
+    with dist.collective(d, "DDP set-up (parameter check and broadcast from rank 0)"):
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        gradient_as_bucket_view=True, broadcast_buffers=False) if d.world_size > 1 else model
     plan = memory.plan_from_args(args, world_size=d.world_size)
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     print0(memory.report(plan, gpu_gib))
@@ -296,30 +301,30 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
             d.heartbeat(step + 1, "waiting for data")
             micro = [next(batch_iter) for _ in range(args.grad_accum)]
             loss, seen = forward_backward(ddp_model, micro, autocast, device, d, step)
-            if not math.isfinite(loss):
+            if not math.isfinite(loss):        # every rank sees the same all-reduced loss: all act alike
                 ids = [i for b in micro for i in b["ids"]]
                 msg = (f"step {step + 1}: loss is {loss} (NaN/inf). Samples of this rank's batches: {ids[:32]}. "
-                       "Try a lower --lr, --dtype bfloat16 instead of fp16, or --nan skip")
+                       "Try a lower --lr or --dtype float32")
                 if args.nan == "stop":
-                    raise FloatingPointError(msg)
+                    raise FloatingPointError(msg + ", or --nan skip to skip such steps")
                 log(msg + " -- skipping this step")
                 optimizer.zero_grad(set_to_none=True)
-                continue
-            lr = schedule.lr
-            grad_norm = clip_gradients(model.parameters(), args.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-
-            dt = time.time() - t0
-            record = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                      "tokens_per_s": round(seen / dt, 1), "seconds": round(dt, 3)}
-            if device.type == "cuda":
-                record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            else:
+                lr = schedule.lr
+                grad_norm = clip_gradients(model.parameters(), args.clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+                dt = time.time() - t0
+                record = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                          "tokens_per_s": round(seen / dt, 1), "seconds": round(dt, 3)}
+                if device.type == "cuda":
+                    record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if bar:
                 bar.update(1)
             d.heartbeat(step + 1, "step done")
             last = step + 1 == max_steps
