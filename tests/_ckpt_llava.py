@@ -32,8 +32,8 @@ def write_tiny_llava(folder, llm_config: InternLM2Config, vit: dict | None = Non
 
     folder = Path(folder)
     vit = dict(vit or {})
-    state = write_internlm2_checkpoint(folder / "llm", llm_config, random_internlm2_state(llm_config, seed, std=llm_std),
-                                       num_shards=num_shards)
+    state = random_internlm2_state(llm_config, seed, std=llm_std)
+    write_internlm2_checkpoint(folder / "llm", llm_config, state, num_shards=num_shards)
     dinov2 = write_tiny_dinov2(folder / "vit", seed=seed, **vit)
     projector = write_tiny_projector(folder / "projector", vision_hidden=dinov2.config.hidden_size,
                                      llm_hidden=llm_config.hidden_size, seed=seed + 1)
