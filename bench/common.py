@@ -61,8 +61,15 @@ def machine() -> str:
 
 
 def load() -> str:
-    """The 1-minute load average: other processes on the cores inflate wall times (minima suffer least)."""
-    return f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load average unknown"
+    """The 1-minute load average, with a warning when other processes compete for the cores this bench uses:
+    each of its threads then waits for the others at every parallel op, and wall times swell many-fold."""
+    if not hasattr(os, "getloadavg"):
+        return "load average unknown"
+    busy = os.getloadavg()[0]
+    note = ""
+    if busy > 1.5 and torch.get_num_threads() > 1:
+        note = " (busy machine: trust the minima, or rerun with --threads 1)"
+    return f"load average {busy:.1f}{note}"
 
 
 def load_pair(train: bool = False, seed: int = 0):
