@@ -32,9 +32,10 @@ else a), h = hidden, kv = kv_heads x head_dim, i = intermediate, nh = heads, hd 
   LLM trained       norms (4 + r + a) h + (4 + r) h + (a h if r == a else 2 a h) + 8
                     [the fp32 input of each RMSNorm, its normalised output (for the weight's gradient), and
                      the bf16 copy each linear makes of its input: w1 and w3 make one each]
-                    attention a (4h + 3kv) + 4 nh + (a hd if r != a)
-                    [qkv, the rotated q|k, the q copy, the attention output = wo input, log-sum-exp, and
-                     the per-block bf16 rotary tables]
+                    attention a (2h + 2kv) + 4 nh + (a hd if r != a)
+                    [the rotated q|k buffer (q is a view of it; k and v are copied out so the fused qkv
+                     buffer is freed), v, the attention output = wo input, log-sum-exp, and the per-block
+                     bf16 rotary tables]
                     MLP 4 a i  [w1 out, w3 out, silu out, their product]
   LLM frozen        norms 2 x (4h + 4); attention as above; MLP 3 a i   [linears save nothing: no weight grad]
   LoRA              LLM frozen + for each adapted linear: d_in x (m + a) + r a, d_in summed = 4h + i
@@ -212,7 +213,7 @@ def llm_block_bytes_per_token(plan: Plan) -> float:
     h, i, nh, hd = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim
     kv = c.num_key_value_heads * hd
     r = 4 if mode == "full" else a
-    attention = a * (4 * h + 3 * kv) + 4 * nh + (a * hd if r != a else 0)
+    attention = a * (2 * h + 2 * kv) + 4 * nh + (a * hd if r != a else 0)
     if mode == "full":
         norms = (4 + r + a) * h + (4 + r) * h + (a * h if r == a else 2 * a * h) + 8
         mlp = 4 * a * i
