@@ -15,10 +15,12 @@ $PY data/make_shapes.py --out "$DATA" --n-train 3000 --n-test 200 --seed 0
 $PY -m llava_min.tokenizer train --data "$DATA/pretrain.json" "$DATA/finetune.json" --vocab-size 512 --out "$DATA/tok.model"
 
 COMMON=(--image-folder "$DATA" --num-workers 1 --seed 0 --save-every 1000 --dist-timeout 300)
+# Stage 1 as in LLaVA: only the projector learns, on captions (the tiny LLM and ViT start random here).
 $PY train.py --data "$DATA/pretrain.json" --tokenizer "$DATA/tok.model" --llm-config tiny --vit-config tiny \
-    --image-size 56 --max-length 128 --batch-size 32 --max-steps 150 --lr 2e-3 --train all --out "$OUT/stage1" "${COMMON[@]}"
+    --image-size 56 --max-length 128 --batch-size 32 --max-steps 100 --lr 1e-3 --out "$OUT/stage1" "${COMMON[@]}"
+# Stage 2: everything learns (--train all), since nothing here was pretrained.
 $PY finetune.py --init-from "$OUT/stage1" --data "$DATA/finetune.json" \
-    --batch-size 32 --max-steps 300 --lr 1e-3 --train all --out "$OUT/stage2" "${COMMON[@]}"
+    --batch-size 32 --max-steps 600 --lr 1e-3 --train all --out "$OUT/stage2" "${COMMON[@]}"
 
 $PY -m llava_min.eval --model "$OUT/stage2" --data "$DATA/test.json" --image-folder "$DATA" | tee "$OUT/eval.json"
 img=$($PY -c "import json; print(json.load(open('$DATA/test.json'))[0]['image'])")
