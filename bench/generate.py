@@ -2,7 +2,7 @@
 
     python bench/generate.py                      # 48 new tokens; one prompt, then a left-padded batch of 8
     python bench/generate.py --new-tokens 64 --batch 16 --repeats 10 --profile
-    python bench/generate.py --column-major       # llava-min's LLM weights stored transposed in memory
+    python bench/generate.py --row-major          # llava-min's LLM weights in the layout they load in
     python bench/generate.py --compile            # llava-min's LLM forward through torch.compile
 
 Both run greedy decoding with a KV cache to exactly --new-tokens tokens (no stop id can end either early);
@@ -11,9 +11,10 @@ Printed per setting: the median time of the whole generate() call and the speed 
 cost per token, (time for N tokens - time for 1 token) / (N - 1), which leaves out the prefill (ViT,
 projector, prompt). Goal (issue 6): >= 1.2x with identical tokens; batched decoding faster still.
 
---column-major keeps every LLM weight's shape and values but stores it as the transpose of a contiguous
-(in, out) matrix. Decoding multiplies one row per sequence by each weight; on CPU, MKL reads a weight in
-that layout markedly faster for so few rows (and no slower for many).
+llava-min runs as `python -m llava_min.chat` / `llava_min.eval` run it on CPU (`load_for_inference`): after
+`InternLM2.column_major_()`, which keeps every LLM weight's shape and values but stores it as the transpose of
+a contiguous (in, out) matrix. Decoding multiplies one row per sequence by each weight; on CPU, MKL reads a
+weight in that layout markedly faster for so few rows (and no slower for many). --row-major measures without.
 """
 from __future__ import annotations
 
@@ -75,21 +76,14 @@ def bench(title, fns, new_tokens, repeats):
           f"{per_token['transformers'] * 1e3:.2f} ms: {per_token['transformers'] / per_token['llava-min']:.2f}x")
 
 
-def column_major_(module: torch.nn.Module) -> None:
-    """Same shapes and values, each Linear weight stored as the transpose of a contiguous (in, out) matrix."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.data = m.weight.data.t().contiguous().t()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=8, help="rows of the batched setting")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--column-major", action="store_true", help="llava-min's LLM weights stored transposed")
+    parser.add_argument("--row-major", action="store_true",
+                        help="keep llava-min's LLM weights as loaded (chat/eval store them column-major on CPU)")
     parser.add_argument("--compile", action="store_true", help="llava-min's LLM forward_hidden through torch.compile")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables for one call of each")
     args = parser.parse_args()
@@ -98,9 +92,9 @@ def main():
 
     ours, hf = load_pair()
     hf.generation_config.eos_token_id = None   # run to max_new_tokens, as llava-min with NO_STOP
-    if args.column_major:
-        column_major_(ours.llm)
-        print("  llava-min: LLM weights stored column-major")
+    if not args.row_major:
+        ours.llm.column_major_()                   # as llava_min.chat.load_for_inference does on CPU
+        print("  llava-min: LLM weights stored column-major (as chat/eval load them on CPU)")
     if args.compile:
         # dynamic=True: one graph serves every cache length instead of one compilation per decoding step.
         ours.llm.forward_hidden = torch.compile(ours.llm.forward_hidden, dynamic=True)
