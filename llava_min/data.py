@@ -491,7 +491,8 @@ class LLaVADataset:
 
             path = image_path(sample, self.image_folder)
             try:
-                pixel_values = image_lib.preprocess(image_lib.load_image(path), self.image_size, self.image_mode)
+                # uint8: the model normalises on its device (a quarter of the bytes between processes)
+                pixel_values = image_lib.to_pixels(image_lib.load_image(path), self.image_size, self.image_mode)
             except image_lib.ImageError as e:
                 raise DataError(f"{describe(sample, i, self.image_folder)}: {e}") from e
         return {"index": i, "id": sample["id"], "input_ids": torch.tensor(ids, dtype=torch.long),

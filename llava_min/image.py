@@ -8,7 +8,10 @@
   * a decompression bomb (more than `Image.MAX_IMAGE_PIXELS` pixels), an unreadable, truncated or
     non-image file raises `ImageError` naming the path and what to do. Nothing is silently skipped.
 
-`preprocess(image, size, mode)` returns the normalised (3, size, size) tensor:
+`to_pixels(image, size, mode)` returns the resized image as a uint8 (3, size, size) tensor, `normalize(pixels)`
+the float ViT input, and `preprocess(image, size, mode)` both at once. The training data set hands out uint8
+pixels and the model normalises them on its device: a quarter of the bytes through the loader's shared
+memory and the host-to-GPU copy. The steps:
   * "pad"  -- LLaVA-1.5 / XTuner: `expand2square` with the mean colour, then a bicubic resize to size x size
               (`expand2square` in xtuner/dataset/utils.py and LLaVA's train.py);
   * "crop" -- DINOv2's image processor (transformers' BitImageProcessor with the facebook/dinov2-*
@@ -35,8 +38,8 @@ ALPHA_BACKGROUND = (255, 255, 255)
 CROP_RESIZE_RATIO = 256 / 224
 MODES = ("pad", "crop")
 
-_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
-_STD = np.array(IMAGENET_STD, dtype=np.float32)
+_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 
 class ImageError(ValueError):
@@ -152,8 +155,8 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def preprocess(image: Image.Image, size: int, mode: str = "pad", patch_size: int = 14) -> torch.Tensor:
-    """An image -> normalised FloatTensor (3, size, size) for the ViT (see the module docstring)."""
+def to_pixels(image: Image.Image, size: int, mode: str = "pad", patch_size: int = 14) -> torch.Tensor:
+    """An image -> uint8 tensor (3, size, size): converted to RGB, padded or cropped, resized; not normalised."""
     if size <= 0 or size % patch_size:
         raise ImageError(f"image size {size} is not a positive multiple of the ViT patch size {patch_size}; "
                          f"use e.g. --image-size {max(1, round(size / patch_size)) * patch_size}")
@@ -165,7 +168,18 @@ def preprocess(image: Image.Image, size: int, mode: str = "pad", patch_size: int
         image = center_crop(resize_shortest_edge(image, round(size * CROP_RESIZE_RATIO)), size)
     else:
         raise ImageError(f"unknown image mode {mode!r}; use one of {MODES}")
-    pixels = np.asarray(image, dtype=np.float32) / 255.0      # (size, size, 3) in [0, 1]
-    pixels = (pixels - _MEAN) / _STD
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, size, size)
+    return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())   # (size, size, 3) -> (3, size, size)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> float32 ViT input: scaled to [0, 1], ImageNet mean and std."""
+    if pixels.dtype != torch.uint8:
+        raise ImageError(f"normalize takes uint8 pixels (0..255), got {pixels.dtype}")
+    mean, std = _MEAN.to(pixels.device), _STD.to(pixels.device)
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+
+def preprocess(image: Image.Image, size: int, mode: str = "pad", patch_size: int = 14) -> torch.Tensor:
+    """An image -> normalised FloatTensor (3, size, size) for the ViT (see the module docstring)."""
+    return normalize(to_pixels(image, size, mode, patch_size))
 

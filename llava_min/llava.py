@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .dinov2 import DINOv2
+from .image import normalize
 from .internlm2 import InternLM2
 from .projector import Projector
 from .weights import write_json
@@ -124,7 +125,12 @@ class LLaVA(nn.Module):
     # Forward
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, 3, H, W) -> (n_images, N, D_llm) projected patch features."""
+        """(n_images, 3, H, W) -> (n_images, N, D_llm) projected patch features.
+
+        pixel_values: normalised floats (image.preprocess), or uint8 pixels (image.to_pixels, what the
+        training data set yields), normalised here, on the model's device."""
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize(pixel_values)
         vit_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters())
         with torch.set_grad_enabled(vit_trains):
             vit_dtype = self.vit.embeddings.patch_embeddings.projection.weight.dtype

@@ -284,7 +284,10 @@ def test_items_lengths_and_errors(folder):
     ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28, image_tokens=4)
     item = ds[0]
     assert item["index"] == 0 and item["image"] == os.path.join(folder, "a.png")
-    assert item["pixel_values"].shape == (3, 28, 28) and item["pixel_values"].dtype == torch.float32
+    # uint8 pixels (the model normalises them); normalised, exactly what image.preprocess gives
+    assert item["pixel_values"].shape == (3, 28, 28) and item["pixel_values"].dtype == torch.uint8
+    from llava_min.image import load_image, normalize, preprocess
+    assert torch.equal(normalize(item["pixel_values"]), preprocess(load_image(folder / "a.png"), 28))
     assert ds[1]["pixel_values"] is None and ds[1]["image"] is None
     assert ds.lengths[0] > 0 and ds.lengths[1] < 0 and len(ds.lengths) == 3
     again = LLaVADataset(samples, folder / "tok.model", folder, image_size=28, image_tokens=4)[0]

@@ -253,3 +253,13 @@ def test_chunked_loss_equals_cross_entropy_over_full_logits(model):
     assert abs(out.loss.item() - naive.item()) < 1e-5
     assert out.loss_sum.item() == pytest.approx(naive.item() * out.num_tokens, rel=1e-5)
     assert all(max_diff(a, b) < 1e-6 for a, b in zip(grads, naive_grads))
+
+
+def test_uint8_pixels_are_normalised_on_the_model_side(model):
+    """The training data set yields uint8 pixels; the model must see exactly image.preprocess's floats."""
+    from llava_min.image import normalize
+    pixels = torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    with torch.no_grad():
+        features = model.image_features(pixels)
+        assert torch.equal(features, model.image_features(normalize(pixels)))
+        assert not torch.equal(features, model.image_features(pixels.float()))   # raw 0..255 would differ
