@@ -135,6 +135,25 @@ def test_stage1_feeds_finetune_with_lora_and_loads(shapes, tmp_path):
     assert any(".attention.wqkv." in k for k in changed)
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vit/"))  # ViT stayed frozen
 
+    # The output folder serves the inference CLIs as the README shows them.
+    answers = {}
+    for batch in ("1", "4"):
+        out = run([PY, "-m", "llava_min.eval", "--model", s2, "--data", shapes / "test.json", "--image-folder", shapes,
+                   "--batch-size", batch, "--answers", tmp_path / f"answers-{batch}.jsonl"])
+        summary = json.loads(out.stdout.strip().splitlines()[-1])
+        assert summary["total"] == 8 and 0.0 <= summary["accuracy"] <= 1.0
+        rows = [json.loads(line) for line in (tmp_path / f"answers-{batch}.jsonl").read_text().splitlines()]
+        assert summary["correct"] == sum(r["correct"] for r in rows)
+        answers[batch] = [r["prediction"] for r in rows]
+    assert answers["1"] == answers["4"]                 # left-padded batches answer as one prompt at a time
+    image = shapes / json.loads((shapes / "test.json").read_text())[0]["image"]
+    one = run([PY, "-m", "llava_min.chat", "--model", s2, "--image", image, "What shape is this?"])
+    p = subprocess.run([PY, "-m", "llava_min.chat", "--model", s2, "--image", image], cwd=ROOT, text=True,
+                       input="What shape is this?\nHow many shapes are there?\n", capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.splitlines()[0] == one.stdout.strip() and len(p.stdout.splitlines()) == 2
+    bad = run([PY, "-m", "llava_min.chat", "--model", s2, "--image", tmp_path / "missing.png", "hi"], check=False)
+    assert bad.returncode != 0 and "missing.png" in bad.stderr and "Traceback" not in bad.stderr
+
 
 def test_reused_output_folder_is_refused(shapes, tmp_path):
     out = tmp_path / "o"
