@@ -359,14 +359,15 @@ def _children(pid):
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds worker processes through Linux /proc")
 def test_check_reports_a_killed_decode_worker(tmp_path):
     big = tmp_path / "big.png"
-    Image.new("RGB", (1500, 1500), (10, 20, 30)).save(big)
-    items = [(i, str(big)) for i in range(300)]  # ~0.1 s each: seconds of work, killed long before
+    Image.effect_noise((1500, 1500), 64).convert("RGB").save(big)   # noise: a PNG slow to decode
+    items = [(i, str(big)) for i in range(300)]  # tens of ms each: seconds of work, killed long before
     killed = []
+    before = set(_children(os.getpid()))   # e.g. a resource tracker left by earlier tests: not ours to kill
 
     def kill_first_worker():
         deadline = time.time() + 20
         while not killed and time.time() < deadline:
-            kids = _children(os.getpid())
+            kids = [k for k in _children(os.getpid()) if k not in before]
             if kids:
                 time.sleep(0.1)  # let it start on a chunk
                 os.kill(kids[0], signal.SIGKILL)
@@ -380,7 +381,7 @@ def test_check_reports_a_killed_decode_worker(tmp_path):
         decode_images(items, num_workers=2, chunk=4)
     killer.join()
     assert killed and time.time() - start < 15
-    assert _children(os.getpid()) == []  # nothing left running
+    assert [k for k in _children(os.getpid()) if k not in before] == []  # nothing of ours left running
 
 
 def test_show_command(folder, tmp_path, real_tokenizer_path):
