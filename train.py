@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -288,7 +289,9 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     steps = range(start_step, max_steps)
     batches = (sampler.local_batch(s, d.rank, d.world_size, m, args.grad_accum)
                for s in steps for m in range(args.grad_accum))
-    loader = Loader(dataset, batches, collate, num_workers=args.num_workers, timeout=args.loader_timeout,
+    # In workers, batches are collated straight into shared memory: handing them over copies nothing.
+    collate_fn = functools.partial(collate, shared=args.num_workers > 0)
+    loader = Loader(dataset, batches, collate_fn, num_workers=args.num_workers, timeout=args.loader_timeout,
                     pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
     metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
     bar = progress(d, start_step, max_steps)

@@ -131,8 +131,10 @@ def main(argv=None):
               f"{'ours / torch':>13} {'CPU ms/sample ours, torch':>26}")
         base = None
         for workers in args.workers:
-            ours = functools.partial(Loader, dataset, batches, collate, num_workers=workers, prefetch=args.prefetch)
-            peer = functools.partial(torch.utils.data.DataLoader, dataset, batch_sampler=batches, collate_fn=collate,
+            # With workers, the batch is built straight into shared memory (as train.py does), for both.
+            coll = functools.partial(collate, shared=True) if workers and collate is not noise_collate else collate
+            ours = functools.partial(Loader, dataset, batches, coll, num_workers=workers, prefetch=args.prefetch)
+            peer = functools.partial(torch.utils.data.DataLoader, dataset, batch_sampler=batches, collate_fn=coll,
                                      num_workers=workers, prefetch_factor=args.prefetch if workers else None)
             # Alternate the two, so that both see the same load from other processes; keep the best pass.
             runs = [(one_pass(ours), one_pass(peer)) for _ in range(args.repeats)]

@@ -500,11 +500,13 @@ class LLaVADataset:
                 "truncated": len(ids) < len(full_ids)}
 
 
-def collate(samples: list[dict], pad_id: int = 0) -> dict:
+def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
     """Right-pad a list of LLaVADataset items into a batch (XTuner's default_collate_fn).
 
     The attention mask comes from the lengths, not from pad_id, which may equal a real token (</s>).
     pixel_values stacks the images of all rows in row order; image_counts says how many each row has.
+    shared=True stacks the pixels straight into shared memory, for a batch built in a loader worker: sending
+    it to the trainer then copies nothing (torch's own default_collate does the same in its workers).
     """
     import torch
 
@@ -532,9 +534,18 @@ def collate(samples: list[dict], pad_id: int = 0) -> dict:
         shapes = {s["id"]: tuple(s["pixel_values"].shape) for s in samples if s["pixel_values"] is not None}
         raise DataError(f"images of one batch differ in shape: {shapes}; use one --image-size for all")
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.stack(images) if images else None, "image_counts": image_counts,
+            "pixel_values": _stack(images, shared) if images else None, "image_counts": image_counts,
             "ids": [s["id"] for s in samples], "indices": [s["index"] for s in samples],
             "num_truncated": sum(bool(s.get("truncated")) for s in samples)}
+
+
+def _stack(tensors: list, shared: bool):
+    import torch
+
+    if not shared:
+        return torch.stack(tensors)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
+    return torch.stack(tensors, out=out)
 
 
 # --------------------------------------------------------------------------------------------------

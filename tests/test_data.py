@@ -317,6 +317,9 @@ def test_collate_right_pads_with_mask_from_lengths(folder):
     assert batch["image_counts"].tolist() == [1, 0, 1]
     assert batch["ids"] == ["s0", "s1", "s2"] and batch["indices"] == [0, 1, 2]
     assert collate([items[1]])["pixel_values"] is None
+    shared = collate(items, shared=True)["pixel_values"]     # for loader workers: built in shared memory
+    assert shared.is_shared() and not batch["pixel_values"].is_shared()
+    assert torch.equal(shared, batch["pixel_values"])
 
 
 # --------------------------------------------------------------------------------------------------
