@@ -177,6 +177,9 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     args.image_mode = args.image_mode or "pad"
     if not args.tokenizer:
         raise SystemExit("give --tokenizer FILE (or --init-from a stage-1 folder, which holds one)")
+    for part in ("llm", "vit"):
+        if not (getattr(args, part) or getattr(args, f"{part}_config") or args.init_from):
+            raise SystemExit(f"give --{part} DIR, --{part}-config NAME_OR_JSON, or --init-from DIR")
     parts = {"projector", "llm", "vit"} if args.train == "all" else set(args.train.split(","))
     if not parts <= {"projector", "llm", "vit"}:
         raise SystemExit(f"--train {args.train!r}: use a comma list of projector, llm, vit, or all")
