@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -119,24 +118,17 @@ def inherit_from_init(args, init_dir: Path, explicit: set[str]) -> list[str]:
     return said
 
 
-def build_model(args, tok: Tokenizer, d: dist.Dist) -> LLaVA:
+def build_model(args, tok: Tokenizer) -> LLaVA:
     """Load or freshly initialise the three parts (fresh weights identical on every rank: seeded)."""
     if args.init_from:
         model = LLaVA.from_pretrained(args.init_from, dtype=torch.float32)
     else:
         torch.manual_seed(args.seed)
-        if args.llm:
-            llm = InternLM2.from_pretrained(args.llm, dtype=torch.float32)
-        elif args.llm_config:
-            llm = InternLM2(llm_config(args.llm_config))
-        else:
-            raise SystemExit("give --llm DIR, --llm-config NAME_OR_JSON, or --init-from DIR")
-        if args.vit:
-            vit = DINOv2.from_pretrained(args.vit, dtype=torch.float32)
-        elif args.vit_config:
-            vit = DINOv2(vit_config(args.vit_config))
-        else:
-            raise SystemExit("give --vit DIR, --vit-config NAME_OR_JSON, or --init-from DIR")
+        # run() has checked that each part has a folder or a config.
+        llm = (InternLM2.from_pretrained(args.llm, dtype=torch.float32) if args.llm
+               else InternLM2(llm_config(args.llm_config)))
+        vit = (DINOv2.from_pretrained(args.vit, dtype=torch.float32) if args.vit
+               else DINOv2(vit_config(args.vit_config)))
         if args.projector:
             projector = Projector.from_pretrained(args.projector, dtype=torch.float32)
         else:
@@ -206,7 +198,7 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
 
     # ---- model ----------------------------------------------------------------------------------
-    model = build_model(args, tok, d)
+    model = build_model(args, tok)
     model.requires_grad_(False)
     for name in parts:
         getattr(model, name).requires_grad_(True)
@@ -267,8 +259,7 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
                    f"now {d.world_size})")
 
     # All ranks must agree on what they are about to do (a mismatch hangs DDP later, loudly here).
-    fingerprint = hashlib.sha256(json.dumps({k: v for k, v in vars(args).items() if k != "resume"},
-                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fingerprint = dist.config_hash({k: v for k, v in vars(args).items() if k != "resume"})
     dist.check_consistent(d, {"samples": len(dataset), "max_steps": max_steps, "start_step": start_step,
                               "trainable_params": n_train, "config_hash": fingerprint})
     # DDP's constructor is itself a collective (parameter shapes compared, rank 0's weights broadcast): name it.
