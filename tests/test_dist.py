@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _procs import finish, kill_session, start, wait_for  # noqa: E402
 from llava_min import dist  # noqa: E402
 
 
@@ -63,53 +64,15 @@ def worker(scenario: str, out: Path, timeout: float) -> None:
 
 def launch(scenario: str, out: Path, timeout: float) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    log = open(out.parent / f"{scenario}.log", "w")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            __file__, scenario, str(out), str(timeout)]
-    # Its own session, so that cleanup can end torchrun and both workers together.
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log_file = out.parent / f"{scenario}.log"
-    return proc
-
-
-def finish(proc: subprocess.Popen, limit: float) -> tuple[int, float, str]:
-    """Wait up to `limit` s; return (exit code, seconds waited, log). Kills everything left on a timeout."""
-    start = time.monotonic()
-    try:
-        rc = proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        kill_session(proc)
-    log = proc.log_file.read_text()
-    assert rc is not None, f"the job was still running after {limit} s:\n{log[-3000:]}"
-    return rc, time.monotonic() - start, log
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=10)
+    return start(cmd, out.parent / f"{scenario}.log", env)
 
 
 def reached(out: Path, rank: int, step: int) -> dict | None:
     """The rank's heartbeat once it has reached `step`."""
     beat = dist.read_heartbeat(out, rank)
     return beat if beat.get("step", 0) >= step else None
-
-
-def wait_for(cond, limit: float, what: str, proc: subprocess.Popen):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) while waiting for {what}"
-        time.sleep(0.1)
-    raise AssertionError(f"waited {limit} s for {what}")
 
 
 def test_sigstopped_rank_ends_the_job_with_a_named_timeout(tmp_path):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from _procs import finish, kill_session, start as _start, wait_for
 from llava_min.dist import read_heartbeat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,22 +71,7 @@ def torchrun(*args) -> list[str]:
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    """Start in a session of its own, so that clean-up can reach everything it started."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log = log
-    return proc
-
-
-def finish(proc: subprocess.Popen, limit: float) -> tuple[int, float, str]:
-    """(exit code, seconds waited, output); fails the test if the run is still going after `limit` s."""
-    t0 = time.monotonic()
-    try:
-        rc = proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        kill_all(proc)
-        raise AssertionError(f"still running after {limit} s:\n{proc.log.read_text()[-4000:]}") from None
-    return rc, time.monotonic() - t0, proc.log.read_text()
+    return _start(cmd, log, ENV, cwd=ROOT)
 
 
 def run(cmd: list[str], log: Path, limit: float) -> tuple[int, float, str]:
@@ -93,17 +79,7 @@ def run(cmd: list[str], log: Path, limit: float) -> tuple[int, float, str]:
     try:
         return finish(proc, limit)
     finally:
-        kill_all(proc)
-
-
-def kill_all(proc: subprocess.Popen) -> None:
-    """Clean-up after the checks: SIGCONT (a stopped process cannot die otherwise), then SIGKILL the session."""
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-    proc.wait(timeout=10)
+        kill_session(proc)
 
 
 def processes_of(tag: str) -> dict[int, str]:
@@ -139,17 +115,6 @@ def children(pid: int) -> list[int]:
         except OSError:
             pass
     return sorted(kids)
-
-
-def wait_for(cond, limit: float, what: str, proc: subprocess.Popen):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if value := cond():
-            return value
-        assert proc.poll() is None, f"the run ended ({proc.returncode}) while waiting for {what}:\n" \
-                                    f"{proc.log.read_text()[-4000:]}"
-        time.sleep(0.05)
-    raise AssertionError(f"waited {limit} s for {what}:\n{proc.log.read_text()[-4000:]}")
 
 
 def metric_steps(out: Path) -> list[int]:
@@ -261,7 +226,7 @@ def test_sigkill_of_a_loader_worker_ends_the_run_naming_the_signal(shapes, tmp_p
         assert "OOM killer" in log and "Fix: fewer --num-workers" in log
         assert_nothing_left(f"{tmp_path}/")
     finally:
-        kill_all(proc)
+        kill_session(proc)
 
 
 def frozen_rank_report(log: str, out: Path, survivor: int, frozen: int, pid: int, timeout: float) -> str:
@@ -303,7 +268,7 @@ def test_sigstopped_rank_at_start_up_is_named_by_the_waiting_rank(shapes, tmp_pa
         frozen_rank_report(log, out, survivor=1, frozen=0, pid=pid, timeout=TIMEOUT)
         assert_nothing_left(f"{tmp_path}/")
     finally:
-        kill_all(proc)
+        kill_session(proc)
 
 
 def test_sigstopped_rank_mid_step_is_named_by_the_waiting_rank(shapes, tmp_path):
@@ -333,7 +298,7 @@ def test_sigstopped_rank_mid_step_is_named_by_the_waiting_rank(shapes, tmp_path)
                                                                 timeout=TIMEOUT)
         assert_nothing_left(f"{tmp_path}/")
     finally:
-        kill_all(proc)
+        kill_session(proc)
 
 
 def test_rank_that_raises_ends_every_rank_promptly(shapes, tmp_path):
@@ -376,7 +341,7 @@ def kill_during_a_save(cmd: list[str], ckpts: Path, log: Path) -> str | None:
         assert_nothing_left(f"{log.parent}/")
         return tmp if (ckpts / tmp).exists() else None
     finally:
-        kill_all(proc)
+        kill_session(proc)
 
 
 def test_sigkill_during_checkpoint_save_keeps_the_previous_one_and_resume_finishes(shapes, tmp_path):
