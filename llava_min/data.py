@@ -544,8 +544,9 @@ def _stack(tensors: list, shared: bool):
 
     if not shared:
         return torch.stack(tensors)
-    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype).share_memory_()
-    return torch.stack(tensors, out=out)
+    from .loader import shared_empty  # in a loader worker: a reused shared-memory slot
+
+    return torch.stack(tensors, out=shared_empty((len(tensors), *tensors[0].shape), tensors[0].dtype))
 
 
 # --------------------------------------------------------------------------------------------------

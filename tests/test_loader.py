@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from llava_min.loader import Loader, SampleError, WorkerDied, WorkerTimeout
+from llava_min.loader import Loader, SampleError, WorkerDied, WorkerTimeout, shared_empty
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BATCHES = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13]]
@@ -116,6 +116,44 @@ def test_same_batches_for_0_1_2_workers_in_order():
             assert torch.equal(a["x"], b["x"]), f"{n} workers changed the random part"
     other_seed = load(Loader(Toy(), BATCHES, collate, num_workers=0, seed=8))
     assert not torch.equal(other_seed[0]["x"], runs[0][0]["x"])
+
+
+class Images:
+    """Samples with an 'image' whose size varies with the index, so a reused slot must grow."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        noise = torch.randint(0, 9, (1, 8), dtype=torch.uint8)  # seeded per batch: same for any worker count
+        return {"index": i, "image": torch.full((1 + i % 5, 8), i, dtype=torch.uint8) + noise}
+
+
+def shared_collate(samples):
+    """Like data.collate(shared=True): the big tensor is built in shared_empty, i.e. a worker's reused slot."""
+    images = [s["image"] for s in samples]
+    rows = sum(len(x) for x in images)
+    return {"image": torch.cat(images, out=shared_empty((rows, 8), torch.uint8)),
+            "indices": [s["index"] for s in samples]}
+
+
+def test_reused_shared_memory_never_overwrites_a_batch_still_held():
+    # Keeping every batch: no slot can be reused, each batch keeps its own contents.
+    batches = [list(range(i, min(i + 1 + i % 4, 64))) for i in range(0, 64, 3)]  # batch sizes vary too
+    expected = load(Loader(Images(), batches, shared_collate, num_workers=0, seed=3))
+    loader = Loader(Images(), batches, shared_collate, num_workers=2, seed=3, prefetch=2)
+    kept = load(loader)
+    for a, b in zip(expected, kept, strict=True):
+        assert a["indices"] == b["indices"] and torch.equal(a["image"], b["image"])
+        assert b["image"].is_shared()
+    assert sum(loader.slots_made) == len(batches)
+    # Dropping each batch after use, as a training loop does: a few slots per worker serve the whole pass.
+    loader = Loader(Images(), batches, shared_collate, num_workers=2, seed=3, prefetch=2)
+    with loader:
+        for a, b in zip(expected, loader, strict=True):
+            assert torch.equal(a["image"], b["image"])
+            made = list(loader.slots_made)
+    assert max(made) <= 2 + 2, made  # prefetch + the batch in use + the previous one, still bound to `b`
 
 
 def test_spawn_start_method():
