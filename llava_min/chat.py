@@ -37,8 +37,6 @@ def load_for_inference(model_dir: str | Path, device: str = "cpu", dtype: torch.
     if not tok_file.exists():
         raise FileNotFoundError(f"{tok_file} is missing; train.py writes the tokenizer beside the weights")
     model = LLaVA.from_pretrained(model_dir, dtype=dtype, device=device).eval()
-    if torch.device(device).type == "cpu":
-        model.llm.column_major_()   # faster one-row matmuls while decoding (InternLM2.column_major_)
     return model, Tokenizer(tok_file)
 
 

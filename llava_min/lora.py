@@ -23,7 +23,7 @@ The fused `wqkv` is a plain (q + 2 kv heads) x hidden Linear here, so one adapte
 (as PEFT does on InternLM2's fused layer).
 
 Saving a trained model: `merged_state_dict` (the official keys, adapters folded in, the model untouched)
-or `merge_lora` (folds in place and puts plain nn.Linear back). Training checkpoints store the adapters
+or `merge_lora` (folds in place and puts the plain linear layer back). Training checkpoints store the adapters
 alone with `lora_state_dict`; resume rebuilds the base model, calls `apply_lora` and `load_lora_state_dict`.
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
+        self.base_type = type(base)  # what merge_lora puts back (InternLM2's Linear, or nn.Linear)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         # The base tensors themselves (no copy), frozen, under the names the checkpoint uses.
         self.weight = base.weight
@@ -106,7 +107,7 @@ def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: f
     for name, m in chosen:
         if isinstance(m, LoRALinear):
             raise LoRAError(f"{name} already has a LoRA adapter; apply_lora was called twice")
-        if type(m) is not nn.Linear:
+        if not isinstance(m, nn.Linear):
             raise LoRAError(f"{name} matches a LoRA target but is a {type(m).__name__}, not nn.Linear; "
                             f"narrow the targets {list(targets)}")
     if not chosen:
@@ -135,7 +136,7 @@ def _prefix(name: str) -> str:
 
 @torch.no_grad()
 def merge_lora(module: nn.Module) -> list[str]:
-    """Fold every adapter into its base weight and put a plain, frozen nn.Linear back, in place.
+    """Fold every adapter into its base weight and put a plain, frozen linear layer of the replaced type back.
 
     Afterwards `module.state_dict()` has exactly the official keys again. With a bf16 base the merged weight
     is rounded to bf16 once. Returns the names of the merged layers.
@@ -144,8 +145,8 @@ def merge_lora(module: nn.Module) -> list[str]:
         raise LoRAError("merge_lora needs the model that holds the LoRALinear layers, not a layer itself")
     layers = _lora_layers(module)
     for name, m in layers:
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                           device="meta", dtype=m.weight.dtype)  # meta: no throw-away init
+        linear = m.base_type(m.in_features, m.out_features, bias=m.bias is not None,
+                             device="meta", dtype=m.weight.dtype)  # meta: no throw-away init
         linear.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)

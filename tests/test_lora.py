@@ -171,6 +171,7 @@ def test_merged_weights_give_the_adapter_models_logits_after_training():
         merged = merge_lora(adapted)
         assert len(merged) == 10
         assert not any(isinstance(m, LoRALinear) for m in adapted.modules())
+        assert all(type(adapted.get_submodule(name)) is nn.Linear for name in merged)
         assert set(adapted.state_dict()) == set(TinyLM().state_dict())
         torch.testing.assert_close(adapted(ids), want, atol=1e-5, rtol=0)
 
@@ -220,3 +221,13 @@ def test_bf16_base_with_fp32_adapters():
     expected = base.weight.float() + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()
     torch.testing.assert_close(merged.float(), expected, atol=0, rtol=2 ** -8)  # one bf16 rounding
 
+
+
+def test_merge_puts_back_the_layer_type_it_replaced():
+    from llava_min.internlm2 import PRESETS, InternLM2, Linear
+    torch.manual_seed(0)
+    llm = InternLM2(PRESETS["tiny"])
+    names = apply_lora(llm, r=2)
+    assert names and all(type(llm.get_submodule(n)) is LoRALinear for n in names)
+    merge_lora(llm)
+    assert all(type(llm.get_submodule(n)) is Linear for n in names)  # InternLM2's Linear, decoding fast path kept
