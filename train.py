@@ -364,7 +364,8 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
                 o = ddp_model(batch["input_ids"].to(device, non_blocking=True),
                               None if pixels is None else pixels.to(device, non_blocking=True),
                               labels=batch["labels"].to(device, non_blocking=True),
-                              attention_mask=batch["attention_mask"].to(device, non_blocking=True))
+                              attention_mask=batch["attention_mask"].to(device, non_blocking=True),
+                              loss_only=True)  # no logits: the last layer runs on supervised positions only
             # DDP averages gradients over ranks; multiplying by world_size makes it the global-batch sum.
             with dist.collective(d, f"backward (DDP gradient all-reduce) {m + 1}/{len(micro)} at step {step + 1}"):
                 (o.loss_sum * (d.world_size / global_tokens)).backward()

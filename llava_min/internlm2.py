@@ -328,7 +328,9 @@ class Attention(nn.Module):
         self.wqkv = Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=config.bias)
         self.wo = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.bias)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None = None, layer: int = 0,
+                keep: torch.Tensor | None = None):
+        """(B, T, hidden) -> (B, T, hidden); with `keep` (B, T bool) only the kept positions, (n, hidden)."""
         B, T, _ = x.shape
         G, hd = self.groups, self.head_dim
         # One matmul for q, k and v. Its output features are laid out per KV group: for each of the n_kv
@@ -362,7 +364,8 @@ class Attention(nn.Module):
             k = k[:, :, None].expand(B, self.n_kv, G, S, hd).reshape(B, self.n_heads, S, hd)
             v = v[:, :, None].expand(B, self.n_kv, G, S, hd).reshape(B, self.n_heads, S, hd)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))   # heads back to (B, T, hidden)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * hd)   # heads back to (B, T, hidden)
+        return self.wo(out if keep is None else out[keep])           # the projection only where it is needed
 
 
 class FeedForward(nn.Module):
@@ -384,8 +387,11 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache, layer)
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0, keep=None):
+        """(B, T, hidden) -> (B, T, hidden). With `keep` (B, T bool): every position still serves as a key and
+        value, but only the kept ones go on through the position-wise rest, so the result is (n kept, hidden)."""
+        h = self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache, layer, keep)
+        x = (x if keep is None else x[keep]) + h
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -471,13 +477,18 @@ class InternLM2(nn.Module):
         return self.model.tok_embeddings(input_ids)              # (B, T, hidden)
 
     def forward_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                       position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                       keep: torch.Tensor | None = None) -> torch.Tensor:
         """Run the decoder layers and the final norm on (B, T, hidden) embeddings.
 
         attention_mask: (B, past + T), 1 = real token, 0 = padding (left padding when generating).
         position_ids:   (B, T) or (1, T); default arange(past, past + T), past = cache.length (0 without a
                         cache). With left padding pass cumsum(attention_mask) - 1 (clamped at 0).
         cache:          a `new_cache(...)`; this call appends its T tokens and advances cache.length.
+        keep:           (B, T) bool, the positions whose outputs the caller needs (a loss needs the supervised
+                        ones only). The last layer then runs its output projection and feed-forward, and the
+                        final norm, on those positions alone, and the result is (n kept, hidden) in row-major
+                        order. The other layers need every position: later ones attend to them.
         """
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
@@ -492,11 +503,13 @@ class InternLM2(nn.Module):
 
         x = inputs_embeds
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
+            kept = keep if i == last else None
             if recompute:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, i, kept, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, is_causal, cache, i)
+                x = layer(x, cos, sin, mask, is_causal, cache, i, kept)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

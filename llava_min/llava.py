@@ -54,7 +54,7 @@ class LLaVAConfig:
 @dataclass
 class LLaVAOutput:
     """What `LLaVA.forward` returns. `logits` is computed on first access, from the final hidden states."""
-    hidden: torch.Tensor                  # (B, T', D) final-normed LLM hidden states
+    hidden: torch.Tensor | None           # (B, T', D) final-normed LLM hidden states; None with loss_only
     head: nn.Module                       # the LLM's output projection
     labels: torch.Tensor | None           # (B, T') spliced labels, -100 where unsupervised
     attention_mask: torch.Tensor          # (B, T') 1 for real positions
@@ -64,6 +64,9 @@ class LLaVAOutput:
 
     @cached_property
     def logits(self) -> torch.Tensor:
+        if self.hidden is None:
+            raise ValueError("this output comes from forward(loss_only=True), which computes the loss only; "
+                             "call forward without loss_only for hidden states and logits")
         return self.head(self.hidden).float()  # (B, T', vocab)
 
 
@@ -212,37 +215,52 @@ class LLaVA(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                loss_chunk: int = 1024) -> LLaVAOutput:
+                loss_chunk: int = 1024, loss_only: bool = False) -> LLaVAOutput:
+        """loss_only=True (training, with labels): compute what the loss needs and nothing else. The LLM's last
+        layer then runs its output projection, feed-forward and final norm on the supervised positions alone
+        (`InternLM2.forward_hidden(keep=...)`): 10% of a step on bench/train_step.py's 6-layer model, about
+        1/layers of the LLM's work in general. out.hidden and out.logits are not available then."""
+        if loss_only and labels is None:
+            raise ValueError("loss_only=True needs labels")
         embeds, labels, mask = self.embed(input_ids, pixel_values, labels, attention_mask)
         # Right padding (what `collate` makes) needs no mask: causal attention already keeps the trailing pads
         # away from every real position, and the kernel's causal fast path is quicker than an explicit mask.
         right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
-        hidden = self.llm.forward_hidden(embeds, attention_mask=None if right_padded else mask)
-        out = LLaVAOutput(hidden=hidden, head=self.llm.output, labels=labels, attention_mask=mask)
+        mask_arg = None if right_padded else mask
+        if loss_only:
+            supervised = _supervised(labels)                                # (B, T') positions with a target
+            h = self.llm.forward_hidden(embeds, attention_mask=mask_arg, keep=supervised)   # (n, D)
+            out = LLaVAOutput(hidden=None, head=self.llm.output, labels=labels, attention_mask=mask)
+            out.loss_sum, out.num_tokens = self._loss_over(h, labels[:, 1:][supervised[:, :-1]], loss_chunk)
+        else:
+            hidden = self.llm.forward_hidden(embeds, attention_mask=mask_arg)
+            out = LLaVAOutput(hidden=hidden, head=self.llm.output, labels=labels, attention_mask=mask)
+            if labels is not None:
+                out.loss_sum, out.num_tokens = self.loss_sum(hidden, labels, loss_chunk)
         if labels is not None:
-            out.loss_sum, out.num_tokens = self.loss_sum(hidden, labels, loss_chunk)
             out.loss = out.loss_sum / max(out.num_tokens, 1)
         return out
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024):
-        """Summed next-token cross-entropy over supervised positions, and their count.
+        """Summed next-token cross-entropy over supervised positions, and their count, from (B, T', D) states."""
+        supervised = _supervised(labels)
+        return self._loss_over(hidden[supervised], labels[:, 1:][supervised[:, :-1]], chunk)
+
+    def _loss_over(self, h: torch.Tensor, t: torch.Tensor, chunk: int):
+        """Summed cross-entropy of the supervised states h (n, D) against their targets t (n,), and n.
 
         Only supervised positions go through the output head, `chunk` rows at a time, each chunk recomputed
         in backward (checkpoint), so neither the (B, T, vocab) logits nor their fp32 softmax ever exist whole.
         """
-        targets = labels[:, 1:]                                             # position t predicts token t+1
-        keep = targets != IGNORE_INDEX
-        h = hidden[:, :-1][keep]                                            # (n, D)
-        t = targets[keep]                                                   # (n,)
-        total = hidden.new_zeros((), dtype=torch.float32)
+        total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i:i + chunk], t[i:i + chunk]
             if torch.is_grad_enabled() and hc.requires_grad:
                 total = total + checkpoint(self._chunk_loss, hc, tc, use_reentrant=False)
             else:
                 total = total + self._chunk_loss(hc, tc)
-        if h.shape[0] == 0:
-            total = total + 0.0 * hidden.sum()  # no supervised token: zero loss that still reaches every weight
+        if h.shape[0] == 0:  # no supervised token: a zero loss through the head that still reaches every weight
+            total = total + 0.0 * self.llm.output(h).sum()
         return total, int(t.numel())
 
     def _chunk_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -285,6 +303,13 @@ class LLaVA(nn.Module):
             hidden = self.llm.forward_hidden(self.llm.embed(token[:, None]), attention_mask=full_mask[:, :p + 1],
                                              position_ids=positions[:, p:p + 1], cache=cache)
         return out[:, :n]
+
+
+def _supervised(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose next token is supervised (position t predicts token t + 1)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
 
 
 def _left_align(embeds: torch.Tensor, mask: torch.Tensor):

@@ -263,3 +263,56 @@ def test_uint8_pixels_are_normalised_on_the_model_side(model):
         features = model.image_features(pixels)
         assert torch.equal(features, model.image_features(normalize(pixels)))
         assert not torch.equal(features, model.image_features(pixels.float()))   # raw 0..255 would differ
+
+
+# --------------------------------------------------------------------------------------------------
+# loss_only: the last layer's position-wise part on supervised positions only (what train.py runs)
+
+def left_padded(input_ids, labels, mask):
+    """The same rows with their padding moved to the front."""
+    shifts = (mask == 0).sum(1).tolist()
+    roll = lambda t: torch.stack([row.roll(s) for row, s in zip(t, shifts)])  # noqa: E731
+    return roll(input_ids), roll(labels), roll(mask)
+
+
+def grads_of(model, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_loss_only_gives_the_same_loss_and_gradients(model, padding, checkpointing):
+    model.train()
+    model.vit.requires_grad_(True)
+    model.llm.set_gradient_checkpointing(checkpointing)
+    input_ids, px, labels, mask = sft_batch()
+    if padding == "left":  # an explicit attention mask instead of the causal fast path
+        input_ids, labels, mask = left_padded(input_ids, labels, mask)
+    batch = dict(input_ids=input_ids, pixel_values=px, labels=labels, attention_mask=mask)
+    full, full_grads = grads_of(model, **batch)
+    lean, lean_grads = grads_of(model, **batch, loss_only=True)
+    assert lean.num_tokens == full.num_tokens == 7
+    assert abs(lean.loss.item() - full.loss.item()) < 1e-6
+    assert set(lean_grads) == set(full_grads) and {n for n, _ in model.llm.named_parameters(prefix='llm')} <= set(full_grads)
+    for name, g in full_grads.items():
+        assert max_diff(lean_grads[name], g) < 1e-5, name
+    with pytest.raises(ValueError, match="loss_only"):
+        lean.logits
+
+
+def test_loss_only_without_a_supervised_token_still_reaches_every_parameter(model):
+    model.train()
+    input_ids, px, labels, mask = sft_batch()
+    nothing = torch.full_like(labels, IGNORE_INDEX)
+    out, grads = grads_of(model, input_ids=input_ids, pixel_values=px, labels=nothing, attention_mask=mask,
+                          loss_only=True)
+    assert out.num_tokens == 0 and out.loss.item() == 0.0
+    _, full_grads = grads_of(model, input_ids=input_ids, pixel_values=px, labels=nothing, attention_mask=mask)
+    assert set(grads) == set(full_grads)  # DDP sees the same parameters used (with zero gradients)
+    assert {n for n, _ in model.llm.named_parameters(prefix="llm")} <= set(grads)
+    assert not any(g.any() for g in grads.values())
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids, px, attention_mask=mask, loss_only=True)
