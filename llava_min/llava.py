@@ -283,13 +283,16 @@ class LLaVA(nn.Module):
         cache = self.llm.new_cache(B, T + max_new_tokens, dtype=embeds.dtype, device=embeds.device)
         full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)  # (B, T + max_new)
         positions = (torch.cumsum(full_mask, 1) - 1).clamp(min=0)           # left padding -> first real pos 0
+        # The prompt: every position fills the cache, but only the last one's output is needed (keep).
+        last = torch.zeros(B, T, dtype=torch.bool, device=embeds.device)
+        last[:, -1] = True
         hidden = self.llm.forward_hidden(embeds, attention_mask=full_mask[:, :T], position_ids=positions[:, :T],
-                                         cache=cache)
+                                         cache=cache, keep=last)                # (B, D)
         out = torch.full((B, max_new_tokens), int(stop[0]), dtype=torch.long, device=input_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         n = 0
         for step in range(max_new_tokens):
-            logits = self.llm.output(hidden[:, -1]).float()                 # (B, vocab)
+            logits = self.llm.output(hidden.reshape(B, -1)).float()        # (B, vocab)
             if self.config.text_vocab_size is not None:                     # padded vocabulary: ids with no text
                 logits[:, self.config.text_vocab_size:] = float("-inf")
             token = _pick(logits, temperature, top_p, generator)
