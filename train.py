@@ -309,7 +309,10 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
             else:
                 lr = schedule.lr
                 grad_norm = clip_gradients(model.parameters(), args.clip)
-                optimizer.step()
+                # Under ZeRO each rank updates its shard and broadcasts it: a collective, named if it times out.
+                with (dist.collective(d, f"optimizer step {step + 1} (ZeRO shard broadcast)") if args.zero
+                      else contextlib.nullcontext()):
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
                 dt = time.time() - t0
@@ -392,7 +395,8 @@ def progress(d, start: int, total: int):
 def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, step: int, global_batch: int, d,
          final: bool) -> None:
     """Checkpoint (atomic: temporary folder, then rename) and, at the end, the model itself in OUT."""
-    optimizer_state = gather_optimizer_state(optimizer)                 # collective under ZeRO
+    with dist.collective(d, f"gathering the ZeRO optimizer shards on rank 0 for the checkpoint at step {step}"):
+        optimizer_state = gather_optimizer_state(optimizer)             # collective under ZeRO
     rng = dist.all_gather_object(d, capture_rng_state(), what=f"RNG states for the checkpoint at step {step}")
     if d.rank == 0:
         def write(folder: Path) -> None:

@@ -170,7 +170,8 @@ def test_nan_loss_stops_with_step_and_samples(shapes, tmp_path):
 
 
 def test_resume_on_another_world_size_continues_the_same_run(shapes, tmp_path):
-    """Stopped after step 2 on 1 process, resumed on 2 (same global batch): steps 3-4 as if never stopped."""
+    """Stopped after step 2 on 1 process, resumed on 2 with --zero (same global batch): steps 3-4 as if never
+    stopped. The plain optimizer state loads into the sharded one, whose step and save are collectives."""
     common = ["--train", "all", "--max-steps", "4", "--save-every", "2", "--lr", "1e-3"]
     full = tmp_path / "full"
     run([PY, *stage1_args(shapes, full, "--batch-size", 8, *common)])
@@ -182,7 +183,7 @@ def test_resume_on_another_world_size_continues_the_same_run(shapes, tmp_path):
     (cut / "checkpoints" / "latest").write_text("step-000002\n")
     (cut / "metrics.jsonl").write_text("".join((full / "metrics.jsonl").read_text().splitlines(True)[:2]))
     p = run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-             *stage1_args(shapes, cut, "--batch-size", 4, *common, "--resume")], timeout=300)
+             *stage1_args(shapes, cut, "--batch-size", 4, *common, "--resume", "--zero")], timeout=300)
     assert "resumed from" in p.stdout and "saved by 1 processes, now 2" in p.stdout
     assert losses(cut) == pytest.approx(losses(full), abs=1e-5)
     a, b = weights(full), weights(cut)
