@@ -44,6 +44,8 @@ else a), h = hidden, kv = kv_heads x head_dim, i = intermediate, nh = heads, hd 
                     + 2 a (h - kv), and saves a float mask per block, + a x max_length
   checkpointing     each block keeps only its input (r h), and one block is recomputed at a time in
                     backward: L x r h + one block
+  last block        booked in full, an upper bound: train.py's forward(loss_only=True) runs its output
+                    projection and MLP on the supervised tokens only (at most 1/L of the blocks' total less)
   outside blocks    16 (ids and splice indices), the final norm (4h + r h + 4, or 4h + 4 frozen), and for
                     each supervised token (at most N - image tokens) the gathered hidden state r h + 24
   projector         per image token a (D_vit + 2 h) when trained
