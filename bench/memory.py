@@ -25,24 +25,9 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from common import load_pair, machine, set_checkpointing, setup_threads, sft_batch
+from llava_min.memory import saved_activation_bytes
 
 MiB = 2 ** 20
-
-
-def saved_bytes(step, params: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves for backward during step()'s forward."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step()
-    loss.backward()
-    return sum(seen.values())
 
 
 def peak_bytes(step) -> int:
@@ -87,14 +72,13 @@ def main():
     for checkpointing in (False, True):
         set_checkpointing(ours, hf, checkpointing)
         for name, model, batch in (("llava-min", ours, batch_ours), ("transformers", hf, batch_theirs)):
-            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
             def step():
                 return model(**batch).loss
 
             step().backward()                      # warm-up: lazy initialisation is not the step's memory
             model.zero_grad(set_to_none=True)      # gradients are allocated inside the measured step
-            saved = saved_bytes(step, params)
+            saved, loss = saved_activation_bytes(model, step)
+            loss.backward()
             model.zero_grad(set_to_none=True)
             peak = peak_bytes(step)
             results[name, checkpointing] = saved, peak

@@ -284,6 +284,27 @@ def vit_transient_bytes(plan: Plan) -> int:
     return int(tokens * plan.act_bytes * (6 * v.hidden_size + 2 * v.ffn_hidden_size))
 
 
+def saved_activation_bytes(model, fn):
+    """Measure: (bytes, fn()) -- the bytes of the distinct tensor storages autograd saves for backward while
+    fn() runs, the model's parameters left out. That is exactly the activation memory held from forward to
+    backward, whatever the allocator does. tests/test_memory.py checks the model above against it;
+    bench/memory.py compares llava-min with transformers by it."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(saved.values()), result
+
+
 # --------------------------------------------------------------------------------------------------
 # The estimate
 

@@ -68,22 +68,6 @@ def batch():
     return ids, torch.randn(1, 3, IMAGE, IMAGE), labels
 
 
-def saved_bytes(model, fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward during fn(), parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 # --------------------------------------------------------------------------------------------------
 
 def test_parameter_counts_of_the_released_shapes():
@@ -151,7 +135,7 @@ def test_activation_model_matches_saved_tensors(train, dtype, lora_r, ckpt):
     model = build(train, dtype, lora_r, ckpt)
     ids, px, labels = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        measured = saved_bytes(model, lambda: model(ids, px, labels=labels))
+        measured, _ = memory.saved_activation_bytes(model, lambda: model(ids, px, labels=labels))
     plan = memory.Plan(llm=LLM, vit=VIT, train=train, lora_r=lora_r, batch_size=1, max_length=TOKENS,
                        image_size=IMAGE, grad_checkpointing=ckpt, dtype=dtype, device="cpu")
     e = memory.estimate(plan)
