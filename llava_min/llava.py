@@ -228,10 +228,10 @@ class LLaVA(nn.Module):
         right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
         mask_arg = None if right_padded else mask
         if loss_only:
-            supervised = _supervised(labels)                                # (B, T') positions with a target
+            supervised, targets = _supervised(labels)                       # (B, T') positions with a target
             h = self.llm.forward_hidden(embeds, attention_mask=mask_arg, keep=supervised)   # (n, D)
             out = LLaVAOutput(hidden=None, head=self.llm.output, labels=labels, attention_mask=mask)
-            out.loss_sum, out.num_tokens = self._loss_over(h, labels[:, 1:][supervised[:, :-1]], loss_chunk)
+            out.loss_sum, out.num_tokens = self._loss_over(h, targets, loss_chunk)
         else:
             hidden = self.llm.forward_hidden(embeds, attention_mask=mask_arg)
             out = LLaVAOutput(hidden=hidden, head=self.llm.output, labels=labels, attention_mask=mask)
@@ -243,8 +243,8 @@ class LLaVA(nn.Module):
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024):
         """Summed next-token cross-entropy over supervised positions, and their count, from (B, T', D) states."""
-        supervised = _supervised(labels)
-        return self._loss_over(hidden[supervised], labels[:, 1:][supervised[:, :-1]], chunk)
+        supervised, targets = _supervised(labels)
+        return self._loss_over(hidden[supervised], targets, chunk)
 
     def _loss_over(self, h: torch.Tensor, t: torch.Tensor, chunk: int):
         """Summed cross-entropy of the supervised states h (n, D) against their targets t (n,), and n.
@@ -308,11 +308,12 @@ class LLaVA(nn.Module):
         return out[:, :n]
 
 
-def _supervised(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the positions whose next token is supervised (position t predicts token t + 1)."""
+def _supervised(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose next token is supervised, (B, T) bool (position t predicts token t + 1), and
+    those next tokens, (n,) in row-major order."""
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
+    return keep, labels[:, 1:][keep[:, :-1]]
 
 
 def _left_align(embeds: torch.Tensor, mask: torch.Tensor):
