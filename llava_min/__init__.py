@@ -9,6 +9,12 @@ worker does not pay for modules it never touches.
 IMAGE_TOKEN_INDEX = -200  # placeholder id in input_ids for one image; not a vocabulary id
 IGNORE_INDEX = -100       # label value that the loss ignores
 
+
+class LlavaMinError(ValueError):
+    """Every error llava-min raises about the user's input (a config, checkpoint, data file, flag): the message
+    says what was wrong, where (file, key, sample id, rank) and what to do."""
+
+
 _EXPORTS = {
     "InternLM2": "internlm2", "InternLM2Config": "internlm2",
     "DINOv2": "dinov2", "DINOv2Config": "dinov2",
@@ -17,7 +23,7 @@ _EXPORTS = {
     "Tokenizer": "tokenizer",
 }
 
-__all__ = [*_EXPORTS, "IMAGE_TOKEN_INDEX", "IGNORE_INDEX"]
+__all__ = [*_EXPORTS, "IMAGE_TOKEN_INDEX", "IGNORE_INDEX", "LlavaMinError"]
 
 
 def __getattr__(name):

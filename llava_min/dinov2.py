@@ -67,6 +67,15 @@ class DINOv2Config:
         """Side of the square patch grid that the stored position embeddings cover (37 for 518 / 14)."""
         return self.image_size // self.patch_size
 
+    def image_tokens(self, image_size: int) -> int:
+        """Patch tokens (= LLM positions) of one square image_size x image_size input."""
+        return (image_size // self.patch_size) ** 2
+
+    def blocks_run(self, layer: int) -> int:
+        """Blocks that `features(layer=...)` runs: hidden state `layer` (-2 = the penultimate block's output)
+        needs the blocks before it only."""
+        return layer % (self.num_hidden_layers + 1)
+
     @property
     def ffn_hidden_size(self) -> int:
         """Width of the MLP's hidden layer (fc1 output, or one half of the SwiGLU weights_in output)."""

@@ -34,6 +34,15 @@ from .projector import Projector
 from .weights import write_json
 
 CONFIG_FILE = "llava_config.json"
+PARTS = ("projector", "llm", "vit")   # what --train can name
+
+
+def parse_parts(spec: str) -> set[str]:
+    """--train's value ("projector,llm", "all") -> {"projector", "llm"}."""
+    parts = set(PARTS) if spec == "all" else {p.strip() for p in spec.split(",") if p.strip()}
+    if not parts or not parts <= set(PARTS):
+        raise ValueError(f"--train {spec!r}: use a comma list of {', '.join(PARTS)}, or all")
+    return parts
 
 
 @dataclass
