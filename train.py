@@ -7,8 +7,8 @@ Several GPUs / nodes (every rank reads and tokenizes its own samples lazily; not
     torchrun --nproc_per_node 4 train.py --data blip_laion_cc_sbu_558k.json --image-folder LLaVA-Pretrain/images \\
         --tokenizer internlm2/tokenizer.model --llm internlm2-chat-7b --vit dinov2-large --out out/pretrain
 
-finetune.py (stage 2) runs this same script with its own defaults (`main(stage=2)`); this file is the whole
-training story, top to bottom: arguments, distributed set-up, model, data, optimiser, resume, the loop, saving.
+finetune.py (stage 2) runs this same script with its own defaults (`main(stage=2)`). Read it top to bottom:
+arguments, distributed set-up, data, model, optimiser, resume, the loop, saving.
 """
 from __future__ import annotations
 
@@ -27,32 +27,33 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from llava_min import IGNORE_INDEX, dist, doctor, memory  # noqa: E402
-from llava_min.checkpoint import (capture_rng_state, clean_leftovers, latest_checkpoint,  # noqa: E402
-                                  load_training_state, restore_rng_state, save_checkpoint)
+from llava_min import IGNORE_INDEX, checkpoint, dist, doctor, memory  # noqa: E402
 from llava_min.data import LLaVADataset, collate  # noqa: E402
 from llava_min.dinov2 import DINOv2  # noqa: E402
 from llava_min.dinov2 import load_config as vit_config  # noqa: E402
 from llava_min.internlm2 import InternLM2  # noqa: E402
 from llava_min.internlm2 import load_config as llm_config  # noqa: E402
-from llava_min.llava import LLaVA, LLaVAConfig  # noqa: E402
+from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
-from llava_min.lora import apply_lora, merged_state_dict  # noqa: E402
+from llava_min.lora import apply_lora, merge_lora  # noqa: E402
 from llava_min.optim import CosineSchedule, clip_gradients, gather_optimizer_state, make_optimizer, param_groups  # noqa: E402,E501
 from llava_min.plot import plot_loss  # noqa: E402
 from llava_min.projector import Projector  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
 from llava_min.tokenizer import Tokenizer  # noqa: E402
-from llava_min.weights import save_state, write_json  # noqa: E402
+from llava_min.weights import write_json  # noqa: E402
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
 STAGE_DEFAULTS = {
     1: dict(train="projector", lr=1e-3, batch_size=32, grad_accum=1, save_every=500),
     2: dict(train="projector,llm", lr=2e-5, batch_size=16, grad_accum=1, save_every=500),
 }
-# Settings a stage-2 run takes from its --init-from folder unless given on the command line.
-INHERITED = ("tokenizer", "image_size", "image_mode", "max_length", "system")
+# Settings a stage-2 run takes from its --init-from folder. Their flags default to None ("not given"), so a
+# flag typed on the command line, abbreviated or not, always wins; without --init-from these defaults apply.
+INHERITED = {"tokenizer": None, "image_size": 336, "image_mode": "pad", "max_length": 2048, "system": None}
+SLOW_DISK_BYTES_PER_S = 20e6   # what a busy shared file system still writes: sizes the wait for rank 0's saves
 
 
 def parse_args(stage: int, argv=None) -> argparse.Namespace:
@@ -82,10 +83,12 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
-    p.add_argument("--max-length", type=int, default=2048, help="cap on the LLM's sequence, image tokens included")
+    p.add_argument("--max-length", type=int, default=None, help="cap on the LLM's sequence, image tokens "
+                   "included (default 2048; inherited)")
     p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336; inherited)")
-    p.add_argument("--image-mode", choices=["pad", "crop"], default=None, help="pad to square (LLaVA-1.5) or centre crop")
-    p.add_argument("--system", default=None, help="system prompt for every sample")
+    p.add_argument("--image-mode", choices=["pad", "crop"], default=None,
+                   help="pad to square (LLaVA-1.5, the default) or centre crop; inherited")
+    p.add_argument("--system", default=None, help="system prompt for every sample (inherited)")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="drop (and count) samples that fail the start-up check instead of stopping")
     p.add_argument("--num-workers", type=int, default=4, help="loader worker processes; 0 = in the main process")
@@ -93,6 +96,11 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=d["save_every"], help="checkpoint every N optimizer steps")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept in OUT/checkpoints")
+    p.add_argument("--save-frozen", choices=["link", "copy", "ref"], default="link",
+                   help="frozen parts in OUT: hard links to the source files (a copy where the file system "
+                        "cannot link), a byte-for-byte copy, or a symbolic link to the source folder")
+    p.add_argument("--save-dtype", choices=["source", "float32", "bfloat16"], default="source",
+                   help="dtype of the trained parts in OUT (default: their source checkpoint's; fp32 if fresh)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     p.add_argument("--dist-timeout", type=float, default=600, help="timeout (s) of every collective")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block's activations in backward")
@@ -106,124 +114,124 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     return args
 
 
-def inherit_from_init(args, init_dir: Path, explicit: set[str]) -> list[str]:
-    """Take tokenizer and data settings from a stage-1 folder, unless the command line set them."""
-    saved = json.loads((init_dir / "args.json").read_text()) if (init_dir / "args.json").exists() else {}
-    saved["tokenizer"] = str(init_dir / "tokenizer.model")
+def inherit(args, init_dir: Path | None) -> list[str]:
+    """Fill the INHERITED settings left at None: from the stage-1 folder's args.json, else the defaults."""
+    saved = json.loads((init_dir / "args.json").read_text()) if init_dir and (init_dir / "args.json").exists() else {}
+    if init_dir:
+        saved["tokenizer"] = str(init_dir / "tokenizer.model")
     said = []
-    for key in INHERITED:
-        if key not in explicit and saved.get(key) is not None:
-            setattr(args, key, saved[key])
-            said.append(f"{key}={saved[key]}")
+    for key, default in INHERITED.items():
+        if getattr(args, key) is None:
+            if saved.get(key) is not None:
+                said.append(f"{key}={saved[key]}")
+            setattr(args, key, saved.get(key, default) if saved.get(key) is not None else default)
     return said
 
 
-def build_model(args, tok: Tokenizer) -> LLaVA:
-    """Load or freshly initialise the three parts (fresh weights identical on every rank: seeded)."""
-    if args.init_from:
-        model = LLaVA.from_pretrained(args.init_from, dtype=torch.float32)
-    else:
-        torch.manual_seed(args.seed)
-        # run() has checked that each part has a folder or a config.
-        llm = (InternLM2.from_pretrained(args.llm, dtype=torch.float32) if args.llm
-               else InternLM2(llm_config(args.llm_config)))
-        vit = (DINOv2.from_pretrained(args.vit, dtype=torch.float32) if args.vit
-               else DINOv2(vit_config(args.vit_config)))
-        if args.projector:
-            projector = Projector.from_pretrained(args.projector, dtype=torch.float32)
-        else:
-            projector = Projector(vit.config.hidden_size, llm.config.hidden_size)
-        model = LLaVA(llm, vit, projector, LLaVAConfig())
-    cfg = model.config
-    cfg.image_size, cfg.image_mode = args.image_size, args.image_mode
-    cfg.stop_ids = [tok.im_end_id, tok.eos_id]
-    cfg.text_vocab_size = tok.vocab_size
-    if tok.vocab_size > model.llm.config.vocab_size:
+def sources(args) -> dict[str, Path | None]:
+    """The checkpoint folder each part loads from; None = fresh weights from --llm-config / --vit-config."""
+    init = Path(args.init_from) if args.init_from else None
+    return {part: Path(getattr(args, part)) if getattr(args, part) else (init / part if init else None)
+            for part in PARTS}
+
+
+def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.dtype, device) -> LLaVA:
+    """Each part read once, straight to the device, in its final dtype: fp32 for what trains (the optimizer's
+    master weights), the compute dtype for what stays frozen (the LLM under LoRA included)."""
+    def dtype_of(part: str) -> torch.dtype:
+        return torch.float32 if part in parts and not (part == "llm" and args.lora_r) else dtype
+
+    torch.manual_seed(args.seed)  # fresh weights identical on every rank and on resume
+    llm = (InternLM2.from_pretrained(src["llm"], dtype=dtype_of("llm"), device=device) if src["llm"]
+           else InternLM2(llm_config(args.llm_config)).to(device, dtype_of("llm")))
+    vit = (DINOv2.from_pretrained(src["vit"], dtype=dtype_of("vit"), device=device) if src["vit"]
+           else DINOv2(vit_config(args.vit_config)).to(device, dtype_of("vit")))
+    projector = (Projector.from_pretrained(src["projector"], dtype=dtype_of("projector"), device=device)
+                 if src["projector"] else
+                 Projector(vit.config.hidden_size, llm.config.hidden_size).to(device, dtype_of("projector")))
+    init_config = Path(args.init_from) / CONFIG_FILE if args.init_from else None
+    config = LLaVAConfig.from_dict(json.loads(init_config.read_text())) if init_config else LLaVAConfig()
+    model = LLaVA(llm, vit, projector, config)
+    config.image_size, config.image_mode = args.image_size, args.image_mode
+    config.stop_ids = [tok.im_end_id, tok.eos_id]
+    config.text_vocab_size = tok.vocab_size
+    if tok.vocab_size > llm.config.vocab_size:
         raise SystemExit(f"the tokenizer has {tok.vocab_size} pieces but the LLM's vocab_size is "
-                         f"{model.llm.config.vocab_size}: ids past the embedding table would crash. Use a "
+                         f"{llm.config.vocab_size}: ids past the embedding table would crash. Use a "
                          "tokenizer that fits or an LLM config with vocab_size >= the tokenizer's")
     return model
 
 
 def main(stage: int = 1, argv=None) -> None:
     args = parse_args(stage, argv)
-    explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
-                if a.startswith("--")}
     out = Path(args.out)
     d = dist.setup(timeout_s=args.dist_timeout, out_dir=out)
     try:
         doctor.quick_check(d)        # under torchrun: every rank joined, no shared GPU, a correct all-reduce
-        run(args, explicit, out, d)
+        run(args, out, d)
     finally:
         dist.teardown(d)
 
 
-def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
+def run(args, out: Path, d: "dist.Dist") -> None:
     log, print0 = d.log, d.print0
 
     # ---- settings -------------------------------------------------------------------------------
+    said = inherit(args, Path(args.init_from) if args.init_from else None)
     if args.init_from:
-        said = inherit_from_init(args, Path(args.init_from), explicit)
         print0(f"stage {args.stage}: from {args.init_from}, inherited " + (", ".join(said) or "nothing"))
-    args.image_size = args.image_size or 336
-    args.image_mode = args.image_mode or "pad"
     if not args.tokenizer:
         raise SystemExit("give --tokenizer FILE (or --init-from a stage-1 folder, which holds one)")
     for part in ("llm", "vit"):
         if not (getattr(args, part) or getattr(args, f"{part}_config") or args.init_from):
             raise SystemExit(f"give --{part} DIR, --{part}-config NAME_OR_JSON, or --init-from DIR")
-    parts = {"projector", "llm", "vit"} if args.train == "all" else set(args.train.split(","))
-    if not parts <= {"projector", "llm", "vit"}:
-        raise SystemExit(f"--train {args.train!r}: use a comma list of projector, llm, vit, or all")
+    try:
+        parts = parse_parts(args.train)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.lora_r and "llm" not in parts:
+        raise SystemExit("--lora-r trains the LLM through adapters: add llm to --train")
     device = d.device
     compute_dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     # ---- data: cheap checks on every rank, tokenization later, per sample, in loader workers ------
     # Before the model is loaded, so a bad sample is reported in seconds, not after minutes of loading.
-    # Every bad sample is listed at once (DataError); samples whose first answer cannot fit in --max-length
-    # are dropped and counted in the report.
     print0(f"reading data from {', '.join(map(str, args.data))}")
     tok = Tokenizer(args.tokenizer)
-    vit_cfg = vit_config(args.vit or args.vit_config or Path(args.init_from or ".") / "vit")
+    src = sources(args)
+    vit_cfg = vit_config(src["vit"] or args.vit_config)
     if args.image_size % vit_cfg.patch_size:
         raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size {vit_cfg.patch_size}")
-    image_tokens = (args.image_size // vit_cfg.patch_size) ** 2      # LLM positions per image
     dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
-                           max_length=args.max_length, image_tokens=image_tokens, system=args.system,
-                           skip_bad=args.skip_bad_samples)
+                           max_length=args.max_length, image_tokens=vit_cfg.image_tokens(args.image_size),
+                           system=args.system, skip_bad=args.skip_bad_samples)
     print0(dataset.report())
     global_batch = args.batch_size * d.world_size * args.grad_accum
     sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed)
     max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
 
     # ---- model ----------------------------------------------------------------------------------
-    model = build_model(args, tok)
+    model = build_model(args, tok, src, parts, compute_dtype, device)
     model.requires_grad_(False)
     for name in parts:
         getattr(model, name).requires_grad_(True)
     if "vit" in parts:
         # Blocks after the selected layer and the final LayerNorm never reach the loss: freeze them, or DDP
         # waits forever for their gradients.
-        n_blocks = len(model.vit.encoder.layer)
-        for block in model.vit.encoder.layer[model.config.select_layer % (n_blocks + 1):]:
+        for block in model.vit.encoder.layer[vit_cfg.blocks_run(model.config.select_layer):]:
             block.requires_grad_(False)
         model.vit.layernorm.requires_grad_(False)
     if args.lora_r:
-        if "llm" not in parts:
-            raise SystemExit("--lora-r trains the LLM through adapters: add llm to --train")
         model.llm.requires_grad_(False)
         replaced = apply_lora(model.llm, r=args.lora_r, alpha=args.lora_alpha or 2 * args.lora_r,
                               dropout=args.lora_dropout)
         print0(f"LoRA r={args.lora_r} on {len(replaced)} linear layers of the LLM")
-    # Frozen parts are stored in the compute dtype (half the memory in bf16); trained ones stay fp32.
-    for part in (model.llm, model.vit, model.projector):
-        for p in part.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(compute_dtype)
-    model.to(device)
     if args.grad_checkpointing:
         model.set_gradient_checkpointing(True)
+    # A part with any frozen tensor is rebuilt from its source on resume: the checkpoint records which source.
+    frozen = {part: checkpoint.source_fingerprint(src[part], fresh=_fresh_recipe(args, part))
+              for part in PARTS if not all(p.requires_grad for p in getattr(model, part).parameters())}
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     print0(f"parameters: {n_all:,} total, {n_train:,} trained ({', '.join(sorted(parts))}"
@@ -233,30 +241,31 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     groups = param_groups(model, args.lr, args.weight_decay, projector_lr=args.projector_lr)
     optimizer = make_optimizer(groups, args.lr, zero=args.zero and d.world_size > 1)
     schedule = CosineSchedule(optimizer, max_steps, args.warmup_ratio)   # warm-up then cosine, per group
+
     # ---- resume ---------------------------------------------------------------------------------
     start_step = 0
     if d.rank == 0:
-        clean_leftovers(out)                       # half-written checkpoints of a killed run
-    if not args.resume and latest_checkpoint(out) is not None:
+        checkpoint.clean_leftovers(out)                       # half-written checkpoints of a killed run
+    if not args.resume and checkpoint.latest_checkpoint(out) is not None:
         raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
                          "another --out")
-    if args.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            print0(f"--resume: no complete checkpoint in {out}/checkpoints, starting from step 0")
-        else:
-            state = load_training_state(ckpt, map_location=device)
-            load_trained_weights(model, state["trainable"], ckpt)
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            rng = state["rng"]   # one per rank; a different world size continues from rank 0's stream
-            restore_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
-            start_step = state["step"]
-            if state.get("global_batch") != global_batch:
-                raise SystemExit(f"{ckpt}: saved with global batch {state.get('global_batch')}, now {global_batch}; "
-                                 "keep batch x processes x accumulation equal to continue the same data order")
-            print0(f"resumed from {ckpt} at step {start_step} (saved by {state.get('world_size')} processes, "
-                   f"now {d.world_size})")
+    ckpt = checkpoint.latest_checkpoint(out) if args.resume else None
+    if args.resume and ckpt is None:
+        print0(f"--resume: no complete checkpoint in {out}/checkpoints, starting from step 0")
+    if ckpt is not None:
+        state = checkpoint.load_training_state(ckpt, map_location=device)
+        checkpoint.check_sources(state["frozen"], frozen, ckpt)      # the frozen weights are the same ones
+        load_trained_weights(model, state["trainable"], ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng = state["rng"]   # one per rank; a different world size continues from rank 0's stream
+        checkpoint.restore_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
+        start_step = state["step"]
+        if state.get("global_batch") != global_batch:
+            raise SystemExit(f"{ckpt}: saved with global batch {state.get('global_batch')}, now {global_batch}; "
+                             "keep batch x processes x accumulation equal to continue the same data order")
+        print0(f"resumed from {ckpt} at step {start_step} (saved by {state.get('world_size')} processes, "
+               f"now {d.world_size})")
 
     # All ranks must agree on what they are about to do (a mismatch hangs DDP later, loudly here).
     fingerprint = dist.config_hash({k: v for k, v in vars(args).items() if k != "resume"})
@@ -276,24 +285,23 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         keep_metrics_until(out / "metrics.jsonl", start_step)   # a resumed run rewrites the steps after its checkpoint
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        write_json(vars(args), out / "args.json")
         print0("configuration:\n" + "\n".join(f"  {k:18s} {v}" for k, v in sorted(vars(args).items())))
 
     # ---- the loop -------------------------------------------------------------------------------
-    steps = range(start_step, max_steps)
-    batches = (sampler.local_batch(s, d.rank, d.world_size, m, args.grad_accum)
-               for s in steps for m in range(args.grad_accum))
+    batches = sampler.batches_for_rank(d.rank, d.world_size, args.grad_accum, start_step, max_steps)
     # In workers, batches are collated straight into shared memory: handing them over copies nothing.
     collate_fn = functools.partial(collate, shared=args.num_workers > 0)
     loader = Loader(dataset, batches, collate_fn, num_workers=args.num_workers, timeout=args.loader_timeout,
                     pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
     metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
-    bar = progress(d, start_step, max_steps)
+    bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0,
+               disable=d.rank != 0)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     batch_iter = iter(loader)
     ddp_model.train()
     try:
-        for step in steps:
+        for step in range(start_step, max_steps):
             t0 = time.time()
             d.heartbeat(step + 1, "waiting for data")
             micro = [next(batch_iter) for _ in range(args.grad_accum)]
@@ -323,13 +331,12 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if bar:
-                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
             d.heartbeat(step + 1, "step done")
             last = step + 1 == max_steps
             if (step + 1) % args.save_every == 0 or last:
-                save(model, tok, optimizer, schedule, args, out, step + 1, global_batch, d, final=last)
+                save(model, tok, optimizer, schedule, args, out, step + 1, global_batch, d, src, frozen, final=last)
     except torch.cuda.OutOfMemoryError:
         # Say what would fit before the traceback: the estimate and the flags that change it.
         log("CUDA out of memory. " + memory.report(plan, gpu_gib) + "\nflags that would fit: "
@@ -337,9 +344,9 @@ def run(args, explicit: set[str], out: Path, d: "dist.Dist") -> None:
         raise
     finally:
         loader.close()
+        bar.close()
         if metrics:
             metrics.close()
-            bar.close()
     print0(f"done: {max_steps} steps; model in {out}")
 
 
@@ -367,8 +374,7 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
                 o = ddp_model(batch["input_ids"].to(device, non_blocking=True),
                               None if pixels is None else pixels.to(device, non_blocking=True),
                               labels=batch["labels"].to(device, non_blocking=True),
-                              attention_mask=batch["attention_mask"].to(device, non_blocking=True),
-                              loss_only=True)  # no logits: the last layer runs on supervised positions only
+                              attention_mask=batch["attention_mask"].to(device, non_blocking=True))
             # DDP averages gradients over ranks; multiplying by world_size makes it the global-batch sum.
             with dist.collective(d, f"backward (DDP gradient all-reduce) {m + 1}/{len(micro)} at step {step + 1}"):
                 (o.loss_sum * (d.world_size / global_tokens)).backward()
@@ -384,46 +390,73 @@ def keep_metrics_until(file: Path, step: int) -> None:
         file.write_text("".join(ln + "\n" for ln in lines))
 
 
-def progress(d, start: int, total: int):
-    """tqdm bar on rank 0 only; other ranks log through d.log."""
-    if d.rank != 0:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+def _fresh_recipe(args, part: str) -> dict | None:
+    """What rebuilds a part that has no source folder: its config and the seed."""
+    name = {"llm": args.llm_config, "vit": args.vit_config, "projector": "default"}[part]
+    return {"config": str(name), "seed": args.seed}
 
 
 def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, step: int, global_batch: int, d,
-         final: bool) -> None:
-    """Checkpoint (atomic: temporary folder, then rename) and, at the end, the model itself in OUT."""
+         src: dict, frozen: dict, final: bool) -> None:
+    """A checkpoint of what resume needs (rank 0, atomic) and, at the end, the model itself in OUT.
+
+    The other ranks wait at a barrier whose timeout adds the time a slow disk needs for these bytes, so a long
+    save on a shared file system cannot trip --dist-timeout; if it still runs out, the message names the save.
+    """
     with dist.collective(d, f"gathering the ZeRO optimizer shards on rank 0 for the checkpoint at step {step}"):
         optimizer_state = gather_optimizer_state(optimizer)             # collective under ZeRO
-    rng = dist.all_gather_object(d, capture_rng_state(), what=f"RNG states for the checkpoint at step {step}")
+    rng = dist.all_gather_object(d, checkpoint.capture_rng_state(), what=f"RNG states for the checkpoint at step {step}")
+    folder = out / checkpoint.CHECKPOINTS / checkpoint.step_name(step)
     if d.rank == 0:
-        def write(folder: Path) -> None:
-            write_model(model, tok, folder)
-
-        # The trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical; the frozen
-        # rest is rebuilt exactly as at the start (same folders, same seed).
-        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        t0 = time.time()
+        # Trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical. Frozen tensors
+        # are not saved: `frozen` names their sources, and resume checks that they are unchanged.
         state = {"optimizer": optimizer_state, "schedule": schedule.state_dict(), "step": step, "rng": rng,
-                 "trainable": trainable,
-                 "global_batch": global_batch, "world_size": d.world_size, "args": vars(args)}
-        folder = save_checkpoint(out, step, write, state, keep=args.keep)
+                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 "frozen": frozen, "global_batch": global_batch, "world_size": d.world_size,
+                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        checkpoint.save_checkpoint(out, step, state, keep=args.keep)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         if final:
-            write_model(model, tok, out)
-        d.log(f"saved {folder}")
-    dist.barrier(d, what=f"checkpoint save at step {step}")
+            write_output(model, tok, args, out, src)
+        d.log(f"saved {folder}{' and the model in ' + str(out) if final else ''} in {time.time() - t0:.1f} s")
+    # Bytes rank 0 writes: fp32 trained weights and AdamW's two moments; at the end the parts it writes or copies.
+    size = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if final:
+        size += sum(4 * p.numel() for part in PARTS for p in getattr(model, part).parameters()
+                    if src[part] is None or args.save_frozen == "copy" or _trains(getattr(model, part)))
+    dist.barrier(d, what=f"rank 0's save of {folder}{' and of the model in ' + str(out) if final else ''}",
+                 timeout_s=d.timeout_s + size / SLOW_DISK_BYTES_PER_S)
 
 
-def write_model(model: LLaVA, tok: Tokenizer, folder: Path) -> None:
-    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json."""
-    save_state(merged_state_dict(model.llm), folder / "llm")       # LoRA folded in: the official keys again
-    write_json(model.llm.config.to_dict(), folder / "llm" / "config.json")
-    model.vit.save_pretrained(folder / "vit")
-    model.projector.save_pretrained(folder / "projector")
-    (folder / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
-    write_json(asdict(model.config), folder / "llava_config.json")
+def _trains(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> None:
+    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json.
+
+    A part that did not train and has a source folder is not re-encoded: its files are linked, copied or
+    referenced (--save-frozen). Trained parts are written once, LoRA merged, in their source's dtype.
+    """
+    for part in PARTS:
+        module = getattr(model, part)
+        trains = _trains(module)
+        if src[part] is not None and not trains:
+            how = checkpoint.publish_frozen(src[part], out / part, args.save_frozen)
+            print(f"{part}: {how} {src[part]}", flush=True)
+            continue
+        if part == "llm" and args.lora_r:
+            merge_lora(module)             # the end of training: fold the adapters in, official keys again
+        if not trains:
+            dtype = None                   # frozen and freshly initialised: written as it was used
+        elif args.save_dtype == "source":
+            dtype = checkpoint.stored_dtype(src[part]) if src[part] else torch.float32
+        else:
+            dtype = getattr(torch, args.save_dtype)
+        module.save_pretrained(out / part, dtype=dtype)
+    checkpoint.write_atomic(out / "tokenizer.model", Path(tok.path).read_bytes())
+    write_json(asdict(model.config), out / CONFIG_FILE)
 
 
 def load_trained_weights(model: LLaVA, trainable: dict[str, torch.Tensor], ckpt: Path) -> None:

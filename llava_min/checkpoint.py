@@ -1,11 +1,11 @@
-"""Training checkpoints that a kill at any instant cannot break, and the RNG states for an exact resume.
+"""Training checkpoints that a kill at any instant cannot break, the RNG states for an exact resume, and
+the frozen parts of the final output folder (linked or copied from their sources, never re-encoded).
 
 Layout under the output folder:
 
-    OUT/checkpoints/step-000100/        a complete checkpoint: the model in the official formats (written
-        llm/ vit/ projector/ ...        by the caller's write_fn), training_state.pt, and COMPLETE (JSON:
-        training_state.pt               the step and the size of every file, checked on load)
-        COMPLETE
+    OUT/checkpoints/step-000100/        a complete checkpoint: training_state.pt (trained tensors, optimizer,
+        training_state.pt               schedule, RNG, step, and a fingerprint of each frozen source instead
+        COMPLETE                        of its weights) and COMPLETE (the step and the size of every file)
     OUT/checkpoints/latest              one line, the name of the newest checkpoint ("step-000100")
     OUT/checkpoints/.tmp-step-000200-PID   a save in progress (or one that was killed)
     OUT/checkpoints/.old-step-000100-PID   a checkpoint being replaced by a newer save of the same step
@@ -22,6 +22,7 @@ states) before calling `save_checkpoint`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -29,13 +30,14 @@ import random
 import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .weights import CheckpointError
+from . import LlavaMinError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -72,10 +74,10 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_path(Path(root))
 
 
-def _write_text_atomic(file: Path, text: str) -> None:
+def write_atomic(file: Path, data: bytes | str) -> None:
     tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, file)
@@ -165,17 +167,17 @@ def clean_leftovers(out_dir: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Save and find
 
-def save_checkpoint(out_dir: str | os.PathLike, step: int, write_fn: Callable[[Path], None],
-                    training_state: dict, keep: int | None = 2) -> Path:
+def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict, keep: int | None = 2,
+                    write_fn: Callable[[Path], None] | None = None) -> Path:
     """Write OUT/checkpoints/step-NNNNNN atomically and point `latest` at it; returns its path.
 
-    write_fn(folder) writes the model weights (official formats) into the given folder; training_state
-    (optimizer, scheduler, step, RNG states, sampler position, world size, args) goes to training_state.pt.
+    training_state (trained tensors, optimizer, schedule, step, RNG states, world size, args) goes to
+    training_state.pt; write_fn(folder), if given, writes more files into the checkpoint (e.g. shards).
     keep: how many complete checkpoints to keep, this one included (None keeps all). Only checkpoints of
     earlier steps are pruned. A checkpoint of the same step is replaced. Call it on one rank only.
     """
     if keep is not None and keep < 1:
-        raise CheckpointError(f"keep={keep}: a save must keep at least the checkpoint it writes (or None for all)")
+        raise LlavaMinError(f"keep={keep}: a save must keep at least the checkpoint it writes (or None for all)")
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out_dir)
@@ -183,7 +185,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, write_fn: Callable[[P
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        write_fn(tmp)
+        if write_fn is not None:
+            write_fn(tmp)
         with open(tmp / TRAINING_STATE, "wb") as f:
             torch.save(training_state, f)
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": _manifest(tmp)}, indent=1) + "\n")
@@ -199,7 +202,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, write_fn: Callable[[P
     _fsync_path(ckpt_dir)
     if aside.exists():
         shutil.rmtree(aside)
-    _write_text_atomic(ckpt_dir / LATEST, final.name + "\n")
+    write_atomic(ckpt_dir / LATEST, final.name + "\n")
 
     if keep is not None:
         older = sorted(s for s in _complete_steps(ckpt_dir) if s < step)
@@ -246,15 +249,125 @@ def load_training_state(folder: str | os.PathLike, map_location: str | torch.dev
     folder = Path(folder)
     problem = checkpoint_problem(folder)
     if problem:
-        raise CheckpointError(f"{folder}: not a complete checkpoint: {problem}; resume from "
+        raise LlavaMinError(f"{folder}: not a complete checkpoint: {problem}; resume from "
                               "latest_checkpoint(OUT) instead")
     # weights_only=True: a checkpoint from elsewhere cannot run code. The state holds tensors, numbers,
     # strings, None, lists, tuples and dicts only (see capture_rng_state; store args with paths as str).
     try:
         return torch.load(folder / TRAINING_STATE, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{folder / TRAINING_STATE}: holds an object other than tensors, numbers, "
+        raise LlavaMinError(f"{folder / TRAINING_STATE}: holds an object other than tensors, numbers, "
                               f"strings, lists and dicts ({e}); save plain values in training_state") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen sources: a checkpoint names them instead of holding their weights
+
+SAMPLED_BLOCKS, BLOCK_BYTES = 16, 1 << 16   # blocks of each safetensors file's data hashed into its fingerprint
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and (f.suffix == ".safetensors" or f.name.endswith(
+        ".safetensors.index.json") or f.name == "config.json"))
+
+
+def _safetensors_header(file: Path) -> bytes:
+    with open(file, "rb") as f:
+        return f.read(int.from_bytes(f.read(8), "little"))
+
+
+def source_fingerprint(folder: str | os.PathLike | None, fresh: dict | None = None) -> dict:
+    """What identifies a frozen part's weights without storing them. For a checkpoint folder: each weight
+    file's size and a hash of its safetensors header (every tensor's name, dtype, shape, offsets) and of 16
+    blocks of 64 KiB spread over its data (another model of the same shapes differs there), read in
+    milliseconds. For a part without a folder: the recipe that rebuilds it (`fresh`: config name and seed)."""
+    if folder is None:
+        return {"fresh": fresh}
+    folder = Path(folder)
+    files = {}
+    for file in _weight_files(folder):
+        h, size = hashlib.sha256(), file.stat().st_size
+        with open(file, "rb") as f:
+            if file.suffix != ".safetensors":
+                h.update(f.read())
+            else:
+                header = _safetensors_header(file)
+                h.update(header)
+                start, span = 8 + len(header), max(0, size - 8 - len(header) - BLOCK_BYTES)
+                for i in range(SAMPLED_BLOCKS):
+                    f.seek(start + span * i // (SAMPLED_BLOCKS - 1))
+                    h.update(f.read(BLOCK_BYTES))
+        files[file.name] = [size, h.hexdigest()[:20]]
+    return {"path": str(folder.resolve()), "files": files}
+
+
+def check_sources(saved: dict, now: dict, ckpt: Path) -> None:
+    """Refuse to resume when a frozen part's source is not the one the checkpoint was trained against."""
+    for part, then in saved.items():
+        current = now.get(part)
+        if current is None:
+            raise SystemExit(f"{ckpt}: {part} was frozen when this checkpoint was saved and trains now; resume "
+                             "with the same --train / --lora-r")
+        if "fresh" in then or "fresh" in current:
+            if then != current:
+                raise SystemExit(f"{ckpt}: the frozen {part} was built from {then}, now from {current}; resume "
+                                 "with the same --llm/--vit/--*-config and --seed as the run that saved it")
+            continue
+        for name in sorted(set(then["files"]) | set(current["files"])):
+            a, b = then["files"].get(name), current["files"].get(name)
+            if a != b:
+                what = ("is missing now" if b is None else "is new" if a is None else
+                        f"changed ({a[0]} -> {b[0]} bytes)" if a[0] != b[0] else "changed (other contents)")
+                raise SystemExit(f"{ckpt}: the frozen {part} differs from the one this checkpoint was trained "
+                                 f"with: {Path(current['path']) / name} {what} (it was {Path(then['path']) / name}). "
+                                 "Resume needs the same frozen weights: restore that file, or start a new run "
+                                 "in another --out")
+
+
+def stored_dtype(folder: str | os.PathLike) -> torch.dtype:
+    """The floating dtype most tensors of a checkpoint folder are stored in (bf16 for the released models)."""
+    counts = Counter()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        header = json.loads(_safetensors_header(file))
+        counts.update(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in _DTYPES)
+    return _DTYPES[counts.most_common(1)[0][0]] if counts else torch.float32
+
+
+def publish_frozen(source: str | os.PathLike, dest: str | os.PathLike, mode: str = "link") -> str:
+    """Put a frozen part's files into the output folder without re-encoding them; returns what it did.
+
+    "link" hard-links each file of the source folder (a copy where the file system refuses: another device,
+    no hard links), "copy" copies each byte for byte, "ref" makes `dest` a symbolic link to the source folder
+    (nothing written; the output breaks if the source moves). Linked and copied outputs outlive the source.
+    """
+    source, dest = Path(source).resolve(), Path(dest)
+    if dest.resolve() == source:
+        return "kept"                               # the output folder is the source already
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.is_dir():
+        shutil.rmtree(dest)                         # an earlier output; removing links never touches the source
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "ref":
+        dest.symlink_to(source, target_is_directory=True)
+        return "a symbolic link to"
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    copied = 0
+    for file in sorted(f for f in source.iterdir() if f.is_file() and not f.name.startswith(".")):
+        if mode == "link":
+            try:
+                os.link(file, tmp / file.name)
+                continue
+            except OSError:
+                pass                                # e.g. EXDEV (another file system): copy instead
+        shutil.copyfile(file, tmp / file.name)      # new files take their mode from the umask
+        copied += 1
+    _fsync_tree(tmp)
+    os.rename(tmp, dest)
+    return "hard-linked from" if not copied else "copied from" if mode == "copy" else "copied (no hard links) from"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 import torch
 
+from llava_min import LlavaMinError
 from llava_min.checkpoint import (COMPLETE, TRAINING_STATE, capture_rng_state, checkpoint_problem, clean_leftovers,
                                   latest_checkpoint, load_training_state, restore_rng_state, save_checkpoint)
-from llava_min.weights import CheckpointError, save_state
+from llava_min.weights import save_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,7 @@ def dead_pid() -> int:
 
 
 def test_round_trip_latest_and_pruning(tmp_path):
-    got = save_checkpoint(tmp_path, 100, writer(1.0), state_for(100, 1.0))
+    got = save_checkpoint(tmp_path, 100, state_for(100, 1.0), write_fn=writer(1.0))
     assert got == tmp_path / "checkpoints" / "step-000100"
     assert sorted(p.name for p in got.iterdir()) == [COMPLETE, "llm", "projector", TRAINING_STATE]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000100\n"
@@ -79,33 +80,33 @@ def test_round_trip_latest_and_pruning(tmp_path):
     assert read_back(got) == (100, 1.0)
 
     for step in (200, 300, 400):
-        save_checkpoint(tmp_path, step, writer(step), state_for(step, step), keep=2)
+        save_checkpoint(tmp_path, step, state_for(step, step), keep=2, write_fn=writer(step))
     assert listing(tmp_path) == ["latest", "step-000300", "step-000400"]
-    save_checkpoint(tmp_path, 400, writer(4.5), state_for(400, 4.5), keep=2)  # same step: replaced
+    save_checkpoint(tmp_path, 400, state_for(400, 4.5), keep=2, write_fn=writer(4.5))  # same step: replaced
     assert listing(tmp_path) == ["latest", "step-000300", "step-000400"]
     assert read_back(latest_checkpoint(tmp_path)) == (400, 4.5)
-    save_checkpoint(tmp_path, 500, writer(5), state_for(500, 5), keep=None)
+    save_checkpoint(tmp_path, 500, state_for(500, 5), keep=None, write_fn=writer(5))
     assert listing(tmp_path) == ["latest", "step-000300", "step-000400", "step-000500"]
-    with pytest.raises(CheckpointError, match="keep=0"):
-        save_checkpoint(tmp_path, 600, writer(6), state_for(600, 6), keep=0)
+    with pytest.raises(LlavaMinError, match="keep=0"):
+        save_checkpoint(tmp_path, 600, state_for(600, 6), keep=0, write_fn=writer(6))
 
 
 def test_no_checkpoint_and_failed_write(tmp_path):
     assert latest_checkpoint(tmp_path) is None
-    save_checkpoint(tmp_path, 1, writer(1), state_for(1, 1))
+    save_checkpoint(tmp_path, 1, state_for(1, 1), write_fn=writer(1))
 
     def broken(folder):
         (folder / "llm").mkdir()
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, 2, broken, state_for(2, 2))
+        save_checkpoint(tmp_path, 2, state_for(2, 2), write_fn=broken)
     assert listing(tmp_path) == ["latest", "step-000001"]  # the temporary folder is gone too
     assert read_back(latest_checkpoint(tmp_path)) == (1, 1)
 
 
 def test_stale_tmp_folders_are_ignored_and_cleaned(tmp_path, capsys):
     ckpts = tmp_path / "checkpoints"
-    save_checkpoint(tmp_path, 4, writer(4), state_for(4, 4))
+    save_checkpoint(tmp_path, 4, state_for(4, 4), write_fn=writer(4))
     # A killed save of step 5 that got as far as writing everything (it even looks complete inside) ...
     stale = ckpts / f".tmp-step-000005-{dead_pid()}"
     shutil.copytree(ckpts / "step-000004", stale)
@@ -120,31 +121,31 @@ def test_stale_tmp_folders_are_ignored_and_cleaned(tmp_path, capsys):
     assert latest_checkpoint(tmp_path) == ckpts / "step-000004"
     err = capsys.readouterr().err
     assert "'latest' names step-000006, but no COMPLETE marker" in err and "step-000004, the newest complete" in err
-    with pytest.raises(CheckpointError, match="step-000006: not a complete checkpoint: no COMPLETE marker"):
+    with pytest.raises(LlavaMinError, match="step-000006: not a complete checkpoint: no COMPLETE marker"):
         load_training_state(ckpts / "step-000006")
 
     assert clean_leftovers(tmp_path) == [f"removed {stale.name}"]
-    save_checkpoint(tmp_path, 7, writer(7), state_for(7, 7), keep=2)
+    save_checkpoint(tmp_path, 7, state_for(7, 7), keep=2, write_fn=writer(7))
     # The incomplete step-000006 is not counted as a checkpoint, and not deleted either (not ours to judge).
     assert listing(tmp_path) == [live.name, "latest", "step-000004", "step-000006", "step-000007"]
 
 
 def test_truncated_file_is_detected(tmp_path, capsys):
-    save_checkpoint(tmp_path, 1, writer(1), state_for(1, 1))
-    second = save_checkpoint(tmp_path, 2, writer(2), state_for(2, 2))
+    save_checkpoint(tmp_path, 1, state_for(1, 1), write_fn=writer(1))
+    second = save_checkpoint(tmp_path, 2, state_for(2, 2), write_fn=writer(2))
     weights = second / "llm" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     assert "llm/model.safetensors has" in checkpoint_problem(second)
     assert latest_checkpoint(tmp_path).name == "step-000001"
     assert "truncated or replaced" in capsys.readouterr().err
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(LlavaMinError, match="truncated"):
         load_training_state(second)
 
 
 def test_interrupted_replacement_is_found_and_restored(tmp_path):
     ckpts = tmp_path / "checkpoints"
-    save_checkpoint(tmp_path, 1, writer(1), state_for(1, 1))
-    save_checkpoint(tmp_path, 2, writer(2), state_for(2, 2))
+    save_checkpoint(tmp_path, 1, state_for(1, 1), write_fn=writer(1))
+    save_checkpoint(tmp_path, 2, state_for(2, 2), write_fn=writer(2))
     # Killed between moving the old step-000002 aside and renaming its replacement into place.
     aside = ckpts / f".old-step-000002-{dead_pid()}"
     os.rename(ckpts / "step-000002", aside)
@@ -154,8 +155,8 @@ def test_interrupted_replacement_is_found_and_restored(tmp_path):
 
 
 def test_training_state_with_other_objects_is_refused_on_load(tmp_path):
-    folder = save_checkpoint(tmp_path, 1, writer(1), {"args": {"out": Path("/tmp")}})
-    with pytest.raises(CheckpointError, match="other than tensors"):
+    folder = save_checkpoint(tmp_path, 1, {"args": {"out": Path("/tmp")}}, write_fn=writer(1))
+    with pytest.raises(LlavaMinError, match="other than tensors"):
         load_training_state(folder)
 
 
@@ -168,7 +169,7 @@ def test_rng_capture_and_restore_replays_the_same_numbers(tmp_path):
     random.seed(3)
     random.gauss(0, 1)  # leaves a cached gaussian in Python's state
     np.random.randn()
-    folder = save_checkpoint(tmp_path, 1, writer(1), {"rng": capture_rng_state()})
+    folder = save_checkpoint(tmp_path, 1, {"rng": capture_rng_state()}, write_fn=writer(1))
     first = draw()
     restore_rng_state(load_training_state(folder)["rng"])  # through the file, loaded with weights_only
     second = draw()
@@ -227,7 +228,7 @@ def test_sigkill_from_outside_during_saves(tmp_path):
         step, version = read_back(latest_checkpoint(out))
         assert step >= 1 and version == step
         leftovers = [n for n in listing(out) if n.startswith(".")]
-        save_checkpoint(out, step + 1, writer(step + 1), state_for(step + 1, step + 1))
+        save_checkpoint(out, step + 1, state_for(step + 1, step + 1), write_fn=writer(step + 1))
         assert [n for n in listing(out) if n.startswith(".")] == []
         print(f"attempt {attempt}: killed after step {step}; leftovers then {leftovers}")
 
@@ -243,8 +244,8 @@ def _sweep(out: Path, scenario: str) -> None:
     import llava_min.checkpoint as ckpt_module
     traced = {ckpt_module.__file__, __file__}
     template = out / "template"
-    save_checkpoint(template, 1, writer(1), state_for(1, 1))
-    save_checkpoint(template, 2, writer(2), state_for(2, 2))
+    save_checkpoint(template, 1, state_for(1, 1), write_fn=writer(1))
+    save_checkpoint(template, 2, state_for(2, 2), write_fn=writer(2))
     step, version = (3, 3.0) if scenario == "new-step" else (2, 2.5)
 
     def tracer(on_line):
@@ -256,7 +257,7 @@ def _sweep(out: Path, scenario: str) -> None:
         return lambda frame, event, arg: local if frame.f_code.co_filename in traced else None
 
     def save(work):
-        save_checkpoint(work, step, writer(version), state_for(step, version), keep=2)
+        save_checkpoint(work, step, state_for(step, version), keep=2, write_fn=writer(version))
 
     events = []
     shutil.copytree(template, out / "dry-run")
@@ -291,7 +292,7 @@ def _sweep(out: Path, scenario: str) -> None:
         resumed_from.add(read_back(found))
         for p in (work / "checkpoints").glob("step-*"):
             assert checkpoint_problem(p) is None, f"kill point {k}: {p.name} is incomplete: {checkpoint_problem(p)}"
-        save_checkpoint(work, 9, writer(9), state_for(9, 9), keep=2)
+        save_checkpoint(work, 9, state_for(9, 9), keep=2, write_fn=writer(9))
         names = listing(work)
         assert not [n for n in names if n.startswith(".")], f"kill point {k}: leftovers {names}"
         assert read_back(latest_checkpoint(work)) == (9, 9)
@@ -303,7 +304,7 @@ def _sweep(out: Path, scenario: str) -> None:
 def _loop(out: Path) -> None:
     """A training-like process that saves step after step, each save taking a while."""
     for step in range(1, 1000):
-        save_checkpoint(out, step, writer(step, pause=0.05), state_for(step, step), keep=2)
+        save_checkpoint(out, step, state_for(step, step), keep=2, write_fn=writer(step, pause=0.05))
 
 
 if __name__ == "__main__":
