@@ -5,9 +5,15 @@ gradient accumulation); a run SIGKILLed after a checkpoint and resumed ends with
 gradient checkpointing leaves the loss unchanged; a stage-1 output feeds finetune.py (which inherits its
 settings) and loads with LLaVA.from_pretrained; LoRA fine-tuning saves merged weights in the official
 layout; a reused output folder is refused; a NaN loss stops the run naming the step and the samples.
+What a run writes at real size: checkpoints hold the trained state and no frozen tensor; frozen parts in OUT
+are hard links to (or copies of, or a symbolic link to) their source files, so OUT outlives a moved source
+in link and copy mode and says what is missing in ref mode; trained parts keep their source's dtype; files
+take their mode from the umask; a changed frozen source is refused at --resume, naming the file; a flag given
+abbreviated on the command line wins over the setting inherited from --init-from.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -178,7 +184,6 @@ def test_resume_on_another_world_size_continues_the_same_run(shapes, tmp_path):
     # The state a run stopped right after its step-2 checkpoint leaves: that checkpoint, metrics to step 2.
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)
-    import shutil
     shutil.copytree(full / "checkpoints" / "step-000002", cut / "checkpoints" / "step-000002")
     (cut / "checkpoints" / "latest").write_text("step-000002\n")
     (cut / "metrics.jsonl").write_text("".join((full / "metrics.jsonl").read_text().splitlines(True)[:2]))
@@ -188,3 +193,107 @@ def test_resume_on_another_world_size_continues_the_same_run(shapes, tmp_path):
     assert losses(cut) == pytest.approx(losses(full), abs=1e-5)
     a, b = weights(full), weights(cut)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run writes: checkpoints of trained state only, frozen parts never re-encoded, modes from the umask
+
+@pytest.fixture(scope="module")
+def sources(shapes, tmp_path_factory):
+    """Part folders as a user passes them with --llm / --vit / --projector: a stage-1 output's parts, with the
+    LLM and the projector stored in bf16, as InternLM2 and XTuner release theirs."""
+    base = tmp_path_factory.mktemp("sources")
+    run([PY, *stage1_args(shapes, base / "s1", "--max-steps", "1", "--batch-size", "8")])
+    for part in ("llm", "vit", "projector"):
+        shutil.copytree(base / "s1" / part, base / "models" / part)
+    for part in ("llm", "projector"):
+        f = base / "models" / part / "model.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    return base / "models"
+
+
+def from_sources(shapes, out, src, *extra):
+    args = stage1_args(shapes, out, "--batch-size", "8", *extra)
+    i = args.index("--llm-config")
+    return args[:i] + ["--llm", str(src / "llm"), "--vit", str(src / "vit"), "--projector", str(src / "projector")] \
+        + args[i + 4:]
+
+
+def test_checkpoints_hold_trained_state_only_and_frozen_parts_are_linked(shapes, sources, tmp_path):
+    out = tmp_path / "out"
+    old = os.umask(0o027)                               # group may read, others not: neither 0600 nor 0644
+    try:
+        run([PY, *from_sources(shapes, out, sources, "--max-steps", "2", "--save-every", "1", "--dtype", "bfloat16")])
+    finally:
+        os.umask(old)
+    steps = sorted((out / "checkpoints").glob("step-*"))
+    assert [s.name for s in steps] == ["step-000001", "step-000002"]
+    for s in steps:
+        assert sorted(p.name for p in s.iterdir()) == ["COMPLETE", "training_state.pt"]
+        state = torch.load(s / "training_state.pt", weights_only=True)
+        assert state["trainable"] and all(k.startswith("projector.") for k in state["trainable"])
+        assert set(state["frozen"]) == {"llm", "vit"} and "model.safetensors" in state["frozen"]["llm"]["files"]
+    # Frozen parts: hard links to the source files (same inode: not a byte re-encoded or copied).
+    for part in ("llm", "vit"):
+        assert (out / part / "model.safetensors").stat().st_ino == (sources / part / "model.safetensors").stat().st_ino
+    # The trained projector: written once, in its source's dtype (bf16), and changed by training.
+    src_proj, out_proj = (load_file(f / "projector" / "model.safetensors") for f in (sources, out))
+    assert all(v.dtype == torch.bfloat16 for v in out_proj.values())
+    assert any(not torch.equal(src_proj[k], out_proj[k]) for k in src_proj)
+    written = [out / "args.json", out / "metrics.jsonl", out / "llava_config.json", out / "tokenizer.model",
+               out / "projector" / "model.safetensors", out / "projector" / "config.json",
+               out / "checkpoints" / "latest", *(s / n for s in steps for n in ("COMPLETE", "training_state.pt"))]
+    assert {str(f.relative_to(out)): oct(f.stat().st_mode & 0o777) for f in written} == \
+        {str(f.relative_to(out)): "0o640" for f in written}
+    # The output outlives its sources: moved away, OUT still loads, its LLM equal to the source bit for bit.
+    moved = sources.with_name("moved")
+    os.rename(sources, moved)
+    try:
+        from llava_min import LLaVA
+        model = LLaVA.from_pretrained(out)
+        ref = load_file(moved / "llm" / "model.safetensors")
+        got = model.llm.state_dict()
+        assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ref[k]) for k in ref)
+    finally:
+        os.rename(moved, sources)
+
+
+def test_frozen_parts_copied_or_referenced(shapes, sources, tmp_path):
+    from llava_min import LlavaMinError, LLaVA
+    src = tmp_path / "models"
+    shutil.copytree(sources, src)
+    run([PY, *from_sources(shapes, tmp_path / "copy", src, "--max-steps", "1", "--save-frozen", "copy")])
+    run([PY, *from_sources(shapes, tmp_path / "ref", src, "--max-steps", "1", "--save-frozen", "ref")])
+    copied, original = tmp_path / "copy" / "llm" / "model.safetensors", src / "llm" / "model.safetensors"
+    assert copied.stat().st_ino != original.stat().st_ino and copied.read_bytes() == original.read_bytes()
+    assert (tmp_path / "ref" / "llm").is_symlink() and (tmp_path / "ref" / "llm").resolve() == (src / "llm").resolve()
+    shutil.rmtree(src)                                  # the sources are gone
+    LLaVA.from_pretrained(tmp_path / "copy")
+    with pytest.raises(LlavaMinError, match=r"llm.*(no longer exists|is missing)"):
+        LLaVA.from_pretrained(tmp_path / "ref")
+
+
+def test_resume_refuses_a_changed_frozen_source_naming_the_file(shapes, sources, tmp_path):
+    src = tmp_path / "models"
+    shutil.copytree(sources, src)
+    out = tmp_path / "out"
+    args = from_sources(shapes, out, src, "--max-steps", "2", "--save-every", "1")
+    run([PY, *args])
+    shutil.rmtree(out / "checkpoints" / "step-000002")  # as if killed after step 1
+    (out / "checkpoints" / "latest").write_text("step-000001\n")
+    f = src / "vit" / "model.safetensors"
+    state = load_file(f)
+    k = sorted(state)[0]
+    state[k] = state[k] + 1                             # same names, shapes and size: other weights
+    save_file(state, f, metadata={"format": "pt"})
+    p = run([PY, *args, "--resume"], check=False)
+    assert p.returncode != 0 and str(f) in p.stderr and "differs from the one this checkpoint" in p.stderr
+
+
+def test_abbreviated_flag_wins_over_the_inherited_setting(shapes, tmp_path):
+    s1 = tmp_path / "s1"
+    run([PY, *stage1_args(shapes, s1, "--max-steps", "1", "--batch-size", "8")])
+    p = run([PY, "finetune.py", "--init-from", s1, "--data", shapes / "finetune.json", "--image-folder", shapes,
+             "--num-workers", "0", "--max-steps", "1", "--batch-size", "8", "--max-len", "48", "--out", tmp_path / "s2"])
+    assert "image_size=28" in p.stdout and "max_length=" not in p.stdout
+    assert json.loads((tmp_path / "s2" / "args.json").read_text())["max_length"] == 48
