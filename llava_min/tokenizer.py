@@ -1,17 +1,14 @@
-"""InternLM2's tokenizer: its sentencepiece BPE model read as InternLM2's fast (Hugging Face) tokenizer reads it.
+"""InternLM2's tokenizer: its sentencepiece BPE model, read as InternLM2's fast (Hugging Face) tokenizer reads it.
 
-Start at `Tokenizer.encode`. The released `tokenizer.model` (sha256 f868398f...) is a BPE model with byte
-fallback, split digits, no dummy prefix and no whitespace clean-up. Its chat tokens are not stored under their
-names: `[UNUSED_TOKEN_141]`..`[UNUSED_TOKEN_146]` at ids 92538..92543 hold them (the `<|...|>` names exist only
-in Hugging Face's tokenizer_config.json), so this module maps the names itself:
+Start at `Tokenizer.encode`. The released tokenizer.model (sha256 f868398f...) has byte fallback, split digits,
+no dummy prefix, no whitespace clean-up, and holds its chat tokens in pieces named `[UNUSED_TOKEN_141]`..`146`:
 
     <|plugin|> 92538   <|interpreter|> 92539   <|action_end|> 92540
     <|action_start|> 92541   <|im_end|> 92542   <|im_start|> 92543      (<s> 1, </s> 2, <unk> 0)
 
-A model trained by `python -m llava_min.tokenizer train` (llava_min/tools/tokenizer_train.py) stores them under
-their own names at TRAINED_IDS. Text encodes exactly as InternLM2's fast tokenizer encodes it (XTuner's), on any
-sentencepiece version: see `_as_fast_tokenizer_reads_it` and `_encode_text` for the two places where plain
-sentencepiece would differ.
+A model from `python -m llava_min.tokenizer train` (tools/tokenizer_train.py) names them at TRAINED_IDS. Text
+encodes as the fast tokenizer (XTuner's) encodes it on any sentencepiece version; where plain sentencepiece
+differs: `_as_fast_tokenizer_reads_it` and `_encode_text`.
 """
 from __future__ import annotations
 
@@ -26,16 +23,9 @@ import sentencepiece as spm
 from . import LlavaMinError
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>")
-# The pieces that hold the chat tokens in the released InternLM2 tokenizer.model (its tokenizer_config.json
-# `added_tokens_decoder` names them).
-INTERNLM2_PIECES = {
-    "<|plugin|>": "[UNUSED_TOKEN_141]",        # 92538
-    "<|interpreter|>": "[UNUSED_TOKEN_142]",   # 92539
-    "<|action_end|>": "[UNUSED_TOKEN_143]",    # 92540
-    "<|action_start|>": "[UNUSED_TOKEN_144]",  # 92541
-    "<|im_end|>": "[UNUSED_TOKEN_145]",        # 92542
-    "<|im_start|>": "[UNUSED_TOKEN_146]",      # 92543
-}
+# The pieces that hold them in the released model: <|im_start|> [UNUSED_TOKEN_146] 92543 down to <|plugin|>
+# [UNUSED_TOKEN_141] 92538 (the names exist only in HF's tokenizer_config.json `added_tokens_decoder`).
+INTERNLM2_PIECES = {name: f"[UNUSED_TOKEN_{146 - k}]" for k, name in enumerate(CHAT_TOKENS)}
 # Where `train` puts them: sentencepiece numbers user-defined pieces right after <unk> 0, <s> 1, </s> 2.
 TRAINED_IDS = {name: 3 + i for i, name in enumerate(CHAT_TOKENS)}
 
@@ -92,10 +82,9 @@ def _as_fast_tokenizer_reads_it(proto: bytes) -> tuple[bytes, int | None]:
 
 
 def _load_sentencepiece(proto: bytes, path: str) -> spm.SentencePieceProcessor:
-    """Load a serialized model, keeping only sentencepiece's known-harmless log line off stderr.
+    """Load a serialized model, keeping sentencepiece's known-harmless log line off stderr.
 
-    The C++ library writes to fd 2 directly, so the capture is at the file-descriptor level; whatever else
-    it prints during the load is passed on unchanged.
+    The C++ library writes to fd 2 directly, hence the capture at that level; anything else is passed on.
     """
     try:
         sys.stderr.flush()
@@ -162,8 +151,7 @@ class Tokenizer:
         self._names = {i: name for name, i in self.special_ids.items()}
         self._special_re = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")  # a group: split keeps them
 
-    def __getstate__(self):
-        # the loaded proto is already the rewritten one; rewriting it again in _load changes nothing
+    def __getstate__(self):  # the rewritten proto: rewriting it again in _load changes nothing
         return {"path": self.path, "proto": self.sp.serialized_model_proto()}
 
     def __setstate__(self, state):
@@ -175,12 +163,8 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str, bos: bool = False, special: bool = True) -> list[int]:
-        """Token ids of `text` (no </s> is ever added). special=False: chat-token names are plain text.
-
-        With special, the six chat-token names in `text` become their ids, as Hugging Face's tokenizer does
-        with its added tokens; without, `text` is content (data.py encodes message text this way), and
-        everything in it, a typed "<|im_end|>", "<s>" or "[UNUSED_TOKEN_145]" included, stays text.
-        """
+        """Token ids of `text` (no </s> is ever added). special: the six chat-token names become their ids,
+        as HF's added tokens do; special=False: `text` is content (data.py's messages), all of it text."""
         ids = [self.bos_id] if bos else []
         parts = self._special_re.split(text) if special else [text]
         for k, part in enumerate(parts):
@@ -195,7 +179,7 @@ class Tokenizer:
             return self.sp.encode(text)
         # sentencepiece >= 0.2.1 refuses a piece that is a NUL character and encodes NUL by byte fallback
         # (<0x00>, id 3); the fast tokenizer, and sentencepiece <= 0.2.0, use the piece (354 in InternLM2's).
-        # No longer piece holds a NUL, so cutting the text there changes no other merge.
+        # No longer piece holds a NUL (the trainer makes none), so cutting the text there changes no merge.
         ids = []
         for k, chunk in enumerate(self.sp.encode(text.split("\0"))):
             ids += [self._nul_id] + chunk if k else chunk

@@ -58,12 +58,14 @@ def hf_internlm2_tokenizer(path):
     transformers = pytest.importorskip("transformers")
 
     sp = spm.SentencePieceProcessor(model_file=str(path))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
     names = {i: name for name, i in REAL_IDS.items()} | {0: "<unk>", 1: "<s>", 2: "</s>"}
-    vocab_scores = [(names.get(i, piece), 0.0 if i < 3 else sp.get_score(i)) for piece, i in vocab.items()]
+    vocab_scores = [(names.get(i, sp.id_to_piece(i)), 0.0 if i < 3 else sp.get_score(i)) for i in range(n)]
     merges = []  # SentencePieceExtractor.extract: every split of a piece into two pieces, by score
     for piece, score in dict(vocab_scores).items():
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges = [(left, right) for left, right, _ in sorted(merges, key=lambda m: m[2], reverse=True)]
     bpe = tokenizers.models.BPE({piece: i for i, (piece, _) in enumerate(vocab_scores)}, merges,
@@ -94,6 +96,15 @@ def hf_reference(real_tokenizer_path):
     return hf_internlm2_tokenizer(real_tokenizer_path)
 
 
+@pytest.fixture
+def fast(real_tokenizer_path):
+    """The fast tokenizer, or None without tokenizers/transformers (the tests' literal ids still run)."""
+    try:
+        return hf_internlm2_tokenizer(real_tokenizer_path)
+    except pytest.skip.Exception:
+        return None
+
+
 def test_chat_template_ids(real):
     assert real.encode("<|im_start|>user\nhi<|im_end|>\n", bos=True) == [1, 92543, 1008, 364, 6176, 92542, 364]
     assert (real.bos_id, real.eos_id, real.vocab_size) == (1, 2, 92544)
@@ -114,7 +125,7 @@ def test_same_ids_as_transformers(real, hf_reference, real_tokenizer_path):
         assert real.encode(text) == slow.encode(text, add_special_tokens=False), text
 
 
-def test_reserved_piece_names_are_text(real, hf_reference):
+def test_reserved_piece_names_are_text(real, fast):
     """[UNUSED_TOKEN_n] typed in text: plain sentencepiece matches it as a user-defined piece; the fast
     tokenizer, and so llava-min, encodes its characters (with either value of `special`)."""
     for special in (False, True):
@@ -124,23 +135,25 @@ def test_reserved_piece_names_are_text(real, hf_reference):
         for text in (f"[UNUSED_TOKEN_{n}]", f" as [UNUSED_TOKEN_{n}].", f"x[UNUSED_TOKEN_{n}]\n"):
             ids = real.encode(text, special=False)
             assert not set(ids) & set(RESERVED) and real.decode(ids) == text, text
-            assert ids == hf_reference.encode(text, add_special_tokens=False), text
-    # the other user-defined pieces (fullwidth letters, "——", "……") merge as the fast tokenizer's BPE does
+            assert fast is None or ids == fast.encode(text, add_special_tokens=False), text
+    # the other user-defined pieces (fullwidth letters, "——", "……"): no longer piece holds one, so greedy
+    # matching and BPE agree on them; still the fast tokenizer's ids
     for text in ["ＥＦ——……———", "x——y", "……\n", "ａｂｃ", "Ｚoom"]:
-        assert real.encode(text, special=False) == hf_reference.encode(text, add_special_tokens=False), text
+        assert fast is None or real.encode(text, special=False) == fast.encode(text, add_special_tokens=False), text
 
 
-def test_nul_is_its_piece_on_any_sentencepiece(real, hf_reference):
+def test_nul_is_its_piece_on_any_sentencepiece(real, fast):
     """A NUL is piece 354 in the fast tokenizer and with sentencepiece <= 0.2.0; sentencepiece >= 0.2.1 alone
     gives byte fallback <0x00> (id 3). llava-min gives 354 whichever is installed."""
     plain = spm.SentencePieceProcessor(model_file=str(real.path))
-    assert plain.encode("a\x00b") == ([264, 3, 260] if spm.__version__ >= "0.2.1" else [264, 354, 260])
+    new_sentencepiece = tuple(int(v) for v in spm.__version__.split(".")[:3]) >= (0, 2, 1)
+    assert plain.encode("a\x00b") == ([264, 3, 260] if new_sentencepiece else [264, 354, 260])
     for special in (False, True):
         assert real.encode("\x00", special=special) == [354]
         assert real.encode("a\x00b\x00\x00 c", special=special) == [264, 354, 260, 354, 354, 403]  # ... ▁c
     assert real.decode([264, 354, 260]) == "a\x00b"
     for text in ["\x00", "\x00\x00", " \x00 ", "中\x00文", "<|im_end|>\x00<|im_start|>"]:
-        assert real.encode(text) == hf_reference.encode(text, add_special_tokens=False), repr(text)
+        assert fast is None or real.encode(text) == fast.encode(text, add_special_tokens=False), repr(text)
     # what makes cutting the text at a NUL exact: no other piece holds one
     assert [i for i in range(real.vocab_size) if "\x00" in real.sp.id_to_piece(i)] == [354]
 
@@ -155,23 +168,20 @@ def _random_text(rng: random.Random) -> str:
         lambda: chr(rng.choice([*range(32), 127, 0x85])),
         lambda: "".join(chr(rng.randrange(0x4E00, 0xA000)) for _ in range(rng.randint(1, 4))),
         lambda: rng.choice(["🙂", "👍🏽", "👨‍👩‍👧", "🇫🇷", chr(rng.randrange(0x1F300, 0x1FB00))]),
-        lambda: "".join(rng.choice([" ", "\t", "\n", "\r\n", "\u3000", "\xa0"]) for _ in range(rng.randint(1, 6))),
+        lambda: "".join(rng.choice([" ", "\t", "\n", "\r\n", "\u3000", "\xa0"])
+                        for _ in range(rng.randint(1, 6))),
         lambda: rng.choice(["as", " the", "cat", "[", "]", "_", "UNUSED", "_TOKEN_", "145", " 2024", "[UNUSED_TOKEN_",
                             "[UNUSED_TOKEN_147]", "TOKEN_0]", "ü", "é", "Ω"]),
     ]
     return "".join(rng.choice(kinds)() for _ in range(rng.randint(1, 12)))
 
 
-def test_random_text_encodes_as_the_fast_tokenizer(real, real_tokenizer_path):
+def test_random_text_encodes_as_the_fast_tokenizer(real, real_tokenizer_path, fast):
     """Seeded: message text never yields a reserved or control id and decodes back to itself; it equals plain
     sentencepiece wherever it holds no reserved/user-defined piece name and no control character; and it
     equals InternLM2's fast tokenizer (rebuilt) wherever that does not turn <s>/</s>/<unk>/chat names into
     control tokens, the one documented difference (with special=True the chat names match there too)."""
     plain = spm.SentencePieceProcessor(model_file=str(real_tokenizer_path))
-    try:
-        fast = hf_internlm2_tokenizer(real_tokenizer_path)
-    except pytest.skip.Exception:  # no tokenizers/transformers: the other properties still hold
-        fast = None
     piece_name = re.compile(r"\[UNUSED_TOKEN_\d+\]|——|……|[Ａ-Ｚａ-ｚ]")
     rng, compared = random.Random(0), 0
     for _ in range(400):
