@@ -28,7 +28,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from llava_min import IGNORE_INDEX, dist, doctor, memory  # noqa: E402
+from llava_min import IGNORE_INDEX, dist  # noqa: E402
 from llava_min.checkpoint import (capture_rng_state, clean_leftovers, latest_checkpoint,  # noqa: E402
                                   load_training_state, restore_rng_state, save_checkpoint)
 from llava_min.data import LLaVADataset, collate  # noqa: E402
@@ -44,6 +44,7 @@ from llava_min.plot import plot_loss  # noqa: E402
 from llava_min.projector import Projector  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
 from llava_min.tokenizer import Tokenizer  # noqa: E402
+from llava_min.tools import doctor, hang, memory  # noqa: E402
 from llava_min.weights import save_state, write_json  # noqa: E402
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
@@ -150,7 +151,8 @@ def main(stage: int = 1, argv=None) -> None:
     explicit = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])
                 if a.startswith("--")}
     out = Path(args.out)
-    d = dist.setup(timeout_s=args.dist_timeout, out_dir=out)
+    d = dist.setup(timeout_s=args.dist_timeout)
+    hang.attach(d, out)              # heartbeats and stack dumps under OUT (kill -USR1 <pid> writes every rank's)
     try:
         doctor.quick_check(d)        # under torchrun: every rank joined, no shared GPU, a correct all-reduce
         run(args, explicit, out, d)
