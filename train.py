@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from llava_min import IGNORE_INDEX, checkpoint, dist, doctor, memory  # noqa: E402
+from llava_min import IGNORE_INDEX, checkpoint, dist  # noqa: E402
 from llava_min.data import LLaVADataset, collate  # noqa: E402
 from llava_min.dinov2 import DINOv2  # noqa: E402
 from llava_min.dinov2 import load_config as vit_config  # noqa: E402
@@ -43,6 +43,7 @@ from llava_min.plot import plot_loss  # noqa: E402
 from llava_min.projector import Projector  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
 from llava_min.tokenizer import Tokenizer  # noqa: E402
+from llava_min.tools import doctor, hang, memory  # noqa: E402
 from llava_min.weights import write_json  # noqa: E402
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
@@ -165,7 +166,8 @@ def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.d
 def main(stage: int = 1, argv=None) -> None:
     args = parse_args(stage, argv)
     out = Path(args.out)
-    d = dist.setup(timeout_s=args.dist_timeout, out_dir=out)
+    d = dist.setup(timeout_s=args.dist_timeout)
+    hang.attach(d, out)              # heartbeats and stack dumps under OUT (kill -USR1 <pid> writes every rank's)
     try:
         doctor.quick_check(d)        # under torchrun: every rank joined, no shared GPU, a correct all-reduce
         run(args, out, d)

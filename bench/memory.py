@@ -25,7 +25,7 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from common import load_pair, machine, set_checkpointing, setup_threads, sft_batch
-from llava_min.memory import saved_activation_bytes
+from llava_min.tools.memory import saved_activation_bytes
 
 MiB = 2 ** 20
 

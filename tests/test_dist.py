@@ -1,16 +1,20 @@
-"""llava_min.dist under real `torchrun` with gloo: a hung or failing rank ends the job quickly and says why.
+"""llava_min.dist (+ llava_min.tools.hang) under real `torchrun` with gloo: a hung or failing rank ends the job
+quickly and says why.
 
 Proves, each with two real worker processes (this file is also the worker script):
   * a rank frozen with SIGSTOP makes the job end within --dist-timeout + 60 s, non-zero, with a message that
     names the collective, the step, the timeout and the frozen rank; the surviving rank's stack is on disk;
   * a rank that raises makes every rank exit promptly (long before the timeout);
   * check_consistent names the field and the differing rank, on every rank;
-  * a barrier that one rank never reaches names that rank;
+  * a barrier that one rank never reaches names that rank; a barrier given its own, longer timeout (a
+    checkpoint save) waits past --dist-timeout, and when that runs out too its message names the barrier;
   * `kill -USR1` on a rank blocked inside a collective dumps every rank's stack and the run goes on;
 and, in one process: the collectives are identities, heartbeats land in OUT/heartbeats, and
-`collective()` turns a peer failure inside a block into a named DistTimeout while other errors pass.
+`collective()` turns a peer failure inside a block (gloo's RuntimeError, a DistError) into a named DistTimeout
+while other errors pass, with the hang tool attached or not.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from _procs import finish, kill_session, start, wait_for  # noqa: E402
 from llava_min import dist  # noqa: E402
+from llava_min.tools import hang  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -31,7 +36,8 @@ from llava_min import dist  # noqa: E402
 
 def worker(scenario: str, out: Path, timeout: float) -> None:
     torch.set_num_threads(1)
-    d = dist.setup(timeout_s=timeout, out_dir=out)
+    d = dist.setup(timeout_s=timeout)
+    hang.attach(d, out)
     try:
         if scenario == "steps":            # all_reduce every 0.2 s until OUT/stop appears (or 300 steps)
             for step in range(1, 300):
@@ -55,6 +61,16 @@ def worker(scenario: str, out: Path, timeout: float) -> None:
                 d.heartbeat(1, "preparing data")
                 time.sleep(30)
             dist.barrier(d, what="data ready")
+        elif scenario == "save":           # rank 0 "saves" for 2.5 x the timeout, then for ever
+            if d.rank == 0:
+                d.heartbeat(1, "saving")
+                time.sleep(2.5 * timeout)
+            dist.barrier(d, what=f"checkpoint save at step 1 into {out}", timeout_s=4 * timeout)
+            d.log("waited for the save")
+            if d.rank == 0:
+                d.heartbeat(2, "saving again")
+                time.sleep(30)
+            dist.barrier(d, what=f"checkpoint save at step 2 into {out}", timeout_s=2 * timeout)
     finally:
         dist.teardown(d)
 
@@ -71,7 +87,7 @@ def launch(scenario: str, out: Path, timeout: float) -> subprocess.Popen:
 
 def reached(out: Path, rank: int, step: int) -> dict | None:
     """The rank's heartbeat once it has reached `step`."""
-    beat = dist.read_heartbeat(out, rank)
+    beat = hang.read_heartbeat(out, rank)
     return beat if beat.get("step", 0) >= step else None
 
 
@@ -101,7 +117,7 @@ def test_a_rank_that_raises_ends_every_rank_promptly(tmp_path):
     assert rc != 0
     assert "rank 1 broke on purpose at step 3" in log
     assert seconds < 30, f"took {seconds:.0f} s"
-    assert dist.read_heartbeat(out, 1)["phase"].startswith("exited: ValueError")
+    assert hang.read_heartbeat(out, 1)["phase"].startswith("exited: ValueError")
 
 
 def test_check_consistent_names_rank_and_field_on_every_rank(tmp_path):
@@ -109,9 +125,9 @@ def test_check_consistent_names_rank_and_field_on_every_rank(tmp_path):
     rc, _, log = finish(launch("mismatch", out, 30), 60)
     assert rc != 0
     for rank in (0, 1):
-        assert f"RankMismatch: rank {rank}: the ranks disagree at start-up" in log, log[-3000:]
+        assert f"LlavaMinError: rank {rank}: the ranks disagree at start-up" in log, log[-3000:]
     assert log.count("'samples' differs on rank(s) 1 from rank 0 (rank 0: 1000; rank 1: 1001)") == 2
-    assert "max_steps" not in log.split("RankMismatch")[1].split("\n")[1]
+    assert "max_steps" not in log.split("LlavaMinError")[1].split("\n")[1]
 
 
 def test_barrier_names_the_rank_that_never_came(tmp_path):
@@ -119,8 +135,18 @@ def test_barrier_names_the_rank_that_never_came(tmp_path):
     rc, seconds, log = finish(launch("barrier", out, 2), 40)
     assert rc != 0 and seconds < 25
     assert "barrier 'data ready'" in log
-    assert "Ranks 1 failed to pass monitoredBarrier" in log, log[-3000:]
+    assert "rank(s) 1 did not reach this barrier within 2 s" in log, log[-3000:]
     assert "rank 1 (pid" in log and "preparing data" in log
+
+
+def test_barrier_with_its_own_timeout_waits_for_a_save_and_names_it(tmp_path):
+    out, timeout = tmp_path / "out", 2     # the first save takes 2.5 x --dist-timeout, the barrier allows 4 x
+    rc, seconds, log = finish(launch("save", out, timeout), 60)
+    assert rc != 0 and seconds < 45, log[-3000:]
+    assert "[rank 1] waited for the save" in log, log[-3000:]
+    assert re.search(rf"rank 1: barrier 'checkpoint save at step 2 into {re.escape(str(out))}' at step \d+ timed out "
+                     rf"after \d+ s \(--dist-timeout {timeout} s, this wait {2 * timeout} s\)", log), log[-3000:]
+    assert "rank 0 (pid" in log and "saving again" in log
 
 
 def test_usr1_dumps_every_rank_without_stopping(tmp_path):
@@ -134,7 +160,7 @@ def test_usr1_dumps_every_rank_without_stopping(tmp_path):
         for f in stacks:
             text = f.read_text()
             assert "SIGUSR1 to rank 0" in text and "in worker" in text and "Thread MainThread" in text
-        step = dist.read_heartbeat(out, 1)["step"]
+        step = hang.read_heartbeat(out, 1)["step"]
         wait_for(lambda: reached(out, 1, step + 2), 20, "steps after the dump", proc)
         (out / "stop").touch()
         rc, _, log = finish(proc, 30)
@@ -145,7 +171,8 @@ def test_usr1_dumps_every_rank_without_stopping(tmp_path):
 
 
 def test_one_process(tmp_path):
-    d = dist.setup(timeout_s=5, out_dir=tmp_path)
+    d = dist.setup(timeout_s=5)
+    hang.attach(d, tmp_path)
     try:
         assert (d.rank, d.world_size, d.is_distributed) == (0, 1, False)
         t = torch.tensor([3.0])
@@ -154,8 +181,8 @@ def test_one_process(tmp_path):
         dist.barrier(d)
         dist.check_consistent(d, {"samples": 10})
         d.heartbeat(7, "forward")
-        d._write_heartbeat()
-        beat = dist.read_heartbeat(tmp_path, 0)
+        d.forensics.write_heartbeat()
+        beat = hang.read_heartbeat(tmp_path, 0)
         assert (beat["step"], beat["phase"], beat["pid"]) == (7, "forward", os.getpid())
         # collective() names distributed failures inside a block (DDP's backward) and lets others through
         with pytest.raises(RuntimeError, match="^shape mismatch$"):
@@ -163,13 +190,30 @@ def test_one_process(tmp_path):
                 raise RuntimeError("shape mismatch")
         with pytest.raises(dist.DistTimeout, match="collective 'DDP gradient all-reduce at step 7' at step 7 "
                                                    "failed after .* Connection closed by peer"):
-            with dist.collective(d, "DDP gradient all-reduce at step 7"):
-                raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+            with dist.collective(d, "DDP gradient all-reduce at step 7"):      # as gloo words it
+                raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                                   "[127.0.0.1]:1234")
         assert "Connection closed" not in (tmp_path / "stacks" / "rank-0.txt").read_text()
         assert "DDP gradient all-reduce at step 7' failed" in (tmp_path / "stacks" / "rank-0.txt").read_text()
+        with pytest.raises(dist.DistTimeout, match="Ranks last seen:\n  rank 0 \\(pid"):
+            with dist.collective(d, "NCCL all-reduce"):
+                raise dist.tdist.DistBackendError("NCCL error: remote process exited")
     finally:
         dist.teardown(d)
-    assert dist.read_heartbeat(tmp_path, 0)["phase"] == "exited"
+    assert hang.read_heartbeat(tmp_path, 0)["phase"] == "exited"
+    assert d.forensics.watcher.is_alive() is False
+
+
+def test_without_the_hang_tool():
+    d = dist.setup(timeout_s=5)
+    try:
+        d.heartbeat(3, "forward")
+        with pytest.raises(dist.DistTimeout, match="collective 'x' at step 3 failed after .*: NCCL error\n"
+                                                   "Ranks last seen:\n  rank 0: step 3, in collective 'x'"):
+            with dist.collective(d, "x"):
+                raise dist.tdist.DistNetworkError("NCCL error")
+    finally:
+        dist.teardown(d)
 
 
 if __name__ == "__main__":

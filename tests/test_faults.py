@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from _procs import finish, kill_session, start as _start, wait_for
-from llava_min.dist import read_heartbeat
+from llava_min.tools.hang import read_heartbeat
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

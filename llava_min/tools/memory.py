@@ -1,0 +1,628 @@
+"""GPU memory per process and host RAM per node for a training configuration, from the model configs alone.
+
+    python -m llava_min.memory --llm-config internlm2-7b --vit-config dinov2-large --batch-size 1 \\
+        --max-length 2048 --nproc 4 --gpu-mem 24
+    python -m llava_min.memory --llm internlm2-7b/ --vit dinov2-large/ --lora-r 128 --grad-checkpointing --json
+
+The flags are finetune.py's (its other flags are accepted and ignored), with its defaults: stage 2
+(`--train projector,llm`), batch 16, max length 2048, 336 px, bf16, 4 loader workers. train.py prints this
+estimate before the first step and, after a CUDA out-of-memory error, `suggest_fit`: flags that would fit.
+Start with `estimate` (the GPU) and `host_bytes` (the node): every term's bytes are explained where it is
+computed. A card fits when the total is at most 95% of it (the rest is allocator slack).
+
+The activation model is checked against measurement: tests/test_memory.py runs real LLaVA forwards on the CPU
+and counts every distinct tensor storage autograd saves for backward (`saved_activation_bytes`): within 3% (in
+practice 0.1-2%) in fp32, bf16 autocast, LoRA, frozen-LLM, checkpointed and trained-ViT set-ups. Not measurable on the CPU: CUDA's padded
+attention path, the logits chunk and the context (modelled from the kernels' buffers; bench/gpu.py compares
+the total with torch.cuda.max_memory_allocated on a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import LlavaMinError, dinov2, internlm2, llava
+
+GiB = 2**30
+CUDA_CONTEXT = 0.75 * GiB               # context and cuBLAS workspaces
+NCCL_BUFFERS = 0.5 * GiB                # when world size > 1
+FIT_FRACTION = 0.95
+LOSS_CHUNK = 1024                       # llava.LLaVA.loss_sum's default
+LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
+PROCESS_BASE = 1.5 * GiB                # a rank's Python, torch and (on CUDA) CUDA libraries, before any tensor
+WORKER_BASE = 0.3 * GiB                 # a forked loader worker's own pages: its heap, image decoding
+MAX_SHARD = 5 * 10**9                   # transformers' default shard size, for a checkpoint not at hand
+JSON_PEAK = 3.5                         # json.load's peak RSS / file size for LLaVA data (1 GB file: 3.5 GB)
+
+
+@dataclass
+class Plan:
+    """One training configuration, as finetune.py's flags describe it."""
+    llm: internlm2.InternLM2Config
+    vit: dinov2.DINOv2Config
+    train: tuple[str, ...] = ("projector", "llm")
+    lora_r: int = 0
+    lora_dropout: float = 0.05
+    batch_size: int = 16
+    max_length: int = 2048
+    image_size: int = 336
+    grad_checkpointing: bool = False
+    dtype: str = "bfloat16"
+    zero: bool = False
+    world_size: int = 1
+    images_per_sample: int = 1
+    select_layer: int = -2
+    loss_chunk: int = LOSS_CHUNK
+    device: str = "cuda"                # "cpu": no CUDA context, dropout masks in a, the model in host RAM
+    ddp_bucket_view: bool = True        # train.py builds DDP(gradient_as_bucket_view=True): no bucket copy
+    nproc_per_node: int = 1             # ranks sharing one node's host RAM
+    num_workers: int = 4                # loader worker processes per rank
+    prefetch: int = 2                   # loader.Loader's batches in flight per worker
+    data_bytes: int = 0                 # size of the --data files (the sample table each rank holds)
+    shard_bytes: int = 0                # largest safetensors file of the sources (0: not at hand)
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.dtype == "bfloat16" else 4
+
+    @property
+    def image_tokens(self) -> int:
+        return self.vit.image_tokens(self.image_size)
+
+    @property
+    def llm_mode(self) -> str:
+        if "llm" not in self.train:
+            return "frozen"
+        return "lora" if self.lora_r else "full"
+
+    def replace(self, **changes) -> "Plan":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Estimate:
+    """Bytes per GPU, by what holds them. `activations` is itemised; `total` is the peak."""
+    params: dict[str, int]
+    weights: int
+    gradients: int
+    ddp_buckets: int
+    optimizer: int
+    optimizer_unsharded: int
+    autocast_copies: int
+    activations: dict[str, int]
+    activations_other_mode: int      # the activation total with grad checkpointing flipped
+    vit_transient: int
+    logits: int
+    cuda_context: int
+    total: int = 0
+
+    @property
+    def saved_activations(self) -> int:
+        """What autograd holds from forward to backward (the recompute terms happen inside backward)."""
+        return sum(v for k, v in self.activations.items() if "recompute" not in k)
+
+    @property
+    def activation_total(self) -> int:
+        return sum(self.activations.values())
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["saved_activations"], d["activation_total"] = self.saved_activations, self.activation_total
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+
+def lora_parameters(c: internlm2.InternLM2Config, r: int) -> int:
+    """A (r x in) and B (out x r) for wqkv, wo, w1, w3, w2 in every block."""
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    h, i = c.hidden_size, c.intermediate_size
+    in_plus_out = (h + qkv) + (h + h) + 2 * (h + i) + (i + h)
+    return c.num_hidden_layers * r * in_plus_out
+
+
+def param_counts(plan: Plan) -> dict[str, int]:
+    """Tensor counts (the checkpoints' tensors: DINOv2's mask_token buffer included) from internlm2 / dinov2's
+    num_parameters. "trained" counts the parameters that get gradients and optimizer state; a trained ViT's
+    blocks after select_layer and its final norm never run, so they keep fp32 weights ("unused") but no gradient."""
+    c, v = plan.llm, plan.vit
+    h, D = c.hidden_size, v.hidden_size
+    blocks_run = v.blocks_run(plan.select_layer)
+    vit_block = (dinov2.num_parameters(dataclasses.replace(v, num_hidden_layers=2))
+                 - dinov2.num_parameters(dataclasses.replace(v, num_hidden_layers=1)))
+    counts = {"llm": internlm2.num_parameters(c), "vit": dinov2.num_parameters(v),
+              "projector": D * h + h + h * h + h,           # Linear(D, h), GELU, Linear(h, h), with biases
+              "lora": lora_parameters(c, plan.lora_r) if plan.lora_r else 0}
+    vit_unused = (v.num_hidden_layers - blocks_run) * vit_block + 2 * D      # + the final LayerNorm
+    trained = {"projector": counts["projector"] if "projector" in plan.train else 0,
+               "llm": (counts["lora"] if plan.lora_r else counts["llm"]) if "llm" in plan.train else 0,
+               "vit": counts["vit"] - vit_unused - D * v.use_mask_token if "vit" in plan.train else 0}
+    counts["trained"] = sum(trained.values())
+    counts["unused"] = vit_unused if "vit" in plan.train else 0
+    counts["frozen"] = (counts["llm"] + counts["vit"] + counts["projector"] + counts["lora"]
+                        - counts["trained"] - counts["unused"])
+    # The trained parameters that autocast casts to bf16: matrices of linear / conv layers (and their biases,
+    # the output head included), not the embedding, norms, position tables, cls / registers or layer scales.
+    llm_matmul = counts["llm"] - c.vocab_size * h - (2 * c.num_hidden_layers + 1) * h
+    vit_tables = (v.grid_size ** 2 + 2 + v.num_register_tokens) * D + blocks_run * 6 * D   # + per-block norms, scales
+    counts["trained_matmul"] = (trained["projector"]
+                                + (counts["lora"] if plan.lora_r else llm_matmul) * ("llm" in plan.train)
+                                + (trained["vit"] - vit_tables) * ("vit" in plan.train))
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations: bytes autograd saves for backward. a = 2 in bf16 (4 in fp32); r = the residual stream's bytes
+# (4 when the LLM trains in fp32 master weights, else a); h hidden, kv = kv_heads x head_dim, i intermediate,
+# nh heads, hd head_dim; N = batch x max_length LLM positions, image tokens included.
+
+def llm_block_bytes_per_token(plan: Plan) -> float:
+    """Bytes one InternLM2 block saves for backward, per token."""
+    c, a, mode = plan.llm, plan.act_bytes, plan.llm_mode
+    h, i, nh, hd = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim
+    kv = c.num_key_value_heads * hd
+    r = 4 if mode == "full" else a
+    # the rotated q|k buffer (q is a view of it; k and v are copied out so the fused qkv buffer is freed), v,
+    # the attention output (= wo's input), the log-sum-exp, and the per-block bf16 rotary tables
+    attention = a * (2 * h + 2 * kv) + 4 * nh + (a * hd if r != a else 0)
+    if mode == "full":
+        # each RMSNorm's fp32 input and its normalised output (for the weight's gradient), and the bf16 copy
+        # each linear makes of its input (w1 and w3 make one each)
+        norms = (4 + r + a) * h + (4 + r) * h + (a * h if r == a else 2 * a * h) + 8
+        mlp = 4 * a * i                                     # w1 out, w3 out, silu out, their product
+    else:
+        norms = 2 * (4 * h + 4)                             # frozen linears save nothing: no weight gradient
+        mlp = 3 * a * i
+    total = norms + attention + mlp
+    if mode == "lora":
+        # per adapted linear (inputs summed: 4h + i): the dropout mask (1 byte from CUDA's fused dropout, a on
+        # the CPU) and the adapter's input, plus the r-wide middle
+        mask = (1 if plan.device == "cuda" else a) if plan.lora_dropout > 0 else 0
+        total += (4 * h + i) * (mask + a) + len(LORA_TARGETS) * plan.lora_r * a
+    if plan.batch_size > 1 and plan.device == "cuda":
+        # the padded-batch attention path repeats k and v to all heads and saves a float mask per block
+        total += 2 * a * (h - kv) + a * plan.max_length
+    return total
+
+
+def vit_block_bytes_per_token(plan: Plan) -> float:
+    """Bytes one DINOv2 block saves for backward per ViT token (1 + registers + patches), when the ViT trains."""
+    v, a = plan.vit, plan.act_bytes
+    D, F = v.hidden_size, v.ffn_hidden_size
+    r = 4
+    norms = 2 * (r * D + 8)
+    linear_inputs = (3 * a * D if r != a else a * D) + a * D          # q/k/v inputs, fc1 input
+    attention = 3 * a * D + a * D + 4 * v.num_attention_heads          # q, k, v, output (= dense input), lse
+    layer_scale = 2 * a * D
+    mlp = a * (4 * F if v.use_swiglu_ffn else 2 * F)
+    return norms + linear_inputs + attention + layer_scale + mlp
+
+
+def activation_bytes(plan: Plan) -> dict[str, int]:
+    """Itemised activation bytes at the peak (the start of backward)."""
+    c, v, a = plan.llm, plan.vit, plan.act_bytes
+    h, L = c.hidden_size, c.num_hidden_layers
+    N = plan.batch_size * plan.max_length
+    n_images = plan.batch_size * plan.images_per_sample
+    r = 4 if plan.llm_mode == "full" else a
+    # The last block is booked in full, an upper bound: its output projection and MLP run on the supervised
+    # tokens only (at most 1/L of the blocks' total less).
+    block = llm_block_bytes_per_token(plan) * N
+    items = {}
+    if plan.grad_checkpointing:
+        items["llm blocks (inputs kept)"] = L * r * h * N   # each block keeps its input ...
+        items["llm recompute (one block)"] = block          # ... and one is recomputed at a time in backward
+    else:
+        items["llm blocks"] = L * block
+    # ids and splice indices, the final norm, and each supervised token's gathered hidden state
+    supervised = max(0, N - n_images * plan.image_tokens)
+    final_norm = (4 * h + r * h + 4) if plan.llm_mode == "full" else (4 * h + 4)
+    items["llm outside blocks"] = 16 * N + final_norm * N + (r * h + 24) * supervised
+    vit_tokens = n_images * (1 + v.num_register_tokens + plan.image_tokens)
+    if "projector" in plan.train:
+        items["projector"] = n_images * plan.image_tokens * a * (v.hidden_size + 2 * h)
+    if "vit" in plan.train:                                 # a frozen ViT runs under no_grad: nothing saved
+        blocks = v.blocks_run(plan.select_layer)
+        vit_block = vit_block_bytes_per_token(plan) * vit_tokens
+        pixels = n_images * 3 * plan.image_size ** 2 * a    # the patch convolution's input
+        if plan.grad_checkpointing:
+            items["vit blocks (inputs kept)"] = blocks * 4 * v.hidden_size * vit_tokens + pixels
+            items["vit recompute (one block)"] = vit_block
+        else:
+            items["vit blocks"] = blocks * vit_block + pixels
+    return {k: int(val) for k, val in items.items()}
+
+
+def vit_transient_bytes(plan: Plan) -> int:
+    """Peak of a frozen ViT's no_grad forward (a few live tensors of one block), before the LLM runs."""
+    v = plan.vit
+    tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
+    return int(tokens * plan.act_bytes * (6 * v.hidden_size + 2 * v.ffn_hidden_size))
+
+
+def saved_activation_bytes(model, fn):
+    """Measure: (bytes, fn()) -- the bytes of the distinct tensor storages autograd saves for backward while
+    fn() runs, the model's parameters left out. That is exactly the activation memory held from forward to
+    backward, whatever the allocator does. tests/test_memory.py checks the model above against it;
+    bench/memory.py compares llava-min with transformers by it."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(saved.values()), result
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU estimate
+
+def estimate(plan: Plan) -> Estimate:
+    _check(plan)
+    p = param_counts(plan)
+    world = plan.world_size
+    optimizer_unsharded = 8 * p["trained"]                  # AdamW's exp_avg and exp_avg_sq in fp32
+    acts = activation_bytes(plan)
+    other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
+    supervised = max(1, plan.batch_size * (plan.max_length - plan.images_per_sample * plan.image_tokens))
+    e = Estimate(
+        params=p,
+        # fp32 master weights for what trains, the compute dtype for what does not
+        weights=4 * (p["trained"] + p["unused"]) + (2 if plan.dtype == "bfloat16" else 4) * p["frozen"],
+        gradients=4 * p["trained"],
+        # gradient_as_bucket_view=True: gradients live in DDP's flat all-reduce buckets, not beside them
+        ddp_buckets=4 * p["trained"] if world > 1 and not plan.ddp_bucket_view else 0,
+        optimizer=optimizer_unsharded // world if plan.zero and world > 1 else optimizer_unsharded,   # ZeRO-1
+        optimizer_unsharded=optimizer_unsharded,
+        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward
+        autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" else 0,
+        activations=acts,
+        activations_other_mode=sum(other.values()),
+        vit_transient=vit_transient_bytes(plan) if "vit" not in plan.train else 0,
+        # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus the logits
+        logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + plan.act_bytes)),
+        cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
+    )
+    static = e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
+    e.total = static + max(e.activation_total + e.logits, e.vit_transient)
+    return e
+
+
+def _check(plan: Plan) -> None:
+    if not plan.train or not set(plan.train) <= set(llava.PARTS):
+        raise LlavaMinError(f"--train {','.join(plan.train)}: use a comma list of {', '.join(llava.PARTS)}, or all")
+    if plan.image_size % plan.vit.patch_size:
+        raise LlavaMinError(f"--image-size {plan.image_size} is not a multiple of the ViT patch size "
+                            f"{plan.vit.patch_size}")
+    need = plan.images_per_sample * plan.image_tokens
+    if plan.max_length <= need:
+        raise LlavaMinError(f"--max-length {plan.max_length} leaves no room for text after {need} image tokens "
+                            f"({plan.image_size} px / {plan.vit.patch_size} px patches)")
+    if plan.lora_r and "llm" not in plan.train:
+        raise LlavaMinError("--lora-r trains the LLM through adapters: add llm to --train")
+    if plan.batch_size < 1 or plan.world_size < 1:
+        raise LlavaMinError(f"--batch-size ({plan.batch_size}) and the world size ({plan.world_size}) must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Host RAM of one node
+
+def host_ram() -> tuple[int, int]:
+    """(MemTotal, MemAvailable) of this machine in bytes, (0, 0) where /proc/meminfo is missing."""
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        return int(info["MemTotal"].split()[0]) * 1024, int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def host_bytes(plan: Plan) -> dict:
+    """Host RAM per node in the three phases of a run: reading the data, loading the model, training. Each of
+    nproc_per_node ranks has num_workers loader workers (started after the load). Returns the itemised bytes of
+    one rank in each phase ("rank_start", "rank_load", "rank_training"), of one worker, and the node totals
+    ("start", "load", "training")."""
+    table = plan.data_bytes                 # the packed sample table is about the size of the JSON it came from
+    start = {"Python + torch": PROCESS_BASE, "json.load peak": JSON_PEAK * table}
+    # A batch as the loader hands it over: fp32 pixels, int64 ids and labels, in shared memory (its pages are
+    # counted once). In flight: prefetch per worker, plus the one being trained on and the previous one.
+    batch = plan.batch_size * (plan.images_per_sample * 3 * plan.image_size ** 2 * 4 + 2 * 8 * plan.max_length)
+    training = {"Python + torch": PROCESS_BASE, "sample table": table,
+                "batches in flight": (plan.prefetch * plan.num_workers + 2) * batch}
+    if plan.device == "cuda":
+        # Each tensor goes from its memory-mapped file straight to the GPU: one shard's pages at a time. Not at
+        # hand (a preset): as if the released bf16 checkpoint were read.
+        shard = plan.shard_bytes or min(MAX_SHARD, 2 * internlm2.num_parameters(plan.llm))
+        load = {"Python + torch": PROCESS_BASE, "sample table": table, "one checkpoint shard": shard}
+    else:
+        # The device is the host: the whole model in its final dtypes, then gradients, AdamW and activations.
+        e = estimate(plan)
+        load = {"Python + torch": PROCESS_BASE, "sample table": table, "weights": e.weights,
+                "one checkpoint shard": plan.shard_bytes}
+        training["model, gradients, AdamW, activations"] = e.total
+    # A forked worker shares its rank's sample table (pages read, never written) and the shared-memory batches.
+    worker = {"own pages": WORKER_BASE}
+    n, w = plan.nproc_per_node, plan.num_workers
+    out = {f"rank_{k}": {name: int(b) for name, b in v.items()}
+           for k, v in (("start", start), ("load", load), ("training", training))}
+    out["worker"] = {name: int(b) for name, b in worker.items()}
+    out.update(start=n * sum(out["rank_start"].values()), load=n * sum(out["rank_load"].values()),
+               training=n * (sum(out["rank_training"].values()) + w * sum(out["worker"].values())))
+    return out
+
+
+def host_warning(plan: Plan, host_gib: float) -> str | None:
+    """A warning line when a phase needs more than the node's RAM (None if it fits or the RAM is unknown)."""
+    h = host_bytes(plan)
+    phase = max(("start", "load", "training"), key=lambda k: h[k])
+    if not host_gib or h[phase] <= host_gib * GiB:
+        return None
+    workers = "fewer --num-workers, " if phase == "training" and plan.num_workers else ""
+    return (f"WARNING: host RAM: {h[phase] / GiB:.1f} GiB per node during {phase} exceeds this node's "
+            f"{host_gib:.1f} GiB; the kernel's OOM killer would end a rank. Use {workers}fewer ranks per node, "
+            "or a node with more memory")
+
+
+# --------------------------------------------------------------------------------------------------
+# The fit search
+
+def fits(plan: Plan, gpu_gib: float) -> bool:
+    return estimate(plan).total <= FIT_FRACTION * gpu_gib * GiB
+
+
+def _largest(fits_at, lo: int, hi: int) -> int:
+    """The largest n in [lo, hi] with fits_at(n), given fits_at(lo); binary search (fits_at is monotone)."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits_at(mid) else (lo, mid - 1)
+    return lo
+
+
+def largest_batch(plan: Plan, gpu_gib: float, limit: int = 4096) -> int:
+    """The largest micro-batch that fits (0: not even 1)."""
+    if not fits(plan.replace(batch_size=1), gpu_gib):
+        return 0
+    return _largest(lambda b: fits(plan.replace(batch_size=b), gpu_gib), 1, limit)
+
+
+def largest_length(plan: Plan, gpu_gib: float, step: int = 64) -> int:
+    """The largest --max-length (a multiple of `step`, at most max_position_embeddings) that fits; 0 if none."""
+    floor = (plan.images_per_sample * plan.image_tokens) // step * step + step
+    if not fits(plan.replace(max_length=floor), gpu_gib):
+        return 0
+    top = plan.llm.max_position_embeddings // step
+    return step * _largest(lambda n: fits(plan.replace(max_length=n * step), gpu_gib), floor // step, top)
+
+
+def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
+    """Flags that make `plan` fit a card of `gpu_gib` GiB. First a smaller micro-batch (the same global batch
+    through --grad-accum); if even batch 1 does not fit, levers are added one by one: bf16, checkpointing,
+    ZeRO-1, LoRA, a smaller LoRA rank, and last a shorter --max-length; levers that the final batch and
+    length do not need are dropped again. The last line gives the resulting estimate, or says that none of
+    this is enough."""
+    if fits(plan, gpu_gib):
+        return [f"already fits: {estimate(plan).total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
+    levers: list[tuple[str, dict]] = []
+    if plan.dtype != "bfloat16":
+        levers.append(("--dtype bfloat16", {"dtype": "bfloat16"}))
+    if not plan.grad_checkpointing:
+        levers.append(("--grad-checkpointing", {"grad_checkpointing": True}))
+    if plan.world_size > 1 and not plan.zero:
+        levers.append(("--zero", {"zero": True}))
+    if plan.llm_mode == "full":
+        levers.append(("--lora-r 128 (train the LLM through adapters)", {"lora_r": 128}))
+    if plan.llm_mode != "frozen" and (plan.lora_r or 128) > 32:
+        levers.append(("--lora-r 32", {"lora_r": 32}))
+
+    def build(chosen, **more) -> Plan:
+        p = plan
+        for _, change in chosen:
+            p = p.replace(**change)
+        return p.replace(**more)
+
+    applied, batch, length = [], 0, plan.max_length
+    for i in range(len(levers) + 1):
+        batch = min(largest_batch(build(applied), gpu_gib), plan.batch_size)
+        if batch or i == len(levers):
+            break
+        applied.append(levers[i])
+    if not batch:
+        batch, length = 1, largest_length(build(applied, batch_size=1), gpu_gib)
+        if not length:
+            need = estimate(build(applied, batch_size=1)).total / GiB
+            return [flag for flag, _ in applied] + [
+                f"does not fit even so: {need:.1f} GiB at batch 1; use more GPUs with --zero, a card with more "
+                "memory, or a smaller LLM (--llm-config internlm2-1_8b)"]
+    for lever in list(applied):               # drop what the chosen batch and length do not need
+        trial = [x for x in applied if x is not lever]
+        if fits(build(trial, batch_size=batch, max_length=length), gpu_gib):
+            applied = trial
+    flags = [flag for flag, _ in applied]
+    if batch < plan.batch_size:
+        flags.append(f"--batch-size {batch} with --grad-accum x{-(-plan.batch_size // batch)} (same global batch)")
+    if length < plan.max_length:
+        flags.append(f"--max-length {length} (longer samples are truncated)")
+    total = estimate(build(applied, batch_size=batch, max_length=length)).total
+    return flags + [f"-> {total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
+
+
+# --------------------------------------------------------------------------------------------------
+# From finetune.py's arguments
+
+def _largest_file(folders) -> int:
+    sizes = [f.stat().st_size for folder in folders if folder and Path(folder).is_dir()
+             for f in Path(folder).glob("*.safetensors")]
+    return max(sizes, default=0)
+
+
+def plan_from_args(args, world_size: int | None = None, device: str | None = None) -> Plan:
+    """A Plan from an argparse namespace with finetune.py's names (missing ones take the defaults)."""
+    def get(name, default=None):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    init = Path(get("init_from")) if get("init_from") else None
+    llm_source = get("llm") or get("llm_config") or (init / "llm" if init else None)
+    vit_source = get("vit") or get("vit_config") or (init / "vit" if init else None)
+    if llm_source is None or vit_source is None:
+        raise LlavaMinError("give --llm DIR or --llm-config NAME_OR_JSON, and --vit DIR or --vit-config "
+                            "NAME_OR_JSON (or --init-from DIR)")
+    image_size = get("image_size")
+    if image_size is None and init is not None and (init / "llava_config.json").exists():
+        image_size = json.loads((init / "llava_config.json").read_text()).get("image_size")
+    parts = llava.parse_parts(get("train", "projector,llm"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = [Path(f) for f in get("data", [])]
+    return Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
+                train=tuple(p for p in llava.PARTS if p in parts), lora_r=get("lora_r", 0),
+                lora_dropout=get("lora_dropout", 0.05), batch_size=get("batch_size", 16),
+                max_length=get("max_length", 2048), image_size=image_size or 336,
+                grad_checkpointing=bool(get("grad_checkpointing", False)),
+                dtype=get("dtype") or ("bfloat16" if device == "cuda" else "float32"), zero=bool(get("zero", False)),
+                world_size=world_size or get("world_size", 1), device=device,
+                nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                num_workers=get("num_workers", 4), data_bytes=sum(f.stat().st_size for f in data if f.is_file()),
+                shard_bytes=_largest_file([get("llm"), get("vit"), init and init / "llm", init and init / "vit"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = None) -> str:
+    """The table train.py prints at start-up. host_gib: the node's RAM (default: this machine's MemTotal)."""
+    e = estimate(plan)
+    p, g = e.params, lambda b: f"{b / GiB:8.2f}"
+    ckpt = "on" if plan.grad_checkpointing else "off"
+    world = plan.world_size
+    if e.optimizer != e.optimizer_unsharded:
+        optimizer_note = f"ZeRO-1 over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
+    elif world > 1:
+        optimizer_note = f"trained x 8 B; with --zero over {world} ranks: {e.optimizer_unsharded / world / GiB:.2f}"
+    else:
+        optimizer_note = "trained x 8 B"
+    lines = [
+        f"memory per {'GPU' if plan.device == 'cuda' else 'process'}: {world} process{'es' if world > 1 else ''}"
+        f"{', DDP' if world > 1 else ''}, {plan.dtype}"
+        f"{' autocast, fp32 master weights' if plan.dtype == 'bfloat16' else ''}",
+        f"  parameters: LLM {p['llm']:,}, ViT {p['vit']:,}, projector {p['projector']:,}"
+        + (f", LoRA r={plan.lora_r} {p['lora']:,}" if plan.lora_r else ""),
+        f"  trained: {', '.join(plan.train)}{' (LLM through LoRA)' if plan.lora_r else ''} = {p['trained']:,} "
+        f"(fp32); frozen {p['frozen']:,} ({plan.dtype})",
+        f"  sequence: batch {plan.batch_size} x {plan.max_length} tokens, {plan.image_tokens} image tokens per "
+        f"image ({plan.image_size} px); gradient checkpointing {ckpt}",
+        "",
+        "                                        GiB",
+        f"  weights                          {g(e.weights)}   trained x 4 B + frozen x {plan.act_bytes} B",
+        f"  gradients                        {g(e.gradients)}   trained x 4 B",
+        f"  DDP gradient buckets             {g(e.ddp_buckets)}   "
+        + ("trained x 4 B (0 with gradient_as_bucket_view)" if e.ddp_buckets else "none"),
+        f"  optimizer (AdamW m, v)           {g(e.optimizer)}   {optimizer_note}",
+        f"  autocast bf16 weight copies      {g(e.autocast_copies)}",
+        f"  activations                      {g(e.activation_total)}   "
+        f"(checkpointing {ckpt}; {'off' if plan.grad_checkpointing else 'on'}: {e.activations_other_mode / GiB:.2f})",
+    ]
+    lines += [f"    {name:30s} {g(b)}" for name, b in e.activations.items()]
+    if e.vit_transient:
+        lines.append(f"    {'frozen ViT (no_grad)':30s} {g(0)}   transient peak {e.vit_transient / GiB:.2f}")
+    lines += [f"  cross-entropy logits chunk       {g(e.logits)}",
+              f"  {'CUDA context + NCCL' if world > 1 else 'CUDA context':31s}  {g(e.cuda_context)}",
+              f"  total (peak)                     {g(e.total)}"]
+    if gpu_gib:
+        ok = fits(plan, gpu_gib)
+        lines += ["", f"on a {gpu_gib:g} GiB card: {'fits' if ok else 'does NOT fit'} "
+                      f"({e.total / GiB:.1f} GiB, limit {FIT_FRACTION:.0%} of the card)",
+                  f"  largest micro-batch at {plan.max_length} tokens: {largest_batch(plan, gpu_gib)}"
+                  + ("" if plan.grad_checkpointing else f" (with --grad-checkpointing: "
+                     f"{largest_batch(plan.replace(grad_checkpointing=True), gpu_gib)})"),
+                  f"  largest --max-length at batch {plan.batch_size}: {largest_length(plan, gpu_gib)}"]
+        if not ok:
+            lines += ["  to fit: " + "; ".join(suggest_fit(plan, gpu_gib))]
+    return "\n".join(lines + [""] + host_report(plan, host_gib))
+
+
+def host_report(plan: Plan, host_gib: float | None = None) -> list[str]:
+    """The host RAM lines of `report`, and the warning when the node's RAM is exceeded."""
+    h, n, w = host_bytes(plan), plan.nproc_per_node, plan.num_workers
+    host_gib = host_ram()[0] / GiB if host_gib is None else host_gib
+
+    def items(phase: str) -> str:
+        return ", ".join(f"{k} {v / GiB:.2f}" for k, v in h[f"rank_{phase}"].items() if v)
+
+    worker = f"; + {w} worker{'s' if w > 1 else ''} x {sum(h['worker'].values()) / GiB:.2f}" if w else ""
+    lines = [f"host RAM per node: {n} rank{'s' if n > 1 else ''}, {w} loader worker{'s' if w != 1 else ''} each"
+             "         GiB",
+             f"  reading the data {h['start'] / GiB:8.2f}   {n} x ({items('start')})",
+             f"  loading          {h['load'] / GiB:8.2f}   {n} x ({items('load')})",
+             f"  training         {h['training'] / GiB:8.2f}   {n} x ({items('training')}{worker})"]
+    if host_gib:
+        lines.append(host_warning(plan, host_gib) or f"  fits this node's {host_gib:.1f} GiB")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llm", default=None, help="InternLM2 folder (its config.json is read)")
+    p.add_argument("--llm-config", default=None, help="preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
+    p.add_argument("--vit", default=None, help="DINOv2 folder (its config.json is read)")
+    p.add_argument("--vit-config", default=None, help="preset (dinov2-small/-base/-large/-giant[-reg]) or config.json")
+    p.add_argument("--init-from", default=None, help="a folder written by train.py: its llm/ and vit/ configs")
+    p.add_argument("--train", default="projector,llm", help="comma list of projector,llm,vit, or all")
+    p.add_argument("--lora-r", type=int, default=0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=16, help="micro-batch per process")
+    p.add_argument("--max-length", type=int, default=2048, help="LLM sequence, image tokens included")
+    p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--zero", action="store_true", help="ZeRO-1: shard the optimizer state over the ranks")
+    p.add_argument("--world-size", "--nproc", dest="world_size", type=int,
+                   default=int(os.environ.get("WORLD_SIZE", 1)), help="processes (GPUs) in the job")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where training runs")
+    p.add_argument("--data", nargs="+", default=[], help="the data files (their size: each rank's sample table)")
+    p.add_argument("--num-workers", type=int, default=4, help="loader worker processes per rank")
+    p.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                   help="ranks per node, for host RAM (default: LOCAL_WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-mem", type=float, default=None,
+                   help="GiB per GPU for the fit search (default: this machine's GPU, else 24)")
+    p.add_argument("--host-ram-gib", type=float, default=host_ram()[0] / GiB,
+                   help="RAM of one node in GiB (default: this machine's MemTotal)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args, ignored = p.parse_known_args(argv)
+    try:
+        plan = plan_from_args(args, world_size=args.world_size, device=args.device)
+    except ValueError as e:
+        p.error(str(e))
+    gpu_gib = args.gpu_mem
+    if gpu_gib is None:
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available() else 24.0
+    if args.json:
+        e = estimate(plan)
+        out = {"plan": dict(dataclasses.asdict(plan), llm=plan.llm.to_dict(), vit=plan.vit.to_dict()),
+               "estimate": e.as_dict(), "gib": {k: round(v / GiB, 3) for k, v in e.as_dict().items()
+                                                if isinstance(v, int) and k != "params"},
+               "gpu_gib": gpu_gib, "fits": fits(plan, gpu_gib), "largest_batch": largest_batch(plan, gpu_gib),
+               "largest_max_length": largest_length(plan, gpu_gib), "suggest_fit": suggest_fit(plan, gpu_gib),
+               "host": host_bytes(plan), "host_ram_gib": args.host_ram_gib,
+               "host_warning": host_warning(plan, args.host_ram_gib)}
+        print(json.dumps(out, indent=2))
+    else:
+        print(report(plan, gpu_gib if plan.device == "cuda" else None, args.host_ram_gib))
+        if ignored:
+            print(f"(ignored, no effect on memory: {' '.join(a for a in ignored if a.startswith('--'))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
