@@ -1,10 +1,8 @@
 """DINOv2, the vision tower: facebook/dinov2-{small,base,large,giant} and the -reg variants. Start at `DINOv2`.
 
-A plain PyTorch copy of transformers' `Dinov2Model` / `Dinov2WithRegistersModel`, with every module named as its
-hub key, so the hub checkpoints load and save unchanged. Every hidden state is laid out [CLS, R registers,
-N patches], patches row-major over the grid. LLaVA takes `features(pixel_values, layer=-2)`.
-References: transformers `modeling_dinov2.py` and `modeling_dinov2_with_registers.py` (the numerics matched to
-1e-4 by tests/test_dinov2.py); facebookresearch/dinov2; Oquab et al. 2023; Darcet et al. 2023 (registers).
+transformers' `Dinov2Model` / `Dinov2WithRegistersModel` in plain PyTorch (matched to 1e-4 by tests/test_dinov2.py),
+its modules named like the hub keys. Hidden states are [CLS, R registers, N patches], patches row-major.
+References: facebookresearch/dinov2; Oquab et al. 2023; Darcet et al. 2023 (registers).
 """
 from __future__ import annotations
 
@@ -28,8 +26,7 @@ IGNORE = [r"^classifier\."]
 
 @dataclass
 class DINOv2Config:
-    """The fields of the hub config.json that shape the model (HF names); other HF fields are ignored (dropout
-    rates, 0 in every release and absent here; backbone options; dtype)."""
+    """The fields of the hub config.json that shape the model; others are ignored (dropout: 0 in every release)."""
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -63,8 +60,7 @@ class DINOv2Config:
         return (image_size // self.patch_size) ** 2
 
     def blocks_run(self, layer: int) -> int:
-        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's output) needs only
-        the blocks before it."""
+        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's output)."""
         return layer % (self.num_hidden_layers + 1)
 
     @property
@@ -194,15 +190,13 @@ class MLP(nn.Module):
 
 
 class SwiGLUFFN(nn.Module):
-    """dinov2-giant's FFN: weights_in holds the gate and the up projection stacked (gate first)."""
-
     def __init__(self, config: DINOv2Config):
         super().__init__()
         self.weights_in = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size)
         self.weights_out = nn.Linear(config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.weights_in(x).chunk(2, dim=-1)                        # each (B, T, ffn_hidden)
+        gate, up = self.weights_in(x).chunk(2, dim=-1)    # dinov2-giant: gate and up stacked, each (B, T, ffn_hidden)
         return self.weights_out(F.silu(gate) * up)
 
 
@@ -224,12 +218,6 @@ class Block(nn.Module):
         return x + self.layer_scale2(self.mlp(self.norm2(x)))
 
 
-class Encoder(nn.Module):
-    def __init__(self, config: DINOv2Config):
-        super().__init__()
-        self.layer = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-
-
 class DINOv2(nn.Module):
     """forward -> final-normed tokens; hidden_states -> every block's output; features -> LLaVA's input."""
 
@@ -237,15 +225,14 @@ class DINOv2(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
-        self.encoder = Encoder(config)
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))})
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """transformers' init: truncated-normal weights, zero biases, LayerScale at layerscale_value. Free on the
-        meta device, where from_pretrained builds the model."""
+        """transformers' init: truncated-normal weights, zero biases, LayerScale at layerscale_value."""
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -264,15 +251,15 @@ class DINOv2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "DINOv2":
-        """A hub folder (config.json + model.safetensors or shards), e.g. facebook/dinov2-large, in eval mode.
-        Each tensor is read once from the memory-mapped file to `device`, in `dtype` (None: as stored)."""
+        """A hub folder, in eval mode. Built on the meta device (no init), then each tensor is read once from the
+        memory-mapped file to `device`, in `dtype` (None: as stored)."""
         config = load_config(Path(path))
         model = weights.build_on_meta(lambda: cls(config))
         weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """The hub format that transformers and from_pretrained read; cast to `dtype` on the way (None: as is)."""
+        """The hub format, cast to `dtype` on the way (None: as the parameters)."""
         weights.save_state(self.state_dict(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         dtype = str(dtype or self.layernorm.weight.dtype).removeprefix("torch.")
         weights.write_json(self.config.to_dict() | {"torch_dtype": dtype}, Path(path) / weights.CONFIG_FILE)
@@ -295,7 +282,6 @@ class DINOv2(nn.Module):
         self.gradient_checkpointing = bool(flag)
 
     def _blocks(self, x: torch.Tensor, blocks, states: list | None = None) -> torch.Tensor:
-        """Run `blocks` on x; each output is appended to `states` when given."""
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
@@ -339,8 +325,7 @@ HF_DEFAULTS = {"dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attenti
 
 
 def _fields_of(d: dict) -> dict:
-    """A hub config.json dict -> DINOv2Config's keyword arguments; omitted fields take transformers' defaults
-    for its model_type (as transformers would), or this dataclass's defaults without a model_type."""
+    """A hub config.json dict -> DINOv2Config's arguments; omitted fields take transformers' defaults."""
     model_type = d.get("model_type")
     if model_type not in (None, *HF_DEFAULTS):
         raise LlavaMinError(f"model_type {model_type!r} is not a DINOv2 config (expected one of "
@@ -374,25 +359,16 @@ def _validate(c: DINOv2Config) -> None:
                   "num_channels"):
         if type(getattr(c, field)) is not int or getattr(c, field) < 1:
             bad(field, "must be a positive integer")
-    if type(c.num_register_tokens) is not int or c.num_register_tokens < 0:
-        bad("num_register_tokens", "must be an integer >= 0")
     if c.hidden_size % c.num_attention_heads:
         bad("hidden_size", f"must be divisible by num_attention_heads = {c.num_attention_heads}")
     if c.image_size < c.patch_size:
         bad("image_size", f"must be at least patch_size = {c.patch_size}")
-    if not isinstance(c.mlp_ratio, (int, float)) or c.ffn_hidden_size < 1:
-        bad("mlp_ratio", "must be a positive number")
-    if not c.layer_norm_eps > 0:
-        bad("layer_norm_eps", "must be > 0")
     if c.hidden_act not in ACTIVATIONS:
         bad("hidden_act", f"is not supported; use one of {sorted(ACTIVATIONS)}")
-    if c.num_register_tokens and not c.use_mask_token:
-        bad("use_mask_token", "cannot be false for the with-registers variant (its checkpoints always carry "
-                              "embeddings.mask_token)")
 
 
 PRESETS: dict[str, DINOv2Config] = {
-    # a few-kilobyte ViT for tests and CPU demos (2 blocks, so layer -2 is the first block's output)
+    # a few-kilobyte ViT for tests and CPU demos (layer -2 is the first block's output)
     "tiny": DINOv2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56),
 }
 for _name, (_hidden, _layers, _heads) in {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
@@ -409,18 +385,5 @@ def load_config(name_or_path) -> DINOv2Config:
 
 
 def num_parameters(config: DINOv2Config) -> int:
-    """Weights in a checkpoint of this config (every tensor of the state dict), from the config alone."""
-    D, F_ = config.hidden_size, config.ffn_hidden_size
-    p, C = config.patch_size, config.num_channels
-    embeddings = (D                                            # cls_token
-                  + D * config.use_mask_token                  # mask_token
-                  + (config.grid_size ** 2 + 1) * D            # position_embeddings
-                  + D * C * p * p + D                          # patch projection
-                  + config.num_register_tokens * D)
-    attention = 3 * D * D + 3 * D * config.qkv_bias + D * D + D
-    if config.use_swiglu_ffn:
-        mlp = D * 2 * F_ + 2 * F_ + F_ * D + D                 # weights_in, weights_out
-    else:
-        mlp = D * F_ + F_ + F_ * D + D                         # fc1, fc2
-    block = 4 * D + attention + mlp + 2 * D                    # norm1, norm2, ..., layer_scale1/2
-    return embeddings + config.num_hidden_layers * block + 2 * D
+    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta device."""
+    return sum(t.numel() for t in weights.build_on_meta(lambda: DINOv2(config)).state_dict().values())

@@ -1,11 +1,8 @@
 """InternLM2, the language model of LLaVA-InternLM2, in one file: start at `InternLM2`.
 
-Reads and writes the released checkpoints (internlm/internlm2-chat-1_8b, -7b) with modules named exactly like
-their keys: model.tok_embeddings, model.layers.N.{attention_norm, attention.wqkv, attention.wo, ffn_norm,
-feed_forward.w1/w3/w2}, model.norm, output. The architecture is Llama's (pre-norm, rotary, grouped-query
-attention, SwiGLU); InternLM2's own part is the fused `wqkv`, laid out per KV group (see `Attention.forward`).
-References: the released `modeling_internlm2.py`, and transformers' `modeling_llama.py` +
-`modeling_rope_utils.py`, which tests/test_internlm2.py matches to 1e-4.
+Llama's architecture (pre-norm, rotary, grouped-query attention, SwiGLU) with InternLM2's fused `wqkv`, its modules
+named like the keys of the released checkpoints (internlm/internlm2-chat-1_8b, -7b). References: the released
+`modeling_internlm2.py`; transformers' `modeling_llama.py`, which tests/test_internlm2.py matches to 1e-4.
 """
 from __future__ import annotations
 
@@ -87,12 +84,9 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of position * inv_freq, each (B or 1, T, head_dim / 2), computed in fp32.
-
-    Half the head_dim only: the released tables are cat(freqs, freqs), two equal halves. Scaling as
-    transformers' Llama: linear divides inv_freq by the factor; dynamic (NTK-aware) enlarges the base when the
-    sequence (max position + 1) is longer than max_position_embeddings L.
-    """
+    """cos and sin of position * inv_freq, each (B or 1, T, head_dim / 2): half the released cat(freqs, freqs).
+    Scaling as transformers' Llama: linear divides inv_freq by the factor; dynamic (NTK-aware) enlarges the base
+    when the sequence (max position + 1) is longer than max_position_embeddings L."""
     d = config.head_dim
     device = position_ids.device
     exponent = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d   # (d/2,)
@@ -207,32 +201,24 @@ class DecoderLayer(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class InternLM2Body(nn.Module):
-    """The checkpoint's `model.*` tensors: embedding, decoder layers, final norm."""
-
-    def __init__(self, config: InternLM2Config):
-        super().__init__()
-        # padding_idx as in the released model: that row (pad = </s> = 2) gets no gradient.
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
 class InternLM2(nn.Module):
     """InternLM2ForCausalLM: a random init from a config, or `from_pretrained(path)` for released weights."""
 
     def __init__(self, config: InternLM2Config):
         super().__init__()
         self.config = config
-        self.model = InternLM2Body(config)
+        self.model = nn.ModuleDict(dict(   # the checkpoint's model.* tensors
+            # padding_idx as in the released model: that row (pad = </s> = 2) gets no gradient.
+            tok_embeddings=nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id),
+            layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)   # not tied to the embedding
         self.gradient_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The released init: normal(0, initializer_range) weights, zero biases and padding row, unit norms.
-        Free on the meta device, where from_pretrained builds the model."""
+        """The released init: normal(0, initializer_range) weights, zero biases and padding row, unit norms."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, self.config.initializer_range)
@@ -246,8 +232,8 @@ class InternLM2(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> "InternLM2":
-        """A released-format folder (config.json + model.safetensors, or shards with an index), in eval mode.
-        Each tensor is read once from the memory-mapped file to `device`, in `dtype` (None: as stored)."""
+        """A released-format folder, in eval mode. Built on the meta device (no init), then each tensor is read once
+        from the memory-mapped file to `device`, in `dtype` (None: as stored)."""
         config = load_config(path)
         model = weights.build_on_meta(lambda: cls(config))
         weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
@@ -255,8 +241,7 @@ class InternLM2(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         max_shard_bytes: int = 5 * 2**30) -> None:
-        """config.json and the weights in the released layout, LoRA adapters merged in; cast to `dtype` on the
-        way (None: the parameters' own dtype)."""
+        """The released layout, LoRA adapters merged in, cast to `dtype` on the way (None: as the parameters)."""
         weights.save_state(merged_state_dict(self), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         dtype = str(dtype or self.output.weight.dtype).removeprefix("torch.")
         weights.write_json(self.config.to_dict() | {"torch_dtype": dtype}, Path(path) / weights.CONFIG_FILE)
@@ -278,9 +263,8 @@ class InternLM2(nn.Module):
                        position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, hidden) embeddings -> (B, T, hidden) final-normed states.
 
-        attention_mask: (B, past + T), 1 = real token, 0 = padding (left padding when generating).
-        position_ids:   (B, T) or (1, T); default arange(past, past + T), past = cache.length (0 without a cache).
-                        With left padding pass cumsum(attention_mask) - 1 (clamped at 0).
+        attention_mask: (B, past + T), 1 = real token, 0 = padding; past = cache.length, 0 without a cache.
+        position_ids:   (B or 1, T), default past, past + 1, ...; with left padding cumsum(attention_mask) - 1.
         cache:          a `new_cache(...)`; this call appends its T tokens and advances cache.length.
         """
         B, T, _ = inputs_embeds.shape
@@ -316,11 +300,8 @@ class InternLM2(nn.Module):
 
 
 def _attention_mask(attention_mask, B, T, past, device):
-    """(mask, is_causal) for scaled_dot_product_attention, built once per forward for all layers.
-
-    Without padding: the kernel's own causal masking when nothing is cached, no mask at all for one new token.
-    Otherwise a boolean (B, 1, T, past + T) mask, True = may attend.
-    """
+    """(mask, is_causal) for scaled_dot_product_attention, once per forward: without padding the kernel's own
+    causal masking (none for one new token), else a boolean (B, 1, T, past + T) mask, True = may attend."""
     S = past + T
     if attention_mask is None and past == 0:
         return None, True
@@ -360,9 +341,6 @@ def _fields_of(d: dict) -> dict:
     s = d.get("rope_scaling")
     if isinstance(s, dict) and "rope_type" in s and "type" not in s:   # newer transformers' spelling
         d["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in s.items()}
-    for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-        if type(d.get(name)) is int:
-            d[name] = float(d[name])                           # the hub writes 1000000 for 1e6
     fields = dataclasses.fields(InternLM2Config)
     unknown = sorted(set(d) - {f.name for f in fields} - HF_ONLY_FIELDS)
     if unknown:
@@ -375,42 +353,36 @@ def _fields_of(d: dict) -> dict:
 
 
 def _validate(c: InternLM2Config) -> None:
-    def number(value, integer):
-        return type(value) is int or (not integer and type(value) is float)
-
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "initializer_range"):
-        value, integer = getattr(c, name), name not in ("rope_theta", "rms_norm_eps", "initializer_range")
-        if not number(value, integer) or not value > 0:
-            raise LlavaMinError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
-    if c.hidden_size % c.num_attention_heads:
+                 "num_key_value_heads", "max_position_embeddings"):
+        if type(getattr(c, name)) is not int or getattr(c, name) < 1:
+            raise LlavaMinError(f"{name} must be a positive integer, got {getattr(c, name)!r}")
+    for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+        if type(getattr(c, name)) not in (int, float) or not getattr(c, name) > 0:
+            raise LlavaMinError(f"{name} must be a positive number, got {getattr(c, name)!r}")
+    if c.hidden_size % c.num_attention_heads or c.head_dim % 2:   # rotary embeddings rotate pairs of dimensions
         raise LlavaMinError(f"hidden_size ({c.hidden_size}) must be divisible by num_attention_heads "
-                            f"({c.num_attention_heads})")
+                            f"({c.num_attention_heads}), into an even head_dim")
     if c.num_attention_heads % c.num_key_value_heads:
         raise LlavaMinError(f"num_attention_heads ({c.num_attention_heads}) must be divisible by "
                             f"num_key_value_heads ({c.num_key_value_heads})")
-    if c.head_dim % 2:
-        raise LlavaMinError(f"head_dim = hidden_size / num_attention_heads = {c.head_dim} must be even (rotary "
-                            "embeddings rotate pairs of dimensions)")
     s = c.rope_scaling
     if s is not None and (not isinstance(s, dict) or s.get("type") not in ("linear", "dynamic") or len(s) != 2):
         raise LlavaMinError(f"rope_scaling must be null or {{'type': 'linear' | 'dynamic', 'factor': f}}, got {s!r}")
-    if s is not None and not (number(s.get("factor"), False) and s["factor"] >= 1):
+    if s is not None and not (type(s.get("factor")) in (int, float) and s["factor"] >= 1):
         raise LlavaMinError(f"rope_scaling.factor must be a number >= 1, got {s.get('factor')!r}")
-    if not isinstance(c.bias, bool):
-        raise LlavaMinError(f"bias must be true or false, got {c.bias!r}")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(c, name)
-        if not (value is None and name == "pad_token_id") and not (number(value, True) and 0 <= value < c.vocab_size):
+        if not (value is None and name == "pad_token_id") and not (type(value) is int and 0 <= value < c.vocab_size):
             raise LlavaMinError(f"{name} must be a token id in [0, vocab_size={c.vocab_size}), got {value!r}")
 
 
 PRESETS: dict[str, InternLM2Config] = {
-    # Small enough to train from scratch on a CPU in minutes; the released structure (GQA 2:1, dynamic NTK rope).
+    # trains from scratch on a CPU in minutes; the released structure (GQA 2:1, dynamic NTK rope)
     "tiny": InternLM2Config(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                             rope_scaling={"type": "dynamic", "factor": 2.0}),
-    # The released values (internlm/internlm2-chat-1_8b and -7b config.json).
+    # the released values (internlm/internlm2-chat-1_8b and -7b config.json)
     "internlm2-1_8b": InternLM2Config(vocab_size=92544, hidden_size=2048, intermediate_size=8192,
                                       num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
                                       rope_scaling={"type": "dynamic", "factor": 2.0}),
@@ -426,10 +398,5 @@ def load_config(name_or_path: str | os.PathLike) -> InternLM2Config:
 
 
 def num_parameters(config: InternLM2Config) -> int:
-    """Parameter count from the config alone (7,737,708,544 for internlm2-7b)."""
-    c = config
-    qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    attention = qkv_rows * c.hidden_size + c.hidden_size * c.hidden_size + c.bias * (qkv_rows + c.hidden_size)
-    mlp = 3 * c.intermediate_size * c.hidden_size
-    norms = 2 * c.hidden_size
-    return 2 * c.vocab_size * c.hidden_size + c.num_hidden_layers * (attention + mlp + norms) + c.hidden_size
+    """Parameter count (7,737,708,544 for internlm2-7b), counted on the meta device."""
+    return sum(p.numel() for p in weights.build_on_meta(lambda: InternLM2(config)).parameters())

@@ -1,9 +1,7 @@
 """LLaVA: DINOv2 features -> MLP projector -> spliced into InternLM2's input embeddings. Start at `LLaVA.forward`.
 
-LLaVA-1.5 / XTuner's composition (`xtuner/model/llava.py`, `prepare_inputs_labels_for_multimodal`), equal to
-transformers' `LlavaForConditionalGeneration` to 1e-4 (tests/test_llava.py): the ViT's hidden state `select_layer`
-without its prefix tokens, projected to the LLM width, replaces each IMAGE_TOKEN_INDEX (-200) placeholder of
-`input_ids`; the loss is the next-token cross-entropy over the supervised positions.
+LLaVA-1.5 / XTuner's composition (`xtuner/model/llava.py`), equal to transformers' `LlavaForConditionalGeneration`
+to 1e-4 (tests/test_llava.py).
 """
 from __future__ import annotations
 
@@ -46,14 +44,11 @@ class LLaVAConfig:
     pad_id: int = 0                 # input_ids padding (XTuner's DEFAULT_PAD_TOKEN_INDEX)
     text_vocab_size: int | None = None  # the tokenizer's size; generation never picks the LLM's padding ids
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LLaVAConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
 class LLaVAOutput:
-    """What `LLaVA.forward` returns; `logits` is computed on first access, from the final hidden states."""
+    """What `LLaVA.forward` returns; `logits` is computed on first access."""
     hidden: torch.Tensor                  # (B, T', D) final-normed LLM states, T' = T + (N - 1) per image
     head: nn.Module                       # the LLM's output projection
     labels: torch.Tensor | None           # (B, T') spliced labels, -100 where unsupervised
@@ -96,9 +91,8 @@ class LLaVA(nn.Module):
         return out
 
     def _loss_sum(self, h: torch.Tensor, targets: torch.Tensor, chunk: int):
-        """Summed cross-entropy of the supervised states h (n, D) against targets (n,), and n. The head runs
-        `chunk` rows at a time, each chunk recomputed in backward, so neither the (B, T, vocab) logits nor their
-        fp32 softmax ever exist whole."""
+        """Summed cross-entropy of the supervised states h (n, D) against targets (n,), and n. The head runs `chunk`
+        rows at a time, recomputed in backward: the (B, T, vocab) logits and their fp32 softmax never exist whole."""
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], chunk):
             hc, tc = h[i:i + chunk], targets[i:i + chunk]
@@ -148,8 +142,8 @@ class LLaVA(nn.Module):
         return x, labels, mask
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, 3, H, W) -> (n_images, N, D_llm) projected patch features. pixel_values: normalised floats
-        (image.preprocess), or the uint8 pixels the training data set yields, normalised here on the device."""
+        """(n_images, 3, H, W) normalised floats, or the uint8 pixels of the training data (normalised here, on the
+        device) -> (n_images, N, D_llm) projected patch features."""
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize(pixel_values)
         # A frozen ViT runs without autograd, so it keeps no activations for backward.
@@ -228,7 +222,8 @@ class LLaVA(nn.Module):
                 if link.is_symlink() and not link.exists():
                     raise LlavaMinError(f"{link} is a symbolic link to {os.readlink(link)}, which no longer exists; "
                                         "restore the source folder, or re-save the model with --save-frozen copy")
-            config = LLaVAConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+            saved = json.loads((path / CONFIG_FILE).read_text())
+            config = LLaVAConfig(**{k: v for k, v in saved.items() if k in LLaVAConfig.__dataclass_fields__})
             llm, vit, projector = path / "llm", path / "vit", path / "projector"
         if llm is None or vit is None:
             raise LlavaMinError("LLaVA.from_pretrained needs a LLaVA folder, or both llm= and vit= folders")
@@ -266,7 +261,7 @@ def _cols(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
 def _left_align(embeds: torch.Tensor, mask: torch.Tensor):
     """Move each row's real positions to the right end (left padding), keeping their order."""
     B, T, D = embeds.shape
-    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices     # padding (0) first, each group in order
+    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices     # padding (0) first, each part in order
     return torch.gather(embeds, 1, order[..., None].expand(B, T, D)), torch.gather(mask, 1, order)
 
 

@@ -56,10 +56,6 @@ class LoRALinear(nn.Module):
         delta = self.lora_B.float() @ self.lora_A.float()  # (out, r) @ (r, in) -> (out, in)
         return (self.weight.float() + self.scaling * delta).to(self.weight.dtype)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, bias={self.bias is not None}")
-
 
 def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.05,
                targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> list[str]:
@@ -93,13 +89,8 @@ def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: f
                             f"linear layers here are named like {some}")
     module.requires_grad_(False)
     for name, m in chosen:
-        _set_submodule(module, name, LoRALinear(m, r, alpha, dropout))
+        module.set_submodule(name, LoRALinear(m, r, alpha, dropout))
     return [name for name, _ in chosen]
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def _lora_layers(module: nn.Module) -> list[tuple[str, str, LoRALinear]]:
@@ -119,7 +110,7 @@ def merge_lora(module: nn.Module) -> list[str]:
         linear.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
-        _set_submodule(module, name, linear)
+        module.set_submodule(name, linear)
     return [name for name, _, _ in layers]
 
 

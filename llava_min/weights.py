@@ -1,8 +1,7 @@
 """Checkpoint files in the Hugging Face safetensors layouts, and the project's one atomic file writer.
 
-A model folder holds config.json and either model.safetensors, or shards model-0000K-of-0000N.safetensors listed
-by model.safetensors.index.json ({"metadata": {"total_size": bytes}, "weight_map": {key: shard file}}).
-Start at `load_into` (strict, memory-mapped loading) and `save_state` (sharded, atomic saving).
+A model folder holds config.json and model.safetensors, or shards model-0000K-of-0000N.safetensors listed by
+model.safetensors.index.json. Start at `load_into` (strict, memory-mapped) and `save_state` (sharded, atomic).
 """
 from __future__ import annotations
 
@@ -25,9 +24,6 @@ INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 CheckpointError = LlavaMinError   # the old name, for checkpoint.py until it raises LlavaMinError itself
 
-
-# --------------------------------------------------------------------------------------------------
-# Writing files atomically
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
@@ -54,6 +50,7 @@ def atomic_path(path: str | os.PathLike):
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a whole file atomically (see `atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
@@ -91,8 +88,7 @@ def read_config(path: str | os.PathLike) -> dict:
 # Loading
 
 def checkpoint_files(folder: str | os.PathLike) -> dict[str, Path]:
-    """Every tensor key of a checkpoint folder -> the file that holds it, with the index checked against
-    the shards (a missing shard, or a key the shard lacks, is an error naming the shard)."""
+    """Every tensor key of a checkpoint folder -> the file that holds it, the index checked against the shards."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LlavaMinError(f"{folder}: not a folder (expected a model folder with config.json and "
@@ -151,7 +147,8 @@ def build_on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
 def load_into(module: torch.nn.Module, folder: str | os.PathLike, *, key_map: Iterable[tuple[str, str]] = (),
               ignore: Iterable[str] = (), dtype: torch.dtype | None = None,
               device: str | torch.device = "cpu") -> None:
-    """Fill `module` (built with `build_on_meta`) from a checkpoint folder, strictly.
+    """Fill `module` (built with `build_on_meta`) from a checkpoint folder, strictly: a missing, unexpected or
+    mis-shaped tensor is an error naming the key, the file and both shapes.
 
     key_map: (regex, replacement) pairs, checkpoint key -> module key, first match wins.
     ignore:  regexes of checkpoint keys nobody reads (e.g. buffers other tools save).
@@ -206,10 +203,8 @@ def load_into(module: torch.nn.Module, folder: str | os.PathLike, *, key_map: It
 
 def save_state(state: dict[str, torch.Tensor], folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write tensors as model.safetensors, or as shards plus an index when larger than max_shard_bytes.
-
-    dtype: floating tensors are cast to it on the way (one shard at a time); None writes them as they are.
-    Every file goes through `atomic_path`, so a reader never sees half a file.
+    """Write tensors as model.safetensors, or as shards plus an index when larger than max_shard_bytes, each file
+    through `atomic_path`. dtype: floating tensors are cast to it one shard at a time; None writes them as they are.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
