@@ -75,12 +75,9 @@ class DINOv2Config:
         return "dinov2_with_registers" if self.num_register_tokens > 0 else "dinov2"
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "DINOv2Config":
-        """Build from a hub config.json dict; errors name `source` and the field."""
-        try:
-            return cls(**_fields_of(d))
-        except LlavaMinError as e:
-            raise LlavaMinError(f"{source}: {e}") from None
+    def from_dict(cls, d: dict) -> "DINOv2Config":
+        """Build from a hub config.json dict."""
+        return cls(**_fields_of(dict(d)))
 
     def to_dict(self) -> dict:
         """The hub config.json form that transformers reads (Dinov2Model or Dinov2WithRegistersModel)."""

@@ -55,12 +55,9 @@ class InternLM2Config:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, d: dict, source: str | os.PathLike = "config") -> "InternLM2Config":
-        """Build from a released config.json dict; errors name `source` and the field."""
-        try:
-            return cls(**_fields_of(dict(d)))
-        except LlavaMinError as e:
-            raise LlavaMinError(f"{source}: {e}") from None
+    def from_dict(cls, d: dict) -> "InternLM2Config":
+        """Build from a hub config.json dict."""
+        return cls(**_fields_of(dict(d)))
 
     def to_dict(self) -> dict:
         """The config.json form of the released files."""
@@ -288,15 +285,10 @@ class InternLM2(nn.Module):
             cache.length += T
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32, from input_ids (B, T) or inputs_embeds (B, T, hidden)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise LlavaMinError("InternLM2.forward: pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
-        return self.output(self.forward_hidden(inputs_embeds, attention_mask, position_ids, cache)).float()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) in float32 for input_ids (B, T); the arguments as in `forward_hidden`."""
+        return self.output(self.forward_hidden(self.embed(input_ids), attention_mask, position_ids, cache)).float()
 
 
 def _attention_mask(attention_mask, B, T, past, device):

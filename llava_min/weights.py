@@ -60,7 +60,7 @@ def write_json(obj, path: str | os.PathLike) -> None:
 
 
 def load_config(name_or_path: str | os.PathLike, presets: dict, from_dict: Callable, model: str):
-    """A copy of a preset (by name), or the config of a config.json file or of a model folder holding one."""
+    """A copy of a preset (by name), or from_dict(config.json) of a file or a model folder; errors name the file."""
     if str(name_or_path) in presets:
         return copy.deepcopy(presets[str(name_or_path)])
     path = Path(name_or_path)
@@ -68,7 +68,11 @@ def load_config(name_or_path: str | os.PathLike, presets: dict, from_dict: Calla
         raise LlavaMinError(f"{path}: neither a {model} preset ({', '.join(presets)}) nor an existing config.json "
                             "file or model folder")
     file = path / CONFIG_FILE if path.is_dir() else path
-    return from_dict(read_config(file), source=str(file))
+    d = read_config(file)
+    try:
+        return from_dict(d)
+    except LlavaMinError as e:
+        raise LlavaMinError(f"{file}: {e}") from None   # the file, then what is wrong in it
 
 
 def read_config(path: str | os.PathLike) -> dict:
