@@ -90,17 +90,6 @@ class DINOv2Config:
 # --------------------------------------------------------------------------------------------------
 # The network
 
-class PatchEmbeddings(nn.Module):
-    def __init__(self, config: DINOv2Config):
-        super().__init__()
-        self.projection = nn.Conv2d(config.num_channels, config.hidden_size,
-                                    kernel_size=config.patch_size, stride=config.patch_size)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.projection(pixel_values.to(self.projection.weight.dtype))  # (B, D, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)                                # (B, N, D), row-major over the grid
-
-
 class Embeddings(nn.Module):
     def __init__(self, config: DINOv2Config):
         super().__init__()
@@ -112,7 +101,8 @@ class Embeddings(nn.Module):
             # parameter without gradient would upset DDP).
             self.register_buffer("mask_token", torch.zeros(1, D))
         self.position_embeddings = nn.Parameter(torch.empty(1, config.grid_size ** 2 + 1, D))
-        self.patch_embeddings = PatchEmbeddings(config)
+        self.patch_embeddings = nn.ModuleDict({"projection": nn.Conv2d(
+            config.num_channels, D, kernel_size=config.patch_size, stride=config.patch_size)})
         if config.num_register_tokens:
             self.register_tokens = nn.Parameter(torch.empty(1, config.num_register_tokens, D))
 
@@ -140,7 +130,8 @@ class Embeddings(nn.Module):
                                 f"resize or crop the image (e.g. to {H // p * p or p} x {W // p * p or p})")
         if C != self.config.num_channels:
             raise LlavaMinError(f"pixel_values has {C} channels but the model expects {self.config.num_channels}")
-        x = self.patch_embeddings(pixel_values)                               # (B, N, D)
+        conv = self.patch_embeddings.projection
+        x = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)   # (B, D, H/p, W/p) -> (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)           # (B, 1 + N, D)
         x = x + self.interpolate_pos_encoding(H, W)
         if self.config.num_register_tokens:   # after the CLS token, without a position embedding
