@@ -117,7 +117,7 @@ def sft_batch(batch: int = 2, text_tokens: int = 128, prompt_tokens: int = 64, s
     mask = torch.ones_like(ids)
     pixel_values = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     hf_ids, hf_mask, hf_labels = expand_image_tokens(ids, mask, N_PATCHES, IMAGE_TOKEN_ID, labels)
-    ours = dict(input_ids=ids, pixel_values=pixel_values, labels=labels, loss_only=True)  # as train.py calls it
+    ours = dict(input_ids=ids, pixel_values=pixel_values, labels=labels, attention_mask=mask)  # as train.py calls it
     theirs = dict(input_ids=hf_ids, pixel_values=pixel_values, attention_mask=hf_mask, labels=hf_labels)
     return ours, theirs
 

@@ -2,18 +2,13 @@
 
     python bench/generate.py                      # 48 new tokens; one prompt, then a left-padded batch of 8
     python bench/generate.py --new-tokens 64 --batch 16 --repeats 10 --profile
-    python bench/generate.py --plain-linear       # llava-min without its few-rows product (F.linear throughout)
     python bench/generate.py --compile            # llava-min's LLM forward through torch.compile
 
 Both run greedy decoding with a KV cache to exactly --new-tokens tokens (no stop id can end either early);
 the bench asserts that the two produce identical tokens before timing anything, and prints them.
 Printed per setting: the median time of the whole generate() call and the speed ratio, and the decoding
 cost per token, (time for N tokens - time for 1 token) / (N - 1), which leaves out the prefill (ViT,
-projector, prompt). Goal (issue 6): >= 1.2x with identical tokens; batched decoding faster still.
-
-llava-min's LLM multiplies the few rows of a decoding step by each weight as (W @ x.T).T on CPU, which MKL
-runs with a faster kernel than F.linear's x @ W.T for so few rows (`internlm2.Linear`); --plain-linear
-turns that off, to measure what it brings.
+projector, prompt). Goal (issue 10): >= 1.2x for one prompt, >= 1.5x for a left-padded batch of 8, identical tokens.
 """
 from __future__ import annotations
 
@@ -26,7 +21,6 @@ import torch
 from common import (IMAGE_SIZE, IMAGE_TOKEN_ID, LLM_CONFIG, N_PATCHES, expand_image_tokens, interleaved,
                     load_pair, machine, report, setup_threads)
 from llava_min import IMAGE_TOKEN_INDEX
-from llava_min.internlm2 import Linear
 
 NO_STOP = [-1]   # a stop id no token equals: llava-min runs to max_new_tokens, as transformers without eos
 
@@ -82,8 +76,6 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="rows of the batched setting")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--plain-linear", action="store_true",
-                        help="llava-min's LLM without its few-rows product: F.linear for every row count")
     parser.add_argument("--compile", action="store_true", help="llava-min's LLM forward_hidden through torch.compile")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables for one call of each")
     args = parser.parse_args()
@@ -92,9 +84,6 @@ def main():
 
     ours, hf = load_pair()
     hf.generation_config.eos_token_id = None   # run to max_new_tokens, as llava-min with NO_STOP
-    if args.plain_linear:
-        Linear.FEW_ROWS = 0
-        print("  llava-min: few-rows product off (F.linear for every row count)")
     if args.compile:
         # dynamic=True: one graph serves every cache length instead of one compilation per decoding step.
         ours.llm.forward_hidden = torch.compile(ours.llm.forward_hidden, dynamic=True)

@@ -7,7 +7,7 @@ The stage-2 setting: ViT frozen, projector and LLM trained, labels -100 on the i
 first half of each row's text (see bench/common.py for the shape). transformers computes fp32 logits and
 their cross-entropy on every position; llava-min only where a label is supervised. Printed: median step
 time of each, the speed ratio (> 1: llava-min faster), and with --profile where each one's time goes.
-Goal (issue 6): >= 1.15x.
+Goal (issue 10): >= 1.2x.
 """
 from __future__ import annotations
 

@@ -1,17 +1,7 @@
-"""LLaVA: DINOv2 features -> MLP projector -> spliced into InternLM2's input embeddings.
+"""LLaVA: DINOv2 features -> MLP projector -> spliced into InternLM2's input embeddings. Start at `LLaVA.forward`.
 
-The composition follows LLaVA-1.5 / XTuner (`xtuner/model/llava.py`, `prepare_inputs_labels_for_multimodal`
-in `xtuner/model/utils.py`) and matches transformers' `LlavaForConditionalGeneration` numerically:
-
-  1. the ViT runs on every image; hidden state `select_layer` (default -2, the penultimate block's output,
-     not normed) is taken and the prefix tokens (CLS, registers) are dropped: (n_images, N, D_vit);
-  2. the projector maps them to the LLM width: (n_images, N, D_llm);
-  3. each IMAGE_TOKEN_INDEX (-200) in `input_ids` is replaced by the N vectors of its image, in order,
-     and the labels there become IGNORE_INDEX (-100);
-  4. the LLM runs on the spliced embeddings; the loss is next-token cross-entropy averaged over the
-     supervised positions only. Logits are computed lazily: training never builds the (B, T, vocab) tensor.
-
-A frozen ViT runs under `torch.no_grad`, so it holds no activations for backward.
+LLaVA-1.5 / XTuner's composition (`xtuner/model/llava.py`), equal to transformers' `LlavaForConditionalGeneration`
+to 1e-4 (tests/test_llava.py).
 """
 from __future__ import annotations
 
@@ -26,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
 from .dinov2 import DINOv2
 from .image import normalize
 from .internlm2 import InternLM2
@@ -34,14 +24,14 @@ from .projector import Projector
 from .weights import write_json
 
 CONFIG_FILE = "llava_config.json"
-PARTS = ("projector", "llm", "vit")   # what --train can name
+PARTS = ("projector", "llm", "vit")   # what --train can name, and the sub-folders of a saved model
 
 
 def parse_parts(spec: str) -> set[str]:
     """--train's value ("projector,llm", "all") -> {"projector", "llm"}."""
     parts = set(PARTS) if spec == "all" else {p.strip() for p in spec.split(",") if p.strip()}
     if not parts or not parts <= set(PARTS):
-        raise ValueError(f"--train {spec!r}: use a comma list of {', '.join(PARTS)}, or all")
+        raise LlavaMinError(f"--train {spec!r}: use a comma list of {', '.join(PARTS)}, or all")
     return parts
 
 
@@ -54,28 +44,21 @@ class LLaVAConfig:
     pad_id: int = 0                 # input_ids padding (XTuner's DEFAULT_PAD_TOKEN_INDEX)
     text_vocab_size: int | None = None  # the tokenizer's size; generation never picks the LLM's padding ids
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LLaVAConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 @dataclass
 class LLaVAOutput:
-    """What `LLaVA.forward` returns. `logits` is computed on first access, from the final hidden states."""
-    hidden: torch.Tensor | None           # (B, T', D) final-normed LLM hidden states; None with loss_only
+    """What `LLaVA.forward` returns; `logits` is computed on first access."""
+    hidden: torch.Tensor                  # (B, T', D) final-normed LLM states, T' = T + (N - 1) per image
     head: nn.Module                       # the LLM's output projection
     labels: torch.Tensor | None           # (B, T') spliced labels, -100 where unsupervised
     attention_mask: torch.Tensor          # (B, T') 1 for real positions
-    loss: torch.Tensor | None = None      # mean next-token loss over supervised positions
-    loss_sum: torch.Tensor | None = None  # summed loss (for normalising by a global token count)
+    loss: torch.Tensor | None = None      # mean next-token loss over supervised positions (None without labels)
+    loss_sum: torch.Tensor | None = None  # summed loss, for normalising by a global token count
     num_tokens: int = 0                   # supervised positions in this batch
 
     @cached_property
     def logits(self) -> torch.Tensor:
-        if self.hidden is None:
-            raise ValueError("this output comes from forward(loss_only=True), which computes the loss only; "
-                             "call forward without loss_only for hidden states and logits")
         return self.head(self.hidden).float()  # (B, T', vocab)
 
 
@@ -86,6 +69,138 @@ class LLaVA(nn.Module):
         super().__init__()
         self.llm, self.vit, self.projector = llm, vit, projector
         self.config = config or LLaVAConfig()
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                loss_chunk: int = 1024) -> LLaVAOutput:
+        """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image; pixel_values (n_images, 3, H, W) in row-major
+        order of the placeholders; labels (B, T), -100 where unsupervised; attention_mask (B, T), 1 = real."""
+        embeds, labels, mask = self.embed(input_ids, pixel_values, labels, attention_mask)
+        # Right padding (what `collate` makes) needs no mask: causal attention already keeps the trailing pads
+        # away from every real position, and the kernel's causal fast path is quicker than an explicit mask.
+        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+        hidden = self.llm.forward_hidden(embeds, attention_mask=None if right_padded else mask)   # (B, T', D)
+        out = LLaVAOutput(hidden=hidden, head=self.llm.output, labels=labels, attention_mask=mask)
+        if labels is not None:
+            # Position t predicts token t + 1; only the supervised positions go through the output head.
+            supervised = torch.zeros_like(labels, dtype=torch.bool)
+            supervised[:, :-1] = labels[:, 1:] != IGNORE_INDEX                  # (B, T')
+            targets = labels[:, 1:][supervised[:, :-1]]                         # (n,) row-major, as hidden[supervised]
+            out.loss_sum, out.num_tokens = self._loss_sum(hidden[supervised], targets, loss_chunk)
+            out.loss = out.loss_sum / max(out.num_tokens, 1)
+        return out
+
+    def _loss_sum(self, h: torch.Tensor, targets: torch.Tensor, chunk: int):
+        """Summed cross-entropy of the supervised states h (n, D) against targets (n,), and n. The head runs `chunk`
+        rows at a time, recomputed in backward: the (B, T, vocab) logits and their fp32 softmax never exist whole."""
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
+            hc, tc = h[i:i + chunk], targets[i:i + chunk]
+            if torch.is_grad_enabled() and hc.requires_grad:
+                total = total + checkpoint(self._chunk_loss, hc, tc, use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(hc, tc)
+        if h.shape[0] == 0:  # no supervised token: a zero loss through the head, which still reaches every weight
+            total = total + 0.0 * self.llm.output(h).sum()
+        return total, int(targets.numel())
+
+    def _chunk_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.llm.output(h).float(), t, reduction="sum")
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
+        """Splice the image features into the token embeddings: (B, T', D) embeddings, labels (B, T') or None
+        (-100 on image positions), attention_mask (B, T'). Each row keeps its padding where it was."""
+        B, T = input_ids.shape
+        is_image = input_ids == IMAGE_TOKEN_INDEX                              # (B, T)
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if int(is_image.sum()) != n_images:
+            raise LlavaMinError(f"input_ids hold {int(is_image.sum())} image placeholders ({IMAGE_TOKEN_INDEX}) "
+                                f"(per batch row: {is_image.sum(1).tolist()}) but pixel_values has {n_images} "
+                                "images; each image needs exactly one placeholder, in order")
+        feats = self.image_features(pixel_values) if n_images else self._no_image_features()   # (n, N, D)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        # Expand each placeholder to its N positions: output column j of a row comes from the input position t
+        # whose span [end[t - 1], end[t]) holds j; columns past the row's end (rows with fewer images) are padding.
+        end = torch.where(is_image, feats.shape[1], 1).cumsum(1)                 # (B, T)
+        cols = torch.arange(int(end[:, -1].max()), device=input_ids.device).repeat(B, 1)   # (B, T')
+        src = torch.searchsorted(end, cols, right=True)                          # (B, T'), T past the end
+        past_end = src == T
+        src = src.clamp(max=T - 1)
+        ids = input_ids.gather(1, src).masked_fill(past_end, self.config.pad_id)
+        mask = attention_mask.gather(1, src).masked_fill(past_end, 0)
+        image = ids == IMAGE_TOKEN_INDEX                                          # (B, T')
+        if labels is not None:
+            labels = labels.gather(1, src).masked_fill(past_end | image, IGNORE_INDEX)
+
+        x = self.llm.embed(ids.masked_fill(image, self.config.pad_id))           # (B, T', D)
+        # The image positions, in row-major order, are each image's N patches in turn, images in order. A text-only
+        # batch assigns no rows here, yet keeps a trainable projector (and ViT) in the graph: no DDP hang.
+        x[image] = feats.flatten(0, 1).to(x.dtype)                                # (n_images * N, D)
+        return x, labels, mask
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3, H, W) normalised floats, or the uint8 pixels of the training data (normalised here, on the
+        device) -> (n_images, N, D_llm) projected patch features."""
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize(pixel_values)
+        # A frozen ViT runs without autograd, so it keeps no activations for backward.
+        vit_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters())
+        with torch.set_grad_enabled(vit_trains):
+            feats = self.vit.features(pixel_values, layer=self.config.select_layer)   # stops at select_layer
+        return self.projector(feats.to(self.projector.model[0].weight.dtype))
+
+    def _no_image_features(self) -> torch.Tensor:
+        """Features for a batch without images: none, (0, 1, D); but while the projector (or ViT) trains, those of
+        one tiny dummy image with its patches sliced away, (1, 0, D), so that every rank uses the same parameters
+        every step (XTuner's zero-image trick; nanoVLM skips such batches instead)."""
+        w = self.projector.model[0].weight
+        if torch.is_grad_enabled() and any(p.requires_grad for m in (self.projector, self.vit) for p in m.parameters()):
+            p = self.vit.config.patch_size
+            return self.image_features(w.new_zeros(1, 3, p, p))[:, :0]
+        return w.new_zeros(0, 1, self.projector.model[-1].out_features)
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 attention_mask: torch.Tensor | None = None, stop_ids: list[int] | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue each row; returns (B, n) new ids only. A row ends at a stop id (kept) and is padded with the
+        first stop id afterwards. temperature 0 = greedy; otherwise sampling with top-p."""
+        device = input_ids.device
+        stop = torch.tensor(stop_ids if stop_ids is not None else self.config.stop_ids, device=device)
+        embeds, _, mask = self.embed(input_ids, pixel_values, None, attention_mask)
+        embeds, mask = _left_align(embeds, mask)                            # new tokens are appended on the right
+        B, T, _ = embeds.shape
+        cache = self.llm.new_cache(B, T + max_new_tokens, dtype=embeds.dtype, device=device)
+        if bool(mask.all()):
+            full_mask = positions = None     # no padding: the kernel's causal fast path, positions 0, 1, ...
+        else:
+            full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)    # (B, T + max_new)
+            positions = (torch.cumsum(full_mask, 1) - 1).clamp(min=0)             # each row's first real token: 0
+        hidden = self.llm.forward_hidden(embeds, attention_mask=_cols(full_mask, 0, T),
+                                         position_ids=_cols(positions, 0, T), cache=cache)[:, -1]   # (B, D)
+        out = torch.full((B, max_new_tokens), int(stop[0]), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        for step in range(max_new_tokens):
+            logits = self.llm.output(hidden).float()                         # (B, vocab)
+            if self.config.text_vocab_size is not None:                     # padded vocabulary: ids with no text
+                logits[:, self.config.text_vocab_size:] = float("-inf")
+            token = torch.where(done, stop[0], _pick(logits, temperature, top_p, generator))
+            out[:, step], n = token, step + 1
+            done |= torch.isin(token, stop)
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                break
+            p = T + step                                                     # the new token's column
+            hidden = self.llm.forward_hidden(self.llm.embed(token[:, None]), attention_mask=_cols(full_mask, 0, p + 1),
+                                             position_ids=_cols(positions, p, p + 1), cache=cache)[:, -1]
+        return out[:, :n]
 
     # ------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -99,239 +214,55 @@ class LLaVA(nn.Module):
         if path is not None:
             path = Path(path)
             if not (path / CONFIG_FILE).exists():
-                raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; a LLaVA folder written by train.py holds "
-                                        f"{CONFIG_FILE}, llm/, vit/ and projector/. For separate parts use "
-                                        "LLaVA.from_pretrained(llm=..., vit=..., projector=...)")
-            config = LLaVAConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+                raise LlavaMinError(f"{path}: no {CONFIG_FILE}; a LLaVA folder written by train.py holds "
+                                    f"{CONFIG_FILE}, llm/, vit/ and projector/. For separate parts use "
+                                    "LLaVA.from_pretrained(llm=..., vit=..., projector=...)")
+            for part in PARTS:   # train.py may link a frozen part to its source folder instead of copying it
+                link = path / part
+                if link.is_symlink() and not link.exists():
+                    raise LlavaMinError(f"{link} is a symbolic link to {os.readlink(link)}, which no longer exists; "
+                                        "restore the source folder, or re-save the model with --save-frozen copy")
+            saved = json.loads((path / CONFIG_FILE).read_text())
+            config = LLaVAConfig(**{k: v for k, v in saved.items() if k in LLaVAConfig.__dataclass_fields__})
             llm, vit, projector = path / "llm", path / "vit", path / "projector"
         if llm is None or vit is None:
-            raise ValueError("LLaVA.from_pretrained needs a LLaVA folder, or both llm= and vit= folders")
+            raise LlavaMinError("LLaVA.from_pretrained needs a LLaVA folder, or both llm= and vit= folders")
         llm_model = InternLM2.from_pretrained(llm, dtype=dtype, device=device)
         vit_model = DINOv2.from_pretrained(vit, dtype=dtype, device=device)
-        if projector is not None:
-            proj = Projector.from_pretrained(projector, dtype=dtype, device=device)
+        widths = (vit_model.config.hidden_size, llm_model.config.hidden_size)
+        if projector is None:
+            with torch.device(device):
+                proj = Projector(*widths)
+            proj = proj if dtype is None else proj.to(dtype)
         else:
-            proj = Projector(vit_model.config.hidden_size, llm_model.config.hidden_size).to(device)
-            if dtype is not None:
-                proj = proj.to(dtype)
-        proj_in, proj_out = proj.model[0].in_features, proj.model[-1].out_features
-        if (proj_in, proj_out) != (vit_model.config.hidden_size, llm_model.config.hidden_size):
-            raise ValueError(f"{projector}: projector maps {proj_in} -> {proj_out}, but the ViT width is "
-                             f"{vit_model.config.hidden_size} and the LLM width {llm_model.config.hidden_size}")
+            proj = Projector.from_pretrained(projector, dtype=dtype, device=device)
+        if (proj.vision_hidden, proj.llm_hidden) != widths:
+            raise LlavaMinError(f"{projector}: projector maps {proj.vision_hidden} -> {proj.llm_hidden}, but the "
+                                f"ViT width is {widths[0]} and the LLM width {widths[1]}")
         return cls(llm_model, vit_model, proj, config)
 
-    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write llm/ (InternLM2), vit/ (DINOv2), projector/ (XTuner) and llava_config.json."""
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> None:
+        """llm/ (InternLM2, LoRA merged), vit/ (DINOv2), projector/ (XTuner) and llava_config.json."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.llm.save_pretrained(path / "llm", max_shard_bytes=max_shard_bytes)
-        self.vit.save_pretrained(path / "vit")
-        self.projector.save_pretrained(path / "projector")
+        for part in PARTS:
+            getattr(self, part).save_pretrained(path / part, dtype=dtype, max_shard_bytes=max_shard_bytes)
         write_json(asdict(self.config), path / CONFIG_FILE)
 
     def set_gradient_checkpointing(self, flag: bool = True) -> None:
         self.llm.set_gradient_checkpointing(flag)
         self.vit.set_gradient_checkpointing(flag)
 
-    # ------------------------------------------------------------------------------------------------
-    # Forward
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, 3, H, W) -> (n_images, N, D_llm) projected patch features.
-
-        pixel_values: normalised floats (image.preprocess), or uint8 pixels (image.to_pixels, what the
-        training data set yields), normalised here, on the model's device."""
-        if pixel_values.dtype == torch.uint8:
-            pixel_values = normalize(pixel_values)
-        vit_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters())
-        with torch.set_grad_enabled(vit_trains):
-            vit_dtype = self.vit.embeddings.patch_embeddings.projection.weight.dtype
-            feats = self.vit.features(pixel_values.to(vit_dtype), layer=self.config.select_layer)
-        return self.projector(feats.to(self.projector.model[0].weight.dtype))
-
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
-        """Splice image features into the token embeddings.
-
-        input_ids (B, T) with one -200 per image; pixel_values (n_images, 3, H, W) in row-major order.
-        Returns embeds (B, T', D), labels (B, T') or None, attention_mask (B, T').
-        Each row keeps its padding where it was (right padding stays right, left stays left).
-        """
-        B, T = input_ids.shape
-        device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        is_image = input_ids == IMAGE_TOKEN_INDEX                          # (B, T)
-        n_placeholders = int(is_image.sum())
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if n_placeholders != n_images:
-            per_row = is_image.sum(1).tolist()
-            raise ValueError(f"input_ids hold {n_placeholders} image placeholders ({IMAGE_TOKEN_INDEX}) "
-                             f"(per batch row: {per_row}) but pixel_values has {n_images} images; each "
-                             "image needs exactly one placeholder, in order")
-        text = self.llm.embed(input_ids.masked_fill(is_image, 0))          # (B, T, D)
-        if n_images:
-            images = self.image_features(pixel_values)                      # (n_images, N, D)
-        else:
-            images = self._dummy_image_features()                           # (0 or 1, N, D)
-        images = images.to(text.dtype)
-        N = images.shape[1]
-        D = text.shape[-1]
-
-        # Where each input position starts in the output row: text tokens take 1 slot, images N.
-        width = torch.where(is_image, N, 1)                                 # (B, T)
-        start = torch.cumsum(width, 1) - width                              # (B, T)
-        out_len = width.sum(1)                                              # (B,)
-        T_out = int(out_len.max())
-
-        # Gather table: rows 0..B*T-1 are text embeddings, then image vectors, then one zero row.
-        bank = torch.cat([text.reshape(B * T, D), images.reshape(-1, D), text.new_zeros(1, D)])
-        zero_row = bank.shape[0] - 1
-        src = torch.full((B, T_out), zero_row, dtype=torch.long, device=device)
-        rows = torch.arange(B, device=device)[:, None].expand(B, T)
-        text_pos = ~is_image
-        src[rows[text_pos], start[text_pos]] = (rows * T + torch.arange(T, device=device))[text_pos]
-        if n_images:
-            img_b, img_t = is_image.nonzero(as_tuple=True)                  # row-major = image order
-            offs = torch.arange(N, device=device)
-            cols = start[img_b, img_t][:, None] + offs                      # (n_images, N)
-            src[img_b[:, None].expand_as(cols), cols] = B * T + torch.arange(n_images * N, device=device).view(-1, N)
-        embeds = bank[src]                                                  # (B, T', D)
-        if not n_images and images.shape[0]:
-            embeds = embeds + 0.0 * images.sum()  # keeps projector (and ViT) in the graph: no DDP unused-param hang
-
-        mask = torch.zeros(B, T_out, dtype=attention_mask.dtype, device=device)
-        mask[rows, start] = attention_mask
-        if n_images:
-            mask[img_b[:, None].expand_as(cols), cols] = attention_mask[img_b, img_t][:, None].expand_as(cols)
-        new_labels = None
-        if labels is not None:
-            new_labels = torch.full((B, T_out), IGNORE_INDEX, dtype=labels.dtype, device=device)
-            new_labels[rows[text_pos], start[text_pos]] = labels[text_pos]
-        return embeds, new_labels, mask
-
-    def _dummy_image_features(self) -> torch.Tensor:
-        """A batch without images still runs a trainable projector (and ViT) on a tiny input, so every rank
-        uses the same parameters every step (XTuner's zero-image trick; nanoVLM skips such batches instead)."""
-        trainable = torch.is_grad_enabled() and any(
-            p.requires_grad for m in (self.projector, self.vit) for p in m.parameters())
-        if not trainable:
-            D = self.projector.model[-1].out_features
-            return self.projector.model[0].weight.new_zeros(0, 1, D)
-        p = self.vit.config.patch_size
-        pixels = self.projector.model[0].weight.new_zeros(1, 3, p, p)
-        return self.image_features(pixels)[:, :0]                           # (1, 0, D): no slots, still in graph
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                loss_chunk: int = 1024, loss_only: bool = False) -> LLaVAOutput:
-        """loss_only=True (training, with labels): compute what the loss needs and nothing else. The LLM's last
-        layer then runs its output projection, feed-forward and final norm on the supervised positions alone
-        (`InternLM2.forward_hidden(keep=...)`): 10% of a step on bench/train_step.py's 6-layer model, about
-        1/layers of the LLM's work in general. out.hidden and out.logits are not available then."""
-        if loss_only and labels is None:
-            raise ValueError("loss_only=True needs labels")
-        embeds, labels, mask = self.embed(input_ids, pixel_values, labels, attention_mask)
-        # Right padding (what `collate` makes) needs no mask: causal attention already keeps the trailing pads
-        # away from every real position, and the kernel's causal fast path is quicker than an explicit mask.
-        right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
-        mask_arg = None if right_padded else mask
-        if loss_only:
-            supervised, targets = _supervised(labels)                       # (B, T') positions with a target
-            h = self.llm.forward_hidden(embeds, attention_mask=mask_arg, keep=supervised)   # (n, D)
-            out = LLaVAOutput(hidden=None, head=self.llm.output, labels=labels, attention_mask=mask)
-            out.loss_sum, out.num_tokens = self._loss_over(h, targets, loss_chunk)
-        else:
-            hidden = self.llm.forward_hidden(embeds, attention_mask=mask_arg)
-            out = LLaVAOutput(hidden=hidden, head=self.llm.output, labels=labels, attention_mask=mask)
-            if labels is not None:
-                out.loss_sum, out.num_tokens = self.loss_sum(hidden, labels, loss_chunk)
-        if labels is not None:
-            out.loss = out.loss_sum / max(out.num_tokens, 1)
-        return out
-
-    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 1024):
-        """Summed next-token cross-entropy over supervised positions, and their count, from (B, T', D) states."""
-        supervised, targets = _supervised(labels)
-        return self._loss_over(hidden[supervised], targets, chunk)
-
-    def _loss_over(self, h: torch.Tensor, t: torch.Tensor, chunk: int):
-        """Summed cross-entropy of the supervised states h (n, D) against their targets t (n,), and n.
-
-        Only supervised positions go through the output head, `chunk` rows at a time, each chunk recomputed
-        in backward (checkpoint), so neither the (B, T, vocab) logits nor their fp32 softmax ever exist whole.
-        """
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, h.shape[0], chunk):
-            hc, tc = h[i:i + chunk], t[i:i + chunk]
-            if torch.is_grad_enabled() and hc.requires_grad:
-                total = total + checkpoint(self._chunk_loss, hc, tc, use_reentrant=False)
-            else:
-                total = total + self._chunk_loss(hc, tc)
-        if h.shape[0] == 0:  # no supervised token: a zero loss through the head that still reaches every weight
-            total = total + 0.0 * self.llm.output(h).sum()
-        return total, int(t.numel())
-
-    def _chunk_loss(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.llm.output(h).float(), t, reduction="sum")
-
-    # ------------------------------------------------------------------------------------------------
-    # Generation
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 attention_mask: torch.Tensor | None = None, stop_ids: list[int] | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue each row; returns (B, n) new ids only. A row ends at a stop id (kept) and is padded
-        with the first stop id afterwards. temperature 0 = greedy; otherwise sampling with top-p."""
-        stop = torch.tensor(stop_ids if stop_ids is not None else self.config.stop_ids, device=input_ids.device)
-        embeds, _, mask = self.embed(input_ids, pixel_values, None, attention_mask)
-        embeds, mask = _left_align(embeds, mask)                            # generation appends on the right
-        B, T, _ = embeds.shape
-        cache = self.llm.new_cache(B, T + max_new_tokens, dtype=embeds.dtype, device=embeds.device)
-        full_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)  # (B, T + max_new)
-        positions = (torch.cumsum(full_mask, 1) - 1).clamp(min=0)           # left padding -> first real pos 0
-        # The prompt: every position fills the cache, but only the last one's output is needed (keep).
-        last = torch.zeros(B, T, dtype=torch.bool, device=embeds.device)
-        last[:, -1] = True
-        hidden = self.llm.forward_hidden(embeds, attention_mask=full_mask[:, :T], position_ids=positions[:, :T],
-                                         cache=cache, keep=last)                # (B, D)
-        out = torch.full((B, max_new_tokens), int(stop[0]), dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        n = 0
-        for step in range(max_new_tokens):
-            logits = self.llm.output(hidden.reshape(B, -1)).float()        # (B, vocab)
-            if self.config.text_vocab_size is not None:                     # padded vocabulary: ids with no text
-                logits[:, self.config.text_vocab_size:] = float("-inf")
-            token = _pick(logits, temperature, top_p, generator)
-            token = torch.where(done, stop[0], token)
-            out[:, step] = token
-            n = step + 1
-            done |= torch.isin(token, stop)
-            if bool(done.all()) or step + 1 == max_new_tokens:
-                break
-            p = T + step
-            hidden = self.llm.forward_hidden(self.llm.embed(token[:, None]), attention_mask=full_mask[:, :p + 1],
-                                             position_ids=positions[:, p:p + 1], cache=cache)
-        return out[:, :n]
-
-
-def _supervised(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions whose next token is supervised, (B, T) bool (position t predicts token t + 1), and
-    those next tokens, (n,) in row-major order."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep, labels[:, 1:][keep[:, :-1]]
+def _cols(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if t is None else t[:, start:stop]
 
 
 def _left_align(embeds: torch.Tensor, mask: torch.Tensor):
     """Move each row's real positions to the right end (left padding), keeping their order."""
     B, T, D = embeds.shape
-    # Stable sort on the mask: padding (0) first, real positions (1) after, each group in its order.
-    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices     # (B, T)
-    embeds = torch.gather(embeds, 1, order[..., None].expand(B, T, D))
-    return embeds, torch.gather(mask, 1, order)
+    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices     # padding (0) first, each part in order
+    return torch.gather(embeds, 1, order[..., None].expand(B, T, D)), torch.gather(mask, 1, order)
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -341,6 +272,5 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
     if top_p < 1.0:
         sorted_p, idx = torch.sort(probs, descending=True)
         drop = torch.cumsum(sorted_p, -1) - sorted_p > top_p                # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

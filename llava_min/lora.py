@@ -1,30 +1,9 @@
-"""LoRA: low-rank adapters on the LLM's linear layers, hand-written (Hu et al. 2021, arXiv:2106.09685).
+"""LoRA: low-rank adapters on the LLM's linear layers (Hu et al. 2021, arXiv:2106.09685), as PEFT builds them.
 
-A frozen linear layer y = x W^T + b gets a trainable low-rank update (section 4.1 of the paper):
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W: (out, in) frozen, A: (r, in), B: (out, r) trained
 
-    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W: (out, in), A: (r, in), B: (out, r)
-
-A starts as nn.Linear's default (kaiming-uniform, a = sqrt(5)) and B at zero, so the adapted layer equals the
-base layer at initialisation; dropout acts on the input of A only. This is what PEFT does
-(peft/tuners/lora/layer.py, `LoraLayer.reset_lora_parameters` and `Linear.forward`), which XTuner and LLaVA use.
-
-The base weight keeps its dtype (bf16 to save memory) and is frozen; A and B are fp32 so that AdamW updates
-small values in full precision. `LoRALinear` keeps the base tensors under the names `weight` and `bias`, so
-the official checkpoint keys of the model stay as they are and only `*.lora_A` / `*.lora_B` are added.
-
-Defaults: rank r from the command line (`--lora-r`), alpha = 2 * r, dropout 0.05, adapters on every linear
-layer of the transformer blocks: the fused attention `wqkv`, `wo` and the SwiGLU `w1`, `w2`, `w3`. The
-references differ on alpha: LLaVA-1.5's finetune_lora.sh uses r 128, alpha 256 (scale 2), XTuner's
-InternLM2-7B QLoRA config r 512, alpha 256 (scale 0.5). We take LLaVA's scale 2, which stays the same when
-the rank changes; pass `alpha` to match XTuner. The output head (`output`) never gets an adapter: its
-(vocab, hidden) shape makes the adapter large, and the references leave it out of training.
-
-The fused `wqkv` is a plain (q + 2 kv heads) x hidden Linear here, so one adapter covers q, k and v together
-(as PEFT does on InternLM2's fused layer).
-
-Saving a trained model: `merged_state_dict` (the official keys, adapters folded in, the model untouched)
-or `merge_lora` (folds in place and puts the plain linear layer back). Training checkpoints store the adapters
-alone with `lora_state_dict`; resume rebuilds the base model, calls `apply_lora` and `load_lora_state_dict`.
+Start at `apply_lora`. Saving: `merged_state_dict` (the official keys, adapters folded in, the model untouched) or
+`merge_lora` (in place); training checkpoints hold the adapters alone (`lora_state_dict` / `load_lora_state_dict`).
 """
 from __future__ import annotations
 
@@ -34,13 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import LlavaMinError
+
+# Every linear layer of the blocks: the fused wqkv (one adapter covers q, k and v, as PEFT does on InternLM2),
+# wo and the SwiGLU. The head (`output`) never gets one: its (vocab, hidden) shape makes the adapter large, and
+# the references leave it out of training.
 DEFAULT_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 LORA_KEYS = ("lora_A", "lora_B")
-FORBIDDEN = "output"  # the LM head of InternLM2
-
-
-class LoRAError(ValueError):
-    """LoRA was asked for on modules that cannot take it, or adapter weights do not fit the model."""
+FORBIDDEN = "output"
 
 
 class LoRALinear(nn.Module):
@@ -49,19 +29,19 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.base_type = type(base)  # what merge_lora puts back (InternLM2's Linear, or nn.Linear)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        # The base tensors themselves (no copy), frozen, under the names the checkpoint uses.
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        # The base tensors themselves (no copy), frozen, under the checkpoint's names: the model's official keys
+        # stay as they are and only *.lora_A / *.lora_B are added.
+        self.weight = base.weight.requires_grad_(False)
+        self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
+        # fp32 adapters whatever the base dtype (bf16 saves memory), so that AdamW updates small values exactly.
+        # A starts as nn.Linear's default, B at zero: the adapted layer equals the base at initialisation
+        # (PEFT's `reset_lora_parameters`).
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()   # on A's input only, as PEFT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -72,119 +52,96 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A, computed in fp32 and returned in the base weight's dtype."""
+        """W + (alpha / r) B A, computed in fp32 and returned in the base weight's dtype (one rounding)."""
         delta = self.lora_B.float() @ self.lora_A.float()  # (out, r) @ (r, in) -> (out, in)
         return (self.weight.float() + self.scaling * delta).to(self.weight.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, bias={self.bias is not None}")
-
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
 
 
 def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.05,
                targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> list[str]:
-    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place.
+    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place; afterwards the
+    adapters are the only trainable parameters of `module` (the LLM). Returns the names of the replaced layers.
 
-    Afterwards the adapters are the only trainable parameters of `module` (call it on the LLM; the projector
-    and ViT keep their own settings). Returns the names of the replaced layers. alpha defaults to 2 * r.
+    alpha defaults to 2 * r: LLaVA-1.5's scale 2 (r 128, alpha 256), which stays the same when the rank changes;
+    XTuner's InternLM2-7B QLoRA uses r 512, alpha 256 (scale 0.5): pass alpha to match it.
     """
-    if not isinstance(r, int) or r < 1:
-        raise LoRAError(f"LoRA rank must be a positive integer, got r={r!r} (e.g. --lora-r 64)")
+    if type(r) is not int or r < 1:
+        raise LlavaMinError(f"LoRA rank must be a positive integer, got r={r!r} (e.g. --lora-r 64)")
     alpha = 2 * r if alpha is None else alpha
     if alpha <= 0 or not 0 <= dropout < 1:
-        raise LoRAError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, dropout={dropout}")
+        raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, dropout={dropout}")
     targets = tuple(targets)
     refused = [t for t in targets if t.split(".")[-1] == FORBIDDEN]
     if refused:
-        raise LoRAError(f"LoRA targets {refused} name the output head '{FORBIDDEN}', which never gets an "
-                        f"adapter; choose among the block layers, e.g. {list(DEFAULT_TARGETS)}")
-
-    chosen = [(name, m) for name, m in module.named_modules() if any(_matches(name, t) for t in targets)]
+        raise LlavaMinError(f"LoRA targets {refused} name the output head '{FORBIDDEN}', which never gets an "
+                            f"adapter; choose among the block layers, e.g. {list(DEFAULT_TARGETS)}")
+    chosen = [(name, m) for name, m in module.named_modules()
+              if any(name == t or name.endswith("." + t) for t in targets)]
     for name, m in chosen:
         if isinstance(m, LoRALinear):
-            raise LoRAError(f"{name} already has a LoRA adapter; apply_lora was called twice")
+            raise LlavaMinError(f"{name} already has a LoRA adapter; apply_lora was called twice")
         if not isinstance(m, nn.Linear):
-            raise LoRAError(f"{name} matches a LoRA target but is a {type(m).__name__}, not nn.Linear; "
-                            f"narrow the targets {list(targets)}")
+            raise LlavaMinError(f"{name} matches a LoRA target but is a {type(m).__name__}, not nn.Linear; "
+                                f"narrow the targets {list(targets)}")
     if not chosen:
         some = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise LoRAError(f"no nn.Linear in {type(module).__name__} ends with any of {list(targets)}; "
-                        f"linear layers here are named like {some}")
-
+        raise LlavaMinError(f"no nn.Linear in {type(module).__name__} ends with any of {list(targets)}; "
+                            f"linear layers here are named like {some}")
     module.requires_grad_(False)
     for name, m in chosen:
-        _set_submodule(module, name, LoRALinear(m, r, alpha, dropout))
+        module.set_submodule(name, LoRALinear(m, r, alpha, dropout))
     return [name for name, _ in chosen]
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _lora_layers(module: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
-
-
-def _prefix(name: str) -> str:
-    return f"{name}." if name else ""
+def _lora_layers(module: nn.Module) -> list[tuple[str, str, LoRALinear]]:
+    """(name, state-dict prefix, layer) of every LoRALinear in module."""
+    return [(name, f"{name}." if name else "", m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
 
 
 @torch.no_grad()
 def merge_lora(module: nn.Module) -> list[str]:
-    """Fold every adapter into its base weight and put a plain, frozen linear layer of the replaced type back.
-
-    Afterwards `module.state_dict()` has exactly the official keys again. With a bf16 base the merged weight
-    is rounded to bf16 once. Returns the names of the merged layers.
-    """
+    """Fold every adapter into its base weight and put a plain, frozen nn.Linear back; afterwards
+    `module.state_dict()` has exactly the official keys again. Returns the names of the merged layers."""
     if isinstance(module, LoRALinear):
-        raise LoRAError("merge_lora needs the model that holds the LoRALinear layers, not a layer itself")
+        raise LlavaMinError("merge_lora needs the model that holds the LoRALinear layers, not a layer itself")
     layers = _lora_layers(module)
-    for name, m in layers:
-        linear = m.base_type(m.in_features, m.out_features, bias=m.bias is not None,
-                             device="meta", dtype=m.weight.dtype)  # meta: no throw-away init
+    for name, _, m in layers:
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")  # no init
         linear.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
-        _set_submodule(module, name, linear)
-    return [name for name, _ in layers]
+        module.set_submodule(name, linear)
+    return [name for name, _, _ in layers]
 
 
 @torch.no_grad()
 def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` with the official keys and every adapter folded in; the module is unchanged.
-
-    This is what a checkpoint writes for the LLM during LoRA training (training goes on after the save).
-    """
+    """`module.state_dict()` with the official keys and every adapter folded in; the module is unchanged (training
+    goes on after a save). Without adapters it is the plain state dict."""
     state = module.state_dict()
-    for name, m in _lora_layers(module):
-        p = _prefix(name)
-        state[p + "weight"] = m.merged_weight()
+    for _, prefix, m in _lora_layers(module):
+        state[prefix + "weight"] = m.merged_weight()
         for k in LORA_KEYS:
-            del state[p + k]
+            del state[prefix + k]
     return state
 
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors alone ({'model.layers.0.attention.wqkv.lora_A': ...}), for training checkpoints."""
-    return {_prefix(name) + k: getattr(m, k).detach() for name, m in _lora_layers(module) for k in LORA_KEYS}
+    return {prefix + k: getattr(m, k).detach() for _, prefix, m in _lora_layers(module) for k in LORA_KEYS}
 
 
 @torch.no_grad()
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy adapter tensors saved by `lora_state_dict` into a model prepared with the same `apply_lora`."""
-    own = {_prefix(name) + k: getattr(m, k) for name, m in _lora_layers(module) for k in LORA_KEYS}
+    own = {prefix + k: getattr(m, k) for _, prefix, m in _lora_layers(module) for k in LORA_KEYS}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise LoRAError(f"LoRA adapters do not match the model: missing {missing[:4]} ({len(missing)} in all), "
-                        f"unexpected {unexpected[:4]} ({len(unexpected)} in all); resume with the same "
-                        "--lora-r and target modules as the run that saved them")
+        raise LlavaMinError(f"LoRA adapters do not match the model: missing {missing[:4]} ({len(missing)} in all), "
+                            f"unexpected {unexpected[:4]} ({len(unexpected)} in all); resume with the same "
+                            "--lora-r and target modules as the run that saved them")
     for key, t in state.items():
         if t.shape != own[key].shape:
-            raise LoRAError(f"LoRA tensor {key!r} has shape {tuple(t.shape)} but the model's is "
-                            f"{tuple(own[key].shape)}; the saved run used another rank (--lora-r)")
+            raise LlavaMinError(f"LoRA tensor {key!r} has shape {tuple(t.shape)} but the model's is "
+                                f"{tuple(own[key].shape)}; the saved run used another rank (--lora-r)")
         own[key].copy_(t)

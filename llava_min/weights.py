@@ -1,24 +1,15 @@
-"""Reading and writing checkpoints in the official Hugging Face safetensors layouts.
+"""Checkpoint files in the Hugging Face safetensors layouts, and the project's one atomic file writer.
 
-One folder holds either `model.safetensors`, or shards `model-0000K-of-0000N.safetensors` listed by
-`model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map": {key: shard file}}).
-
-Loading is strict and memory-frugal:
-  * the model is built on the meta device (no memory, no random init), see `build_on_meta`;
-  * each tensor is read from the memory-mapped file straight into the target dtype and device and
-    assigned into the module (`load_state_dict(assign=True)`), so a bf16 7B checkpoint loads with a
-    peak RAM of about its own size and never exists as an fp32 copy;
-  * a missing, unexpected or mis-shaped tensor, a missing or truncated shard, raises `CheckpointError`
-    naming the key, the file and both shapes. Nothing is skipped with a warning.
-
-Each model file owns its key map (checkpoint name -> module name) as data and passes it here.
+A model folder holds config.json and model.safetensors, or shards model-0000K-of-0000N.safetensors listed by
+model.safetensors.index.json. Start at `load_into` (strict, memory-mapped) and `save_state` (sharded, atomic).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -26,93 +17,120 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import LlavaMinError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+CheckpointError = LlavaMinError   # the old name, for checkpoint.py until it raises LlavaMinError itself
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder or file does not match what the model expects."""
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path` to write; when the block ends without error, the file is synced to
+    disk and renamed to `path` in one step, so a reader (or a run killed midway) sees the old file or the new.
+    The file gets the mode every other tool gives a new one, 0o666 minus the umask: a group can read it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # same folder: os.replace never crosses devices
+    try:
+        tmp.unlink(missing_ok=True)         # a leftover of a killed run would keep its own mode
+        with open(tmp, "wb"):
+            pass
+        mode = tmp.stat().st_mode & 0o777   # what open() gives; safetensors (and tempfile.mkstemp) give 0600
+        yield tmp
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)                    # the bytes reach the disk before the name points at them
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# config.json
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a whole file atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def load_config(name_or_path: str | os.PathLike, presets: dict, from_dict: Callable, model: str):
+    """A copy of a preset (by name), or from_dict(config.json) of a file or a model folder; errors name the file."""
+    if str(name_or_path) in presets:
+        return copy.deepcopy(presets[str(name_or_path)])
+    path = Path(name_or_path)
+    if not path.exists():
+        raise LlavaMinError(f"{path}: neither a {model} preset ({', '.join(presets)}) nor an existing config.json "
+                            "file or model folder")
+    file = path / CONFIG_FILE if path.is_dir() else path
+    d = read_config(file)
+    try:
+        return from_dict(d)
+    except LlavaMinError as e:
+        raise LlavaMinError(f"{file}: {e}") from None   # the file, then what is wrong in it
+
 
 def read_config(path: str | os.PathLike) -> dict:
-    """The `config.json` of a model folder (or a config file itself) as a dict."""
+    """The config.json of a model folder (or a config file itself) as a dict."""
     path = Path(path)
     file = path / CONFIG_FILE if path.is_dir() else path
     if not file.exists():
-        raise CheckpointError(f"{file}: no config.json here; a model folder holds config.json and "
-                              f"{SINGLE_FILE} (or shards with {INDEX_FILE})")
+        raise LlavaMinError(f"{file}: no config.json here; a model folder holds config.json and "
+                            f"{SINGLE_FILE} (or shards with {INDEX_FILE})")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
-
-
-def write_json(obj, file: str | os.PathLike) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    file = Path(file)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, file)
+        raise LlavaMinError(f"{file}: not valid JSON ({e})") from e
 
 
 # --------------------------------------------------------------------------------------------------
-# Locating tensors
+# Loading
 
 def checkpoint_files(folder: str | os.PathLike) -> dict[str, Path]:
-    """Map every tensor key of a checkpoint folder to the file that holds it, checking the index.
-
-    Raises CheckpointError for a folder without weights, an index that names a missing shard, or an index
-    whose keys are not in the shard it names.
-    """
+    """Every tensor key of a checkpoint folder -> the file that holds it, the index checked against the shards."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (expected a model folder with config.json and "
-                              f"{SINGLE_FILE} or {INDEX_FILE})")
+        raise LlavaMinError(f"{folder}: not a folder (expected a model folder with config.json and "
+                            f"{SINGLE_FILE} or {INDEX_FILE})")
     index = folder / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (need a 'weight_map' object): {e}") from e
-        by_file: dict[str, list[str]] = {}
-        for key, name in weight_map.items():
-            by_file.setdefault(name, []).append(key)
-        key_to_file: dict[str, Path] = {}
-        for name, keys in by_file.items():
-            shard = folder / name
-            if not shard.exists():
-                raise CheckpointError(
-                    f"{shard}: shard named by {index.name} is missing; it should hold {len(keys)} tensors "
-                    f"(e.g. {keys[0]!r}). Download it again or fix the index.")
-            present = set(_keys_of(shard))
-            absent = [k for k in keys if k not in present]
-            if absent:
-                raise CheckpointError(f"{shard}: {index.name} says it holds {absent[0]!r} "
-                                      f"({len(absent)} keys in all) but the shard does not")
-            for k in keys:
-                key_to_file[k] = shard
-        return key_to_file
-    single = folder / SINGLE_FILE
-    if single.exists():
-        return {k: single for k in _keys_of(single)}
-    found = sorted(p.name for p in folder.iterdir())
-    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (found: {found[:12]}). "
-                          "Only safetensors checkpoints are read; convert .bin/.pth files first.")
+    if not index.exists():
+        single = folder / SINGLE_FILE
+        if single.exists():
+            return {k: single for k in _keys_of(single)}
+        found = sorted(p.name for p in folder.iterdir())
+        raise LlavaMinError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (found: {found[:12]}). "
+                            "Only safetensors checkpoints are read; convert .bin/.pth files first.")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LlavaMinError(f"{index}: not a safetensors index (need a 'weight_map' object): {e}") from e
+    by_file: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        by_file.setdefault(name, []).append(key)
+    for name, keys in by_file.items():
+        shard = folder / name
+        if not shard.exists():
+            raise LlavaMinError(f"{shard}: shard named by {index.name} is missing; it should hold {len(keys)} "
+                                f"tensors (e.g. {keys[0]!r}). Download it again or fix the index.")
+        absent = sorted(set(keys) - set(_keys_of(shard)))
+        if absent:
+            raise LlavaMinError(f"{shard}: {index.name} says it holds {absent[0]!r} ({len(absent)} keys in all) "
+                                "but the shard does not")
+    return {key: folder / name for key, name in weight_map.items()}
 
 
 def _keys_of(file: Path) -> list[str]:
     try:
         with safe_open(str(file), framework="pt") as f:
             return list(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError for truncated/corrupt headers
-        raise CheckpointError(f"{file}: cannot read safetensors header ({e}); the file is truncated "
-                              "or corrupt, download it again") from e
+    except Exception as e:  # safetensors raises its own SafetensorError for a truncated or corrupt header
+        raise LlavaMinError(f"{file}: cannot read safetensors header ({e}); the file is truncated "
+                            "or corrupt, download it again") from e
 
 
 def rename_key(key: str, key_map: Iterable[tuple[str, str]]) -> str:
@@ -124,123 +142,101 @@ def rename_key(key: str, key_map: Iterable[tuple[str, str]]) -> str:
     return key
 
 
-# --------------------------------------------------------------------------------------------------
-# Loading into a module
-
 def build_on_meta(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Build a module without allocating or initialising its weights (they come from the checkpoint)."""
     with torch.device("meta"):
         return make()
 
 
-def load_into(
-    module: torch.nn.Module,
-    folder: str | os.PathLike,
-    *,
-    key_map: Iterable[tuple[str, str]] = (),
-    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-    ignore: Iterable[str] = (),
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-) -> None:
-    """Load a checkpoint folder into `module` (usually built with `build_on_meta`), strictly.
+def load_into(module: torch.nn.Module, folder: str | os.PathLike, *, key_map: Iterable[tuple[str, str]] = (),
+              ignore: Iterable[str] = (), dtype: torch.dtype | None = None,
+              device: str | torch.device = "cpu") -> None:
+    """Fill `module` (built with `build_on_meta`) from a checkpoint folder, strictly: a missing, unexpected or
+    mis-shaped tensor is an error naming the key, the file and both shapes.
 
-    key_map:    (regex, replacement) pairs, checkpoint key -> module key; first match wins.
-    transforms: module key regex -> function applied to the tensor after reading (e.g. a layout change).
-    ignore:     regexes of checkpoint keys that are read by nobody (e.g. buffers other tools save).
-    dtype:      floating tensors are cast to it while reading; None keeps the checkpoint's dtype.
+    key_map: (regex, replacement) pairs, checkpoint key -> module key, first match wins.
+    ignore:  regexes of checkpoint keys nobody reads (e.g. buffers other tools save).
+    dtype:   floating tensors are cast to it; None keeps each tensor's stored dtype.
     """
     key_map, ignore = list(key_map), [re.compile(p) for p in ignore]
-    transforms = {re.compile(k): v for k, v in (transforms or {}).items()}
     files = checkpoint_files(folder)
-    expected = {k: v for k, v in module.state_dict(keep_vars=True).items()}
-
-    target_of: dict[str, str] = {}
+    expected = module.state_dict(keep_vars=True)
+    target_of: dict[str, str] = {}       # checkpoint key -> module key
+    source_of: dict[str, str] = {}       # module key -> checkpoint key
     for ckpt_key in files:
         if any(p.search(ckpt_key) for p in ignore):
             continue
-        mod_key = rename_key(ckpt_key, key_map)
-        if mod_key in target_of.values():
-            first = next(k for k, v in target_of.items() if v == mod_key)
-            raise CheckpointError(f"{files[ckpt_key]}: keys {first!r} and {ckpt_key!r} both map to {mod_key!r}; "
-                                  "the checkpoint mixes two naming schemes")
-        target_of[ckpt_key] = mod_key
-
+        mod_key = target_of[ckpt_key] = rename_key(ckpt_key, key_map)
+        if mod_key in source_of:
+            raise LlavaMinError(f"{files[ckpt_key]}: keys {source_of[mod_key]!r} and {ckpt_key!r} both map to "
+                                f"{mod_key!r}; the checkpoint mixes two naming schemes")
+        source_of[mod_key] = ckpt_key
     unexpected = [k for k, m in target_of.items() if m not in expected]
     if unexpected:
         k = unexpected[0]
-        raise CheckpointError(f"{files[k]}: unexpected tensor {k!r} ({len(unexpected)} unexpected in all: "
-                              f"{unexpected[:5]}); is this the right model type and config.json?")
-    missing = sorted(set(expected) - set(target_of.values()))
+        raise LlavaMinError(f"{files[k]}: unexpected tensor {k!r} ({len(unexpected)} unexpected in all: "
+                            f"{unexpected[:5]}); is this the right model type and config.json?")
+    missing = sorted(set(expected) - set(source_of))
     if missing:
-        raise CheckpointError(f"{Path(folder)}: missing tensor {missing[0]!r} ({len(missing)} missing in all: "
-                              f"{missing[:5]}); the checkpoint is incomplete or for another config")
+        raise LlavaMinError(f"{Path(folder)}: missing tensor {missing[0]!r} ({len(missing)} missing in all: "
+                            f"{missing[:5]}); the checkpoint is incomplete or for another config")
 
-    # Open each file once; read tensor by tensor, cast on the way.
-    handles = {}
+    # Each tensor is read once: safe_open maps the file into memory, get_tensor views it without copying, and
+    # .to() makes the one copy there is (on `device`, in `dtype`), or none for a CPU load in the stored dtype.
+    # So the peak is about the model's final size: a bf16 checkpoint never exists as an fp32 host copy.
     state = {}
-    try:
-        for ckpt_key, mod_key in target_of.items():
-            file = files[ckpt_key]
-            if file not in handles:
-                handles[file] = safe_open(str(file), framework="pt", device="cpu").__enter__()
-            try:
-                t = handles[file].get_tensor(ckpt_key)
-            except Exception as e:
-                raise CheckpointError(f"{file}: cannot read tensor {ckpt_key!r} ({e}); the file is "
-                                      "truncated or corrupt, download it again") from e
-            for pattern, fn in transforms.items():
-                if pattern.search(mod_key):
-                    t = fn(t)
-            want = expected[mod_key]
-            if tuple(t.shape) != tuple(want.shape):
-                raise CheckpointError(f"{file}: tensor {ckpt_key!r} has shape {tuple(t.shape)} but the model's "
-                                      f"{mod_key!r} is {tuple(want.shape)}; config.json does not match the weights")
-            cast = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-            state[mod_key] = t.to(device=device, dtype=cast)
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
+    for file in dict.fromkeys(files.values()):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for ckpt_key in (k for k in f.keys() if k in target_of):
+                try:
+                    t = f.get_tensor(ckpt_key)
+                except Exception as e:
+                    raise LlavaMinError(f"{file}: cannot read tensor {ckpt_key!r} ({e}); the file is "
+                                        "truncated or corrupt, download it again") from e
+                mod_key, want = target_of[ckpt_key], expected[target_of[ckpt_key]]
+                if t.shape != want.shape:
+                    raise LlavaMinError(f"{file}: tensor {ckpt_key!r} has shape {tuple(t.shape)} but the model's "
+                                        f"{mod_key!r} is {tuple(want.shape)}; config.json does not match the "
+                                        "weights")
+                state[mod_key] = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
     module.load_state_dict(state, strict=True, assign=True)
 
 
 # --------------------------------------------------------------------------------------------------
 # Saving
 
-def save_state(state: dict[str, torch.Tensor], folder: str | os.PathLike, *,
+def save_state(state: dict[str, torch.Tensor], folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write tensors as `model.safetensors`, or as shards plus an index when larger than max_shard_bytes.
-
-    Files are written to temporary names and renamed, so a reader never sees a half-written file.
+    """Write tensors as model.safetensors, or as shards plus an index when larger than max_shard_bytes, each file
+    through `atomic_path`. dtype: floating tensors are cast to it one shard at a time; None writes them as they are.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
+
+    def cast(t):
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    def nbytes(t):
+        return t.numel() * cast(t).itemsize
+
+    shards: list[list[str]] = [[]]
     size = 0
     for k, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
+        if shards[-1] and size + nbytes(t) > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][k] = t
-        size += n
-    for stale in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
-        if stale.exists():
-            stale.unlink()
-    if len(shards) == 1:
-        _save_file(shards[0], folder / SINGLE_FILE)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, folder / name)
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX_FILE)
-
-
-def _save_file(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    tmp = file.with_name(f".{file.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
+        shards[-1].append(k)
+        size += nbytes(t)
+    names = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    (folder / INDEX_FILE).unlink(missing_ok=True)   # the index is written last: until then no reader follows it
+    for name, keys in zip(names, shards):
+        tensors = {k: state[k].detach().to("cpu", dtype=cast(state[k])).contiguous() for k in keys}
+        with atomic_path(folder / name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+    for stale in set(folder.glob("model*.safetensors")) - {folder / n for n in names}:
+        stale.unlink()
+    if len(shards) > 1:
+        weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
+        total = sum(nbytes(t) for t in state.values())
+        write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX_FILE)

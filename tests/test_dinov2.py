@@ -14,7 +14,8 @@ import torch
 
 from _ckpt_dinov2 import hf_dinov2, write_tiny_dinov2
 from llava_min.dinov2 import DINOv2, DINOv2Config, Embeddings, PRESETS, load_config, num_parameters
-from llava_min.weights import CheckpointError, build_on_meta
+from llava_min import LlavaMinError
+from llava_min.weights import build_on_meta
 
 # (height, width): the stored 3x3 grid; larger and smaller squares (interpolation up / down); non-square; and
 # 1x9 patches, which has the stored patch count but must still be interpolated (transformers checks H == W).
@@ -175,7 +176,7 @@ def test_load_config_from_file_and_folder(tmp_path):
         config = load_config(where)
         assert (config.hidden_size, config.num_register_tokens, config.use_swiglu_ffn) == (32, 4, True)
     assert config.to_dict()["model_type"] == hf.config.model_type == "dinov2_with_registers"
-    with pytest.raises(CheckpointError, match="neither a DINOv2 preset"):
+    with pytest.raises(LlavaMinError, match="neither a DINOv2 preset"):
         load_config("dinov2-huge")
 
 
@@ -188,11 +189,11 @@ def test_config_errors_name_field_and_file(tmp_path):
                             ({"model_type": "clip_vision_model"}, "model_type 'clip_vision_model' is not a DINOv2"),
                             ({"image_size": [28, 42]}, r"image_size = \[28, 42\]: only square")]:
         file.write_text(json.dumps({**good, **change}))
-        with pytest.raises(CheckpointError, match=culprit) as e:
+        with pytest.raises(LlavaMinError, match=culprit) as e:
             load_config(file)
         assert str(file) in str(e.value)
     file.write_text(json.dumps({"hidden_size": 32, "num_attention_heads": 4}))
-    with pytest.raises(CheckpointError, match="missing field 'num_hidden_layers'"):
+    with pytest.raises(LlavaMinError, match="missing field 'num_hidden_layers'"):
         load_config(file)
     # fields a hub config omits take transformers' defaults for its model_type
     file.write_text(json.dumps({"model_type": "dinov2_with_registers", **{k: good[k] for k in list(good)[1:]}}))
@@ -208,12 +209,12 @@ def test_corrupt_checkpoint_names_key_and_file(tmp_path):
     tensors = load_file(weights)
     tensors["encoder.layer.1.mlp.fc1.weight"] = tensors["encoder.layer.1.mlp.fc1.weight"][:, :16].contiguous()
     save_file(tensors, weights)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'encoder.layer.1.mlp.fc1.weight' has "
+    with pytest.raises(LlavaMinError, match=r"model.safetensors: tensor 'encoder.layer.1.mlp.fc1.weight' has "
                                               r"shape \(128, 16\) .* \(128, 32\)"):
         DINOv2.from_pretrained(tmp_path)
     del tensors["encoder.layer.1.mlp.fc1.weight"]
     save_file(tensors, weights)
-    with pytest.raises(CheckpointError, match="missing tensor 'encoder.layer.1.mlp.fc1.weight'"):
+    with pytest.raises(LlavaMinError, match="missing tensor 'encoder.layer.1.mlp.fc1.weight'"):
         DINOv2.from_pretrained(tmp_path)
 
 

@@ -14,6 +14,7 @@ index), loaded through InternLM2.from_pretrained:
   * the presets have the released sizes (internlm2-7b: 7,737,708,544 parameters).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -21,9 +22,9 @@ import torch.nn.functional as F
 
 from _ckpt_internlm2 import (internlm2_to_llama, random_internlm2_state, released_config_dict, split_wqkv,
                              write_internlm2_checkpoint)
-from llava_min.internlm2 import (PRESETS, ConfigError, InternLM2, InternLM2Config, Linear, load_config,
-                                 num_parameters)
-from llava_min.weights import CheckpointError, build_on_meta
+from llava_min import LlavaMinError
+from llava_min.internlm2 import PRESETS, InternLM2, InternLM2Config, load_config, num_parameters
+from llava_min.weights import build_on_meta
 
 
 def tiny(**over) -> InternLM2Config:
@@ -155,43 +156,6 @@ def test_rms_norm_in_bf16_matches_the_released_rounding():
 
 
 # --------------------------------------------------------------------------------------------------
-# The few-rows product of decoding
-
-def ops_run(fn) -> set[str]:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.key for e in prof.key_averages()}
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 48), (3, 48), (2, 5, 48), (64, 48), (65, 48), (1, 0, 48)])
-def test_few_rows_product_equals_f_linear(shape, bias):
-    torch.manual_seed(0)
-    layer = Linear(48, 80, bias=bias)
-    x = torch.randn(shape)
-    with torch.no_grad():
-        out = layer(x)
-        ops = ops_run(lambda: layer(x))
-    assert out.shape == (*shape[:-1], 80) and out.is_contiguous()
-    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
-    rows = x.numel() // 48
-    # 1 to 64 rows without autograd take the (W @ x.T).T form, more rows and empty inputs plain F.linear.
-    assert ("aten::linear" not in ops) == (0 < rows <= Linear.FEW_ROWS), ops
-
-
-def test_few_rows_product_leaves_training_alone():
-    torch.manual_seed(0)
-    layer = Linear(48, 80)
-    x = torch.randn(3, 48, requires_grad=True)
-    assert "aten::linear" in ops_run(lambda: layer(x))                   # autograd on: plain F.linear
-    layer(x).sum().backward()
-    assert layer.weight.grad is not None and x.grad is not None
-    with torch.no_grad():                                                 # bf16 weights: plain F.linear too
-        assert "aten::linear" in ops_run(lambda: layer.bfloat16()(x.detach().bfloat16()))
-
-
-# --------------------------------------------------------------------------------------------------
 # KV cache
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
@@ -277,6 +241,34 @@ def test_bf16_loads_as_bf16(tmp_path):
     assert {p.dtype for p in InternLM2.from_pretrained(tmp_path / "again").parameters()} == {torch.bfloat16}
 
 
+def test_save_casts_on_write_and_load_keeps_each_stored_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = InternLM2(tiny())
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, max_shard_bytes=40_000)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}          # the model itself is not cast
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = InternLM2.from_pretrained(tmp_path / "bf16")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
+    # dtype=None keeps what each tensor is stored as, also in a checkpoint that mixes dtypes
+    state = {k: v.to(torch.bfloat16) if "norm" in k else v for k, v in random_internlm2_state(tiny()).items()}
+    write_internlm2_checkpoint(tmp_path / "mixed", tiny(), state)
+    assert {k: v.dtype for k, v in InternLM2.from_pretrained(tmp_path / "mixed").state_dict().items()} == \
+        {k: v.dtype for k, v in state.items()}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_saved_files_get_the_mode_of_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        InternLM2(tiny()).save_pretrained(tmp_path, max_shard_bytes=40_000)      # shards, index, config.json
+    finally:
+        os.umask(old)
+    files = sorted(tmp_path.iterdir())
+    assert {"config.json", "model.safetensors.index.json"} < {f.name for f in files} and len(files) > 3
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}, [oct(f.stat().st_mode) for f in files]
+
+
 def test_rotary_buffers_in_a_checkpoint_are_ignored(tmp_path):
     config = tiny()
     state = random_internlm2_state(config)
@@ -298,7 +290,7 @@ def _corrupt(tmp_path, config, edit_state=None, edit_files=None, config_dict=Non
 
 def test_missing_key_is_named(tmp_path):
     folder = _corrupt(tmp_path, tiny(), edit_state=lambda s: s.pop("model.layers.1.ffn_norm.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.ffn_norm\.weight'"):
+    with pytest.raises(LlavaMinError, match=r"missing tensor 'model\.layers\.1\.ffn_norm\.weight'"):
         InternLM2.from_pretrained(folder)
 
 
@@ -306,7 +298,7 @@ def test_unexpected_key_is_named(tmp_path):
     def add(s):
         s["model.layers.0.attention.wq.weight"] = torch.zeros(4, 4)
     folder = _corrupt(tmp_path, tiny(), edit_state=add)
-    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.attention\.wq\.weight'"):
+    with pytest.raises(LlavaMinError, match=r"unexpected tensor 'model\.layers\.0\.attention\.wq\.weight'"):
         InternLM2.from_pretrained(folder)
 
 
@@ -314,7 +306,7 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path):
     def reshape(s):
         s["model.layers.1.attention.wqkv.weight"] = torch.zeros(96, 64)   # MHA rows in a GQA config
     folder = _corrupt(tmp_path, tiny(), edit_state=reshape)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(LlavaMinError) as e:
         InternLM2.from_pretrained(folder)
     assert "model.layers.1.attention.wqkv.weight" in str(e.value)
     assert "(96, 64)" in str(e.value) and "(128, 64)" in str(e.value)
@@ -322,7 +314,7 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path):
 
 def test_missing_shard_is_named(tmp_path):
     folder = _corrupt(tmp_path, tiny(), edit_files=lambda f: (f / "model-00002-of-00003.safetensors").unlink())
-    with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors"):
+    with pytest.raises(LlavaMinError, match="model-00002-of-00003.safetensors"):
         InternLM2.from_pretrained(folder)
 
 
@@ -331,7 +323,7 @@ def test_truncated_shard_is_named(tmp_path):
         shard = folder / "model-00003-of-00003.safetensors"
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     folder = _corrupt(tmp_path, tiny(), edit_files=truncate)
-    with pytest.raises(CheckpointError, match="model-00003-of-00003.safetensors"):
+    with pytest.raises(LlavaMinError, match="model-00003-of-00003.safetensors"):
         InternLM2.from_pretrained(folder)
 
 
@@ -339,7 +331,7 @@ def test_bad_config_field_is_named(tmp_path):
     config = tiny()
     bad = released_config_dict(config) | {"num_key_value_heads": 3}
     folder = _corrupt(tmp_path, config, config_dict=bad)
-    with pytest.raises(ConfigError, match=r"config\.json: .*num_key_value_heads \(3\)"):
+    with pytest.raises(LlavaMinError, match=r"config\.json: .*num_key_value_heads \(3\)"):
         InternLM2.from_pretrained(folder)
 
 
@@ -365,7 +357,7 @@ def test_released_config_json_reads_and_round_trips(tmp_path):
 ])
 def test_config_errors_name_file_and_field(tmp_path, field, value, words):
     (tmp_path / "config.json").write_text(json.dumps(released_config_dict(tiny()) | {field: value}))
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(LlavaMinError) as e:
         load_config(tmp_path / "config.json")
     assert str(e.value).startswith(f"{tmp_path / 'config.json'}: ") and words in str(e.value)
 

@@ -7,17 +7,21 @@ sharded; DINOv2 hub names; XTuner projector) and loaded through LLaVA.from_pretr
   * greedy generate() gives transformers' tokens (same stop id, same padding after it), for one prompt and for
     a left-padded batch of two prompts of different lengths, each row also equal to that prompt alone;
   * a placeholder / image count mismatch names the per-row counts; save_pretrained -> from_pretrained is exact;
+    a saved model whose llm/ or vit/ links to a folder that is gone names the link and the fix;
   * a frozen ViT builds no autograd graph while the projector still gets gradients; a text-only batch
     reaches the same parameters as an image batch (zero gradients, not None), so DDP sees no unused ones;
   * sampling with a seeded generator repeats itself; the chunked supervised-only loss equals a plain
-    cross-entropy over the full logits, gradients included.
+    cross-entropy over the full logits, gradients included; gradient checkpointing changes nothing, with
+    right or left padding; a batch without a supervised token still reaches every parameter.
 """
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from _ckpt_llava import expand_image_tokens, write_tiny_llava
-from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG, LlavaMinError
 from llava_min.internlm2 import InternLM2Config
 from llava_min.llava import LLaVA
 
@@ -186,6 +190,21 @@ def test_save_and_load_round_trip_is_exact(model, tmp_path):
                        again(input_ids, px, labels=labels, attention_mask=mask).loss)
 
 
+def test_a_dangling_link_to_a_frozen_part_names_the_link_and_the_fix(model, tmp_path):
+    model.save_pretrained(tmp_path / "source")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("llava_config.json", "projector"):
+        shutil.move(tmp_path / "source" / name, out / name)
+    for part in ("llm", "vit"):
+        (out / part).symlink_to(tmp_path / "source" / part, target_is_directory=True)
+    assert LLaVA.from_pretrained(out).config == model.config        # loads through the links
+    shutil.move(tmp_path / "source", tmp_path / "moved")
+    with pytest.raises(LlavaMinError, match=r"out/llm is a symbolic link to .*source/llm, which no longer exists; "
+                                            r"restore the source folder, or re-save .* --save-frozen copy"):
+        LLaVA.from_pretrained(out)
+
+
 # --------------------------------------------------------------------------------------------------
 # Training behaviour
 
@@ -266,7 +285,7 @@ def test_uint8_pixels_are_normalised_on_the_model_side(model):
 
 
 # --------------------------------------------------------------------------------------------------
-# loss_only: the last layer's position-wise part on supervised positions only (what train.py runs)
+# Gradient checkpointing, padding on either side, a batch without a supervised token
 
 def left_padded(input_ids, labels, mask):
     """The same rows with their padding moved to the front."""
@@ -283,36 +302,32 @@ def grads_of(model, **kwargs):
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_loss_only_gives_the_same_loss_and_gradients(model, padding, checkpointing):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, padding):
     model.train()
     model.vit.requires_grad_(True)
-    model.llm.set_gradient_checkpointing(checkpointing)
     input_ids, px, labels, mask = sft_batch()
     if padding == "left":  # an explicit attention mask instead of the causal fast path
         input_ids, labels, mask = left_padded(input_ids, labels, mask)
     batch = dict(input_ids=input_ids, pixel_values=px, labels=labels, attention_mask=mask)
-    full, full_grads = grads_of(model, **batch)
-    lean, lean_grads = grads_of(model, **batch, loss_only=True)
-    assert lean.num_tokens == full.num_tokens == 7
-    assert abs(lean.loss.item() - full.loss.item()) < 1e-6
-    assert set(lean_grads) == set(full_grads) and {n for n, _ in model.llm.named_parameters(prefix='llm')} <= set(full_grads)
-    for name, g in full_grads.items():
-        assert max_diff(lean_grads[name], g) < 1e-5, name
-    with pytest.raises(ValueError, match="loss_only"):
-        lean.logits
+    plain, plain_grads = grads_of(model, **batch)
+    model.set_gradient_checkpointing(True)
+    recomputed, recomputed_grads = grads_of(model, **batch)
+    model.set_gradient_checkpointing(False)
+    assert recomputed.num_tokens == plain.num_tokens == 7
+    assert abs(recomputed.loss.item() - plain.loss.item()) < 1e-6
+    assert set(recomputed_grads) == set(plain_grads)
+    assert {n for n, _ in model.llm.named_parameters(prefix="llm")} <= set(plain_grads)
+    for name, g in plain_grads.items():
+        assert max_diff(recomputed_grads[name], g) < 1e-5, name
 
 
-def test_loss_only_without_a_supervised_token_still_reaches_every_parameter(model):
+def test_without_a_supervised_token_the_loss_still_reaches_every_parameter(model):
     model.train()
     input_ids, px, labels, mask = sft_batch()
+    _, some_grads = grads_of(model, input_ids=input_ids, pixel_values=px, labels=labels, attention_mask=mask)
     nothing = torch.full_like(labels, IGNORE_INDEX)
-    out, grads = grads_of(model, input_ids=input_ids, pixel_values=px, labels=nothing, attention_mask=mask,
-                          loss_only=True)
+    out, grads = grads_of(model, input_ids=input_ids, pixel_values=px, labels=nothing, attention_mask=mask)
     assert out.num_tokens == 0 and out.loss.item() == 0.0
-    _, full_grads = grads_of(model, input_ids=input_ids, pixel_values=px, labels=nothing, attention_mask=mask)
-    assert set(grads) == set(full_grads)  # DDP sees the same parameters used (with zero gradients)
+    assert set(grads) == set(some_grads)  # DDP sees the same parameters used (with zero gradients)
     assert {n for n, _ in model.llm.named_parameters(prefix="llm")} <= set(grads)
     assert not any(g.any() for g in grads.values())
-    with pytest.raises(ValueError, match="needs labels"):
-        model(input_ids, px, attention_mask=mask, loss_only=True)

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llava_min.lora import (LoRAError, LoRALinear, apply_lora, load_lora_state_dict,
-                            lora_state_dict, merge_lora, merged_state_dict)
+from llava_min import LlavaMinError
+from llava_min.internlm2 import PRESETS, InternLM2
+from llava_min.lora import LoRALinear, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora, merged_state_dict
 
 HIDDEN, HEADS, KV_HEADS, VOCAB, FFN = 32, 4, 2, 61, 48
 HEAD_DIM = HIDDEN // HEADS
@@ -136,17 +137,17 @@ def test_only_adapters_are_trainable_and_base_tensors_are_shared():
 
 def test_output_head_and_bad_targets_are_refused():
     _, model = make_pair()
-    with pytest.raises(LoRAError, match="output head 'output'"):
+    with pytest.raises(LlavaMinError, match="output head 'output'"):
         apply_lora(model, r=4, targets=("wqkv", "output"))
     assert type(model.model.layers[0].attention.wqkv) is nn.Linear  # nothing was half-applied
-    with pytest.raises(LoRAError, match="no nn.Linear .* ends with any of \\['q_proj'\\]"):
+    with pytest.raises(LlavaMinError, match="no nn.Linear .* ends with any of \\['q_proj'\\]"):
         apply_lora(model, r=4, targets=("q_proj",))
-    with pytest.raises(LoRAError, match="model.layers.0.attention matches a LoRA target but is a Attention"):
+    with pytest.raises(LlavaMinError, match="model.layers.0.attention matches a LoRA target but is a Attention"):
         apply_lora(model, r=4, targets=("attention",))
-    with pytest.raises(LoRAError, match="positive integer"):
+    with pytest.raises(LlavaMinError, match="positive integer"):
         apply_lora(model, r=0)
     apply_lora(model, r=4, targets=("wo",))
-    with pytest.raises(LoRAError, match="already has a LoRA adapter"):
+    with pytest.raises(LlavaMinError, match="already has a LoRA adapter"):
         apply_lora(model, r=4, targets=("wo",))
 
 
@@ -193,11 +194,11 @@ def test_adapters_saved_alone_load_back_exactly():
 
     _, other_rank = make_pair()
     apply_lora(other_rank, r=2)
-    with pytest.raises(LoRAError, match=r"model.layers.0.attention.wqkv.lora_A' has shape \(4, 32\)"):
+    with pytest.raises(LlavaMinError, match=r"model.layers.0.attention.wqkv.lora_A' has shape \(4, 32\)"):
         load_lora_state_dict(other_rank, saved)
     _, fewer = make_pair()
     apply_lora(fewer, r=4, targets=("wqkv",))
-    with pytest.raises(LoRAError, match="unexpected .*attention.wo.lora_A"):
+    with pytest.raises(LlavaMinError, match="unexpected .*attention.wo.lora_A"):
         load_lora_state_dict(fewer, saved)
 
 
@@ -223,11 +224,19 @@ def test_bf16_base_with_fp32_adapters():
 
 
 
-def test_merge_puts_back_the_layer_type_it_replaced():
-    from llava_min.internlm2 import PRESETS, InternLM2, Linear
+def test_internlm2_saves_merged_official_keys_and_merges_back_to_nn_linear(tmp_path):
     torch.manual_seed(0)
     llm = InternLM2(PRESETS["tiny"])
     names = apply_lora(llm, r=2)
+    llm.eval()                                                # no adapter dropout
     assert names and all(type(llm.get_submodule(n)) is LoRALinear for n in names)
+    with torch.no_grad():
+        for n in names:
+            llm.get_submodule(n).lora_B.normal_(std=0.05)      # a trained adapter: merging changes the weights
+    ids = torch.randint(0, 2048, (1, 7))
+    with torch.no_grad():
+        want = llm(ids)
+        llm.save_pretrained(tmp_path)                         # the official keys, adapters folded in
+        torch.testing.assert_close(InternLM2.from_pretrained(tmp_path)(ids), want, atol=1e-5, rtol=0)
     merge_lora(llm)
-    assert all(type(llm.get_submodule(n)) is Linear for n in names)  # InternLM2's Linear, decoding fast path kept
+    assert all(type(llm.get_submodule(n)) is nn.Linear for n in names)

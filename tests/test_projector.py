@@ -11,7 +11,7 @@ import torch
 
 from _ckpt_dinov2 import randomise_, write_tiny_projector
 from llava_min.projector import Projector
-from llava_min.weights import CheckpointError
+from llava_min import LlavaMinError
 
 
 def _features():
@@ -81,7 +81,7 @@ def test_mixed_names_is_an_error(tmp_path):
     tensors = load_file(file)
     tensors["linear_2.weight"] = tensors.pop("model.2.weight")
     save_file(tensors, file)
-    with pytest.raises(CheckpointError, match="mixes (HF LLaVA|XTuner) names") as e:
+    with pytest.raises(LlavaMinError, match="mixes (HF LLaVA|XTuner) names") as e:
         Projector.from_pretrained(tmp_path)
     assert str(file) in str(e.value) and "'linear_2.weight'" in str(e.value) and "'model.0." in str(e.value)
 
@@ -94,16 +94,16 @@ def test_corrupt_checkpoints_name_key_and_file(tmp_path):
     good = load_file(file)
 
     save_file({**good, "model.2.weight": torch.zeros(48, 40)}, file)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.2.weight' has shape \(48, 40\) "
+    with pytest.raises(LlavaMinError, match=r"model.safetensors: tensor 'model.2.weight' has shape \(48, 40\) "
                                               r".* \(48, 48\)"):
         Projector.from_pretrained(tmp_path)
 
     save_file({k: v for k, v in good.items() if k != "model.2.bias"}, file)
-    with pytest.raises(CheckpointError, match=f"{tmp_path}: missing tensor 'model.2.bias'"):
+    with pytest.raises(LlavaMinError, match=f"{tmp_path}: missing tensor 'model.2.bias'"):
         Projector.from_pretrained(tmp_path)
 
     save_file({**good, "model.1.weight": torch.zeros(48)}, file)
-    with pytest.raises(CheckpointError, match="model.safetensors: unexpected tensor 'model.1.weight'"):
+    with pytest.raises(LlavaMinError, match="model.safetensors: unexpected tensor 'model.1.weight'"):
         Projector.from_pretrained(tmp_path)
 
     save_file(good, file)
@@ -114,11 +114,11 @@ def test_corrupt_checkpoints_name_key_and_file(tmp_path):
                             ({"depth": 0}, "depth must be an integer >= 1"),
                             ({"model_type": "llava"}, "model_type 'llava' is not an XTuner projector config")]:
         config.write_text(json.dumps({**settings, **change}))
-        with pytest.raises(CheckpointError, match=culprit) as e:
+        with pytest.raises(LlavaMinError, match=culprit) as e:
             Projector.from_pretrained(tmp_path)
         assert tmp_path.name in str(e.value)
 
     config.unlink()
     save_file({"vision_tower.weight": torch.zeros(2, 2)}, file)
-    with pytest.raises(CheckpointError, match="model.safetensors: no first projector layer"):
+    with pytest.raises(LlavaMinError, match="model.safetensors: no first projector layer"):
         Projector.from_pretrained(tmp_path)
