@@ -37,14 +37,14 @@ from llava_min.internlm2 import InternLM2  # noqa: E402
 from llava_min.internlm2 import load_config as llm_config  # noqa: E402
 from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
-from llava_min.lora import apply_lora, merge_lora  # noqa: E402
+from llava_min.lora import apply_lora  # noqa: E402
 from llava_min.optim import CosineSchedule, clip_gradients, gather_optimizer_state, make_optimizer, param_groups  # noqa: E402,E501
 from llava_min.plot import plot_loss  # noqa: E402
 from llava_min.projector import Projector  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
 from llava_min.tokenizer import Tokenizer  # noqa: E402
 from llava_min.tools import doctor, hang, memory  # noqa: E402
-from llava_min.weights import write_json  # noqa: E402
+from llava_min.weights import write_atomic, write_json  # noqa: E402
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
 STAGE_DEFAULTS = {
@@ -150,8 +150,7 @@ def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.d
     projector = (Projector.from_pretrained(src["projector"], dtype=dtype_of("projector"), device=device)
                  if src["projector"] else
                  Projector(vit.config.hidden_size, llm.config.hidden_size).to(device, dtype_of("projector")))
-    init_config = Path(args.init_from) / CONFIG_FILE if args.init_from else None
-    config = LLaVAConfig.from_dict(json.loads(init_config.read_text())) if init_config else LLaVAConfig()
+    config = LLaVAConfig.read(args.init_from) if args.init_from else LLaVAConfig()
     model = LLaVA(llm, vit, projector, config)
     config.image_size, config.image_mode = args.image_size, args.image_mode
     config.stop_ids = [tok.im_end_id, tok.eos_id]
@@ -439,7 +438,8 @@ def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> No
     """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json.
 
     A part that did not train and has a source folder is not re-encoded: its files are linked, copied or
-    referenced (--save-frozen). Trained parts are written once, LoRA merged, in their source's dtype.
+    referenced (--save-frozen). Trained parts are written once, in their source's dtype; save_pretrained folds
+    LoRA adapters in, so OUT/llm holds the official keys.
     """
     for part in PARTS:
         module = getattr(model, part)
@@ -448,8 +448,6 @@ def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> No
             how = checkpoint.publish_frozen(src[part], out / part, args.save_frozen)
             print(f"{part}: {how} {src[part]}", flush=True)
             continue
-        if part == "llm" and args.lora_r:
-            merge_lora(module)             # the end of training: fold the adapters in, official keys again
         if not trains:
             dtype = None                   # frozen and freshly initialised: written as it was used
         elif args.save_dtype == "source":
@@ -457,7 +455,7 @@ def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> No
         else:
             dtype = getattr(torch, args.save_dtype)
         module.save_pretrained(out / part, dtype=dtype)
-    checkpoint.write_atomic(out / "tokenizer.model", Path(tok.path).read_bytes())
+    write_atomic(out / "tokenizer.model", Path(tok.path).read_bytes())
     write_json(asdict(model.config), out / CONFIG_FILE)
 
 

@@ -165,7 +165,7 @@ def main():
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(ids, pixels, labels=labels, loss_only=True).loss   # as train.py calls it
+            loss = model(ids, pixels, labels=labels).loss   # as train.py calls it
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

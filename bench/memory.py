@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 

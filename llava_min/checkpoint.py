@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import LlavaMinError
+from .weights import write_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -45,7 +46,7 @@ COMPLETE = "COMPLETE"
 TRAINING_STATE = "training_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Leftovers of an interrupted save: the folders above, and the temporary file of `latest`.
-LEFTOVER = re.compile(r"^\.(?:(?P<kind>tmp|old|del)-step-(?P<step>\d+)|latest\.tmp)-(?P<pid>\d+)$")
+LEFTOVER = re.compile(r"^\.(?:(?P<kind>tmp|old|del)-step-(?P<step>\d+)-|latest\.)(?P<pid>\d+)(?:\.tmp)?$")
 
 
 def step_name(step: int) -> str:
@@ -74,14 +75,6 @@ def _fsync_tree(folder: Path) -> None:
         _fsync_path(Path(root))
 
 
-def write_atomic(file: Path, data: bytes | str) -> None:
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-    _fsync_path(file.parent)
 
 
 def _remove(folder: Path) -> None:
@@ -203,6 +196,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict,
     if aside.exists():
         shutil.rmtree(aside)
     write_atomic(ckpt_dir / LATEST, final.name + "\n")
+    _fsync_path(ckpt_dir)
 
     if keep is not None:
         older = sorted(s for s in _complete_steps(ckpt_dir) if s < step)

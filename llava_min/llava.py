@@ -44,6 +44,11 @@ class LLaVAConfig:
     pad_id: int = 0                 # input_ids padding (XTuner's DEFAULT_PAD_TOKEN_INDEX)
     text_vocab_size: int | None = None  # the tokenizer's size; generation never picks the LLM's padding ids
 
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "LLaVAConfig":
+        """FOLDER/llava_config.json; fields this version does not know are left out."""
+        saved = json.loads((Path(folder) / CONFIG_FILE).read_text())
+        return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -222,8 +227,7 @@ class LLaVA(nn.Module):
                 if link.is_symlink() and not link.exists():
                     raise LlavaMinError(f"{link} is a symbolic link to {os.readlink(link)}, which no longer exists; "
                                         "restore the source folder, or re-save the model with --save-frozen copy")
-            saved = json.loads((path / CONFIG_FILE).read_text())
-            config = LLaVAConfig(**{k: v for k, v in saved.items() if k in LLaVAConfig.__dataclass_fields__})
+            config = LLaVAConfig.read(path)
             llm, vit, projector = path / "llm", path / "vit", path / "projector"
         if llm is None or vit is None:
             raise LlavaMinError("LLaVA.from_pretrained needs a LLaVA folder, or both llm= and vit= folders")

@@ -22,7 +22,6 @@ from . import LlavaMinError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
-CheckpointError = LlavaMinError   # the old name, for checkpoint.py until it raises LlavaMinError itself
 
 
 @contextmanager

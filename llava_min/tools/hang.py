@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 
 from ..dist import Dist
-from ..weights import write_json
+from ..weights import atomic_path, write_json
 
 HEARTBEAT_EVERY_S = 1.0   # at most one heartbeat file write per second from the training thread
 POLL_S = 0.5              # how often the watcher flushes heartbeats and looks for stack requests
@@ -148,13 +148,11 @@ class Forensics:
                 lines += [f"Thread {names.get(ident, '?')} ({ident}), most recent call last:",
                           *(line.rstrip("\n") for line in traceback.format_stack(frame)), ""]
         file = stack_file(self.out, self.d.rank)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w") as f:
+            with atomic_path(file) as tmp, open(tmp, "w") as f:
                 f.write("\n".join(lines) + "\n# faulthandler (C-level view of the same threads)\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
-            os.replace(tmp, file)
         except OSError:
             return None
         return file

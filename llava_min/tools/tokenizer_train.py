@@ -17,6 +17,7 @@ import sentencepiece as spm
 from .. import LlavaMinError
 from ..data import IMAGE_TAG, INSTRUCTION, SEP, SUFFIX, load_samples
 from ..tokenizer import CHAT_TOKENS, TRAINED_IDS, Tokenizer
+from ..weights import write_atomic
 
 
 def training_text(samples) -> list[str]:
@@ -59,9 +60,7 @@ def train(files, vocab_size: int, out: str | os.PathLike, threads: int | None = 
                             f"256 byte pieces and every character of the data") from e
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(out)  # atomic: a killed run leaves no half-written model behind
+    write_atomic(out, buf.getvalue())  # a killed run leaves no half-written model behind
     tok = Tokenizer(out)
     assert {name: tok.special_ids[name] for name in CHAT_TOKENS} == TRAINED_IDS, tok.special_ids
     return tok
