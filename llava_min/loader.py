@@ -284,17 +284,11 @@ def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks
 # Messages
 
 def describe_sample(dataset, index: int) -> str:
-    """'sample 5 (id 'x', data.json item 5, image /data/x.png)' when the data set keeps its raw records in
-    `dataset.samples` (as LLaVADataset does), else 'sample 5'."""
+    """The data set's own words for sample `index` (LLaVADataset.describe: id, file, image), else 'sample 5'."""
     try:
-        record = dataset.samples[index]
-    except Exception:  # noqa: BLE001 -- the data set need not have `samples`
+        return dataset.describe(index)
+    except Exception:  # noqa: BLE001 -- no describe(), or it failed: the message must still be written
         return f"sample {index}"
-    if not isinstance(record, dict):
-        return f"sample {index}"
-    from .data import describe  # the data module's wording, so that both kinds of error read alike
-
-    return describe(record, index, getattr(dataset, "image_folder", None))
 
 
 def _batch_text(number: int, indices: list[int]) -> str:
