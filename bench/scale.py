@@ -70,6 +70,8 @@ def make_samples(n: int, seed: int = 0) -> list[dict]:
                 question += " [0.12, 0.30, 0.45, 0.81]"
             elif name == "vqa":
                 question += "\nAnswer the question using a single word or phrase."
+            if name == "sharegpt" and not conversations and i % 10 == 0:
+                question = text((2000, 12000))  # a pasted document: the first-answer check must tokenize it
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": text(a_len)}]
         sample = {"id": f"{rng.integers(1 << 40):x}_{i % 7}"}
         if folder:
