@@ -1,11 +1,10 @@
-"""Check LLaVA data before a run, and show one sample as the model sees it.
+"""`python -m llava_min.data check|show`: check LLaVA data before a run (data.sample_problems on every sample,
+all bad ones listed; --decode decodes every image in worker processes; --tokenizer counts the samples that
+max_length cuts or leaves unsupervised), and show one sample as the model sees it.
 
     python -m llava_min.data check --data FILE [FILE ...] --image-folder DIR [--decode --num-workers N]
                                    [--tokenizer tok.model --max-length N --image-tokens K]
     python -m llava_min.data show --data FILE [FILE ...] --index N [--tokenizer tok.model] [--image-folder DIR]
-
-`check` applies data.sample_problems to every sample (all bad samples listed at once); --decode also decodes
-every image, in worker processes; --tokenizer counts the samples that max_length cuts or leaves unsupervised.
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from itertools import groupby
 
 from .. import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
 from ..data import FileIndex, Samples, image_path, llm_positions, problem_report, sample_problems, tokenize
@@ -36,10 +36,9 @@ def _decode_chunk(items: list[tuple[int, str]]) -> list[tuple[int, str]]:
 def decode_images(items: list[tuple[int, str]], num_workers: int = 0, chunk: int = 16) -> dict[int, str]:
     """{index: error} for the images in `items` ((index, path) pairs) that do not decode.
 
-    A ProcessPoolExecutor, unlike multiprocessing.Pool, notices a worker that dies (the OOM killer's SIGKILL,
-    a segfault in a decoder) and fails the pending work instead of waiting for ever. At most two chunks per
-    worker are queued, so that the error can name the few images in flight.
-    """
+    A ProcessPoolExecutor, unlike multiprocessing.Pool, notices a worker that dies (the OOM killer, a crash in
+    a decoder) and fails the pending work instead of waiting for ever. At most two chunks per worker are
+    queued, so that the error can name the few images in flight."""
     chunks = iter([items[k:k + chunk] for k in range(0, len(items), chunk)])
     if num_workers <= 0:
         return {i: e for c in chunks for i, e in _decode_chunk(c)}
@@ -75,14 +74,13 @@ def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, 
             bad[index] = "; ".join(problems)
         elif sample.get("image") is not None:
             images.append((index, image_path(sample, image_folder)))
-    if decode:
-        bad = dict(sorted({**bad, **decode_images(images, num_workers)}.items()))
+    bad = dict(sorted({**bad, **decode_images(images, num_workers)}.items())) if decode else bad
     if bad:
         raise LlavaMinError(problem_report(samples, bad, image_folder))
     summary = (f"{len(samples)} samples OK ({len(images)} with an image, {len(samples) - len(images)} text-only"
                f"{', every image decodes' if decode else ''})")
     if tokenizer is not None:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+        tok = Tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         truncated = unsupervised = 0
         for i in range(len(samples)):
             ids, labels, full = tokenize(tok, samples[i]["conversations"], max_length, system, image_tokens)
@@ -99,7 +97,7 @@ def show(files, index: int, tokenizer=None, image_folder=None, max_length: int =
          system: str | None = None) -> str:
     """One sample rendered as the model sees it, ⟦supervised⟧ marked."""
     samples = Samples(files)
-    for _ in samples.scan():
+    for _ in samples.scan():  # read (and check) every file, keeping only the offsets
         pass
     if not -len(samples) <= index < len(samples):
         raise LlavaMinError(f"--index {index} is out of range: {len(samples)} samples in {', '.join(map(str, files))}")
@@ -116,28 +114,21 @@ def show(files, index: int, tokenizer=None, image_folder=None, max_length: int =
         except LlavaMinError as e:
             lines.append(f"image: {e}")
     if tokenizer is None:
-        lines.append(json.dumps(sample["conversations"], ensure_ascii=False, indent=1))
-        return "\n".join(lines + ["(give --tokenizer to see the tokens and labels)"])
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+        conversations = json.dumps(sample["conversations"], ensure_ascii=False, indent=1)
+        return "\n".join(lines + [conversations, "(give --tokenizer to see the tokens and labels)"])
+    tok = Tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     ids, labels, full = tokenize(tok, sample["conversations"], max_length, system, image_tokens)
     supervised = sum(label != IGNORE_INDEX for label in labels)
     lines.append(f"tokens: {len(ids)} ids, {llm_positions(ids, image_tokens)} LLM positions (image = {image_tokens}); "
                  f"{supervised} supervised" + (f"; truncated from {full} ids at max_length {max_length}"
                                                if len(ids) < full else ""))
-    # Runs of equal supervision, decoded together; ⟦...⟧ marks what the loss sees, ↵ a newline.
-    runs: list[tuple[bool | None, list[int]]] = []  # (supervised, ids); None: the image placeholder
-    for token, label in zip(ids, labels):
-        supervised = None if token == IMAGE_TOKEN_INDEX else label != IGNORE_INDEX
-        if runs and runs[-1][0] == supervised and supervised is not None:
-            runs[-1][1].append(token)
-        else:
-            runs.append((supervised, [token]))
-    text = []
-    for supervised, run in runs:
+    # Runs of equal supervision (None: the image placeholder), decoded together; ⟦...⟧ marks what the loss sees.
+    text, kind = [], lambda pair: None if pair[0] == IMAGE_TOKEN_INDEX else pair[1] != IGNORE_INDEX
+    for supervised, run in groupby(zip(ids, labels), kind):
         if supervised is None:
             text.append(f"[image: {image_tokens} positions]")
             continue
-        piece = tok.decode(run).replace("\n", "↵\n")  # <s> decodes to nothing; it is printed first
+        piece = tok.decode([token for token, _ in run]).replace("\n", "↵\n")  # <s> decodes to nothing: printed first
         text.append(f"⟦{piece}⟧" if supervised else piece)
     lines.append("-" * 40 + "\n" + "<s>" * (ids[:1] == [tok.bos_id]) + "".join(text))
     return "\n".join(lines)
@@ -163,12 +154,10 @@ def main(argv=None) -> None:
             c.add_argument("--index", type=int, required=True, help="sample number in the data (0-based)")
     args = p.parse_args(argv)
     try:
-        if args.command == "check":
-            print(check(args.data, args.image_folder, args.decode, args.num_workers, args.tokenizer,
-                        args.max_length, args.image_tokens, args.system))
-        else:
-            print(show(args.data, args.index, args.tokenizer, args.image_folder, args.max_length,
-                       args.image_tokens, args.system))
+        print(check(args.data, args.image_folder, args.decode, args.num_workers, args.tokenizer, args.max_length,
+                    args.image_tokens, args.system) if args.command == "check" else
+              show(args.data, args.index, args.tokenizer, args.image_folder, args.max_length, args.image_tokens,
+                   args.system))
     except ValueError as e:  # LlavaMinError: the message names the culprit and the fix
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
