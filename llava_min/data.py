@@ -1,8 +1,8 @@
 """LLaVA-format samples -> XTuner's internlm2_chat ids and labels; the data set, its start-up checks, collate.
 
-Read `encode_conversation` first (the template, exactly XTuner's), then `LLaVADataset` (what start-up checks
-and drops, cheaply enough for 665K samples) and `collate`. The rules a sample must follow are
-`sample_problems`; `python -m llava_min.data check|show` (llava_min/tools/datacheck.py) applies them to files.
+Read `encode_conversation` (the template, exactly XTuner's), `LLaVADataset` (what start-up checks and drops,
+cheaply enough for 665K samples), then `collate`. `sample_problems` holds the rules a sample must follow;
+`python -m llava_min.data check|show` (tools/datacheck.py) applies them to files.
 
 A sample (LLaVA-Pretrain 558K, llava_v1_5_mix665k), in a JSON list or a JSONL file:
     {"id": "000000033471" or 33471, "image": "coco/train2017/000000033471.jpg",      (optional)
@@ -16,7 +16,7 @@ import os
 import re
 from array import array
 from operator import itemgetter
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -198,22 +198,18 @@ def image_path(sample: dict, image_folder=None) -> str:
 # --------------------------------------------------------------------------------------------------
 # The rules: cheap type checks, every sample, all problems at once
 
-class FileIndex:
-    """File existence by listing each folder once: one listdir per folder instead of one stat per sample
-    (mix665k has 665K samples in 6 image folders; stats on a network file system take minutes)."""
-
-    def __init__(self):
-        self.folders: dict[str, set[str] | None] = {}
+class FileIndex(dict):
+    """File existence by listing each folder once (folder -> its names): one listdir per folder instead of one
+    stat per sample (mix665k has 665K samples in 6 image folders; stats on a network file system take minutes)."""
 
     def exists(self, path: str) -> bool:
         folder, name = os.path.split(path)
-        if folder not in self.folders:
+        if folder not in self:
             try:
-                self.folders[folder] = set(os.listdir(folder or "."))
+                self[folder] = set(os.listdir(folder or "."))
             except OSError:
-                self.folders[folder] = None
-        names = self.folders[folder]
-        return names is not None and name in names
+                self[folder] = set()
+        return name in self[folder]
 
 
 def sample_problems(sample: dict, image_folder=None, files: FileIndex | None = None) -> list[str]:
@@ -310,7 +306,8 @@ def _tag_first(value: str) -> str:
     return (IMAGE_TAG + "\n" + value.replace(IMAGE_TAG, "").strip()).strip() if IMAGE_TAG in value else value
 
 
-def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bool = False, encode=None) -> list[int]:
+def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bool = False,
+                     encode: Callable[[str], list[int]] | None = None) -> list[int]:
     """ids of template.format(**fields), with chat-token names parsed in the template only.
 
     The template is split at its chat tokens before the fields go in, so a name typed in a message stays
@@ -383,15 +380,13 @@ def encode_conversation(tok: Tokenizer, conversations: list[dict], max_length: i
     return ids, labels
 
 
-def first_answer_fits(tok: Tokenizer, conversations: list[dict], max_length: int, system: str | None = None,
-                      image_tokens: int = 1, counter: TokenCounter | None = None) -> bool:
-    """Whether encode_conversation(...) of a valid sample (see sample_problems) keeps a supervised token.
-
-    The first answer (at least its <|im_end|>) is supervised and kept iff it starts before max_length. Its
-    start is bounded without tokenizing: every sentencepiece token covers at least one byte of text (byte
+def first_answer_fits(counter: TokenCounter, conversations: list[dict], max_length: int, system: str | None = None,
+                      image_tokens: int = 1) -> bool:
+    """Whether encode_conversation(counter.tok, ...) of a valid sample (see sample_problems) keeps a supervised
+    token. The first answer (at least its <|im_end|>) is supervised and kept iff it starts before max_length.
+    Its start is bounded without tokenizing: every sentencepiece token covers at least one byte of text (byte
     fallback, no dummy prefix), a chat-token name (10+ bytes) is one token, and the 7-byte image tag becomes
-    image_tokens positions. Only a prompt near the limit is tokenized (by `counter` if given), so that a
-    dropped sample is dropped exactly.
+    image_tokens positions. Only a prompt near the limit is tokenized, so that a sample is dropped exactly.
     """
     template = _prompt_template(system, True)
     fields = {"system": system, "input": _tag_first(conversations[0]["value"])}  # valid: the first turn's question
@@ -399,7 +394,7 @@ def first_answer_fits(tok: Tokenizer, conversations: list[dict], max_length: int
     n_bytes = len(text) if text.isascii() else len(text.encode())
     if 1 + n_bytes + (image_tokens if IMAGE_TAG in text else 0) < max_length:
         return True
-    ids = _encode_template(tok, template, fields, with_image=True, encode=counter and counter.placeholders)
+    ids = _encode_template(counter.tok, template, fields, with_image=True, encode=counter.placeholders)
     return 1 + llm_positions(ids, image_tokens) < max_length
 
 
@@ -456,17 +451,15 @@ class LLaVADataset:
     tokenizer     a Tokenizer or the path of a sentencepiece model
     image_folder  image paths in the data are relative to it
     image_size, image_mode   ViT input: size x size, "pad" (LLaVA-1.5) or "crop" (DINOv2), see image.py
-    max_length    cap on LLM positions, image_tokens per image included
-    image_tokens  positions one image takes in the LLM (DINOv2Config.image_tokens(image_size))
+    max_length, image_tokens cap on LLM positions; an image takes image_tokens (DINOv2Config.image_tokens)
     system        optional system prompt before the first turn
     skip_bad      drop (and count) bad samples instead of raising LlavaMinError listing them all
     check_files   check at start-up that every image file exists
 
-    Start-up reads the files once and checks every sample on the way (sample_problems), drops those whose
-    first answer starts beyond max_length (nothing to learn from), and estimates lengths from character
-    counts; `report()` says what was kept and dropped, `stats` holds the counts. Longer samples that keep a
-    supervised token are cut at the end; each item says whether it was (`truncated`), and `collate` counts
-    them per batch. Items are deterministic: no randomness anywhere.
+    Start-up reads the files once, checks each sample as it is parsed (sample_problems), drops those whose
+    first answer starts beyond max_length (nothing to learn from) and estimates lengths from character counts;
+    `report()` and `stats` say what was kept and dropped. Longer samples are cut at the end (item["truncated"],
+    counted by `collate`). Items are deterministic: no randomness anywhere.
     """
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",
@@ -487,8 +480,7 @@ class LLaVADataset:
             problems = sample_problems(sample, self.image_folder, files)
             if problems:
                 bad[index] = "; ".join(problems)
-            elif not first_answer_fits(self.tokenizer, sample["conversations"], max_length, system, image_tokens,
-                                       counter):
+            elif not first_answer_fits(counter, sample["conversations"], max_length, system, image_tokens):
                 unsupervised.append(index)
             else:
                 kept.append(index)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
-from llava_min.data import LLaVADataset, Samples, collate, encode_conversation, first_answer_fits
+from llava_min.data import LLaVADataset, Samples, TokenCounter, collate, encode_conversation, first_answer_fits
 from llava_min.tools.datacheck import check, decode_images
 from llava_min.tokenizer import Tokenizer, train
 
@@ -141,7 +141,7 @@ def test_chat_token_typed_in_a_message_stays_text(real, real_tokenizer_path):
 
 
 def test_image_tokens_count_toward_max_length(real):
-    conversations = MULTI_TURN["conversations"]
+    conversations, counter = MULTI_TURN["conversations"], TokenCounter(real)
     full, _ = encode_conversation(real, conversations)
     for image_tokens in (1, 16, 256):
         for max_length in range(1, len(full) + image_tokens + 2, 7):
@@ -153,7 +153,22 @@ def test_image_tokens_count_toward_max_length(real):
                 assert len(ids) <= full.index(IMAGE_TOKEN_INDEX)
             # the cheap start-up check agrees with the real encoding, at every length
             has_supervision = any(label != IGNORE_INDEX for label in labels)
-            assert first_answer_fits(real, conversations, max_length, image_tokens=image_tokens) == has_supervision
+            assert first_answer_fits(counter, conversations, max_length, image_tokens=image_tokens) == has_supervision
+
+
+def test_token_counter_is_exact(real, tmp_path):
+    """The per-word count that start-up uses on long first prompts equals encoding each text whole."""
+    readme = (ROOT / "README.md").read_text()
+    texts = [m["value"] for s in (MULTI_TURN, TEXT_ONLY, IMAGE_AT_END) for m in s["conversations"]]
+    texts += ["a  b   c\td \n e  \n\n  f 中文 🙂 x  [UNUSED_TOKEN_145] <|im_end|> y", "    def f(x):\n\treturn  x\n\t\tz  ",
+              " leading", "trailing ", "", "   ", "\u2581 x\u2581 y", readme] + [readme[k:k + 3000] for k in range(0, 9000, 777)]
+    (tmp_path / "c.json").write_text(json.dumps([{"conversations": [{"value": t}]} for t in texts]))
+    trained = train([tmp_path / "c.json"], vocab_size=400, out=tmp_path / "t.model", threads=1)
+    assert TokenCounter(real).by_word  # InternLM2's vocabulary allows the fast path
+    for tok in (real, trained):
+        counter = TokenCounter(tok)
+        for text in texts + texts:  # twice: from the cache too
+            assert counter(text) == len(tok.encode(text, special=False)), text[:80]
 
 
 # --------------------------------------------------------------------------------------------------
