@@ -34,6 +34,7 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llava_min.dinov2 import PRESETS  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
 
@@ -56,7 +57,7 @@ def shapes_data(folder: pathlib.Path, n: int, image_size: int):
         from llava_min.tokenizer import train
         tokenizer = folder / "tokenizer.model"
         train([folder / "finetune.json"], vocab_size=500, out=tokenizer)
-    patches = (image_size // 14) ** 2
+    patches = PRESETS["dinov2-large"].image_tokens(image_size)  # LLM positions per image
     dataset = LLaVADataset(folder / "finetune.json", str(tokenizer), folder, image_size=image_size,
                            image_tokens=patches, max_length=2048 + patches)
     return dataset, collate, f"shapes set ({len(dataset)} samples) through LLaVADataset + collate"

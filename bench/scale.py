@@ -27,7 +27,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llava_min.tokenizer import train  # noqa: E402
+from llava_min.tokenizer import train  # noqa: E402  (no torch here: see measure)
 REAL_TOKENIZER = ROOT.parent / "shared" / "assets" / "internlm2_tokenizer.model"
 IMAGE_SIZE, MAX_LENGTH = 336, 2048   # LLaVA-1.5's ViT input and XTuner's max_length
 
@@ -107,13 +107,15 @@ def write_data(folder: pathlib.Path, n: int, tokenizer: pathlib.Path) -> None:
 
 CHILD = {  # each runs in a fresh interpreter and prints {"seconds", "max_rss", "imported_rss"} as JSON
     "json.load": "import json; t = time.perf_counter(); data = json.load(open(file)); t = time.perf_counter() - t",
-    "LLaVADataset": "from llava_min.data import LLaVADataset; r0 = rss(); t = time.perf_counter(); "
-                    "ds = LLaVADataset(file, tok, folder, image_size=336, max_length=2048, image_tokens=576); "
-                    "t = time.perf_counter() - t; print(ds.report().splitlines()[0], file=sys.stderr)",
+    "LLaVADataset": "from llava_min.data import LLaVADataset; from llava_min.dinov2 import PRESETS; r0 = rss(); "
+                    f"n = PRESETS['dinov2-large'].image_tokens({IMAGE_SIZE}); t = time.perf_counter(); "
+                    f"ds = LLaVADataset(file, tok, folder, image_size={IMAGE_SIZE}, max_length={MAX_LENGTH}, "
+                    "image_tokens=n); t = time.perf_counter() - t; print(ds.report().splitlines()[0], file=sys.stderr)",
 }
 
 
 def measure(what: str, file, tokenizer, folder) -> dict:
+    # A fresh interpreter. Linux starts a child's ru_maxrss at its parent's RSS: hence a parent without torch.
     code = ("import json, resource, sys, time\n"
             "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
             f"file, tok, folder = {str(file)!r}, {str(tokenizer)!r}, {str(folder)!r}\n"
@@ -139,7 +141,7 @@ def startup(args) -> None:
         if writer.exitcode:
             raise SystemExit(f"writing the data failed (exit code {writer.exitcode})")
         print(f"{n} mix665k-shaped samples, {path.stat().st_size / 2**20:.0f} MiB of JSON; tokenizer {tokenizer}; "
-              f"image size {IMAGE_SIZE} (576 positions), max_length {MAX_LENGTH}; best of {args.repeats}")
+              f"image size {IMAGE_SIZE}, max_length {MAX_LENGTH}; best of {args.repeats}")
         results = {}
         for _ in range(args.repeats):   # alternating, so that both see the same machine
             for what in CHILD:
