@@ -16,6 +16,7 @@ import os
 import re
 from array import array
 from operator import itemgetter
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -73,11 +74,7 @@ class Samples:
             in_memory = text is not None
             jsonl = in_memory or name.endswith(".jsonl")
             try:
-                if in_memory:
-                    raw = text.encode()
-                else:
-                    with open(name, "rb") as f:
-                        raw = f.read()
+                raw = text.encode() if in_memory else Path(name).read_bytes()
                 if not jsonl:
                     text = raw.decode("utf-8")  # the json module parses str only
             except (OSError, UnicodeDecodeError) as e:
