@@ -34,8 +34,11 @@ from PIL import Image
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llava_min.data import LLaVADataset, collate  # noqa: E402
+from llava_min.dinov2 import PRESETS  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
+from llava_min.tokenizer import train  # noqa: E402
 
 REAL_TOKENIZER = ROOT.parent / "shared" / "assets" / "internlm2_tokenizer.model"
 
@@ -43,20 +46,15 @@ REAL_TOKENIZER = ROOT.parent / "shared" / "assets" / "internlm2_tokenizer.model"
 def shapes_data(folder: pathlib.Path, n: int, image_size: int):
     """(dataset, collate, description) from the shapes set through LLaVADataset, or None if unavailable."""
     script = ROOT / "data" / "make_shapes.py"
-    try:
-        from llava_min.data import LLaVADataset, collate
-    except ImportError:
-        return None
     if not script.exists():
         return None
     subprocess.run([sys.executable, str(script), "--out", str(folder), "--n-train", str(n), "--n-test", "1",
                     "--image-size", "224"], check=True, stdout=subprocess.DEVNULL)
     tokenizer = REAL_TOKENIZER
     if not tokenizer.exists():  # a fresh clone: train a small one on the same data
-        from llava_min.tokenizer import train
         tokenizer = folder / "tokenizer.model"
         train([folder / "finetune.json"], vocab_size=500, out=tokenizer)
-    patches = (image_size // 14) ** 2
+    patches = PRESETS["dinov2-large"].image_tokens(image_size)  # LLM positions per image
     dataset = LLaVADataset(folder / "finetune.json", str(tokenizer), folder, image_size=image_size,
                            image_tokens=patches, max_length=2048 + patches)
     return dataset, collate, f"shapes set ({len(dataset)} samples) through LLaVADataset + collate"

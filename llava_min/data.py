@@ -1,60 +1,30 @@
-"""LLaVA-format samples, XTuner's internlm2_chat template and labels, the data set and its collate function.
+"""LLaVA-format samples -> XTuner's internlm2_chat ids and labels; the data set, its start-up checks, collate.
 
-Samples (LLaVA-Pretrain 558K, llava_v1_5_mix665k): a JSON list or a JSONL file of
+Read `encode_conversation` (the template, exactly XTuner's), `LLaVADataset` (what start-up checks and drops,
+cheaply enough for 665K samples), then `collate`. `sample_problems` holds the rules a sample must follow;
+`python -m llava_min.data check|show` (tools/datacheck.py) applies them to files.
 
+A sample (LLaVA-Pretrain 558K, llava_v1_5_mix665k), in a JSON list or a JSONL file:
     {"id": "000000033471" or 33471, "image": "coco/train2017/000000033471.jpg",      (optional)
      "conversations": [{"from": "human", "value": "<image>\\nWhat is in the picture?"},
                        {"from": "gpt", "value": "A cat."}, ...]}
-
-Rules that `find_problems` checks for every sample before any training (all bad samples are reported
-at once, with index, id, file and line):
-  * an "id" (a string, or an integer, which is turned into a string as XTuner does);
-  * "conversations": a non-empty list of {"from": "human"|"gpt", "value": str}, alternating and starting
-    with human, ending with gpt (XTuner would silently drop a leading gpt or trailing human message);
-  * an image sample has exactly one "<image>" tag, in the first human turn (at its start or end, as in
-    LLaVA's data), and its "image" file exists under the image folder. A tag without an "image" field,
-    or an "image" field without a tag, is an error rather than a guess: the first would feed the model a
-    placeholder with no picture, the second a picture the text never refers to;
-  * a text-only sample has no "image" field (or null) and no tag.
-
-Template and labels (xtuner/dataset/utils.py `encode_fn`, xtuner/utils/templates.py; `encode_conversation`): XTuner's llava_map_fn
-moves the tag to the front of its human turn as "<image>\\n", then for every turn
-
-    [<s>]  <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n  ⟦{answer}<|im_end|>⟧  \\n
-
-with <s> only at position 0, the optional system block `<|im_start|>system\\n{system}<|im_end|>\\n` before the
-first turn, and only ⟦...⟧ supervised. Each part is encoded on its own, exactly as XTuner's encode_fn
-calls tokenizer.encode, so the label mask always lines up with the tokens. Chat-token names are parsed in
-the template only: message text is content, so a "<|im_end|>" typed in a message stays text (here alone
-we differ from XTuner, whose tokenizer would end the turn there). The image placeholder is one
-IMAGE_TOKEN_INDEX (-200) that the model replaces by `image_tokens` patch features; the sequence is cut
-at `max_length` LLM positions, an image counting `image_tokens` (1 = XTuner's count).
-
-A sample whose first answer starts at or beyond max_length has nothing to learn from; `LLaVADataset`
-finds these at start-up (cheaply: a byte-length bound, and only near the limit by encoding the first
-prompt), drops them and counts them in its report. Longer samples that keep a supervised token are cut
-at the end; each item says whether it was (`truncated`), and `collate` counts them per batch.
-
-Command line:
-    python -m llava_min.data check --data FILE [FILE ...] --image-folder DIR [--decode --num-workers N]
-                                   [--tokenizer tok.model --max-length N --image-tokens K]
-    python -m llava_min.data show --data FILE [FILE ...] --index N [--tokenizer tok.model] [--image-folder DIR]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from array import array
+from operator import itemgetter
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
-# torch, and image.py which needs it, are imported inside the functions that make tensors, so that `check`,
-# `show` and tokenizer training start in a fraction of a second.
-from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
+from .image import load_image, to_pixels
+from .loader import shared_empty
 from .tokenizer import CHAT_TOKENS, Tokenizer
 
 # XTuner PROMPT_TEMPLATE.internlm2_chat (xtuner/utils/templates.py), exact strings.
@@ -67,62 +37,145 @@ ROLES = ("human", "gpt")
 MAX_REPORTED = 20      # bad samples listed in full; the rest are counted
 
 _TEMPLATE_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
-
-
-class DataError(ValueError):
-    """A data file or sample cannot be used; the message names the file, line, sample index and id."""
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
+_VALUE = itemgetter("value")
+_WORDS = re.compile(r"(?<=[^\s\u2581])(?= )")  # before each space that follows a non-space: see TokenCounter
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading files
+# Samples as raw JSON bytes
+
+class Samples:
+    """The samples of JSON-list and JSONL files (or of a list of dicts), kept as the files' bytes plus four
+    numbers per sample (file, item or line number, start and end byte), and parsed again when read.
+
+    A list of 665K dicts would be ~2.5 GB of small objects whose reference counts every loader worker
+    touches as it reads them, so copy-on-write after fork slowly copies them all into each worker
+    (pytorch/pytorch#13246); spawn would pickle them one by one. A few bytes objects and one array are
+    shared by fork as they are and pickle in one piece. `scan()` reads everything once, yielding each
+    sample as it is parsed, so that the caller checks it without a second pass or a second copy.
+    """
+
+    def __init__(self, data):
+        if isinstance(data, (list, tuple)) and data and all(isinstance(s, dict) for s in data):
+            # In memory: one JSONL document, so that it takes the same path as a file.
+            self.sources = [("given in memory", "\n".join(json.dumps(s, ensure_ascii=False) for s in data))]
+        else:
+            self.sources = [(os.fspath(f), None) for f in ([data] if isinstance(data, (str, os.PathLike)) else data)]
+        self.buffers: list[bytes] = []
+        self.labels: list[str] = []    # per file: "x.json item {}", "x.jsonl line {}", "given in memory"
+        self.spans = array("q")        # per sample: file, number, start, end (byte offsets in its buffer)
+
+    def scan(self) -> Iterator[dict]:
+        """Each sample, its id made a string (as XTuner does), in order. Unreadable files raise at once;
+        invalid JSON lines and entries that are not objects raise after the last sample, all listed."""
+        errors = []
+        for name, text in self.sources:
+            in_memory = text is not None
+            jsonl = in_memory or name.endswith(".jsonl")
+            try:
+                raw = text.encode() if in_memory else Path(name).read_bytes()
+                if not jsonl:
+                    text = raw.decode("utf-8")  # the json module parses str only
+            except (OSError, UnicodeDecodeError) as e:
+                raise LlavaMinError(f"cannot read data file {name}: {e}") from e
+            file = len(self.buffers)
+            self.buffers.append(raw)
+            escaped = name.replace("{", "{{").replace("}", "}}")
+            self.labels.append(name if in_memory else f"{escaped} {'line' if jsonl else 'item'} {{}}")
+            entries = _jsonl_entries(raw, errors, self.labels[-1]) if jsonl else _json_list_entries(text, name)
+            for number, start, end, entry in entries:
+                if not isinstance(entry, dict):
+                    errors.append(f"{self.labels[-1].format(number)}: a sample must be a JSON object, found "
+                                  f"{_short(entry)}")
+                    continue
+                self.spans.extend((file, number, start, end))
+                ident = entry.get("id")
+                yield {**entry, "id": str(ident)} if type(ident) is int else entry  # not bool, an int subclass
+        if errors:
+            names = ", ".join(name for name, _ in self.sources)
+            raise LlavaMinError(_listing(f"{len(errors)} unreadable entries in {names}", errors))
+
+    def keep(self, indices) -> Samples:
+        """The samples at `indices` (sharing the bytes)."""
+        kept = Samples([])
+        kept.sources, kept.buffers, kept.labels = self.sources, self.buffers, self.labels
+        kept.spans = array("q", np.frombuffer(self.spans, np.int64).reshape(-1, 4)[indices].tobytes())
+        return kept
+
+    def __len__(self) -> int:
+        return len(self.spans) // 4
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range ({len(self)} samples)")
+        file, _, start, end = self.spans[4 * i:4 * i + 4]
+        sample = json.loads(self.buffers[file][start:end])
+        return {**sample, "id": str(sample["id"])} if type(sample.get("id")) is int else sample
+
+    def describe(self, i: int, image_folder=None) -> str:
+        """'sample 12 (id '33471', data/x.json item 12, image /img/coco/1.jpg)' for error messages."""
+        sample, (file, number) = self[i], self.spans[4 * i:4 * i + 2]
+        fields = [f"id {sample.get('id')!r}", self.labels[file].format(number)]
+        if isinstance(sample.get("image"), str):
+            fields.append(f"image {image_path(sample, image_folder)}")
+        return f"sample {i} ({', '.join(fields)})"
+
 
 def load_samples(files) -> list[dict]:
-    """Samples of LLaVA JSON (a list) and JSONL files, in order. Integer ids become strings.
+    """Every sample of `files` as a dict (for tools; the data set keeps them as bytes, see Samples)."""
+    return list(Samples(files).scan())
 
-    Each sample gets "_where" ("data/x.jsonl line 13", "data/x.json item 12") for error messages.
-    Unreadable files, invalid JSON and entries that are not objects raise DataError, all listed at once.
-    """
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    samples, errors = [], []
-    for file in map(os.fspath, files):
-        try:
-            with open(file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read data file {file}: {e}") from e
-        if file.endswith(".jsonl"):
-            entries = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        entries.append((f"{file} line {number}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        errors.append(f"{file} line {number}: not valid JSON ({e.msg} at column {e.colno})")
-        else:
+
+def _jsonl_entries(raw: bytes, errors: list, label: str):
+    """(line number, start, end, entry) per non-blank line; invalid lines go to `errors`."""
+    start, number = 0, 0
+    while start < len(raw):
+        end = raw.find(b"\n", start)
+        end = len(raw) if end < 0 else end
+        number += 1
+        if raw[start:end].strip():
             try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                hint = "; one JSON object per line? then name the file .jsonl" if e.msg == "Extra data" else ""
-                raise DataError(f"{file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from e
-            if not isinstance(data, list):
-                raise DataError(f"{file}: a JSON list of samples expected, found a {type(data).__name__}")
-            entries = [(f"{file} item {k}", entry) for k, entry in enumerate(data)]
-        for where, entry in entries:
-            if not isinstance(entry, dict):
-                errors.append(f"{where}: a sample must be a JSON object, found {_short(entry)}")
-                continue
-            entry["_where"] = where
-            samples.append(with_str_id(entry))
-    if errors:
-        raise DataError(_listing(f"{len(errors)} unreadable entries in {', '.join(map(os.fspath, files))}", errors))
-    return samples
+                yield number, start, end, json.loads(raw[start:end])
+            except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+                errors.append(f"{label.format(number)}: not valid JSON ({getattr(e, 'msg', e)} at column "
+                              f"{getattr(e, 'colno', '?')})")
+        start = end + 1
 
 
-def with_str_id(sample: dict) -> dict:
-    """The sample with an integer id turned into a string, as XTuner's LLaVADataset does (a copy if changed)."""
-    ident = sample.get("id")
-    return {**sample, "id": str(ident)} if isinstance(ident, int) and not isinstance(ident, bool) else sample
+def _json_list_entries(text: str, name: str):
+    """(item number, start byte, end byte, entry) per element of a JSON list, parsed one element at a time
+    by the json module's own scanner (json.load's speed, and offsets for free)."""
+    decode = json.JSONDecoder().raw_decode
+    pos = _WHITESPACE.match(text).end()
+    try:
+        if not text.startswith("[", pos):
+            data = json.loads(text)  # not a list: let json say why, or name what it is
+            raise LlavaMinError(f"{name}: a JSON list of samples expected, found a {type(data).__name__}")
+        # Character offsets equal byte offsets in ASCII text (str.isascii is O(1)); else count the bytes.
+        ascii_text, last, byte = text.isascii(), 0, 0
+        pos = _WHITESPACE.match(text, pos + 1).end()
+        number, more = 0, not text.startswith("]", pos)
+        while more:
+            entry, end = decode(text, pos)
+            if ascii_text:
+                yield number, pos, end, entry
+            else:
+                start = byte + len(text[last:pos].encode())
+                byte, last = start + len(text[pos:end].encode()), end
+                yield number, start, byte, entry
+            number += 1
+            pos = _WHITESPACE.match(text, end).end()
+            more = text.startswith(",", pos)
+            if more:
+                pos = _WHITESPACE.match(text, pos + 1).end()
+            elif not text.startswith("]", pos):
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            elif _WHITESPACE.match(text, pos + 1).end() != len(text):
+                raise json.JSONDecodeError("Extra data", text, _WHITESPACE.match(text, pos + 1).end())
+    except json.JSONDecodeError as e:
+        hint = "; one JSON object per line? then name the file .jsonl" if e.msg == "Extra data" else ""
+        raise LlavaMinError(f"{name}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from e
 
 
 def _short(value, limit: int = 60) -> str:
@@ -135,30 +188,41 @@ def _listing(title: str, lines: list[str]) -> str:
     return title + ":\n" + "\n".join("  " + line for line in lines[:MAX_REPORTED]) + more
 
 
-def describe(sample: dict, index: int, image_folder=None) -> str:
-    """'sample 12 (id '33471', data/x.json item 12, image /img/coco/1.jpg)' for error messages."""
-    fields = [f"id {sample.get('id')!r}", sample.get("_where", "given in memory")]
-    if isinstance(sample.get("image"), str):
-        fields.append(f"image {image_path(sample, image_folder)}")
-    return f"sample {index} ({', '.join(fields)})"
-
-
 def image_path(sample: dict, image_folder=None) -> str:
     return os.path.join(image_folder, sample["image"]) if image_folder else sample["image"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation: cheap, every sample, all problems at once
+# The rules: cheap type checks, every sample, all problems at once
 
-def sample_problems(sample: dict) -> list[str]:
-    """What is wrong with one sample's structure (see the module docstring), as short phrases."""
+class FileIndex(dict):
+    """File existence by listing each folder once (folder -> its names): one listdir per folder instead of one
+    stat per sample (mix665k has 665K samples in 6 image folders; stats on a network file system take minutes)."""
+
+    def exists(self, path: str) -> bool:
+        folder, name = os.path.split(path)
+        if folder not in self:
+            try:
+                self[folder] = set(os.listdir(folder or "."))
+            except OSError:
+                self[folder] = set()
+        return name in self[folder]
+
+
+def sample_problems(sample: dict, image_folder=None, files: FileIndex | None = None) -> list[str]:
+    """What is wrong with one sample, as short phrases; with `files`, a missing image file too. The rules:
+      * an "id" (a string; integers were made strings);
+      * "conversations": a non-empty list of {"from": "human"|"gpt", "value": str}, alternating, starting with
+        human and ending with gpt (XTuner would silently drop a leading gpt or a trailing human message);
+      * an image sample has exactly one "<image>" tag, in the first human turn, and its "image" file exists
+        under the image folder. A tag without an image, or an image without a tag, is an error rather than a
+        guess: the first feeds the model a placeholder with no picture, the second a picture never referred to;
+      * a text-only sample has no "image" field (or null) and no tag.
+    """
     problems = []
-    if "id" not in sample:
-        problems.append("no 'id'")
-    elif not isinstance(sample["id"], str):
-        problems.append(f"'id' is {_short(sample['id'])}, not a string or an integer")
-    conversations = sample.get("conversations")
-    tags, roles = 0, []
+    if not isinstance(sample.get("id"), str):
+        problems.append(f"'id' is {_short(sample['id'])}, not a string or an integer" if "id" in sample else "no 'id'")
+    conversations, image, tags = sample.get("conversations"), sample.get("image"), 0
     if conversations is None:
         problems.append("no 'conversations'")
     elif not isinstance(conversations, list):
@@ -166,27 +230,24 @@ def sample_problems(sample: dict) -> list[str]:
     elif not conversations:
         problems.append("'conversations' is empty")
     else:
-        for k, message in enumerate(conversations):
-            if not (isinstance(message, dict) and isinstance(message.get("from"), str)
-                    and isinstance(message.get("value"), str)):
+        well_formed, wrong_role = True, None
+        for k, message in enumerate(conversations):  # the hot loop of start-up: plain type checks
+            role, value = (message.get("from"), message.get("value")) if type(message) is dict else (None, None)
+            if type(role) is not str or type(value) is not str:
                 problems.append(_message_problem(k, message))
+                well_formed = False
                 continue
-            roles.append(message["from"])
-            n = message["value"].count(IMAGE_TAG)
-            tags += n
-            if n and k != 0:  # so the image always precedes the first answer, and is never cut alone
-                problems.append(f"{IMAGE_TAG} in conversations[{k}] ({message['from']}); it belongs in the "
-                                f"first human turn")
-        if len(roles) == len(conversations):  # roles are only meaningful once every message is well formed
-            for k, role in enumerate(roles):
-                if role != ROLES[k % 2]:
-                    problems.append(f"conversations[{k}] is from {role!r} where {ROLES[k % 2]!r} was expected "
-                                    f"(turns alternate human, gpt, ...)")
-                    break
-            else:
-                if roles[-1] != "gpt":
-                    problems.append("the last human turn has no gpt answer")
-    image = sample.get("image")
+            if IMAGE_TAG in value:
+                tags += value.count(IMAGE_TAG)
+                if k:  # so that the image always precedes the first answer, and is never cut alone
+                    problems.append(f"{IMAGE_TAG} in conversations[{k}] ({role}); it belongs in the first human turn")
+            if role != ROLES[k % 2] and wrong_role is None:
+                wrong_role = k
+        if well_formed and wrong_role is not None:  # roles mean something once every message is well formed
+            problems.append(f"conversations[{wrong_role}] is from {conversations[wrong_role]['from']!r} where "
+                            f"{ROLES[wrong_role % 2]!r} was expected (turns alternate human, gpt, ...)")
+        elif well_formed and len(conversations) % 2:
+            problems.append("the last human turn has no gpt answer")
     if image is not None and not (isinstance(image, str) and image):
         problems.append(f"'image' is {_short(image)}, not a file name (one image per sample)")
     if tags > 1:
@@ -196,6 +257,9 @@ def sample_problems(sample: dict) -> list[str]:
     elif tags == 0 and image is not None:
         problems.append(f"an 'image' field but no {IMAGE_TAG} tag; put '{IMAGE_TAG}\\n' at the start of the "
                         f"first human turn, or drop the 'image' field for a text-only sample")
+    if files is not None and image is not None and not problems and not files.exists(image_path(sample, image_folder)):
+        problems.append(f"image file {image_path(sample, image_folder)} does not exist"
+                        f"{'' if image_folder else '; no --image-folder was given'}")
     return problems
 
 
@@ -206,56 +270,14 @@ def _message_problem(k: int, message) -> str:
     return "; ".join(f"conversations[{k}][{key!r}] is {_short(message.get(key))}, not a string" for key in wrong)
 
 
-class _FileIndex:
-    """File existence by listing each folder once: one listdir per folder instead of one stat per sample
-    (mix665k has 665k samples in 6 image folders; stats on a network file system take minutes)."""
-
-    def __init__(self):
-        self.folders: dict[str, set[str] | None] = {}
-
-    def exists(self, path: str) -> bool:
-        folder, name = os.path.split(path)
-        if folder not in self.folders:
-            try:
-                self.folders[folder] = set(os.listdir(folder or "."))
-            except OSError:
-                self.folders[folder] = None
-        names = self.folders[folder]
-        return names is not None and name in names
-
-
-def find_problems(samples: list[dict], image_folder=None, check_files: bool = True) -> dict[int, str]:
-    """{index: 'what is wrong'} for every bad sample: structure, and (check_files) missing image files."""
-    bad = {}
-    files = _FileIndex()
-    for index, sample in enumerate(samples):
-        problems = sample_problems(sample)
-        if check_files and not problems and sample.get("image") is not None:
-            path = image_path(sample, image_folder)
-            if not files.exists(path):
-                folder_hint = "" if image_folder else "; no --image-folder was given"
-                problems.append(f"image file {path} does not exist{folder_hint}")
-        if problems:
-            bad[index] = "; ".join(problems)
-    return bad
-
-
-def problem_report(samples: list[dict], bad: dict[int, str], image_folder=None) -> str:
-    sources = sorted({s.get("_where", "").rsplit(" ", 2)[0] for s in samples} - {""}) or ["samples given in memory"]
-    lines = [f"{describe(samples[i], i, image_folder)}: {what}" for i, what in bad.items()]
-    return _listing(f"{len(bad)} of {len(samples)} samples in {', '.join(sources)} are bad; fix or remove them "
-                    f"(or drop them with skip_bad / --skip-bad-samples)", lines)
-
-
-def validate(samples: list[dict], image_folder=None, check_files: bool = True) -> None:
-    """Raise DataError listing every bad sample (the first 20 in full, then a count); else return None."""
-    bad = find_problems(samples, image_folder, check_files)
-    if bad:
-        raise DataError(problem_report(samples, bad, image_folder))
+def problem_report(samples: Samples, bad: dict[int, str], image_folder=None) -> str:
+    lines = [f"{samples.describe(i, image_folder)}: {what}" for i, what in bad.items()]
+    return _listing(f"{len(bad)} of {len(samples)} samples in {', '.join(name for name, _ in samples.sources)} are "
+                    f"bad; fix or remove them (or drop them with skip_bad / --skip-bad-samples)", lines)
 
 
 # --------------------------------------------------------------------------------------------------
-# The internlm2_chat template and XTuner's labels
+# The internlm2_chat template and XTuner's labels (xtuner/dataset/utils.py encode_fn, utils/templates.py)
 
 def llava_turns(conversations: list[dict]) -> list[tuple[str, str]]:
     """(question, answer) pairs as XTuner's llava_map_fn builds them
@@ -267,27 +289,32 @@ def llava_turns(conversations: list[dict]) -> list[tuple[str, str]]:
         messages.pop(0)
     turns, question = [], ""
     for message in messages:
-        value = message["value"]
         if message["from"] == "human":
-            if IMAGE_TAG in value:
-                value = (IMAGE_TAG + "\n" + value.replace(IMAGE_TAG, "").strip()).strip()
-            question += value
+            question += _tag_first(message["value"])
         elif message["from"] == "gpt":
-            turns.append((question, value))
+            turns.append((question, message["value"]))
             question = ""
         else:
-            raise DataError(f"a message from {message['from']!r}; LLaVA conversations use 'human' and 'gpt'")
+            raise LlavaMinError(f"a message from {message['from']!r}; LLaVA conversations use 'human' and 'gpt'")
     return turns
 
 
-def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bool = False) -> list[int]:
+def _tag_first(value: str) -> str:
+    return (IMAGE_TAG + "\n" + value.replace(IMAGE_TAG, "").strip()).strip() if IMAGE_TAG in value else value
+
+
+def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bool = False,
+                     encode: Callable[[str], list[int]] | None = None) -> list[int]:
     """ids of template.format(**fields), with chat-token names parsed in the template only.
 
     The template is split at its chat tokens before the fields go in, so a name typed in a message stays
-    text; each piece of text between them, template words and message together, is one sentencepiece
-    call, exactly the strings XTuner's tokenizer.encode sees. With with_image, "<image>" splits the text
-    too and becomes IMAGE_TOKEN_INDEX, as in XTuner's encode_fn.
+    text (here alone we differ from XTuner, whose tokenizer would end the turn there); each piece of text
+    between them, template words and message together, is one sentencepiece call: exactly the strings
+    XTuner's tokenizer.encode sees, so the label mask always lines up with the tokens. With with_image,
+    "<image>" splits the text too and becomes IMAGE_TOKEN_INDEX, as in XTuner's encode_fn. `encode` replaces
+    tok.encode(text, special=False) for the text pieces (TokenCounter.placeholders, to count them).
     """
+    encode = encode or (lambda text: tok.encode(text, special=False))
     ids = []
     for k, part in enumerate(_TEMPLATE_SPLIT.split(template)):
         if k % 2:  # odd pieces of re.split with a group: the chat-token names
@@ -297,7 +324,7 @@ def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bo
         for j, chunk in enumerate(chunks):
             if j:
                 ids.append(IMAGE_TOKEN_INDEX)
-            ids += tok.encode(chunk, special=False)
+            ids += encode(chunk)
     return ids
 
 
@@ -307,10 +334,16 @@ def _prompt_template(system: str | None, first_turn: bool) -> str:
     return (SYSTEM if system and first_turn else "") + INSTRUCTION
 
 
-def _encode_full(tok: Tokenizer, conversations, system: str | None) -> tuple[list[int], list[int]]:
-    """XTuner's encode_fn for internlm2_chat, before truncation."""
+def llm_positions(ids: list[int], image_tokens: int) -> int:
+    """LLM sequence length of `ids`: each image placeholder becomes image_tokens positions."""
+    return len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (image_tokens - 1)
+
+
+def tokenize(tok: Tokenizer, conversations: list[dict], max_length: int, system: str | None = None,
+             image_tokens: int = 1) -> tuple[list[int], list[int], int]:
+    """(input_ids, labels, ids before the cut) per XTuner's encode_fn, cut at max_length LLM positions."""
     if system and IMAGE_TAG in system:
-        raise DataError(f"the system prompt contains {IMAGE_TAG!r}; images belong in a human turn")
+        raise LlavaMinError(f"the system prompt contains {IMAGE_TAG!r}; images belong in a human turn")
     ids, labels = [tok.bos_id], [IGNORE_INDEX]  # one BOS: SUFFIX_AS_EOS means no turn asks for another
     for k, (question, answer) in enumerate(llava_turns(conversations)):
         prompt = _encode_template(tok, _prompt_template(system, k == 0), {"system": system, "input": question},
@@ -319,56 +352,80 @@ def _encode_full(tok: Tokenizer, conversations, system: str | None) -> tuple[lis
         sep = _encode_template(tok, SEP, {})
         ids += prompt + output + sep
         labels += [IGNORE_INDEX] * len(prompt) + output + [IGNORE_INDEX] * len(sep)
-    return ids, labels
-
-
-def _positions(ids: list[int], image_tokens: int) -> int:
-    """LLM sequence length of `ids`: each image placeholder becomes image_tokens positions."""
-    return len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (image_tokens - 1)
-
-
-def _truncate(ids: list[int], labels: list[int], max_length: int, image_tokens: int):
-    """Cut at max_length LLM positions; an image that does not fit whole is cut with everything after it."""
-    if _positions(ids, image_tokens) <= max_length:
-        return ids, labels
-    used = 0
-    for cut, token in enumerate(ids):
-        used += image_tokens if token == IMAGE_TOKEN_INDEX else 1
-        if used > max_length:
-            return ids[:cut], labels[:cut]
-    raise AssertionError("unreachable: the sequence was longer than max_length")
+    full, used = len(ids), 0
+    if llm_positions(ids, image_tokens) > max_length:
+        for cut, token in enumerate(ids):  # an image that does not fit whole goes, with everything after it
+            used += image_tokens if token == IMAGE_TOKEN_INDEX else 1
+            if used > max_length:
+                ids, labels = ids[:cut], labels[:cut]
+                break
+    return ids, labels, full
 
 
 def encode_conversation(tok: Tokenizer, conversations: list[dict], max_length: int = 2048,
                         system: str | None = None, image_tokens: int = 1) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of a LLaVA conversation, identical to XTuner's for the internlm2_chat template.
+    """(input_ids, labels) of a LLaVA conversation, identical to XTuner's for the internlm2_chat template:
 
-    input_ids hold one IMAGE_TOKEN_INDEX per image; labels are IGNORE_INDEX except each answer and its
-    <|im_end|>. The result fits max_length LLM positions, counting image_tokens per image (1 = XTuner).
-    It may have no supervised label left (a prompt longer than max_length); LLaVADataset drops those.
+        [<s>]  <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n  ⟦{answer}<|im_end|>⟧  \\n
+
+    per turn, <s> only at position 0, the system block `<|im_start|>system\\n{system}<|im_end|>\\n` before the
+    first turn, only ⟦...⟧ supervised (labels IGNORE_INDEX elsewhere). input_ids hold one IMAGE_TOKEN_INDEX
+    per image; the result fits max_length LLM positions, counting image_tokens per image (1 = XTuner). It
+    may have no supervised label left (a prompt longer than max_length); LLaVADataset drops those.
     """
-    return _truncate(*_encode_full(tok, conversations, system), max_length, image_tokens)
+    ids, labels, _ = tokenize(tok, conversations, max_length, system, image_tokens)
+    return ids, labels
 
 
-def first_answer_fits(tok: Tokenizer, conversations: list[dict], max_length: int, system: str | None = None,
+def first_answer_fits(counter: TokenCounter, conversations: list[dict], max_length: int, system: str | None = None,
                       image_tokens: int = 1) -> bool:
-    """Whether encode_conversation(...) keeps at least one supervised token, computed cheaply.
-
-    The first answer (at least its <|im_end|>) is supervised and fits iff it starts before max_length.
-    Its start is bounded without tokenizing: every sentencepiece token covers at least one byte of text
-    (byte fallback), a chat-token name (10+ bytes) is one token, and the 7-byte image tag becomes
-    image_tokens positions. Only a prompt near the limit is encoded to decide exactly.
+    """Whether encode_conversation(counter.tok, ...) of a valid sample (see sample_problems) keeps a supervised
+    token. The first answer (at least its <|im_end|>) is supervised and kept iff it starts before max_length.
+    Its start is bounded without tokenizing: every sentencepiece token covers at least one byte of text (byte
+    fallback, no dummy prefix), a chat-token name (10+ bytes) is one token, and the 7-byte image tag becomes
+    image_tokens positions. Only a prompt near the limit is tokenized, so that a sample is dropped exactly.
     """
-    turns = llava_turns(conversations)
-    if not turns:
-        return False
     template = _prompt_template(system, True)
-    fields = {"system": system, "input": turns[0][0]}
+    fields = {"system": system, "input": _tag_first(conversations[0]["value"])}  # valid: the first turn's question
     text = template.format(**fields)
-    bound = 1 + len(text.encode("utf-8")) + (image_tokens if IMAGE_TAG in text else 0)
-    if bound < max_length:
+    n_bytes = len(text) if text.isascii() else len(text.encode())
+    if 1 + n_bytes + (image_tokens if IMAGE_TAG in text else 0) < max_length:
         return True
-    return 1 + _positions(_encode_template(tok, template, fields, with_image=True), image_tokens) < max_length
+    ids = _encode_template(counter.tok, template, fields, with_image=True, encode=counter.placeholders)
+    return 1 + llm_positions(ids, image_tokens) < max_length
+
+
+class TokenCounter:
+    """len(tok.encode(text, special=False)), exactly, from a cache of counts per word: 5-10x faster on the
+    long pasted documents that open some ShareGPT conversations (the doubtful few of first_answer_fits).
+
+    Exact when no piece of the vocabulary runs from a non-space character into a space (checked here: true of
+    InternLM2's, whose only such pieces start with tabs or newlines; otherwise every text is encoded whole):
+    sentencepiece's pieces then never cross the point before such a space, so it segments the words between
+    those points independently, and the count of a text is the sum of its words' counts.
+    """
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.cache = tok, {}
+        crossing = re.compile(r"[^\s\u2581]\u2581")  # sentencepiece writes a space as U+2581
+        self.by_word = not any(crossing.search(tok.sp.id_to_piece(i)) for i in range(tok.vocab_size)
+                               if not tok.sp.is_byte(i))
+
+    def __call__(self, text: str) -> int:
+        if not self.by_word:
+            return len(self.tok.encode(text, special=False))
+        if len(self.cache) > 1 << 20:  # bounded memory on data with very many distinct words
+            self.cache.clear()
+        n = 0
+        for word in _WORDS.split(text):
+            count = self.cache.get(word)
+            if count is None:
+                count = self.cache[word] = len(self.tok.encode(word, special=False))
+            n += count
+        return n
+
+    def placeholders(self, text: str) -> list[int]:
+        return [0] * self(text)  # ids that count as positions (never IMAGE_TOKEN_INDEX) for _encode_template
 
 
 def estimate_length(sample: dict, image_tokens: int) -> int:
@@ -377,91 +434,67 @@ def estimate_length(sample: dict, image_tokens: int) -> int:
     About 4 characters per token, 5 template tokens per message, image_tokens per image (XTuner's
     modality_length has the same sign convention; only the order of the estimates matters)."""
     messages = sample["conversations"]
-    text = sum(len(m["value"]) for m in messages) // 4 + 5 * len(messages) + 1
+    text = sum(map(len, map(_VALUE, messages))) // 4 + 5 * len(messages) + 1
     return text + image_tokens if sample.get("image") is not None else -text
 
 
 # --------------------------------------------------------------------------------------------------
 # Data set and collate
 
-class PackedSamples:
-    """A read-only list of sample dicts kept as one byte buffer of JSON plus offsets.
-
-    A Python list of 665k dicts is ~1 GB of small objects, and every loader worker that merely reads it
-    touches their reference counts, so copy-on-write after fork slowly copies the whole list into each
-    worker (pytorch/pytorch#13246); with spawn it is pickled object by object. Two numpy arrays are
-    shared for free and pickle in one piece.
-    """
-
-    def __init__(self, samples: list[dict]):
-        blobs = [json.dumps(s, ensure_ascii=False).encode("utf-8") for s in samples]
-        self.offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
-        self.buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"sample {i} out of range (data set of {len(self)})")
-        i %= len(self)
-        return json.loads(self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes())
-
-
 class LLaVADataset:
     """LLaVA samples -> (input_ids, labels, pixel_values), tokenized and decoded lazily, per item.
 
-    data          a file, a list of files (JSON / JSONL), or a list of sample dicts (load_samples' output)
+    data          a file, a list of files (JSON / JSONL), or a list of sample dicts
     tokenizer     a Tokenizer or the path of a sentencepiece model
     image_folder  image paths in the data are relative to it
     image_size, image_mode   ViT input: size x size, "pad" (LLaVA-1.5) or "crop" (DINOv2), see image.py
-    max_length    cap on LLM positions, image_tokens per image included
-    image_tokens  positions one image takes in the LLM (the ViT's patch count: 256 for 224 px / patch 14)
+    max_length, image_tokens cap on LLM positions; an image takes image_tokens (DINOv2Config.image_tokens)
     system        optional system prompt before the first turn
-    skip_bad      drop (and count) bad samples instead of raising DataError listing them
+    skip_bad      drop (and count) bad samples instead of raising LlavaMinError listing them all
     check_files   check at start-up that every image file exists
 
-    Start-up does only cheap work: validation, the no-supervision check, length estimates. `report()` says
-    what was kept and dropped; `stats` holds the counts. Items are deterministic: no randomness anywhere.
+    Start-up reads the files once, checks each sample as it is parsed (sample_problems), drops those whose
+    first answer starts beyond max_length (nothing to learn from) and estimates lengths from character counts;
+    `report()` and `stats` say what was kept and dropped. Longer samples are cut at the end (item["truncated"],
+    counted by `collate`). Items are deterministic: no randomness anywhere.
     """
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",
                  max_length: int = 2048, image_tokens: int = 1, system: str | None = None,
                  skip_bad: bool = False, check_files: bool = True):
-        if isinstance(data, (list, tuple)) and data and all(isinstance(s, dict) for s in data):
-            samples = [with_str_id(s) for s in data]
-        else:
-            samples = load_samples(data)
-        if not samples:
-            raise DataError(f"no samples in {data!r}")
         if system and IMAGE_TAG in system:
-            raise DataError(f"the system prompt contains {IMAGE_TAG!r}; images belong in a human turn")
+            raise LlavaMinError(f"the system prompt contains {IMAGE_TAG!r}; images belong in a human turn")
         if max_length <= 0 or image_tokens <= 0:
-            raise DataError(f"max_length ({max_length}) and image_tokens ({image_tokens}) must be positive")
+            raise LlavaMinError(f"max_length ({max_length}) and image_tokens ({image_tokens}) must be positive")
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         self.image_folder = os.fspath(image_folder) if image_folder is not None else None
         self.image_size, self.image_mode = image_size, image_mode
         self.max_length, self.image_tokens, self.system = max_length, image_tokens, system
 
-        bad = find_problems(samples, self.image_folder, check_files)
+        samples, files, counter = Samples(data), FileIndex() if check_files else None, TokenCounter(self.tokenizer)
+        kept, lengths, bad, unsupervised = [], array("q"), {}, []
+        for index, sample in enumerate(samples.scan()):
+            problems = sample_problems(sample, self.image_folder, files)
+            if problems:
+                bad[index] = "; ".join(problems)
+            elif not first_answer_fits(counter, sample["conversations"], max_length, system, image_tokens):
+                unsupervised.append(index)
+            else:
+                kept.append(index)
+                lengths.append(estimate_length(sample, image_tokens))
+        if not len(samples):
+            raise LlavaMinError(f"no samples in {data!r}")
         if bad and not skip_bad:
-            raise DataError(problem_report(samples, bad, self.image_folder))
-        kept, self.lengths, unsupervised = [], [], []
-        for index, sample in enumerate(samples):
-            if index in bad:
-                continue
-            if not first_answer_fits(self.tokenizer, sample["conversations"], max_length, system, image_tokens):
-                unsupervised.append(describe(sample, index, self.image_folder))
-                continue
-            kept.append(sample)
-            self.lengths.append(estimate_length(sample, image_tokens))
-        self._dropped = [f"{describe(samples[i], i, self.image_folder)}: {what}" for i, what in bad.items()]
-        self._dropped += [f"{d}: the first answer starts beyond max_length {max_length}" for d in unsupervised]
+            raise LlavaMinError(problem_report(samples, bad, self.image_folder))
+        self._dropped = [f"{samples.describe(i, self.image_folder)}: {what}" for i, what in bad.items()]
+        self._dropped += [f"{samples.describe(i, self.image_folder)}: the first answer starts beyond max_length "
+                          f"{max_length}" for i in unsupervised]
         if not kept:
-            raise DataError(_listing(f"none of the {len(samples)} samples is usable; fix the data or raise "
-                                     f"--max-length", self._dropped))
-        self.samples = PackedSamples(kept)
-        with_image = sum(1 for n in self.lengths if n > 0)
+            raise LlavaMinError(_listing(f"none of the {len(samples)} samples is usable; fix the data or raise "
+                                         f"--max-length", self._dropped))
+        self.samples = samples.keep(kept)
+        self.lengths = lengths  # > 0 with an image, < 0 text-only: GlobalBatchSampler's input
+        with_image = sum(1 for n in lengths if n > 0)
         self.stats = {"loaded": len(samples), "used": len(kept), "with_image": with_image,
                       "text_only": len(kept) - with_image, "dropped_bad": len(bad),
                       "dropped_no_supervision": len(unsupervised)}
@@ -475,29 +508,29 @@ class LLaVADataset:
                 f"(image = {self.image_tokens} positions)")
         return _listing(text, self._dropped) if self._dropped else text
 
+    def describe(self, i: int) -> str:
+        """Sample i named for an error message (the loader calls this)."""
+        return self.samples.describe(i, self.image_folder)
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        import torch
-
         sample = self.samples[i]
-        full_ids, full_labels = _encode_full(self.tokenizer, sample["conversations"], self.system)
-        ids, labels = _truncate(full_ids, full_labels, self.max_length, self.image_tokens)
+        ids, labels, full = tokenize(self.tokenizer, sample["conversations"], self.max_length, self.system,
+                                     self.image_tokens)
         assert any(label != IGNORE_INDEX for label in labels), f"sample {i}: start-up should have dropped it"
         pixel_values, path = None, None
         if sample.get("image") is not None:
-            from . import image as image_lib
-
             path = image_path(sample, self.image_folder)
             try:
                 # uint8: the model normalises on its device (a quarter of the bytes between processes)
-                pixel_values = image_lib.to_pixels(image_lib.load_image(path), self.image_size, self.image_mode)
-            except image_lib.ImageError as e:
-                raise DataError(f"{describe(sample, i, self.image_folder)}: {e}") from e
+                pixel_values = to_pixels(load_image(path), self.image_size, self.image_mode)
+            except LlavaMinError as e:
+                raise LlavaMinError(f"{self.describe(i)}: {e}") from e
         return {"index": i, "id": sample["id"], "input_ids": torch.tensor(ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": pixel_values, "image": path,
-                "truncated": len(ids) < len(full_ids)}
+                "truncated": len(ids) < full}
 
 
 def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
@@ -505,13 +538,11 @@ def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
 
     The attention mask comes from the lengths, not from pad_id, which may equal a real token (</s>).
     pixel_values stacks the images of all rows in row order; image_counts says how many each row has.
-    shared=True stacks the pixels straight into shared memory, for a batch built in a loader worker: sending
-    it to the trainer then copies nothing (torch's own default_collate does the same in its workers).
+    shared=True stacks the pixels straight into shared memory (in a loader worker: one of its reused slots),
+    so sending the batch to the trainer copies nothing (torch's default_collate does the same in workers).
     """
-    import torch
-
     if not samples:
-        raise DataError("collate got an empty batch")
+        raise LlavaMinError("collate got an empty batch")
     lengths = [len(s["input_ids"]) for s in samples]
     batch, longest = len(samples), max(lengths)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
@@ -526,188 +557,24 @@ def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
     for row, sample in enumerate(samples):
         has = sample["pixel_values"] is not None
         if int(image_counts[row]) != int(has):
-            raise DataError(f"sample {sample['index']} (id {sample['id']!r}): {int(image_counts[row])} image "
-                            f"placeholders but {int(has)} images")
+            raise LlavaMinError(f"sample {sample['index']} (id {sample['id']!r}): {int(image_counts[row])} image "
+                                f"placeholders but {int(has)} images")
         if has:
             images.append(sample["pixel_values"])
     if len({tuple(x.shape) for x in images}) > 1:
         shapes = {s["id"]: tuple(s["pixel_values"].shape) for s in samples if s["pixel_values"] is not None}
-        raise DataError(f"images of one batch differ in shape: {shapes}; use one --image-size for all")
+        raise LlavaMinError(f"images of one batch differ in shape: {shapes}; use one --image-size for all")
+    pixel_values = None
+    if images:
+        out = shared_empty((len(images), *images[0].shape), images[0].dtype) if shared else None
+        pixel_values = torch.stack(images, out=out)  # (n_images, 3, H, W)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": _stack(images, shared) if images else None, "image_counts": image_counts,
+            "pixel_values": pixel_values, "image_counts": image_counts,
             "ids": [s["id"] for s in samples], "indices": [s["index"] for s in samples],
             "num_truncated": sum(bool(s.get("truncated")) for s in samples)}
 
 
-def _stack(tensors: list, shared: bool):
-    import torch
+if __name__ == "__main__":  # `python -m llava_min.data check|show ...`: the commands live in tools/datacheck.py
+    from llava_min.tools.datacheck import main
 
-    if not shared:
-        return torch.stack(tensors)
-    from .loader import shared_empty  # in a loader worker: a reused shared-memory slot
-
-    return torch.stack(tensors, out=shared_empty((len(tensors), *tensors[0].shape), tensors[0].dtype))
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line: check and show
-
-def _decode_chunk(items: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """(index, error) for each image in `items` that does not decode fully (runs in a worker process)."""
-    from . import image as image_lib
-
-    errors = []
-    for index, path in items:
-        try:
-            image_lib.load_image(path)
-        except image_lib.ImageError as e:
-            errors.append((index, str(e)))
-    return errors
-
-
-def decode_images(items: list[tuple[int, str]], num_workers: int = 0, chunk: int = 16) -> dict[int, str]:
-    """{index: error} for the images in `items` ((index, path) pairs) that do not decode.
-
-    Workers run in a ProcessPoolExecutor, which, unlike multiprocessing.Pool, notices a worker that dies
-    (the OOM killer's SIGKILL, a segfault in a decoder) and fails the pending work instead of waiting for
-    ever. At most two chunks per worker are queued, so the error can name the few images in flight.
-    """
-    chunks = iter([items[k:k + chunk] for k in range(0, len(items), chunk)])
-    if num_workers <= 0:
-        return {i: e for c in chunks for i, e in _decode_chunk(c)}
-    errors = {}
-    with ProcessPoolExecutor(num_workers) as pool:
-        pending = {}
-        try:
-            while True:
-                while len(pending) < 2 * num_workers and (c := next(chunks, None)) is not None:
-                    pending[pool.submit(_decode_chunk, c)] = c
-                if not pending:
-                    return errors
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    errors.update(future.result())
-                    del pending[future]
-        except BrokenProcessPool as e:
-            paths = [p for c in pending.values() for _, p in c]
-            raise DataError(f"an image decoding worker died abruptly (killed by the OOM killer, or a crash in "
-                            f"an image decoder) while decoding one of these {len(paths)} images: "
-                            f"{', '.join(paths)}; rerun with --num-workers 0 to find the file, or give the "
-                            f"machine more memory") from e
-
-
-def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, tokenizer=None,
-          max_length: int = 2048, image_tokens: int = 1, system: str | None = None) -> str:
-    """`python -m llava_min.data check`: validate everything, optionally decode every image and count the
-    samples that max_length truncates or leaves unsupervised (which needs encoding them all).
-    Raises DataError listing every problem; returns a one-line summary."""
-    samples = load_samples(files)
-    bad = find_problems(samples, image_folder)
-    if decode:
-        items = [(i, image_path(s, image_folder)) for i, s in enumerate(samples)
-                 if i not in bad and s.get("image") is not None]
-        bad.update(decode_images(items, num_workers))
-        bad = dict(sorted(bad.items()))
-    if bad:
-        raise DataError(problem_report(samples, bad, image_folder))
-    with_image = sum(1 for s in samples if s.get("image") is not None)
-    summary = (f"{len(samples)} samples OK ({with_image} with an image, {len(samples) - with_image} text-only"
-               f"{', every image decodes' if decode else ''})")
-    if tokenizer is not None:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-        truncated = unsupervised = 0
-        for s in samples:
-            full_ids, full_labels = _encode_full(tok, s["conversations"], system)
-            ids, labels = _truncate(full_ids, full_labels, max_length, image_tokens)
-            if all(label == IGNORE_INDEX for label in labels):
-                unsupervised += 1
-            elif len(ids) < len(full_ids):
-                truncated += 1
-        summary += (f"; at max_length {max_length} (image = {image_tokens} positions): {truncated} cut short, "
-                    f"{unsupervised} with no supervised token (dropped in training)")
-    return summary
-
-
-def show(files, index: int, tokenizer=None, image_folder=None, max_length: int = 2048, image_tokens: int = 1,
-         system: str | None = None) -> str:
-    """`python -m llava_min.data show`: one sample rendered as the model sees it, ⟦supervised⟧ marked."""
-    samples = load_samples(files)
-    if not -len(samples) <= index < len(samples):
-        raise DataError(f"--index {index} is out of range: {len(samples)} samples in {', '.join(map(str, files))}")
-    index %= len(samples)
-    sample = samples[index]
-    lines = [describe(sample, index, image_folder)]
-    problems = sample_problems(sample)
-    if problems:
-        return "\n".join(lines + [f"bad: {'; '.join(problems)}", json.dumps(sample, ensure_ascii=False, indent=1)])
-    if sample.get("image") is not None:
-        from . import image as image_lib
-
-        try:
-            width, height = image_lib.load_image(image_path(sample, image_folder)).size
-            lines.append(f"image: {width}x{height} px")
-        except image_lib.ImageError as e:
-            lines.append(f"image: {e}")
-    if tokenizer is None:
-        lines.append(json.dumps(sample["conversations"], ensure_ascii=False, indent=1))
-        lines.append("(give --tokenizer to see the tokens and labels)")
-        return "\n".join(lines)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    full_ids, _ = _encode_full(tok, sample["conversations"], system)
-    ids, labels = encode_conversation(tok, sample["conversations"], max_length, system, image_tokens)
-    supervised = sum(label != IGNORE_INDEX for label in labels)
-    lines.append(f"tokens: {len(ids)} ids, {_positions(ids, image_tokens)} LLM positions (image = {image_tokens}); "
-                 f"{supervised} supervised" + (f"; truncated from {len(full_ids)} ids at max_length {max_length}"
-                                               if len(ids) < len(full_ids) else ""))
-    # Runs of equal supervision, decoded together; ⟦...⟧ marks what the loss sees, ↵ a newline.
-    runs: list[tuple[bool | None, list[int]]] = []  # (supervised, ids); None: the image placeholder
-    for token, label in zip(ids, labels):
-        supervised = None if token == IMAGE_TOKEN_INDEX else label != IGNORE_INDEX
-        if runs and runs[-1][0] == supervised and supervised is not None:
-            runs[-1][1].append(token)
-        else:
-            runs.append((supervised, [token]))
-    text = []
-    for supervised, run in runs:
-        if supervised is None:
-            text.append(f"[image: {image_tokens} positions]")
-            continue
-        piece = tok.decode(run).replace("\n", "↵\n")  # <s> decodes to nothing; it is printed first
-        text.append(f"⟦{piece}⟧" if supervised else piece)
-    lines.append("-" * 40 + "\n" + "<s>" * (ids[:1] == [tok.bos_id]) + "".join(text))
-    return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m llava_min.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    for name, help_text in (("check", "validate every sample (and decode every image with --decode)"),
-                            ("show", "print one sample as the model sees it, supervised tokens marked")):
-        c = sub.add_parser(name, help=help_text)
-        c.add_argument("--data", nargs="+", required=True, help="LLaVA JSON (a list) or JSONL files")
-        c.add_argument("--image-folder", default=None)
-        c.add_argument("--tokenizer", default=None, help="sentencepiece model (check: also count truncation)")
-        c.add_argument("--max-length", type=int, default=2048)
-        c.add_argument("--image-tokens", type=int, default=1, help="LLM positions per image (ViT patches)")
-        c.add_argument("--system", default=None)
-        if name == "check":
-            c.add_argument("--decode", action="store_true", help="decode every image, in worker processes")
-            c.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-        else:
-            c.add_argument("--index", type=int, required=True, help="sample number in the data (0-based)")
-    args = p.parse_args(argv)
-    try:
-        if args.command == "check":
-            print(check(args.data, args.image_folder, args.decode, args.num_workers, args.tokenizer,
-                        args.max_length, args.image_tokens, args.system))
-        else:
-            print(show(args.data, args.index, args.tokenizer, args.image_folder, args.max_length,
-                       args.image_tokens, args.system))
-    except ValueError as e:  # DataError, TokenizerError: the message names the culprit and the fix
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
     main()

@@ -1,23 +1,10 @@
-"""Images: decoding any file to RGB, and the two ways LLaVA-InternLM2 turns it into ViT input.
+"""Images: any file decoded to upright RGB (`load_image`), and the two ways LLaVA-InternLM2 turns it into ViT input.
 
-`load_image(path)` opens a file safely and returns an RGB `PIL.Image`:
-  * EXIF orientation is applied (a phone photo taken upright is upright);
-  * every Pillow mode becomes RGB: palette (with its transparency), RGBA/LA/PA composited on white
-    (as transformers' `convert_to_rgb` does), grayscale, CMYK, and 16/32-bit integer modes scaled from
-    their full range rather than clipped at 255;
-  * a decompression bomb (more than `Image.MAX_IMAGE_PIXELS` pixels), an unreadable, truncated or
-    non-image file raises `ImageError` naming the path and what to do. Nothing is silently skipped.
-
-`to_pixels(image, size, mode)` returns the resized image as a uint8 (3, size, size) tensor, `normalize(pixels)`
-the float ViT input, and `preprocess(image, size, mode)` both at once. The training data set hands out uint8
-pixels and the model normalises them on its device: a quarter of the bytes through the loader's shared
-memory and the host-to-GPU copy. The steps:
-  * "pad"  -- LLaVA-1.5 / XTuner: `expand2square` with the mean colour, then a bicubic resize to size x size
-              (`expand2square` in xtuner/dataset/utils.py and LLaVA's train.py);
-  * "crop" -- DINOv2's image processor (transformers' BitImageProcessor with the facebook/dinov2-*
-              preprocessor_config.json: shortest edge 256, centre crop 224, bicubic), scaled to `size`:
-              shortest edge to round(size * 256 / 224), then a centre crop of size x size.
-Both then scale to [0, 1] and normalise with the ImageNet mean and std. Only Pillow and numpy are used.
+`to_pixels(image, size, mode)` gives uint8 (3, size, size), as the data set hands it out (a quarter of the bytes
+through the loader's shared memory and the host-to-GPU copy); the model calls `normalize` on its device, and
+`preprocess` does both. Modes: "pad" is LLaVA-1.5 / XTuner's expand2square with the mean colour, then a bicubic
+resize; "crop" is DINOv2's image processor (shortest edge 256, centre crop 224, bicubic) scaled to `size`.
+Every problem (unreadable, truncated, non-image, decompression bomb) raises LlavaMinError naming the path.
 """
 from __future__ import annotations
 
@@ -27,6 +14,8 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from . import LlavaMinError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,15 +31,11 @@ _MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 
-class ImageError(ValueError):
-    """An image file cannot be used, or preprocessing was asked for something impossible."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Decoding
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully and return it as an upright RGB image; raise `ImageError` on any problem."""
+    """Decode `path` fully; EXIF orientation applied (a phone photo taken upright is upright), RGB."""
     path = os.fspath(path)
     try:
         # A bomb header is refused by Image.open itself: more than 2x MAX_IMAGE_PIXELS raises
@@ -63,13 +48,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({e}); if the image is genuine, "
-                         f"shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS "
-                         f"(now {Image.MAX_IMAGE_PIXELS}) before loading") from e
+        raise LlavaMinError(f"{path}: refused as a possible decompression bomb ({e}); if the image is genuine, "
+                            f"shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+                            f"(now {Image.MAX_IMAGE_PIXELS}) before loading") from e
     except FileNotFoundError as e:
-        raise ImageError(f"{path}: image file not found; check --image-folder and the sample's "
-                         f"\"image\" path") from e
-    except ImageError:
+        raise LlavaMinError(f"{path}: image file not found; check --image-folder and the sample's "
+                            f"\"image\" path") from e
+    except LlavaMinError:  # from to_rgb: already says what is wrong
         raise
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
         # Pillow reports a truncated or corrupt stream as OSError (sometimes SyntaxError/ValueError
@@ -77,11 +62,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         hint = ("the file is truncated; re-download or re-extract it"
                 if "truncated" in str(e) else
                 "it is not a readable image; re-download it, or remove the sample from the data")
-        raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e}); {hint}") from e
+        raise LlavaMinError(f"{path}: cannot decode image ({type(e).__name__}: {e}); {hint}") from e
 
 
 def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
-    """Any Pillow mode -> RGB, compositing alpha on `ALPHA_BACKGROUND` and scaling high bit depths."""
+    """Any Pillow mode -> RGB: palette (with its transparency), RGBA/LA/PA composited on white (as
+    transformers' convert_to_rgb), grayscale, CMYK, 16/32-bit integers scaled from their full range."""
     mode = image.mode
     if mode == "RGB":
         return image
@@ -109,15 +95,15 @@ def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
         if values.size and values.min() >= 0 and values.max() <= 1:
             values = values * 255.0
         elif not (values.size == 0 or (values.min() >= 0 and values.max() <= 255)):
-            raise ImageError(f"{name}: float image with values in [{values.min()}, {values.max()}]; "
-                             f"save it as an 8-bit image (or scale it to [0, 1])")
+            raise LlavaMinError(f"{name}: float image with values in [{values.min()}, {values.max()}]; "
+                                f"save it as an 8-bit image (or scale it to [0, 1])")
         gray = np.rint(values).astype(np.uint8)
         return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
     try:
         return image.convert("RGB")  # L, 1, CMYK, YCbCr, RGBX, HSV, ...
     except ValueError as e:
-        raise ImageError(f"{name}: cannot convert Pillow mode {image.mode!r} to RGB ({e}); "
-                         f"save the image as 8-bit RGB") from e
+        raise LlavaMinError(f"{name}: cannot convert Pillow mode {image.mode!r} to RGB ({e}); "
+                            f"save the image as 8-bit RGB") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,16 +136,16 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     """Crop size x size from the centre; offsets floored as transformers' center_crop does."""
     width, height = image.size
     if width < size or height < size:
-        raise ImageError(f"center_crop: a {width}x{height} image is smaller than the crop {size}")
+        raise LlavaMinError(f"center_crop: a {width}x{height} image is smaller than the crop {size}")
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
 def to_pixels(image: Image.Image, size: int, mode: str = "pad", patch_size: int = 14) -> torch.Tensor:
-    """An image -> uint8 tensor (3, size, size): converted to RGB, padded or cropped, resized; not normalised."""
+    """An image -> uint8 tensor (3, size, size): RGB, padded ("pad") or cropped ("crop"), resized; not normalised."""
     if size <= 0 or size % patch_size:
-        raise ImageError(f"image size {size} is not a positive multiple of the ViT patch size {patch_size}; "
-                         f"use e.g. --image-size {max(1, round(size / patch_size)) * patch_size}")
+        raise LlavaMinError(f"image size {size} is not a positive multiple of the ViT patch size {patch_size}; "
+                            f"use e.g. --image-size {max(1, round(size / patch_size)) * patch_size}")
     if image.mode != "RGB":
         image = to_rgb(image)
     if mode == "pad":
@@ -167,19 +153,19 @@ def to_pixels(image: Image.Image, size: int, mode: str = "pad", patch_size: int 
     elif mode == "crop":
         image = center_crop(resize_shortest_edge(image, round(size * CROP_RESIZE_RATIO)), size)
     else:
-        raise ImageError(f"unknown image mode {mode!r}; use one of {MODES}")
+        raise LlavaMinError(f"unknown image mode {mode!r}; use one of {MODES}")
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())   # (size, size, 3) -> (3, size, size)
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels (..., 3, H, W) -> float32 ViT input: scaled to [0, 1], ImageNet mean and std."""
     if pixels.dtype != torch.uint8:
-        raise ImageError(f"normalize takes uint8 pixels (0..255), got {pixels.dtype}")
+        raise LlavaMinError(f"normalize takes uint8 pixels (0..255), got {pixels.dtype}")
     mean, std = _MEAN.to(pixels.device), _STD.to(pixels.device)
     return (pixels.to(torch.float32) / 255.0 - mean) / std
 
 
 def preprocess(image: Image.Image, size: int, mode: str = "pad", patch_size: int = 14) -> torch.Tensor:
-    """An image -> normalised FloatTensor (3, size, size) for the ViT (see the module docstring)."""
+    """An image -> normalised FloatTensor (3, size, size) for the ViT."""
     return normalize(to_pixels(image, size, mode, patch_size))
 

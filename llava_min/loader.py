@@ -1,54 +1,13 @@
-"""The data loader: worker processes that build collated batches, written out so that every part is visible.
+"""The data loader: worker processes that build collated batches, every failure loud and named.
 
-    loader = Loader(dataset, sampler.batches_for_rank(rank, world, accum), collate, num_workers=4)
-    with loader:
+    with Loader(dataset, sampler.batches_for_rank(rank, world, accum), collate, num_workers=4) as loader:
         for batch in loader: ...
 
-How it works (the same shape as torch.utils.data.DataLoader, without its layers of indirection):
-  * The main process starts `num_workers` processes (`_worker_loop`). Each has its own task pipe and
-    result pipe. Batch number b goes to worker b % num_workers as (b, [sample indices]); the worker
-    calls `load_batch` -- dataset[i] for each index, then collate_fn -- and sends the collated batch back.
-  * Pipes, not multiprocessing.Queue: a Queue sends from a background feeder thread, so a batch that
-    fails to pickle is lost with only a printed traceback, and an exiting process must first join that
-    thread (a classic hang at shutdown). A pipe's send() happens in the caller, and only the worker holds
-    the writing end of its result pipe, so its death shows as end-of-file at once.
-  * At most `prefetch` batches per worker are in flight (sent and not yet handed to the caller), which
-    bounds the memory that finished batches can hold. Results arrive in any order; `ready` holds them
-    until their turn, so the output order is that of `batches`, whatever the number of workers.
-  * Before each batch, `load_batch` reseeds Python's, numpy's and torch's generators from
-    (seed, batch number). Per-sample randomness therefore depends on the batch, never on which worker
-    ran it (or whether a worker did: num_workers=0 gives the same batches).
-  * num_workers=0 runs the very same `load_batch` in the main process: a breakpoint() in the dataset
-    works, and a crash in native code shows its traceback (the first thing to try after a SIGSEGV).
-
-Nothing fails silently. The main process waits with `multiprocessing.connection.wait` on every result pipe
-and on every worker's sentinel (a handle that becomes ready when the process ends), so:
-  * an exception in a worker arrives as `SampleError`, naming the sample index, id and image path, with
-    the worker's traceback;
-  * a worker that dies -- SIGKILL from the kernel's OOM killer, SIGBUS when /dev/shm is full, SIGSEGV in
-    a native library -- is seen at once and raised as `WorkerDied`, naming the worker, its pid, the signal,
-    the sample it was loading, the likely cause and the fix. Workers enable `faulthandler`, so a crashing
-    worker prints its Python stack to stderr first;
-  * a worker that sends nothing for `timeout` seconds while it has work raises `WorkerTimeout`, naming the
-    sample it is stuck on; its Python stack is printed to stderr first (SIGUSR1 -> faulthandler).
-On any error, at the end of the data, on close(), on garbage collection and on Ctrl-C, the workers are
-stopped (asked to at the end of the data; otherwise SIGTERM, then SIGKILL if needed) and joined. Workers ignore SIGINT (Ctrl-C reaches the whole
-process group; the main process alone decides), and a worker whose main process has gone exits by itself
-within a second, so none is left behind even when the main process is killed.
-
-Tensors cross processes through shared memory: torch.multiprocessing registers pickling rules that turn a
-tensor into a handle to a shared-memory segment (in /dev/shm, which is why a small /dev/shm raises SIGBUS
-in the worker). We keep torch's default sharing strategy on Linux, "file_descriptor": a segment is unlinked
-at once and passed as an open file descriptor, so the kernel frees it when the last process holding it
-exits -- nothing leaks when a worker is killed, which is exactly the case this loader is built for.
-"file_system" passes file names instead, which can leave segments behind in /dev/shm when a process dies
-abruptly (torch's multiprocessing notes say so; its torch_shm_manager daemon only mitigates it). Its one
-advantage, no limit from `ulimit -n`, does not matter here: a collated batch is a handful of tensors
-and at most prefetch x num_workers batches are in flight. Only tensors of 64 KiB and more (the pixels) take
-that road: a segment and a descriptor per tiny token tensor cost more than copying its bytes into the
-message (`_BatchPickler`; on 2 cores this took 2 workers from 1.48x to about 1.6x the in-process rate).
-The big tensors a collate_fn asks for with `shared_empty` (ours does, for the pixels) go one step further:
-each worker reuses a few segments ("slots") instead of creating one per batch; see `_Slots`.
+torch.utils.data.DataLoader's shape without its layers. Read `Loader._in_workers` (hand out batches, yield them
+in order), `_receive` (a result, a death or a timeout), then `_worker_loop`. Batch b is built by `load_batch`
+with generators seeded from (seed, b), in worker b % num_workers or, with num_workers=0, in the main process:
+the same batches either way. Big tensors travel through shared memory that each worker reuses (`_Slots`),
+small ones inside the message (`_BatchPickler`).
 """
 from __future__ import annotations
 
@@ -77,6 +36,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 _POLL_S = 1.0   # how often the main process looks at the clock for timeouts while it waits
 _JOIN_S = 2.0   # how long a stopping worker gets before the next, harsher signal
+# Tensors below this size travel inside the message: a shared-memory segment and a file descriptor per tiny
+# token tensor cost more than copying its bytes (on 2 cores: 2 workers went from 1.48x to ~1.6x the 0-worker rate).
+_BY_VALUE_BYTES = 1 << 16
 
 
 class LoaderError(RuntimeError):
@@ -89,7 +51,7 @@ class LoaderError(RuntimeError):
 
 
 class SampleError(LoaderError):
-    """dataset[i] or collate_fn raised."""
+    """dataset[i] or collate_fn raised; the message holds the worker's traceback."""
 
 
 class WorkerDied(LoaderError):
@@ -127,8 +89,9 @@ def batch_seed(seed: int, batch_number: int) -> int:
 
 
 def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indices: list[int], current) -> Any:
-    """Reseed, build every sample, collate. `current.value` tells an observer which sample is being built
-    (-1 while collating), so a death or a hang can be blamed on the right sample."""
+    """Reseed, build every sample, collate. Per-sample randomness thus depends on the batch, never on which
+    worker built it. `current.value` is the sample being built (-1 while collating), so that a death or a
+    hang is blamed on the right sample."""
     s = batch_seed(seed, batch_number)
     random.seed(s)
     np.random.seed(s)
@@ -147,14 +110,11 @@ def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indi
 class _Slots:
     """A worker's shared-memory storages, reused from batch to batch.
 
-    A fresh shared-memory segment per batch costs more than it seems: creating it and faulting in its
-    zeroed pages took about 3 ms for 16 images of 336 px on a 2-core machine, 8% of building the batch,
-    in every worker. So each task names a slot, and the big tensors of the batch (`shared_empty` calls, in
-    order) are built in that slot's storages, which stay mapped in the worker and grow when a batch needs
-    more. The main process picks the slot: one that no batch it handed out still uses (it holds a weak
-    reference to each slot's storages, `Loader._free_slot`), or a new one. In steady state a worker has
-    about prefetch + 2 slots: the batches in flight, the one being trained on and the previous one, which a
-    `for batch in loader` loop still holds while it asks for the next.
+    A fresh segment per batch costs more than it seems (creating it and faulting in its zeroed pages took
+    ~3 ms for 16 images of 336 px, 8% of building the batch). So each task names a slot, and the batch's big
+    tensors (`shared_empty` calls, in order) are built in that slot's storages, which stay mapped and grow as
+    needed. The main process picks a slot that no batch it handed out still uses (`Loader._free_slot`); in
+    steady state a worker has about prefetch + 2: the batches in flight, the one trained on, the previous one.
     """
 
     def __init__(self):
@@ -181,19 +141,11 @@ _slots: _Slots | None = None  # set in a worker process of this loader; None els
 
 
 def shared_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor in shared memory, for a collate_fn to build a batch's big tensors in.
-
-    In a worker of this loader, it lives in one of the worker's reused slots, so sending the batch to the
-    main process creates no segment; elsewhere (the main process, another loader's worker) it is a fresh
-    shared-memory tensor. Either way the main process receives it without a copy.
-    """
+    """An uninitialised shared-memory tensor for a collate_fn to build a batch's big tensors in: in a worker of
+    this loader, in one of its reused slots; elsewhere a fresh one. The main process receives it without a copy."""
     if _slots is not None:
         return _slots.empty(tuple(shape), dtype)
     return torch.empty(shape, dtype=dtype).share_memory_()
-
-
-# Tensors below this many bytes travel inside the message; larger ones through shared memory.
-_BY_VALUE_BYTES = 1 << 16
 
 
 def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
@@ -201,10 +153,12 @@ def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple) -> torch.T
 
 
 class _BatchPickler(ForkingPickler):
-    """ForkingPickler moves every tensor into its own shared-memory segment and passes its file descriptor:
-    worth it for the pixels, not for a batch's small token tensors, which are cheaper to copy by value.
-    A tensor built in one of the worker's slots travels as (its storage, where it lies in it): pickle's
-    "persistent id" hook, so that the main process's `_BatchUnpickler` sees which storages a batch uses."""
+    """ForkingPickler sends each tensor as a shared-memory segment. We keep torch's Linux sharing strategy,
+    "file_descriptor": a segment is unlinked at once and passed as an open descriptor, so the kernel frees it
+    when its last holder exits and nothing leaks when a worker is killed ("file_system" can leave files in
+    /dev/shm). Small tensors go by value instead (_BY_VALUE_BYTES); a tensor built in one of the worker's
+    slots goes as (its storage, where it lies in it), pickle's "persistent id", so that the main process's
+    `_BatchUnpickler` sees which slot storages the batch uses."""
 
     def persistent_id(self, obj):
         if isinstance(obj, torch.Tensor) and _slots is not None \
@@ -218,12 +172,6 @@ class _BatchPickler(ForkingPickler):
             raw = obj.contiguous().reshape(-1).view(torch.uint8)     # any dtype (bool, bf16) as its bytes
             return _tensor_from_bytes, (raw.numpy().tobytes(), obj.dtype, tuple(obj.shape))
         return NotImplemented
-
-
-def _dumps(batch) -> bytes:
-    buffer = io.BytesIO()
-    _BatchPickler(buffer).dump(batch)
-    return buffer.getvalue()
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -248,7 +196,7 @@ def _failure(error: BaseException, index: int) -> dict:
 def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks: Connection,
                  results: Connection, current, parent_pid: int) -> None:
     """A worker process: receive (batch number, indices, slot), send back (batch number, batch, failure)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process decides
     signal.set_wakeup_fd(-1)                       # a signal wake-up pipe inherited by fork is the main process's
     torch.set_num_threads(1)                       # N workers x all cores each would oversubscribe the CPU
     faulthandler.enable()                          # SIGSEGV/SIGBUS/SIGABRT: print the Python stack, then die
@@ -272,7 +220,9 @@ def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks
             batch = load_batch(dataset, collate_fn, seed, number, indices, current)
             # Pickled here rather than inside send(), so that the main process can always read the batch
             # number, even when the tensors' shared memory cannot be fetched any more.
-            results.send((number, _dumps(batch), None))
+            buffer = io.BytesIO()
+            _BatchPickler(buffer).dump(batch)
+            results.send((number, buffer.getvalue(), None))
         except BaseException as e:  # noqa: BLE001 -- SystemExit from a library must be reported too
             try:
                 results.send((number, None, _failure(e, current.value)))
@@ -284,17 +234,11 @@ def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks
 # Messages
 
 def describe_sample(dataset, index: int) -> str:
-    """'sample 5 (id 'x', data.json item 5, image /data/x.png)' when the data set keeps its raw records in
-    `dataset.samples` (as LLaVADataset does), else 'sample 5'."""
+    """The data set's own words for sample `index` (LLaVADataset.describe: id, file, image), else 'sample 5'."""
     try:
-        record = dataset.samples[index]
-    except Exception:  # noqa: BLE001 -- the data set need not have `samples`
+        return dataset.describe(index)
+    except Exception:  # noqa: BLE001 -- no describe(), or it failed: the message must still be written
         return f"sample {index}"
-    if not isinstance(record, dict):
-        return f"sample {index}"
-    from .data import describe  # the data module's wording, so that both kinds of error read alike
-
-    return describe(record, index, getattr(dataset, "image_folder", None))
 
 
 def _batch_text(number: int, indices: list[int]) -> str:
@@ -337,21 +281,21 @@ class _Worker:
         if not self.pending:
             return "while idle"
         number, indices, _ = self.pending[0]
-        index = self.current.value
-        if index >= 0:
-            return f"while building {describe_sample(dataset, index)} of {_batch_text(number, indices)}"
+        if self.current.value >= 0:
+            return f"while building {describe_sample(dataset, self.current.value)} of {_batch_text(number, indices)}"
         return f"while collating or sending {_batch_text(number, indices)}"
 
 
 class Loader:
-    """Collated batches of `dataset` for each list of indices in `batches`, in order (see module docstring).
+    """Collated batches of `dataset` for each list of indices in `batches`, in the order of `batches`.
 
-    dataset      indexable; dataset[i] -> sample. Raw records in `dataset.samples[i]` with "id" / "image"
-                 (and `dataset.image_folder`), as LLaVADataset has, make errors name the id and image file.
+    dataset      indexable; dataset[i] -> sample. A `dataset.describe(i)` (LLaVADataset has one) lets the
+                 errors name the sample's id, file and image.
     batches      iterable of lists of sample indices, e.g. GlobalBatchSampler.batches_for_rank(...)
     collate_fn   list of samples -> batch (tensors, and dicts/lists/tuples of them)
-    num_workers  worker processes; 0 = build batches in the main process
-    prefetch     batches in flight per worker
+    num_workers  worker processes; 0 = build batches in the main process (breakpoint() works in the data set,
+                 and a crash in native code shows its traceback: the first thing to try after a SIGSEGV)
+    prefetch     batches in flight per worker (sent and not yet handed out): a bound on their memory
     timeout      seconds a worker may spend on one batch before WorkerTimeout (None: no limit); the first
                  batch's time includes the worker's start-up (seconds with spawn, which imports torch anew)
     pin_memory   pin batches in page-locked memory for fast, asynchronous copies to the GPU (CUDA only)
@@ -359,6 +303,7 @@ class Loader:
                  Python 3.14). With spawn/forkserver the data set and collate_fn must pickle.
     seed, first_batch   batch b is built with generators seeded from (seed, first_batch + b); to resume at
                  optimizer step k, pass first_batch = k * grad_accum with batches starting at that step.
+    On any error, at the end of the data, on close(), on garbage collection and on Ctrl-C the workers stop.
     """
 
     _active = None  # weak reference to the running iteration (a class default, for __del__ after a failed __init__)
@@ -372,16 +317,11 @@ class Loader:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.dataset = dataset
-        self.batches = batches
-        self.collate_fn = collate_fn
-        self.num_workers = num_workers
-        self.prefetch = prefetch
-        self.timeout = timeout
+        self.dataset, self.batches, self.collate_fn = dataset, batches, collate_fn
+        self.num_workers, self.prefetch, self.timeout = num_workers, prefetch, timeout
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.context = mp.get_context(start_method)
-        self.seed = seed
-        self.first_batch = first_batch
+        self.seed, self.first_batch = seed, first_batch
         self.worker_pids: list[int] = []  # of the running workers, for diagnostics
         self.slots_made: list[int] = []   # shared-memory slots (_Slots) each running worker has made so far
 
@@ -402,7 +342,7 @@ class Loader:
         if iteration is not None:
             iteration.close()  # raises GeneratorExit at its yield; its `finally` stops the workers
 
-    def __enter__(self) -> "Loader":
+    def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -410,9 +350,6 @@ class Loader:
 
     def __del__(self) -> None:
         self.close()
-
-    # ----------------------------------------------------------------------------------------------
-    # num_workers = 0
 
     def _in_main(self) -> Iterator[Any]:
         current = SimpleNamespace(value=-1)
@@ -431,16 +368,13 @@ class Loader:
                 torch.set_rng_state(states[2])
             yield self._pin(batch)
 
-    # ----------------------------------------------------------------------------------------------
-    # num_workers > 0
-
     def _in_workers(self) -> Iterator[Any]:
         workers = self._start_workers()
         finished = False
         try:
             tasks = enumerate(self.batches, start=self.first_batch)
             in_flight = deque()  # batch numbers sent and not yet yielded, in order
-            ready = {}           # batch number -> batch, for results that came early
+            ready = {}           # batch number -> batch, for results that came before their turn
             exhausted = False
             while True:
                 while not exhausted and len(in_flight) < self.prefetch * self.num_workers:
@@ -463,6 +397,9 @@ class Loader:
         workers = []
         try:
             for i in range(self.num_workers):
+                # Pipes, not multiprocessing.Queue: a Queue sends from a feeder thread, so a batch that fails to
+                # pickle is lost with a printed traceback, and an exiting process must first join that thread
+                # (a classic hang at shutdown). A pipe's send() happens in the caller.
                 task_out, task_in = self.context.Pipe(duplex=False)       # (reader, writer)
                 result_out, result_in = self.context.Pipe(duplex=False)
                 current = self.context.Value("q", -1, lock=False)        # one int64 in shared memory
@@ -505,6 +442,7 @@ class Loader:
 
     def _receive(self, workers: list[_Worker], ready: dict) -> None:
         """Wait for one event: store a result, or raise for a failure, a death or a timeout."""
+        # Every result pipe and every worker's sentinel (ready when the process ends): a death is seen at once.
         by_handle = {}
         for w in workers:
             by_handle[w.results] = by_handle[w.process.sentinel] = w
@@ -581,7 +519,8 @@ class Loader:
             f"--loader-timeout; the workers are now stopped.", number, index)
 
     def _stop_workers(self, workers: list[_Worker], graceful: bool) -> None:
-        """End every worker: at the end of the data ask politely; otherwise SIGTERM, then SIGKILL; join all."""
+        """End every worker: at the end of the data ask politely; otherwise SIGTERM, then SIGKILL; join all.
+        (A worker whose main process was killed exits by itself within _POLL_S: see _worker_loop.)"""
         if graceful:
             for w in workers:
                 try:

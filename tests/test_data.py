@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava_min.data import (DataError, LLaVADataset, check, collate, decode_images, encode_conversation,
-                            first_answer_fits, load_samples, validate)
+from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
+from llava_min.data import LLaVADataset, Samples, TokenCounter, collate, encode_conversation, first_answer_fits
+from llava_min.tools.datacheck import check, decode_images
 from llava_min.tokenizer import Tokenizer, train
 
 from conftest import ROOT
@@ -141,7 +141,7 @@ def test_chat_token_typed_in_a_message_stays_text(real, real_tokenizer_path):
 
 
 def test_image_tokens_count_toward_max_length(real):
-    conversations = MULTI_TURN["conversations"]
+    conversations, counter = MULTI_TURN["conversations"], TokenCounter(real)
     full, _ = encode_conversation(real, conversations)
     for image_tokens in (1, 16, 256):
         for max_length in range(1, len(full) + image_tokens + 2, 7):
@@ -153,7 +153,22 @@ def test_image_tokens_count_toward_max_length(real):
                 assert len(ids) <= full.index(IMAGE_TOKEN_INDEX)
             # the cheap start-up check agrees with the real encoding, at every length
             has_supervision = any(label != IGNORE_INDEX for label in labels)
-            assert first_answer_fits(real, conversations, max_length, image_tokens=image_tokens) == has_supervision
+            assert first_answer_fits(counter, conversations, max_length, image_tokens=image_tokens) == has_supervision
+
+
+def test_token_counter_is_exact(real, tmp_path):
+    """The per-word count that start-up uses on long first prompts equals encoding each text whole."""
+    readme = (ROOT / "README.md").read_text()
+    texts = [m["value"] for s in (MULTI_TURN, TEXT_ONLY, IMAGE_AT_END) for m in s["conversations"]]
+    texts += ["a  b   c\td \n e  \n\n  f 中文 🙂 x  [UNUSED_TOKEN_145] <|im_end|> y", "    def f(x):\n\treturn  x\n\t\tz  ",
+              " leading", "trailing ", "", "   ", "\u2581 x\u2581 y", readme] + [readme[k:k + 3000] for k in range(0, 9000, 777)]
+    (tmp_path / "c.json").write_text(json.dumps([{"conversations": [{"value": t}]} for t in texts]))
+    trained = train([tmp_path / "c.json"], vocab_size=400, out=tmp_path / "t.model", threads=1)
+    assert TokenCounter(real).by_word  # InternLM2's vocabulary allows the fast path
+    for tok in (real, trained):
+        counter = TokenCounter(tok)
+        for text in texts + texts:  # twice: from the cache too
+            assert counter(text) == len(tok.encode(text, special=False)), text[:80]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +229,7 @@ BAD = [  # (sample, what the message must say)
 def test_each_bad_sample_is_named(folder, tmp_path, bad, message):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(s) for s in [_sample(0), _sample(1, "b.png"), bad]) + "\n")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(LlavaMinError) as e:
         LLaVADataset(data, folder / "tok.model", folder)
     text = str(e.value)
     assert f"1 of 3 samples in {data} are bad" in text
@@ -227,8 +242,8 @@ def test_all_bad_samples_reported_at_once(folder, tmp_path):
     bad = [_sample(100 + i, image="missing.png") for i in range(23)] + [_sample(200, image=None)]
     data = tmp_path / "train.json"
     data.write_text(json.dumps(good + bad))
-    with pytest.raises(DataError) as e:
-        validate(load_samples(data), folder)
+    with pytest.raises(LlavaMinError) as e:
+        LLaVADataset(data, folder / "tok.model", folder)
     text = str(e.value)
     assert "24 of 29 samples" in text and "... and 4 more" in text
     assert f"sample 5 (id 's100', {data} item 5, image {folder / 'missing.png'})" in text
@@ -242,18 +257,18 @@ def test_all_bad_samples_reported_at_once(folder, tmp_path):
 def test_unreadable_files_are_named(tmp_path):
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text(json.dumps(_sample(0)) + "\n{broken\n\n[1, 2]\n")
-    with pytest.raises(DataError, match=rf"(?s)2 unreadable entries.*{jsonl} line 2: not valid JSON.*"
+    with pytest.raises(LlavaMinError, match=rf"(?s)2 unreadable entries.*{jsonl} line 2: not valid JSON.*"
                                         rf"{jsonl} line 4: a sample must be a JSON object"):
-        load_samples([jsonl])
+        list(Samples([jsonl]).scan())
     as_json = tmp_path / "b.json"
     as_json.write_text(json.dumps(_sample(0)) + "\n" + json.dumps(_sample(1)))
-    with pytest.raises(DataError, match=rf"{as_json}: not valid JSON .*name the file .jsonl"):
-        load_samples(as_json)
+    with pytest.raises(LlavaMinError, match=rf"{as_json}: not valid JSON .*name the file .jsonl"):
+        list(Samples(as_json).scan())
     as_json.write_text(json.dumps(_sample(0)))
-    with pytest.raises(DataError, match=rf"{as_json}: a JSON list of samples expected, found a dict"):
-        load_samples(as_json)
-    with pytest.raises(DataError, match="cannot read data file .*nope.json"):
-        load_samples(tmp_path / "nope.json")
+    with pytest.raises(LlavaMinError, match=rf"{as_json}: a JSON list of samples expected, found a dict"):
+        list(Samples(as_json).scan())
+    with pytest.raises(LlavaMinError, match="cannot read data file .*nope.json"):
+        list(Samples(tmp_path / "nope.json").scan())
 
 
 def test_ids_and_image_positions_as_in_llava_data(folder):
@@ -293,7 +308,7 @@ def test_items_lengths_and_errors(folder):
     again = LLaVADataset(samples, folder / "tok.model", folder, image_size=28, image_tokens=4)[0]
     assert torch.equal(item["input_ids"], again["input_ids"]) and torch.equal(item["pixel_values"],
                                                                               again["pixel_values"])
-    with pytest.raises(DataError, match=rf"sample 2 \(id 's2', given in memory, image {folder / 'broken.png'}\):"
+    with pytest.raises(LlavaMinError, match=rf"sample 2 \(id 's2', given in memory, image {folder / 'broken.png'}\):"
                                         rf".*cannot decode image"):
         ds[2]
     copy_ = pickle.loads(pickle.dumps(ds))  # what a spawned loader worker receives
@@ -380,7 +395,7 @@ def test_check_reports_a_killed_decode_worker(tmp_path):
     killer = threading.Thread(target=kill_first_worker)
     killer.start()
     start = time.time()
-    with pytest.raises(DataError, match=r"a.* worker died abruptly .* one of these (4|8|12|16) images: .*big.png"):
+    with pytest.raises(LlavaMinError, match=r"a.* worker died abruptly .* one of these (4|8|12|16) images: .*big.png"):
         decode_images(items, num_workers=2, chunk=4)
     killer.join()
     assert killed and time.time() - start < 15

@@ -4,7 +4,7 @@ Proves that `preprocess(..., "crop")` equals transformers' DINOv2 image processo
 facebook/dinov2-* settings) on non-square images at 224 and at a small size, that "pad" equals a
 hand-written LLaVA expand2square + bicubic resize, that every Pillow mode decodes to the RGB a person would
 expect (alpha on white, 16-bit scaled, CMYK, palette transparency), that EXIF orientation is applied, and
-that truncated, non-image, missing and decompression-bomb files raise ImageError naming the path.
+that truncated, non-image, missing and decompression-bomb files raise LlavaMinError naming the path.
 """
 import io
 import struct
@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_min.image import ImageError, load_image, preprocess
+from llava_min import LlavaMinError
+from llava_min.image import load_image, preprocess
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -76,9 +77,9 @@ def test_pad_matches_expand2square_reference(height, width):
 
 def test_size_not_multiple_of_patch_and_unknown_mode():
     image = random_image(30, 30)
-    with pytest.raises(ImageError, match=r"50.*14"):
+    with pytest.raises(LlavaMinError, match=r"50.*14"):
         preprocess(image, 50, mode="pad")
-    with pytest.raises(ImageError, match="stretch"):
+    with pytest.raises(LlavaMinError, match="stretch"):
         preprocess(image, 28, mode="stretch")
     assert preprocess(image, 32, mode="pad", patch_size=16).shape == (3, 32, 32)
 
@@ -162,16 +163,16 @@ def test_truncated_file_raises_naming_path(tmp_path):
     random_image(64, 64).save(buffer, format="PNG")
     path = tmp_path / "cut.png"
     path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    with pytest.raises(ImageError, match=rf"{path}.*truncated"):
+    with pytest.raises(LlavaMinError, match=rf"{path}.*truncated"):
         load_image(path)
 
 
 def test_non_image_and_missing_file_raise_naming_path(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("this is not an image\n")
-    with pytest.raises(ImageError, match=rf"{path}.*not a readable image"):
+    with pytest.raises(LlavaMinError, match=rf"{path}.*not a readable image"):
         load_image(path)
-    with pytest.raises(ImageError, match=rf"{tmp_path / 'absent.jpg'}.*not found.*--image-folder"):
+    with pytest.raises(LlavaMinError, match=rf"{tmp_path / 'absent.jpg'}.*not found.*--image-folder"):
         load_image(tmp_path / "absent.jpg")
 
 
@@ -186,13 +187,13 @@ def png_header_only(width, height):
 def test_decompression_bomb_raises_naming_path(tmp_path, monkeypatch):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(100_000, 100_000))  # 10^10 pixels: far past 2 x MAX_IMAGE_PIXELS
-    with pytest.raises(ImageError, match=rf"{bomb}.*decompression bomb.*MAX_IMAGE_PIXELS"):
+    with pytest.raises(LlavaMinError, match=rf"{bomb}.*decompression bomb.*MAX_IMAGE_PIXELS"):
         load_image(bomb)
 
     # Between 1x and 2x the limit Pillow only warns; that must be an error too.
     path = save(random_image(40, 40), tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1600 pixels: over 1x, under 2x
-    with pytest.raises(ImageError, match=rf"{path}.*decompression bomb"):
+    with pytest.raises(LlavaMinError, match=rf"{path}.*decompression bomb"):
         load_image(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
     assert load_image(path).size == (40, 40)

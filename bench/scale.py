@@ -1,0 +1,171 @@
+"""Costs at real size that tiny tests cannot show.
+
+    python bench/scale.py startup                    # 665,000 mix665k-shaped samples (a ~1 GB JSON)
+    python bench/scale.py startup --samples 100000
+    python bench/scale.py startup --smoke            # 2,000 samples: the code path, in seconds
+
+`startup`: writes N samples shaped like llava_v1_5_mix665k.json (short multi-turn VQA, long single-turn
+descriptions, region questions with boxes, multiple choice, ~10% text-only ShareGPT conversations up to
+10 turns; LLaVA's ids and image paths, some integer ids, some non-ASCII text) and an empty file for every
+image, then measures in fresh processes the wall time and peak RSS (getrusage ru_maxrss of the child) of
+json.load of the file and of LLaVADataset's start-up on it (every check on: files, first answer, lengths),
+with the real InternLM2 tokenizer if /work/shared/assets has it, else one trained here on the data.
+Goal (issue 11): start-up at most 2x json.load's time and 1.5x its peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llava_min.tokenizer import train  # noqa: E402  (no torch here: see measure)
+REAL_TOKENIZER = ROOT.parent / "shared" / "assets" / "internlm2_tokenizer.model"
+IMAGE_SIZE, MAX_LENGTH = 336, 2048   # LLaVA-1.5's ViT input and XTuner's max_length
+
+# mix665k's parts (LLaVA-1.5 paper, Table 7), roughly: (share, turns low-high, question chars, answer chars,
+# image folder or None for text-only)
+KINDS = [
+    ("vqa", 0.36, (1, 12), (30, 110), (1, 16), "coco/train2017"),           # VQAv2, GQA, OCR-VQA, OK-VQA
+    ("conversation", 0.09, (2, 8), (30, 160), (80, 700), "coco/train2017"),  # LLaVA-Instruct conversations
+    ("detail", 0.15, (1, 1), (40, 200), (300, 1800), "coco/train2017"),    # detail descriptions, reasoning
+    ("choice", 0.10, (1, 1), (150, 400), (1, 3), "coco/train2017"),         # A-OKVQA multiple choice
+    ("caption", 0.03, (1, 1), (40, 90), (60, 200), "textvqa/train_images"),  # TextCaps
+    ("region", 0.17, (3, 15), (60, 120), (8, 70), "vg/VG_100K"),            # RefCOCO, Visual Genome boxes
+    ("sharegpt", 0.10, (1, 10), (20, 2000), (60, 2500), None),             # text-only conversations
+]
+FOLDERS = {"coco/train2017": "{:012d}.jpg", "textvqa/train_images": "{:016x}.jpg", "vg/VG_100K": "{}.jpg",
+           "gqa/images": "{}.jpg", "ocr_vqa/images": "{}.jpg", "vg/VG_100K_2": "{}.jpg"}
+VQA_FOLDERS = ["coco/train2017", "gqa/images", "ocr_vqa/images"]
+
+
+def make_samples(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(1, 10))) for _ in range(4000)]
+    words += ["café", "naïve", "中文", "🙂", "Straße"]            # ShareGPT is not all ASCII
+    corpus = " ".join(rng.choice(words, 400_000)) + " "   # texts are slices of it: fast to make
+    shares = np.array([k[1] for k in KINDS])
+    kinds = rng.choice(len(KINDS), n, p=shares / shares.sum())
+
+    def text(low_high) -> str:
+        length = int(np.exp(rng.uniform(np.log(low_high[0]), np.log(low_high[1] + 1))))  # log-uniform: long tail
+        start = int(rng.integers(0, len(corpus) - length - 1))
+        return corpus[start:start + length]
+
+    samples = []
+    for i, k in enumerate(kinds):
+        name, _, turns, q_len, a_len, folder = KINDS[k]
+        conversations = []
+        for _ in range(int(rng.integers(turns[0], turns[1] + 1))):
+            question = text(q_len)
+            if name == "region":
+                question += " [0.12, 0.30, 0.45, 0.81]"
+            elif name == "vqa":
+                question += "\nAnswer the question using a single word or phrase."
+            if name == "sharegpt" and not conversations and i % 10 == 0:
+                question = text((2000, 12000))  # a pasted document: the first-answer check must tokenize it
+            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": text(a_len)}]
+        sample = {"id": f"{rng.integers(1 << 40):x}_{i % 7}"}
+        if folder:
+            if name == "vqa":
+                folder = VQA_FOLDERS[i % 3]
+            elif name == "region" and i % 5 == 0:
+                folder = "vg/VG_100K_2"
+            number = int(rng.integers(300_000)) if "coco" in folder else int(rng.integers(10 ** 7))
+            sample = {"id": f"{number:012d}" if i % 50 else number, "image": f"{folder}/"
+                      + FOLDERS[folder].format(number)}
+            tag = "<image>\n" if i % 4 else "\n<image>"           # LLaVA's data has both places
+            first = conversations[0]
+            first["value"] = tag + first["value"] if tag[0] == "<" else first["value"] + tag
+        sample["conversations"] = conversations
+        samples.append(sample)
+    return samples
+
+
+def write_data(folder: pathlib.Path, n: int, tokenizer: pathlib.Path) -> None:
+    """The JSON file (one sample per line inside the list, ASCII with escapes as json.dump writes), the
+    empty image files it names, and a tokenizer trained on it if `tokenizer` does not exist."""
+    samples = make_samples(n)
+    path = folder / "mix.json"
+    with open(path, "w") as f:
+        f.write("[\n" + ",\n".join(map(json.dumps, samples)) + "\n]\n")
+    for image in sorted({s["image"] for s in samples if "image" in s}):
+        file = folder / "images" / image
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.touch()
+    if not tokenizer.exists():  # a fresh clone: a small one trained on the same data
+        train([path], vocab_size=1000, out=tokenizer)
+
+
+CHILD = {  # each runs in a fresh interpreter and prints {"seconds", "max_rss", "imported_rss"} as JSON
+    "json.load": "import json; t = time.perf_counter(); data = json.load(open(file)); t = time.perf_counter() - t",
+    "LLaVADataset": "from llava_min.data import LLaVADataset; from llava_min.dinov2 import PRESETS; r0 = rss(); "
+                    f"n = PRESETS['dinov2-large'].image_tokens({IMAGE_SIZE}); t = time.perf_counter(); "
+                    f"ds = LLaVADataset(file, tok, folder, image_size={IMAGE_SIZE}, max_length={MAX_LENGTH}, "
+                    "image_tokens=n); t = time.perf_counter() - t; print(ds.report().splitlines()[0], file=sys.stderr)",
+}
+
+
+def measure(what: str, file, tokenizer, folder) -> dict:
+    # A fresh interpreter. Linux starts a child's ru_maxrss at its parent's RSS: hence a parent without torch.
+    code = ("import json, resource, sys, time\n"
+            "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            f"file, tok, folder = {str(file)!r}, {str(tokenizer)!r}, {str(folder)!r}\n"
+            "r0 = rss()\n" + CHILD[what] + "\n"
+            "print(json.dumps({'seconds': t, 'max_rss': rss(), 'imported_rss': r0}))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"{what} failed:\n{run.stderr[-3000:]}")
+    if run.stderr.strip():
+        print(f"  {what}: {run.stderr.strip()}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def startup(args) -> None:
+    n = 2000 if args.smoke else args.samples
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        path, tokenizer = tmp / "mix.json", REAL_TOKENIZER if REAL_TOKENIZER.exists() else tmp / "tok.model"
+        # In a child process: Linux starts a child's ru_maxrss at its parent's RSS, so the parent stays small.
+        writer = multiprocessing.get_context("fork").Process(target=write_data, args=(tmp, n, tokenizer))
+        writer.start()
+        writer.join()
+        if writer.exitcode:
+            raise SystemExit(f"writing the data failed (exit code {writer.exitcode})")
+        print(f"{n} mix665k-shaped samples, {path.stat().st_size / 2**20:.0f} MiB of JSON; tokenizer {tokenizer}; "
+              f"image size {IMAGE_SIZE}, max_length {MAX_LENGTH}; best of {args.repeats}")
+        results = {}
+        for _ in range(args.repeats):   # alternating, so that both see the same machine
+            for what in CHILD:
+                r = measure(what, path, tokenizer, tmp / "images")
+                best = results.setdefault(what, r)
+                results[what] = {k: min(best[k], r[k]) for k in r}
+        for what, r in results.items():
+            print(f"{what:>13}: {r['seconds']:7.2f} s, peak RSS {r['max_rss'] / 2**30:6.2f} GiB "
+                  f"({r['imported_rss'] / 2**30:.2f} GiB after imports)")
+        ours, peer = results["LLaVADataset"], results["json.load"]
+        print(f"LLaVADataset / json.load: time {ours['seconds'] / peer['seconds']:.2f}x (goal <= 2), "
+              f"peak RSS {ours['max_rss'] / peer['max_rss']:.2f}x (goal <= 1.5)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    s = sub.add_parser("startup", help="LLaVADataset start-up against json.load of the same file")
+    s.add_argument("--samples", type=int, default=665_000)
+    s.add_argument("--smoke", action="store_true", help="2,000 samples: checks the code path, measures nothing")
+    s.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args(argv)
+    {"startup": startup}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
