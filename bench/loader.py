@@ -38,7 +38,7 @@ from llava_min.data import LLaVADataset, collate  # noqa: E402
 from llava_min.dinov2 import PRESETS  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
-from llava_min.tokenizer import train  # noqa: E402
+from llava_min.tools.tokenizer_train import train  # noqa: E402
 
 REAL_TOKENIZER = ROOT.parent / "shared" / "assets" / "internlm2_tokenizer.model"
 

@@ -307,8 +307,9 @@ def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bo
                      encode: Callable[[str], list[int]] | None = None) -> list[int]:
     """ids of template.format(**fields), with chat-token names parsed in the template only.
 
-    The template is split at its chat tokens before the fields go in, so a name typed in a message stays
-    text (here alone we differ from XTuner, whose tokenizer would end the turn there); each piece of text
+    The template is split at its chat tokens before the fields go in, so a chat-token name, <s>, </s> or <unk>
+    typed in a message stays text (here alone we differ from XTuner, whose tokenizer makes them control
+    tokens; every other piece name, [UNUSED_TOKEN_n] included, is text there too); each piece of text
     between them, template words and message together, is one sentencepiece call: exactly the strings
     XTuner's tokenizer.encode sees, so the label mask always lines up with the tokens. With with_image,
     "<image>" splits the text too and becomes IMAGE_TOKEN_INDEX, as in XTuner's encode_fn. `encode` replaces

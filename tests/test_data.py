@@ -21,7 +21,8 @@ from PIL import Image
 from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
 from llava_min.data import LLaVADataset, Samples, TokenCounter, collate, encode_conversation, first_answer_fits
 from llava_min.tools.datacheck import check, decode_images
-from llava_min.tokenizer import Tokenizer, train
+from llava_min.tokenizer import Tokenizer
+from llava_min.tools.tokenizer_train import train
 
 from conftest import ROOT
 from test_tokenizer import hf_internlm2_tokenizer, real  # noqa: F401 -- real is a fixture

@@ -159,7 +159,7 @@ def test_bad_samples_stop_the_run_before_training_all_named(shapes, tmp_path):
     data.write_text(json.dumps(samples))
     out = tmp_path / "out"
     rc, seconds, log = run([PY, *train_cmd(shapes, data, out)], tmp_path / "log", 60)
-    assert rc != 0 and "DataError" in log, log[-3000:]
+    assert rc != 0 and "LlavaMinError" in log, log[-3000:]
     assert f"3 of 48 samples in {data} are bad; fix or remove them" in log
     expected = [
         f"sample 3 (id 'caption-000004', {data} item 3, image {shapes}/images/missing-0003.png): image file "
