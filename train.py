@@ -123,9 +123,10 @@ def inherit(args, init_dir: Path | None) -> list[str]:
     said = []
     for key, default in INHERITED.items():
         if getattr(args, key) is None:
-            if saved.get(key) is not None:
-                said.append(f"{key}={saved[key]}")
-            setattr(args, key, saved.get(key, default) if saved.get(key) is not None else default)
+            value = saved.get(key)
+            if value is not None:
+                said.append(f"{key}={value}")
+            setattr(args, key, default if value is None else value)
     return said
 
 
