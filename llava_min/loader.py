@@ -29,6 +29,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from . import LlavaMinError
+
 _POLL_S = 1.0   # how often the main process looks at the clock for timeouts while it waits
 _JOIN_S = 2.0   # how long a stopping worker gets before the next, harsher signal
 # Tensors below this size travel inside the message: a shared-memory segment and a file descriptor per tiny
@@ -60,16 +62,13 @@ class WorkerTimeout(LoaderError):
 # What a signal that ended a worker most likely means, and what to do about it.
 _DEATH_HINTS = {
     signal.SIGKILL: "the host ran out of memory and the kernel's OOM killer ended the worker (`dmesg | grep -i "
-                    "oom` shows it), or someone ran kill -9. Fix: fewer --num-workers or a smaller --batch-size: "
-                    "every worker holds its own batches in flight and its own copy of what it touches of the data",
-    signal.SIGBUS: "shared memory ran out: batches travel from workers through /dev/shm, and it is too small "
-                   "(container default: 64 MB; see `df -h /dev/shm`). Fix: enlarge it (docker run --shm-size=8g, "
-                   "or a bigger /dev/shm mount) or use fewer --num-workers",
-    signal.SIGSEGV: "a native library (an image decoder, numpy, torch) crashed in the worker; its Python stack "
-                    "is printed above on stderr. Fix: run with --num-workers 0 to reproduce it in the main "
-                    "process with a traceback, then check the image file and the library versions",
-    signal.SIGABRT: "a native library aborted (an assertion in C/C++ code); its Python stack is printed above on "
-                    "stderr. Run with --num-workers 0 to reproduce it in the main process",
+                    "oom` shows it), or someone ran kill -9. Fix: fewer --num-workers or a smaller --batch-size",
+    signal.SIGBUS: "shared memory ran out: batches travel from workers through /dev/shm (64 MB in a container by "
+                   "default). Fix: enlarge it (docker run --shm-size=8g) or use fewer --num-workers",
+    signal.SIGSEGV: "a native library (an image decoder, numpy, torch) crashed in the worker; its Python stack is "
+                    "printed above. Fix: run with --num-workers 0 to reproduce it with a traceback",
+    signal.SIGABRT: "a native library aborted; its Python stack is printed above. Run with --num-workers 0 to "
+                    "reproduce it in the main process",
     signal.SIGTERM: "something outside the loader terminated the worker (a job scheduler, or a user)",
 }
 
@@ -287,8 +286,8 @@ class Loader:
                  prefetch: int = 2, timeout: float | None = 600, pin_memory: bool = False,
                  start_method: str | None = None, seed: int = 0, first_batch: int = 0):
         if num_workers < 0 or prefetch < 1 or seed < 0 or (timeout is not None and timeout <= 0):
-            raise ValueError(f"Loader needs num_workers >= 0, prefetch >= 1, seed >= 0 and timeout > 0 or None; "
-                             f"got {num_workers}, {prefetch}, {seed}, {timeout}")
+            raise LlavaMinError(f"Loader needs num_workers >= 0, prefetch >= 1, seed >= 0 and timeout > 0 or None; "
+                                f"got {num_workers}, {prefetch}, {seed}, {timeout}")
         self.dataset, self.batches, self.collate_fn = dataset, batches, collate_fn
         self.num_workers, self.prefetch, self.timeout = num_workers, prefetch, timeout
         self.pin_memory = pin_memory and torch.cuda.is_available()
