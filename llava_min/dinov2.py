@@ -76,7 +76,6 @@ class DINOv2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DINOv2Config":
-        """Build from a hub config.json dict."""
         return cls(**_fields_of(dict(d)))
 
     def to_dict(self) -> dict:
@@ -87,8 +86,13 @@ class DINOv2Config:
         return d
 
 
-# --------------------------------------------------------------------------------------------------
 # The network
+
+def _check_size(height: int, width: int, p: int) -> None:
+    if height % p or width % p:
+        raise LlavaMinError(f"image height {height} and width {width} must both be multiples of the patch size {p}; "
+                            f"resize or crop the image (e.g. to {height // p * p or p} x {width // p * p or p})")
+
 
 class Embeddings(nn.Module):
     def __init__(self, config: DINOv2Config):
@@ -97,8 +101,7 @@ class Embeddings(nn.Module):
         self.config = config
         self.cls_token = nn.Parameter(torch.empty(1, 1, D))
         if config.use_mask_token:
-            # A buffer, not a parameter: it round-trips through checkpoints but is never trained here (a
-            # parameter without gradient would upset DDP).
+            # A buffer: it round-trips through checkpoints but is never trained (a gradient-less parameter upsets DDP).
             self.register_buffer("mask_token", torch.zeros(1, D))
         self.position_embeddings = nn.Parameter(torch.empty(1, config.grid_size ** 2 + 1, D))
         self.patch_embeddings = nn.ModuleDict({"projection": nn.Conv2d(
@@ -124,10 +127,7 @@ class Embeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B, C, H, W = pixel_values.shape
-        p = self.config.patch_size
-        if H % p or W % p:
-            raise LlavaMinError(f"image height {H} and width {W} must both be multiples of the patch size {p}; "
-                                f"resize or crop the image (e.g. to {H // p * p or p} x {W // p * p or p})")
+        _check_size(H, W, self.config.patch_size)
         if C != self.config.num_channels:
             raise LlavaMinError(f"pixel_values has {C} channels but the model expects {self.config.num_channels}")
         conv = self.patch_embeddings.projection
@@ -239,8 +239,7 @@ class DINOv2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "DINOv2":
-        """A hub folder, in eval mode. Built on the meta device (no init), then each tensor is read once from the
-        memory-mapped file to `device`, in `dtype` (None: as stored)."""
+        """A hub folder, in eval mode: built on meta, each tensor read once, memory-mapped, to `device` in `dtype`."""
         config = load_config(Path(path))
         model = weights.build_on_meta(lambda: cls(config))
         weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
@@ -260,9 +259,7 @@ class DINOv2(nn.Module):
     def num_patches(self, height: int, width: int) -> int:
         """Patch tokens for a height x width image (what features() returns per image)."""
         p = self.config.patch_size
-        if height % p or width % p:
-            raise LlavaMinError(f"image height {height} and width {width} must both be multiples of the patch "
-                                f"size {p}")
+        _check_size(height, width, p)
         return (height // p) * (width // p)
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
@@ -299,7 +296,6 @@ class DINOv2(nn.Module):
         return self._blocks(self.embeddings(pixel_values), blocks)[:, self.num_prefix_tokens:]
 
 
-# --------------------------------------------------------------------------------------------------
 # Config files and presets
 
 # transformers' ACT2FN entries that the fc1/fc2 MLP may name ("gelu" is the exact erf form).

@@ -7,10 +7,8 @@
         loss.backward()                             # DDP's own collectives, named the same way
     dist.teardown(d)
 
-NCCL with the rank's GPU when CUDA is available, gloo otherwise; a second, gloo, group carries object
-collectives (they never touch the GPU), and barriers are counters in torchrun's store. `--dist-timeout` is the
-default of all of them, so nothing waits for torch's 10-30 minutes; a failed or timed-out collective raises
-DistTimeout naming what it was and the step.
+NCCL on the rank's GPU when CUDA is available, else gloo; a gloo group carries object collectives and barriers
+are counters in torchrun's store. `--dist-timeout` bounds them all; a failed or timed-out one raises DistTimeout.
 """
 from __future__ import annotations
 
@@ -30,8 +28,7 @@ from . import LlavaMinError
 
 
 class DistTimeout(RuntimeError):
-    """A collective did not complete: it timed out, or a peer failed during it. The message names the
-    collective, the step, the timeout and, with llava_min.tools.hang attached, where every rank was last seen."""
+    """A collective timed out or a peer failed during it; the message names it, the step and where ranks were."""
 
 
 @dataclass
@@ -65,16 +62,15 @@ class Dist:
         print("\n".join(prefix + line for line in str(msg).splitlines() or [""]), flush=True)
 
     def heartbeat(self, step: int | None = None, phase: str | None = None) -> None:
-        """Record where this rank is; cheap enough for every step (the hang tool writes a file at most once a second)."""
+        """Record where this rank is; cheap enough for every step (the hang tool writes at most once a second)."""
         self.step = self.step if step is None else step
         self.phase = self.phase if phase is None else phase
         if self.forensics is not None:
             self.forensics.beat(self.step, self.phase)
 
 
-def setup(timeout_s: float = 600.0, backend: str | None = None) -> Dist:
-    """Join the job torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or return a
-    one-process Dist without it. `backend` None picks NCCL on CUDA, gloo otherwise."""
+def setup(timeout_s: float = 600.0) -> Dist:
+    """Join the job torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or return a one-process Dist."""
     env = os.environ
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return Dist(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"),
@@ -86,7 +82,7 @@ def setup(timeout_s: float = 600.0, backend: str | None = None) -> Dist:
                             "job with torchrun (which sets all of them) or unset RANK for one process")
     if not 0 <= rank < world_size:
         raise LlavaMinError(f"RANK {rank} is not in [0, WORLD_SIZE={world_size}); start the job with torchrun")
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = torch.device("cpu")
     if backend == "nccl":
         # Raise in the waiting thread instead of hanging (where the collective can be named), and tear the
@@ -120,13 +116,11 @@ def teardown(d: Dist) -> None:
     d.heartbeat(phase=f"exited: {type(error).__name__}: {str(error)[:200]}" if error else "exited")
     if d.forensics is not None:
         d.forensics.close()
-    # After a failed collective the group may be wedged (NCCL can block in destroy); the process is about to
-    # exit anyway, so leave it.
+    # After a failed collective the group may be wedged (NCCL can block in destroy), and the process is exiting.
     if d.is_distributed and tdist.is_initialized() and not d.failed:
         tdist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------------------------------
 # Named collectives
 
 def _is_comm_error(e: RuntimeError) -> bool:
@@ -138,9 +132,8 @@ def _is_comm_error(e: RuntimeError) -> bool:
 @contextmanager
 def collective(d: Dist, what: str, kind: str = "collective", timeout_s: float | None = None,
                any_error: bool = False):
-    """Run a block that contains collectives (e.g. DDP's backward) so that a failure of one of them becomes a
-    DistTimeout naming `what` and the step. Other errors pass through, unless `any_error` (the block is
-    nothing but a collective)."""
+    """A failure of a collective inside the block (e.g. DDP's backward) becomes a DistTimeout naming `what` and
+    the step; other errors pass through, unless `any_error` (the block is nothing but a collective)."""
     d.heartbeat(phase=f"in {kind} '{what}'")
     start = time.monotonic()
     try:
@@ -174,9 +167,8 @@ def all_reduce(d: Dist, tensor: torch.Tensor, op=tdist.ReduceOp.SUM, what: str =
 
 
 def barrier(d: Dist, what: str = "barrier", timeout_s: float | None = None) -> None:
-    """Every rank waits for every other, up to timeout_s (default --dist-timeout; longer e.g. while rank 0 saves
-    a checkpoint). A counter in torchrun's key-value store, not an operation of a process group: those end at
-    the group's timeout whatever a wait asks for. A timeout names the ranks that never came."""
+    """Every rank waits for every other, up to timeout_s (default --dist-timeout; longer while rank 0 saves). A
+    counter in torchrun's store, since a group's operations end at its timeout; a timeout names who never came."""
     if not d.is_distributed:
         return
     timeout_s = timeout_s or d.timeout_s
@@ -206,8 +198,7 @@ def all_gather_object(d: Dist, obj, what: str = "all_gather_object", timeout_s: 
 
 
 def _fail(d: Dist, kind: str, what: str, elapsed: float, timeout_s: float, error: BaseException):
-    """Raise DistTimeout with the whole picture: the hang tool, if attached, adds every rank's whereabouts and
-    stack files."""
+    """Raise DistTimeout with the whole picture (the hang tool, if attached, adds every rank's whereabouts)."""
     d.failed = True
     # Backends word their timeouts differently ("Timed out waiting 4000ms", "Operation timed out!", a NCCL
     # watchdog): the time spent in the collective is what tells.
@@ -230,7 +221,6 @@ def _fail(d: Dist, kind: str, what: str, elapsed: float, timeout_s: float, error
     raise DistTimeout(f"{head}\nRanks last seen:\n{ranks}\n{advice}") from error
 
 
-# --------------------------------------------------------------------------------------------------
 # Start-up agreement
 
 def config_hash(obj) -> str:
@@ -239,8 +229,8 @@ def config_hash(obj) -> str:
 
 
 def check_consistent(d: Dist, fields: dict) -> None:
-    """All ranks compare `fields` (data size, step count, config hash, ...); any difference raises LlavaMinError
-    on every rank, naming the field and which rank has which value. A collective."""
+    """A collective: all ranks compare `fields` (data size, config hash, ...); a difference raises LlavaMinError
+    on every rank, naming the field and which rank has which value."""
     mine = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in fields.items()}
     everyone = all_gather_object(d, mine, what="start-up consistency check")
     problems = []

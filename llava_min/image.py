@@ -1,10 +1,8 @@
 """Images: any file decoded to upright RGB (`load_image`), and the two ways LLaVA-InternLM2 turns it into ViT input.
 
-`to_pixels(image, size, mode)` gives uint8 (3, size, size), as the data set hands it out (a quarter of the bytes
-through the loader's shared memory and the host-to-GPU copy); the model calls `normalize` on its device, and
-`preprocess` does both. Modes: "pad" is LLaVA-1.5 / XTuner's expand2square with the mean colour, then a bicubic
-resize; "crop" is DINOv2's image processor (shortest edge 256, centre crop 224, bicubic) scaled to `size`.
-Every problem (unreadable, truncated, non-image, decompression bomb) raises LlavaMinError naming the path.
+`to_pixels` gives uint8 (3, size, size), as the data set hands it out (a quarter of float32's bytes through
+shared memory and to the GPU); the model calls `normalize` on its device; `preprocess` does both. Modes: "pad" is
+LLaVA-1.5 / XTuner's expand2square, then a bicubic resize; "crop" is DINOv2's processor (256 edge, 224 crop) scaled.
 """
 from __future__ import annotations
 
@@ -21,26 +19,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # expand2square's fill colour: XTuner and LLaVA use tuple(int(x * 255) for x in image_mean) -> (123, 116, 103)
 PAD_COLOR = tuple(int(m * 255) for m in IMAGENET_MEAN)
-# The background that transparent pixels are composited on (transformers' convert_to_rgb uses white).
-ALPHA_BACKGROUND = (255, 255, 255)
 # DINOv2 resizes the shortest edge to 256 before a 224 centre crop (facebook/dinov2-* preprocessor_config.json).
 CROP_RESIZE_RATIO = 256 / 224
-MODES = ("pad", "crop")
 
 _MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 
-# --------------------------------------------------------------------------------------------------
 # Decoding
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode `path` fully; EXIF orientation applied (a phone photo taken upright is upright), RGB."""
     path = os.fspath(path)
     try:
-        # A bomb header is refused by Image.open itself: more than 2x MAX_IMAGE_PIXELS raises
-        # DecompressionBombError, more than 1x only warns; turn that warning into an error too, so a
-        # crafted file cannot exhaust a loader worker's memory.
+        # Image.open refuses more than 2x MAX_IMAGE_PIXELS and only warns above 1x: make the warning an error
+        # too, so that a crafted file cannot exhaust a loader worker's memory.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
@@ -79,12 +72,11 @@ def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
             return image
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")  # RGBa/La (premultiplied) are un-premultiplied by convert
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # white, as transformers' convert_to_rgb
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I":
-        # Pillow's own convert("RGB") clips these to 0..255, turning a normal 16-bit scan white.
-        # 'I;16*' is 16-bit unsigned; 'I' (32-bit signed) is how Pillow widens 16-bit data, so both are
-        # read on the 0..65535 scale.
+        # Pillow's convert("RGB") clips these to 0..255, turning a 16-bit scan white. 'I' (32-bit) is how Pillow
+        # widens 16-bit data, so both are read on the 0..65535 scale.
         values = np.asarray(image.convert("I"), dtype=np.float64)  # (H, W)
         gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255 exactly
         return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
@@ -106,7 +98,6 @@ def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
                             f"save the image as 8-bit RGB") from e
 
 
-# --------------------------------------------------------------------------------------------------
 # ViT input
 
 def expand2square(image: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
@@ -121,10 +112,7 @@ def expand2square(image: Image.Image, background: tuple[int, int, int] = PAD_COL
 
 
 def resize_shortest_edge(image: Image.Image, shortest: int) -> Image.Image:
-    """Bicubic resize so the shorter side is `shortest`, with transformers' rounding of the long side.
-
-    transformers' get_resize_output_image_size: new_long = int(shortest * long / short) (floored).
-    """
+    """Bicubic resize so the shorter side is `shortest`, the long side floored (transformers' rounding)."""
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(shortest * long / short)
@@ -153,7 +141,7 @@ def to_pixels(image: Image.Image, size: int, mode: str = "pad", patch_size: int 
     elif mode == "crop":
         image = center_crop(resize_shortest_edge(image, round(size * CROP_RESIZE_RATIO)), size)
     else:
-        raise LlavaMinError(f"unknown image mode {mode!r}; use one of {MODES}")
+        raise LlavaMinError(f"unknown image mode {mode!r}; use 'pad' or 'crop'")
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())   # (size, size, 3) -> (3, size, size)
 
 

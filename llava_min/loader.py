@@ -1,13 +1,8 @@
 """The data loader: worker processes that build collated batches, every failure loud and named.
 
-    with Loader(dataset, sampler.batches_for_rank(rank, world, accum), collate, num_workers=4) as loader:
-        for batch in loader: ...
-
-torch.utils.data.DataLoader's shape without its layers. Read `Loader._in_workers` (hand out batches, yield them
-in order), `_receive` (a result, a death or a timeout), then `_worker_loop`. Batch b is built by `load_batch`
-with generators seeded from (seed, b), in worker b % num_workers or, with num_workers=0, in the main process:
-the same batches either way. Big tensors travel through shared memory that each worker reuses (`_Slots`),
-small ones inside the message (`_BatchPickler`).
+Start at `Loader._in_workers` (hand out batches, yield them in order), then `_receive` and `_worker_loop`.
+Batch b is built by `load_batch` with generators seeded from (seed, b), in worker b % num_workers or in the
+main process: the same batches either way. Big tensors travel through shared memory each worker reuses (`_Slots`).
 """
 from __future__ import annotations
 
@@ -33,6 +28,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from . import LlavaMinError
 
 _POLL_S = 1.0   # how often the main process looks at the clock for timeouts while it waits
 _JOIN_S = 2.0   # how long a stopping worker gets before the next, harsher signal
@@ -65,22 +62,17 @@ class WorkerTimeout(LoaderError):
 # What a signal that ended a worker most likely means, and what to do about it.
 _DEATH_HINTS = {
     signal.SIGKILL: "the host ran out of memory and the kernel's OOM killer ended the worker (`dmesg | grep -i "
-                    "oom` shows it), or someone ran kill -9. Fix: fewer --num-workers, a smaller prefetch, or a "
-                    "smaller --batch-size: every worker holds its own batches in flight and its own copy of "
-                    "whatever it touches of the data set",
-    signal.SIGBUS: "shared memory ran out: batches travel from workers through /dev/shm, and it is too small "
-                   "(container default: 64 MB; see `df -h /dev/shm`). Fix: enlarge it (docker run --shm-size=8g, "
-                   "or a bigger /dev/shm mount) or use fewer --num-workers",
-    signal.SIGSEGV: "a native library (an image decoder, numpy, torch) crashed in the worker; its Python stack "
-                    "is printed above on stderr. Fix: run with --num-workers 0 to reproduce it in the main "
-                    "process with a traceback, then check the image file and the library versions",
-    signal.SIGABRT: "a native library aborted (an assertion in C/C++ code); its Python stack is printed above on "
-                    "stderr. Run with --num-workers 0 to reproduce it in the main process",
+                    "oom` shows it), or someone ran kill -9. Fix: fewer --num-workers or a smaller --batch-size",
+    signal.SIGBUS: "shared memory ran out: batches travel from workers through /dev/shm (64 MB in a container by "
+                   "default). Fix: enlarge it (docker run --shm-size=8g) or use fewer --num-workers",
+    signal.SIGSEGV: "a native library (an image decoder, numpy, torch) crashed in the worker; its Python stack is "
+                    "printed above. Fix: run with --num-workers 0 to reproduce it with a traceback",
+    signal.SIGABRT: "a native library aborted; its Python stack is printed above. Run with --num-workers 0 to "
+                    "reproduce it in the main process",
     signal.SIGTERM: "something outside the loader terminated the worker (a job scheduler, or a user)",
 }
 
 
-# --------------------------------------------------------------------------------------------------
 # The per-batch code: the same in a worker and, with num_workers=0, in the main process
 
 def batch_seed(seed: int, batch_number: int) -> int:
@@ -89,9 +81,8 @@ def batch_seed(seed: int, batch_number: int) -> int:
 
 
 def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indices: list[int], current) -> Any:
-    """Reseed, build every sample, collate. Per-sample randomness thus depends on the batch, never on which
-    worker built it. `current.value` is the sample being built (-1 while collating), so that a death or a
-    hang is blamed on the right sample."""
+    """Reseed, build every sample, collate: randomness depends on the batch, never on the worker.
+    `current.value` is the sample being built (-1 while collating), so a death or hang blames the right one."""
     s = batch_seed(seed, batch_number)
     random.seed(s)
     np.random.seed(s)
@@ -104,18 +95,13 @@ def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indi
     return collate_fn(samples)
 
 
-# --------------------------------------------------------------------------------------------------
 # Shared memory that workers reuse
 
 class _Slots:
-    """A worker's shared-memory storages, reused from batch to batch.
-
-    A fresh segment per batch costs more than it seems (creating it and faulting in its zeroed pages took
-    ~3 ms for 16 images of 336 px, 8% of building the batch). So each task names a slot, and the batch's big
-    tensors (`shared_empty` calls, in order) are built in that slot's storages, which stay mapped and grow as
-    needed. The main process picks a slot that no batch it handed out still uses (`Loader._free_slot`); in
-    steady state a worker has about prefetch + 2: the batches in flight, the one trained on, the previous one.
-    """
+    """A worker's shared-memory storages, reused from batch to batch: a fresh segment per batch (created, its
+    zeroed pages faulted in) took ~3 ms for 16 images of 336 px, 8% of the batch. Each task names a slot; the
+    batch's `shared_empty` calls, in order, get that slot's storages, grown as needed. The main process picks a
+    slot no batch it handed out still uses (`Loader._free_slot`): about prefetch + 2 per worker in steady state."""
 
     def __init__(self):
         self.storages: dict[tuple[int, int], torch.UntypedStorage] = {}  # (slot, n-th call) -> storage
@@ -153,12 +139,9 @@ def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple) -> torch.T
 
 
 class _BatchPickler(ForkingPickler):
-    """ForkingPickler sends each tensor as a shared-memory segment. We keep torch's Linux sharing strategy,
-    "file_descriptor": a segment is unlinked at once and passed as an open descriptor, so the kernel frees it
-    when its last holder exits and nothing leaks when a worker is killed ("file_system" can leave files in
-    /dev/shm). Small tensors go by value instead (_BY_VALUE_BYTES); a tensor built in one of the worker's
-    slots goes as (its storage, where it lies in it), pickle's "persistent id", so that the main process's
-    `_BatchUnpickler` sees which slot storages the batch uses."""
+    """ForkingPickler with torch's "file_descriptor" strategy: a segment is unlinked at once and passed as an
+    open descriptor, so nothing leaks in /dev/shm when a worker is killed. Small tensors go by value; a tensor
+    in one of the worker's slots goes as a persistent id, so `_BatchUnpickler` sees which slots the batch uses."""
 
     def persistent_id(self, obj):
         if isinstance(obj, torch.Tensor) and _slots is not None \
@@ -230,7 +213,6 @@ def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks
                 return  # the main process closed the pipe: it is stopping us anyway
 
 
-# --------------------------------------------------------------------------------------------------
 # Messages
 
 def describe_sample(dataset, index: int) -> str:
@@ -257,7 +239,6 @@ def _sample_error(dataset, where: str, number: int, indices: list[int], failure:
     return SampleError(message, number, index)
 
 
-# --------------------------------------------------------------------------------------------------
 # The loader
 
 @dataclass
@@ -289,20 +270,13 @@ class _Worker:
 class Loader:
     """Collated batches of `dataset` for each list of indices in `batches`, in the order of `batches`.
 
-    dataset      indexable; dataset[i] -> sample. A `dataset.describe(i)` (LLaVADataset has one) lets the
-                 errors name the sample's id, file and image.
+    dataset      dataset[i] -> sample; a `dataset.describe(i)` lets errors name the sample's id, file and image
     batches      iterable of lists of sample indices, e.g. GlobalBatchSampler.batches_for_rank(...)
-    collate_fn   list of samples -> batch (tensors, and dicts/lists/tuples of them)
-    num_workers  worker processes; 0 = build batches in the main process (breakpoint() works in the data set,
-                 and a crash in native code shows its traceback: the first thing to try after a SIGSEGV)
-    prefetch     batches in flight per worker (sent and not yet handed out): a bound on their memory
-    timeout      seconds a worker may spend on one batch before WorkerTimeout (None: no limit); the first
-                 batch's time includes the worker's start-up (seconds with spawn, which imports torch anew)
-    pin_memory   pin batches in page-locked memory for fast, asynchronous copies to the GPU (CUDA only)
-    start_method "fork", "spawn" or "forkserver"; None = the platform default (fork on Linux before
-                 Python 3.14). With spawn/forkserver the data set and collate_fn must pickle.
-    seed, first_batch   batch b is built with generators seeded from (seed, first_batch + b); to resume at
-                 optimizer step k, pass first_batch = k * grad_accum with batches starting at that step.
+    num_workers  worker processes; 0 = in the main process (breakpoint() works; the first thing to try after a SIGSEGV)
+    prefetch     batches in flight per worker: a bound on their memory
+    timeout      seconds a worker may spend on one batch (None: no limit); the first includes its start-up
+    start_method "fork", "spawn" or "forkserver" (None: the platform's); with spawn the data set must pickle
+    first_batch  the number of the first batch, for the seeds: to resume at step k, k * grad_accum
     On any error, at the end of the data, on close(), on garbage collection and on Ctrl-C the workers stop.
     """
 
@@ -311,12 +285,9 @@ class Loader:
     def __init__(self, dataset, batches: Iterable[list[int]], collate_fn: Callable, num_workers: int = 0,
                  prefetch: int = 2, timeout: float | None = 600, pin_memory: bool = False,
                  start_method: str | None = None, seed: int = 0, first_batch: int = 0):
-        if num_workers < 0 or prefetch < 1:
-            raise ValueError(f"num_workers must be >= 0 and prefetch >= 1, got {num_workers} and {prefetch}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+        if num_workers < 0 or prefetch < 1 or seed < 0 or (timeout is not None and timeout <= 0):
+            raise LlavaMinError(f"Loader needs num_workers >= 0, prefetch >= 1, seed >= 0 and timeout > 0 or None; "
+                                f"got {num_workers}, {prefetch}, {seed}, {timeout}")
         self.dataset, self.batches, self.collate_fn = dataset, batches, collate_fn
         self.num_workers, self.prefetch, self.timeout = num_workers, prefetch, timeout
         self.pin_memory = pin_memory and torch.cuda.is_available()
@@ -519,8 +490,7 @@ class Loader:
             f"--loader-timeout; the workers are now stopped.", number, index)
 
     def _stop_workers(self, workers: list[_Worker], graceful: bool) -> None:
-        """End every worker: at the end of the data ask politely; otherwise SIGTERM, then SIGKILL; join all.
-        (A worker whose main process was killed exits by itself within _POLL_S: see _worker_loop.)"""
+        """End every worker: at the end of the data ask politely; otherwise SIGTERM, then SIGKILL; join all."""
         if graceful:
             for w in workers:
                 try:

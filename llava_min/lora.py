@@ -15,12 +15,10 @@ import torch.nn.functional as F
 
 from . import LlavaMinError
 
-# Every linear layer of the blocks: the fused wqkv (one adapter covers q, k and v, as PEFT does on InternLM2),
-# wo and the SwiGLU. The head (`output`) never gets one: its (vocab, hidden) shape makes the adapter large, and
-# the references leave it out of training.
+# Every linear layer of the blocks: the fused wqkv (one adapter for q, k and v, as PEFT does on InternLM2), wo and
+# the SwiGLU. The head (`output`) never gets one: its adapter would be large, and the references do not train it.
 DEFAULT_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 LORA_KEYS = ("lora_A", "lora_B")
-FORBIDDEN = "output"
 
 
 class LoRALinear(nn.Module):
@@ -30,13 +28,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        # The base tensors themselves (no copy), frozen, under the checkpoint's names: the model's official keys
-        # stay as they are and only *.lora_A / *.lora_B are added.
+        # The base tensors themselves (no copy), frozen, under their names: the state dict only gains *.lora_A / B.
         self.weight = base.weight.requires_grad_(False)
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
-        # fp32 adapters whatever the base dtype (bf16 saves memory), so that AdamW updates small values exactly.
-        # A starts as nn.Linear's default, B at zero: the adapted layer equals the base at initialisation
-        # (PEFT's `reset_lora_parameters`).
+        # fp32 adapters whatever the base dtype, so that AdamW updates small values exactly. A starts as nn.Linear's
+        # default, B at zero: the adapted layer equals the base at init (PEFT's `reset_lora_parameters`).
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
@@ -59,21 +55,18 @@ class LoRALinear(nn.Module):
 
 def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.05,
                targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> list[str]:
-    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place; afterwards the
-    adapters are the only trainable parameters of `module` (the LLM). Returns the names of the replaced layers.
-
-    alpha defaults to 2 * r: LLaVA-1.5's scale 2 (r 128, alpha 256), which stays the same when the rank changes;
-    XTuner's InternLM2-7B QLoRA uses r 512, alpha 256 (scale 0.5): pass alpha to match it.
-    """
+    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place, and freeze all else.
+    Returns the replaced names. alpha defaults to 2 * r, LLaVA-1.5's scale (r 128, alpha 256); XTuner's
+    InternLM2-7B QLoRA uses r 512, alpha 256: pass alpha to match it."""
     if type(r) is not int or r < 1:
         raise LlavaMinError(f"LoRA rank must be a positive integer, got r={r!r} (e.g. --lora-r 64)")
     alpha = 2 * r if alpha is None else alpha
     if alpha <= 0 or not 0 <= dropout < 1:
         raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, dropout={dropout}")
     targets = tuple(targets)
-    refused = [t for t in targets if t.split(".")[-1] == FORBIDDEN]
+    refused = [t for t in targets if t.split(".")[-1] == "output"]
     if refused:
-        raise LlavaMinError(f"LoRA targets {refused} name the output head '{FORBIDDEN}', which never gets an "
+        raise LlavaMinError(f"LoRA targets {refused} name the output head 'output', which never gets an "
                             f"adapter; choose among the block layers, e.g. {list(DEFAULT_TARGETS)}")
     chosen = [(name, m) for name, m in module.named_modules()
               if any(name == t or name.endswith("." + t) for t in targets)]
@@ -100,8 +93,8 @@ def _lora_layers(module: nn.Module) -> list[tuple[str, str, LoRALinear]]:
 
 @torch.no_grad()
 def merge_lora(module: nn.Module) -> list[str]:
-    """Fold every adapter into its base weight and put a plain, frozen nn.Linear back; afterwards
-    `module.state_dict()` has exactly the official keys again. Returns the names of the merged layers."""
+    """Fold every adapter into its base weight and put a plain, frozen nn.Linear back, in place (official keys
+    again). Returns the names of the merged layers."""
     if isinstance(module, LoRALinear):
         raise LlavaMinError("merge_lora needs the model that holds the LoRALinear layers, not a layer itself")
     layers = _lora_layers(module)
@@ -116,8 +109,7 @@ def merge_lora(module: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` with the official keys and every adapter folded in; the module is unchanged (training
-    goes on after a save). Without adapters it is the plain state dict."""
+    """`module.state_dict()` with every adapter folded in; the module is unchanged (training goes on after a save)."""
     state = module.state_dict()
     for _, prefix, m in _lora_layers(module):
         state[prefix + "weight"] = m.merged_weight()

@@ -1,20 +1,9 @@
 """AdamW with parameter groups, the warm-up + cosine learning rate, and gradient clipping.
 
-Settings follow XTuner's LLaVA-InternLM2 configs and LLaVA-1.5 (xtuner/configs/llava/internlm2_chat_*, LLaVA scripts/v1_5):
-AdamW with betas (0.9, 0.999), weight decay 0, gradient clipping at norm 1, a linear warm-up over the first
-3% of the steps from 1e-5 x the peak (mmengine `LinearLR(start_factor=1e-5)`), then a cosine down to
-`min_ratio` x the peak (0 in XTuner: `CosineAnnealingLR(eta_min=0)`).
-
-    groups = param_groups(model, lr=2e-5, weight_decay=0.0, projector_lr=None)
-    optimizer = make_optimizer(groups, lr=2e-5)
-    scheduler = CosineSchedule(optimizer, max_steps)
-    for step in range(scheduler.step_count, max_steps):
-        ...backward...
-        grad_norm = clip_gradients(model.parameters(), 1.0)
-        optimizer.step(); optimizer.zero_grad(set_to_none=True); scheduler.step()
-
-The schedule is a pure function of the step (`lr_at`), and the scheduler's whole state is that step, so a
-resumed run sets exactly the learning rates the uninterrupted run would have set.
+Settings follow XTuner's LLaVA-InternLM2 configs and LLaVA-1.5: AdamW with betas (0.9, 0.999), weight decay 0,
+clipping at norm 1, a linear warm-up over the first 3% of the steps from 1e-5 x the peak (mmengine
+`LinearLR(start_factor=1e-5)`), then a cosine to 0 (`CosineAnnealingLR(eta_min=0)`). The schedule is a pure
+function of the step (`lr_at`), so a resumed run sets exactly the learning rates of the uninterrupted one.
 """
 from __future__ import annotations
 
@@ -25,14 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-PROJECTOR_PREFIX = "projector."
+from . import LlavaMinError
 
 
-class OptimizerError(ValueError):
-    """The optimizer or schedule was configured in a way that cannot train."""
-
-
-# --------------------------------------------------------------------------------------------------
 # Parameter groups
 
 def _decays(name: str, p: torch.Tensor) -> bool:
@@ -43,21 +27,17 @@ def _decays(name: str, p: torch.Tensor) -> bool:
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float,
                  projector_lr: float | None = None) -> list[dict]:
-    """Split the trainable parameters of `model` into AdamW groups.
-
-    Groups: decay / no decay, and, when `projector_lr` is given, the projector's parameters (names starting
-    with "projector.") apart with their own learning rate (LLaVA's `mm_projector_lr`). Frozen parameters are
-    left out. Each group carries a "name" such as "projector/no_decay" for logs; empty groups are dropped.
-    """
+    """The trainable parameters of `model` as AdamW groups named like "projector/no_decay": decay / no decay, and
+    with `projector_lr` the projector's apart at that learning rate (LLaVA's `mm_projector_lr`)."""
     buckets: dict[tuple[str, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        part = "projector" if projector_lr is not None and name.startswith(PROJECTOR_PREFIX) else "model"
+        part = "projector" if projector_lr is not None and name.startswith("projector.") else "model"
         buckets.setdefault((part, _decays(name, p)), []).append(p)
     if not buckets:
-        raise OptimizerError(f"{type(model).__name__} has no trainable parameter; check --train (and that "
-                             "the parts it names were unfrozen before building the optimizer)")
+        raise LlavaMinError(f"{type(model).__name__} has no trainable parameter; check --train (and that "
+                            "the parts it names were unfrozen before building the optimizer)")
     groups = []
     for part in ("model", "projector"):
         for decay in (True, False):
@@ -69,23 +49,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     return groups
 
 
-# --------------------------------------------------------------------------------------------------
 # Optimizer
 
-def make_optimizer(groups: list[dict] | Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                   eps: float = 1e-8, fused: bool | None = None, zero: bool = False) -> torch.optim.Optimizer:
-    """AdamW over `groups` (from `param_groups`); `lr` applies to groups that carry none.
-
-    fused=None picks the fused CUDA kernel when every parameter is on a GPU, and the multi-tensor (foreach)
-    kernel otherwise. zero=True shards the optimizer state across the ranks (ZeRO stage 1, torch's
-    ZeroRedundancyOptimizer) when torch.distributed is initialised; in a single process it is plain AdamW,
-    as there is nothing to shard. Under ZeRO, save with `gather_optimizer_state` (a collective).
-    """
+def make_optimizer(groups: list[dict] | Iterable[torch.Tensor], lr: float, zero: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `groups` (from `param_groups`), the fused kernel when every parameter is on a GPU. zero=True
+    shards its state across the ranks (ZeRO-1, ZeroRedundancyOptimizer) when torch.distributed is initialised;
+    save it with `gather_optimizer_state` then."""
     groups = list(groups)
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    if fused is None:
-        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    options = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, fused=fused, foreach=not fused)
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    options = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=fused, foreach=not fused)
     if zero and dist.is_available() and dist.is_initialized():
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
@@ -93,11 +66,8 @@ def make_optimizer(groups: list[dict] | Iterable[torch.Tensor], lr: float, betas
 
 
 def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
-    """The optimizer's full state dict for a checkpoint. Collective under ZeRO: every rank must call it.
-
-    Under ZeRO the shards are gathered on rank 0, which gets the dict; the other ranks get None. The
-    gathered dict loads into an optimizer on any number of ranks with `optimizer.load_state_dict`.
-    """
+    """The optimizer's full state dict for a checkpoint. Under ZeRO a collective: the shards are gathered on
+    rank 0, which gets the dict (loadable on any number of ranks); the others get None."""
     if not (dist.is_available() and dist.is_initialized()):
         return optimizer.state_dict()
     from torch.distributed.optim import ZeroRedundancyOptimizer  # a 2 s import: only when distributed
@@ -109,11 +79,8 @@ def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict | None:
 
 @torch.no_grad()
 def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
-    """Scale gradients so that their global L2 norm is at most max_norm; returns the norm before clipping.
-
-    max_norm None or <= 0 only measures. A non-finite norm is returned as is (and the gradients are left
-    unscaled by torch), so the caller can stop or skip the step with the batch's sample ids.
-    """
+    """Scale gradients to a global L2 norm of at most max_norm (None or <= 0: only measure); returns the norm
+    before clipping, a non-finite one as is, so the caller can stop or skip the step naming the batch."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return 0.0
@@ -121,28 +88,19 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -
     return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
-# --------------------------------------------------------------------------------------------------
 # Learning rate
-
-def warmup_steps(max_steps: int, warmup_ratio: float) -> int:
-    """Steps of linear warm-up: the ratio of the run, rounded up (as transformers' Trainer does)."""
-    return math.ceil(warmup_ratio * max_steps)
-
 
 def lr_at(step: int, max_steps: int, peak: float, warmup_ratio: float = 0.03, min_ratio: float = 0.0,
           start_factor: float = 1e-5) -> float:
-    """Learning rate of optimizer step `step` (0-based) of a run of `max_steps` steps.
-
-    Linear from start_factor x peak at step 0 to the peak at step W = ceil(warmup_ratio x max_steps), then a
-    half cosine from the peak at step W to min_ratio x peak at step max_steps (and after it).
-    """
+    """Learning rate of optimizer step `step` (0-based) of `max_steps`: linear from start_factor x peak at step 0
+    to the peak at step W = ceil(warmup_ratio x max_steps), then a half cosine to min_ratio x peak at max_steps."""
     if max_steps < 1 or step < 0:
-        raise OptimizerError(f"learning rate asked for step {step} of a run of {max_steps} steps; "
-                             "max_steps must be >= 1 and the step >= 0")
+        raise LlavaMinError(f"learning rate asked for step {step} of a run of {max_steps} steps; "
+                            "max_steps must be >= 1 and the step >= 0")
     if not 0 <= warmup_ratio < 1 or not 0 <= min_ratio <= 1:
-        raise OptimizerError(f"warmup_ratio must be in [0, 1) and min_ratio in [0, 1], "
-                             f"got {warmup_ratio} and {min_ratio}")
-    warmup = warmup_steps(max_steps, warmup_ratio)
+        raise LlavaMinError(f"warmup_ratio must be in [0, 1) and min_ratio in [0, 1], "
+                            f"got {warmup_ratio} and {min_ratio}")
+    warmup = math.ceil(warmup_ratio * max_steps)   # rounded up, as transformers' Trainer does
     if step < warmup:
         return peak * (start_factor + (1.0 - start_factor) * step / warmup)
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
@@ -150,16 +108,11 @@ def lr_at(step: int, max_steps: int, peak: float, warmup_ratio: float = 0.03, mi
 
 
 class CosineSchedule:
-    """Sets each group's learning rate from `lr_at`; its state is the number of optimizer steps taken.
+    """Sets each group's learning rate from `lr_at` after each `optimizer.step()`; its state is the step count.
+    Each group's peak is its "initial_lr" (from its "lr" when first seen; saved with the optimizer's state)."""
 
-    Each group's peak is its "initial_lr" (set from its "lr" when first seen, saved and restored with the
-    optimizer's state dict). Call `step()` after each `optimizer.step()`.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, warmup_ratio: float = 0.03,
-                 min_ratio: float = 0.0):
-        self.optimizer, self.max_steps = optimizer, max_steps
-        self.warmup_ratio, self.min_ratio = warmup_ratio, min_ratio
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, warmup_ratio: float = 0.03):
+        self.optimizer, self.max_steps, self.warmup_ratio = optimizer, max_steps, warmup_ratio
         self.step_count = 0
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -167,8 +120,7 @@ class CosineSchedule:
 
     def _apply(self) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step_count, self.max_steps, group["initial_lr"],
-                                self.warmup_ratio, self.min_ratio)
+            group["lr"] = lr_at(self.step_count, self.max_steps, group["initial_lr"], self.warmup_ratio)
 
     @property
     def lr(self) -> float:

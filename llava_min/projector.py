@@ -2,9 +2,8 @@
 
     Linear(vision_hidden -> llm_hidden), then (depth - 1) x [GELU (exact erf), Linear(llm_hidden -> llm_hidden)]
 
-depth 2 is LLaVA-1.5 (Liu et al. 2023); other depths are XTuner's (`xtuner/model/modules/projector/`). Checkpoints
-are XTuner's `projector/` folder (config.json, model.safetensors with keys model.0 / model.2 / ...); loading also
-takes XTuner's whole-model prefix "projector." and HF LLaVA's names, and the sizes from the shapes without config.json.
+depth 2 is LLaVA-1.5; others are XTuner's (`xtuner/model/modules/projector/`). Checkpoints: XTuner's `projector/`
+folder (keys model.0 / model.2 / ...); loading also takes the prefix "projector.", HF LLaVA's names, and no config.json.
 """
 from __future__ import annotations
 
@@ -49,8 +48,7 @@ class Projector(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "Projector":
-        """An XTuner projector folder (or one with HF LLaVA's names). Each tensor is read once from the
-        memory-mapped file to `device`, in `dtype` (None: as stored)."""
+        """An XTuner projector folder (or HF LLaVA's names), each tensor read once to `device` in `dtype`."""
         path = Path(path)
         files = weights.checkpoint_files(path)
         key_map = _key_map_of(files)

@@ -6,9 +6,8 @@ no dummy prefix, no whitespace clean-up, and holds its chat tokens in pieces nam
     <|plugin|> 92538   <|interpreter|> 92539   <|action_end|> 92540
     <|action_start|> 92541   <|im_end|> 92542   <|im_start|> 92543      (<s> 1, </s> 2, <unk> 0)
 
-A model from `python -m llava_min.tokenizer train` (tools/tokenizer_train.py) names them at TRAINED_IDS. Text
-encodes as the fast tokenizer (XTuner's) encodes it on any sentencepiece version; where plain sentencepiece
-differs: `_as_fast_tokenizer_reads_it` and `_encode_text`.
+A model from `python -m llava_min.tokenizer train` names them at TRAINED_IDS. Text encodes as the fast tokenizer
+(XTuner's) encodes it; where plain sentencepiece differs: `_as_fast_tokenizer_reads_it` and `_encode_text`.
 """
 from __future__ import annotations
 
@@ -29,9 +28,8 @@ INTERNLM2_PIECES = {name: f"[UNUSED_TOKEN_{146 - k}]" for k, name in enumerate(C
 # Where `train` puts them: sentencepiece numbers user-defined pieces right after <unk> 0, <s> 1, </s> 2.
 TRAINED_IDS = {name: 3 + i for i, name in enumerate(CHAT_TOKENS)}
 
-# sentencepiece >= 0.2.1 logs this through absl, straight to file descriptor 2, each time it loads the
-# released model (piece 354 is a NUL character); every loader worker would print it. `_encode_text` gives
-# the NUL its piece itself, so the line is noise here.
+# sentencepiece >= 0.2.1 logs this to fd 2 on each load of the released model (piece 354 is a NUL), in every
+# loader worker; `_encode_text` gives the NUL its piece itself, so the line is noise here.
 _HARMLESS_LOAD_LOG = re.compile(r"is a null character \(\\0\) and byte_fallback is enabled|absl::InitializeLog")
 
 
@@ -64,12 +62,9 @@ def _fields(buf: bytes, start: int, end: int):
 
 def _as_fast_tokenizer_reads_it(proto: bytes) -> tuple[bytes, int | None]:
     """The serialized ModelProto with its user-defined pieces made normal; and the id of the piece "\\0".
-
-    sentencepiece matches a user-defined piece (the 147 `[UNUSED_TOKEN_n]`, "——", "……", fullwidth letters)
-    greedily wherever its text occurs, before BPE. InternLM2's fast tokenizer (the BPE converted to Hugging
-    Face `tokenizers`, tokenization_internlm2_fast.py) registers none of them: they are plain vocabulary that
-    only merges can reach. As normal pieces, sentencepiece treats them the same way.
-    """
+    sentencepiece matches a user-defined piece (the 147 `[UNUSED_TOKEN_n]`, "——", fullwidth letters) greedily
+    before BPE; InternLM2's fast tokenizer (tokenization_internlm2_fast.py) has them as plain vocabulary that only
+    merges reach. As normal pieces, sentencepiece does the same."""
     buf, nul = bytearray(proto), None
     pieces = (f for f in _fields(buf, 0, len(buf)) if f[0] == 0x0A)  # ModelProto field 1: repeated SentencePiece
     for index, (_, start, end) in enumerate(pieces):
@@ -82,10 +77,7 @@ def _as_fast_tokenizer_reads_it(proto: bytes) -> tuple[bytes, int | None]:
 
 
 def _load_sentencepiece(proto: bytes, path: str) -> spm.SentencePieceProcessor:
-    """Load a serialized model, keeping sentencepiece's known-harmless log line off stderr.
-
-    The C++ library writes to fd 2 directly, hence the capture at that level; anything else is passed on.
-    """
+    """Load a serialized model, keeping its harmless log line off stderr (the C++ library writes to fd 2)."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)

@@ -26,9 +26,8 @@ CONFIG_FILE = "config.json"
 
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path` to write; when the block ends without error, the file is synced to
-    disk and renamed to `path` in one step, so a reader (or a run killed midway) sees the old file or the new.
-    The file gets the mode every other tool gives a new one, 0o666 minus the umask: a group can read it."""
+    """Yield a temporary path beside `path` to write; on success it is synced and renamed to `path` in one step,
+    so a reader (or a run killed midway) sees the old file or the new one, with the mode open() would give."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # same folder: os.replace never crosses devices
     try:
@@ -87,7 +86,6 @@ def read_config(path: str | os.PathLike) -> dict:
         raise LlavaMinError(f"{file}: not valid JSON ({e})") from e
 
 
-# --------------------------------------------------------------------------------------------------
 # Loading
 
 def checkpoint_files(folder: str | os.PathLike) -> dict[str, Path]:
@@ -151,12 +149,9 @@ def load_into(module: torch.nn.Module, folder: str | os.PathLike, *, key_map: It
               ignore: Iterable[str] = (), dtype: torch.dtype | None = None,
               device: str | torch.device = "cpu") -> None:
     """Fill `module` (built with `build_on_meta`) from a checkpoint folder, strictly: a missing, unexpected or
-    mis-shaped tensor is an error naming the key, the file and both shapes.
-
-    key_map: (regex, replacement) pairs, checkpoint key -> module key, first match wins.
-    ignore:  regexes of checkpoint keys nobody reads (e.g. buffers other tools save).
-    dtype:   floating tensors are cast to it; None keeps each tensor's stored dtype.
-    """
+    mis-shaped tensor is an error naming the key, the file and both shapes. key_map: (regex, replacement) pairs,
+    checkpoint key -> module key, first match wins; ignore: regexes of checkpoint keys nobody reads; dtype: of the
+    floating tensors (None: as stored)."""
     key_map, ignore = list(key_map), [re.compile(p) for p in ignore]
     files = checkpoint_files(folder)
     expected = module.state_dict(keep_vars=True)
@@ -201,14 +196,12 @@ def load_into(module: torch.nn.Module, folder: str | os.PathLike, *, key_map: It
     module.load_state_dict(state, strict=True, assign=True)
 
 
-# --------------------------------------------------------------------------------------------------
 # Saving
 
 def save_state(state: dict[str, torch.Tensor], folder: str | os.PathLike, *, dtype: torch.dtype | None = None,
                max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write tensors as model.safetensors, or as shards plus an index when larger than max_shard_bytes, each file
-    through `atomic_path`. dtype: floating tensors are cast to it one shard at a time; None writes them as they are.
-    """
+    """Write tensors as model.safetensors, or as shards plus an index past max_shard_bytes, each file atomically;
+    floating tensors are cast to `dtype` (None: as they are) one shard at a time."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 

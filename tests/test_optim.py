@@ -15,8 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from llava_min.optim import (CosineSchedule, OptimizerError, clip_gradients, gather_optimizer_state, lr_at,
-                             make_optimizer, param_groups)
+from llava_min import LlavaMinError
+from llava_min.optim import (CosineSchedule, clip_gradients, gather_optimizer_state, lr_at, make_optimizer,
+                             param_groups)
 
 
 class TinyVLM(nn.Module):
@@ -58,7 +59,7 @@ def test_param_groups_split_decay_and_projector():
     assert [g["name"] for g in groups] == ["model/decay", "model/no_decay"]
     assert sum(len(g["params"]) for g in groups) == 8
     model.requires_grad_(False)
-    with pytest.raises(OptimizerError, match="no trainable parameter"):
+    with pytest.raises(LlavaMinError, match="no trainable parameter"):
         param_groups(model, lr=1e-3, weight_decay=0.0)
 
 
@@ -84,7 +85,7 @@ def test_lr_schedule_values():
     assert lr_at(0, 10, peak) == pytest.approx(peak * 1e-5)  # ceil: a short run still warms up one step
     after = [lr_at(s, n, peak) for s in range(30, n + 1)]
     assert all(a >= b for a, b in zip(after, after[1:]))
-    with pytest.raises(OptimizerError, match="max_steps must be >= 1"):
+    with pytest.raises(LlavaMinError, match="max_steps must be >= 1"):
         lr_at(0, 0, peak)
 
 
