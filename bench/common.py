@@ -30,11 +30,19 @@ from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from llava_min.internlm2 import InternLM2Config  # noqa: E402
 from llava_min.llava import LLaVA  # noqa: E402
 
+# `--smoke` on any bench's command line (read here: the shapes are module constants its imports see) swaps in
+# a tiny pair: the same code paths in seconds, for tests/test_bench_smoke.py. Its numbers measure nothing.
+SMOKE = "--smoke" in sys.argv
 LLM_CONFIG = InternLM2Config(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                              num_attention_heads=8, num_key_value_heads=2,
                              rope_scaling={"type": "dynamic", "factor": 2.0})   # as the released configs
 VIT = dict(hidden=384, layers=6, heads=6, image_size=224, patch_size=14)
-IMAGE_SIZE = 224
+IMAGE_SIZE, TEXT_TOKENS, PROMPT_TOKENS = 224, 128, 64
+if SMOKE:
+    LLM_CONFIG = InternLM2Config(vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    VIT = dict(hidden=64, layers=2, heads=2, image_size=56, patch_size=14)
+    IMAGE_SIZE, TEXT_TOKENS, PROMPT_TOKENS = 56, 32, 16
 N_PATCHES = (IMAGE_SIZE // 14) ** 2
 IMAGE_TOKEN_ID = LLM_CONFIG.vocab_size - 1   # transformers' placeholder id; batches below never use it
 THREADS = 2
@@ -106,7 +114,7 @@ def set_checkpointing(ours, hf, flag: bool) -> None:
         hf.gradient_checkpointing_disable()
 
 
-def sft_batch(batch: int = 2, text_tokens: int = 128, prompt_tokens: int = 64, seed: int = 0):
+def sft_batch(batch: int = 2, text_tokens: int = TEXT_TOKENS, prompt_tokens: int = PROMPT_TOKENS, seed: int = 0):
     """Rows [bos, <image>, prompt..., answer...] of `text_tokens` each (the placeholder counts as one), with
     labels -100 on everything but the answer, as in stage-2 SFT data. Returns our tensors and transformers'."""
     g = torch.Generator().manual_seed(seed)

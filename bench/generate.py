@@ -76,6 +76,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="rows of the batched setting")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model pair: the code path, in seconds")
     parser.add_argument("--compile", action="store_true", help="llava-min's LLM forward_hidden through torch.compile")
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables for one call of each")
     args = parser.parse_args()

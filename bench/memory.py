@@ -56,6 +56,7 @@ def peak_bytes(step) -> int:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model pair: the code path, in seconds")
     args = parser.parse_args()
     setup_threads(args.threads)
     print(f"memory | {machine()}")

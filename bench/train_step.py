@@ -43,6 +43,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model pair: the code path, in seconds")
     parser.add_argument("--grad-checkpointing", action="store_true", help="both models recompute each block")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables for one step of each")
     args = parser.parse_args()

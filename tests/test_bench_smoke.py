@@ -23,10 +23,10 @@ def test_gpu_bench_smoke():
 
 
 @pytest.mark.parametrize("args, words", [
-    (["bench/train_step.py", "--repeats", "1"], ["loss llava-min", "speed ratio llava-min / transformers"]),
-    (["bench/generate.py", "--new-tokens", "3", "--batch", "2", "--repeats", "1"],
+    (["bench/train_step.py", "--smoke", "--repeats", "1"], ["loss llava-min", "speed ratio llava-min / transformers"]),
+    (["bench/generate.py", "--smoke", "--new-tokens", "3", "--batch", "2", "--repeats", "1"],
      ["identical tokens: True", "decoding per token"]),
-    (["bench/memory.py"], ["transformers / llava-min", "checkpointing on / off"]),
+    (["bench/memory.py", "--smoke"], ["transformers / llava-min", "checkpointing on / off"]),
     (["bench/loader.py", "--samples", "48", "--repeats", "1", "--workers", "0", "2"], ["ours / torch"]),
     (["bench/scale.py", "startup", "--smoke"], ["LLaVADataset / json.load: time"]),
 ])
