@@ -111,7 +111,9 @@ def load_sharded(model: torch.nn.Module, optimizer, ckpt: Path, d: "dist.Dist") 
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=ckpt / SHARDS,
                  process_group=d.cpu_group if d.is_distributed else None)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=TRAINED)
+    # Not strict: the frozen tensors are absent on purpose (the trained ones were checked above).
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 # --------------------------------------------------------------------------------------------------
