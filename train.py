@@ -396,8 +396,8 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
         if sharded:
             ddp_model.set_requires_gradient_sync(last)
             sync = dist.collective(d, f"forward/backward (FSDP all-gather / reduce-scatter) {where}")
+        d.heartbeat(step + 1, f"forward {m + 1}/{len(micro)}")
         with sync:
-            d.heartbeat(step + 1, f"forward {m + 1}/{len(micro)}")
             with autocast:
                 pixels = batch["pixel_values"]
                 o = ddp_model(batch["input_ids"].to(device, non_blocking=True),
