@@ -6,6 +6,7 @@ Layout under the output folder:
     OUT/checkpoints/step-000100/        a complete checkpoint: training_state.pt (trained tensors, optimizer,
         training_state.pt               schedule, RNG, step, and a fingerprint of each frozen source instead
         COMPLETE                        of its weights) and COMPLETE (the step and the size of every file)
+        shards/                         under --fsdp: the trained tensors and AdamW state, one DCP file per rank
     OUT/checkpoints/latest              one line, the name of the newest checkpoint ("step-000100")
     OUT/checkpoints/.tmp-step-000200-PID   a save in progress (or one that was killed)
     OUT/checkpoints/.old-step-000100-PID   a checkpoint being replaced by a newer save of the same step
