@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from llava_min import IGNORE_INDEX, checkpoint, dist  # noqa: E402
+from llava_min import IGNORE_INDEX, checkpoint, dist, fsdp  # noqa: E402
 from llava_min.data import LLaVADataset, collate  # noqa: E402
 from llava_min.dinov2 import DINOv2  # noqa: E402
 from llava_min.dinov2 import load_config as vit_config  # noqa: E402
@@ -108,6 +108,8 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default bfloat16 on CUDA, float32 on CPU); trained weights stay fp32")
     p.add_argument("--zero", action="store_true", help="shard optimizer state across ranks (ZeRO-1)")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state across "
+                   "ranks (FSDP2 fully_shard, ZeRO-3's layout) instead of replicating them (DDP)")
     p.add_argument("--nan", choices=["stop", "skip"], default="stop", help="on a NaN/inf loss: stop, or skip the step")
     p.add_argument("--log-every", type=int, default=1)
     args = p.parse_args(argv)
@@ -193,6 +195,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
         raise SystemExit(str(e)) from None
     if args.lora_r and "llm" not in parts:
         raise SystemExit("--lora-r trains the LLM through adapters: add llm to --train")
+    if args.fsdp and args.zero:
+        raise SystemExit("--fsdp shards the optimizer state already (and the parameters and gradients): drop --zero")
     device = d.device
     compute_dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -239,6 +243,14 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     print0(f"parameters: {n_all:,} total, {n_train:,} trained ({', '.join(sorted(parts))}"
            f"{', LoRA' if args.lora_r else ''})")
 
+    if args.fsdp and d.world_size > 1:
+        # Each rank keeps 1/world_size of every decoder layer (and trained ViT block); before the optimizer,
+        # which then holds fp32 state for this rank's shards only (llava_min/fsdp.py).
+        with dist.collective(d, "FSDP set-up (device mesh)"):
+            fsdp.shard(model, d, compute_dtype)
+    elif args.fsdp:
+        print0("--fsdp with one process: nothing to shard, training unsharded")
+
     # ---- optimiser ------------------------------------------------------------------------------
     groups = param_groups(model, args.lr, args.weight_decay, projector_lr=args.projector_lr)
     optimizer = make_optimizer(groups, args.lr, zero=args.zero and d.world_size > 1)
@@ -257,8 +269,16 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     if ckpt is not None:
         state = checkpoint.load_training_state(ckpt, map_location=device)
         checkpoint.check_sources(state["frozen"], frozen, ckpt)      # the frozen weights are the same ones
-        load_trained_weights(model, state["trainable"], ckpt)
-        optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:                                       # saved under --fsdp: any world size, any mode
+            if args.zero:
+                raise SystemExit(f"{ckpt} was saved under --fsdp: resume with --fsdp, or without --zero")
+            fsdp.load_sharded(model, optimizer, ckpt, d)
+        elif fsdp.is_sharded(model):
+            raise SystemExit(f"{ckpt} was saved without --fsdp: resume it without --fsdp (a checkpoint saved "
+                             "with --fsdp resumes with or without it)")
+        else:
+            load_trained_weights(model, state["trainable"], ckpt)
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         rng = state["rng"]   # one per rank; a different world size continues from rank 0's stream
         checkpoint.restore_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
@@ -279,8 +299,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     # broadcast_buffers=False: the model's only buffer (the ViT's mask token) never changes, and the default
     # would broadcast it from rank 0 in every forward: one more collective per step, outside any name.
     with dist.collective(d, "DDP set-up (parameter check and broadcast from rank 0)"):
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        gradient_as_bucket_view=True, broadcast_buffers=False) if d.world_size > 1 else model
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+                        broadcast_buffers=False) if d.world_size > 1 and not fsdp.is_sharded(model) else model
     plan = memory.plan_from_args(args, world_size=d.world_size)
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     print0(memory.report(plan, gpu_gib))
@@ -318,7 +338,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
                 optimizer.zero_grad(set_to_none=True)
             else:
                 lr = schedule.lr
-                grad_norm = clip_gradients(model.parameters(), args.clip)
+                grad_norm = (fsdp.clip_gradients(model, args.clip, d, step + 1) if fsdp.is_sharded(model)
+                             else clip_gradients(model.parameters(), args.clip))
                 # Under ZeRO each rank updates its shard and broadcasts it: a collective, named if it times out.
                 with (dist.collective(d, f"optimizer step {step + 1} (ZeRO shard broadcast)") if args.zero
                       else contextlib.nullcontext()):
@@ -365,20 +386,28 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
     global_tokens = max(counts.item(), 1.0)
     loss_sum = torch.zeros((), device=device)
     seen = 0
+    sharded = fsdp.is_sharded(ddp_model)
     for m, batch in enumerate(micro):
         last = m == len(micro) - 1
-        # Gradients are all-reduced only on the last micro-batch (DDP's no_sync on the others).
+        where = f"{m + 1}/{len(micro)} at step {step + 1}"
+        # Gradients are all-reduced only on the last micro-batch (DDP's no_sync on the others); FSDP keeps them
+        # unsharded and reduce-scatters them once, likewise. FSDP also all-gathers each layer in forward and
+        # backward: both run inside one named collective.
         sync = contextlib.nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
+        if sharded:
+            ddp_model.set_requires_gradient_sync(last)
+            sync = dist.collective(d, f"forward/backward (FSDP all-gather / reduce-scatter) {where}")
+        d.heartbeat(step + 1, f"forward {m + 1}/{len(micro)}")
         with sync:
-            d.heartbeat(step + 1, f"forward {m + 1}/{len(micro)}")
             with autocast:
                 pixels = batch["pixel_values"]
                 o = ddp_model(batch["input_ids"].to(device, non_blocking=True),
                               None if pixels is None else pixels.to(device, non_blocking=True),
                               labels=batch["labels"].to(device, non_blocking=True),
                               attention_mask=batch["attention_mask"].to(device, non_blocking=True))
-            # DDP averages gradients over ranks; multiplying by world_size makes it the global-batch sum.
-            with dist.collective(d, f"backward (DDP gradient all-reduce) {m + 1}/{len(micro)} at step {step + 1}"):
+            # DDP and FSDP average gradients over ranks; multiplying by world_size makes it the global-batch sum.
+            with (contextlib.nullcontext() if sharded else
+                  dist.collective(d, f"backward (DDP gradient all-reduce) {where}")):
                 (o.loss_sum * (d.world_size / global_tokens)).backward()
         loss_sum += o.loss_sum.detach()
         seen += int(o.attention_mask.sum()) * d.world_size
@@ -405,22 +434,29 @@ def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, ste
     The other ranks wait at a barrier whose timeout adds the time a slow disk needs for these bytes, so a long
     save on a shared file system cannot trip --dist-timeout; if it still runs out, the message names the save.
     """
+    sharded = fsdp.is_sharded(model)
     with dist.collective(d, f"gathering the ZeRO optimizer shards on rank 0 for the checkpoint at step {step}"):
-        optimizer_state = gather_optimizer_state(optimizer)             # collective under ZeRO
+        optimizer_state = None if sharded else gather_optimizer_state(optimizer)   # collective under ZeRO
     rng = dist.all_gather_object(d, checkpoint.capture_rng_state(), what=f"RNG states for the checkpoint at step {step}")
     folder = out / checkpoint.CHECKPOINTS / checkpoint.step_name(step)
+    t0 = time.time()
+    # Trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical. Frozen tensors
+    # are not saved: `frozen` names their sources, and resume checks that they are unchanged.
+    state = {"schedule": schedule.state_dict(), "step": step, "rng": rng, "frozen": frozen,
+             "global_batch": global_batch, "world_size": d.world_size,
+             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if sharded:   # every rank writes its shards of the trained tensors and AdamW state; whole parts at the end
+        fsdp.save_sharded(model, optimizer, out, step, state, keep=args.keep, d=d)
+        output = fsdp.consolidated(model, {p for p in PARTS if src[p] is None or _trains(getattr(model, p))},
+                                   d) if final else None
     if d.rank == 0:
-        t0 = time.time()
-        # Trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical. Frozen tensors
-        # are not saved: `frozen` names their sources, and resume checks that they are unchanged.
-        state = {"optimizer": optimizer_state, "schedule": schedule.state_dict(), "step": step, "rng": rng,
-                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                 "frozen": frozen, "global_batch": global_batch, "world_size": d.world_size,
-                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-        checkpoint.save_checkpoint(out, step, state, keep=args.keep)
+        if not sharded:
+            state.update(optimizer=optimizer_state,
+                         trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+            checkpoint.save_checkpoint(out, step, state, keep=args.keep)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         if final:
-            write_output(model, tok, args, out, src)
+            write_output(output if sharded else model, tok, args, out, src)
         d.log(f"saved {folder}{' and the model in ' + str(out) if final else ''} in {time.time() - t0:.1f} s")
     # Bytes rank 0 writes: fp32 trained weights and AdamW's two moments; at the end the parts it writes or copies.
     size = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -3,6 +3,7 @@
     python bench/gpu.py                               # InternLM2-1.8B shape + DINOv2-large at 336 px, batch 4
     python bench/gpu.py --batch-size 8 --steps 20
     python bench/gpu.py --smoke                       # a seconds-long dry run of the same code on CPU
+    torchrun --nproc_per_node 8 bench/gpu.py --llm-config internlm2-7b --fsdp   # sharded (train.py --fsdp)
 
 Random weights (nothing to download), the stage-2 setting of finetune.py: the ViT frozen and stored in bf16,
 the projector and the LLM trained with fp32 master weights under bf16 autocast, per-block gradient
@@ -20,12 +21,16 @@ Printed after --warmup untimed steps and --steps timed ones:
     Checkpointing's recomputation is extra work, not counted (the HFU line counts it);
   * peak memory: torch.cuda.max_memory_allocated over the timed steps, next to what
     `python -m llava_min.memory` estimates for the same flags, when that module is present.
-Finishes in well under 5 minutes on an H100 (start-up included).
+--fsdp shards the model as train.py --fsdp does (llava_min/fsdp.py: bf16 all-gathers, fp32 reduce-scatters and
+master weights), over torchrun's ranks or, started without torchrun, over a 1-process group; the numbers are
+per GPU, every rank stepping on the same batch. Finishes in well under 5 minutes on an H100 (start-up included).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX, dist, fsdp  # noqa: E402
 from llava_min.dinov2 import DINOv2, load_config as vit_config  # noqa: E402
 from llava_min.internlm2 import InternLM2, load_config as llm_config  # noqa: E402
 from llava_min.llava import LLaVA, LLaVAConfig  # noqa: E402
@@ -111,7 +116,8 @@ def estimate(args) -> tuple[dict | None, str]:
         return None, "llava_min/memory.py is not in this checkout"
     flags = ["--llm-config", args.llm_config, "--vit-config", args.vit_config, "--image-size", str(args.image_size),
              "--batch-size", str(args.batch_size), "--max-length", str(args.seq_len), "--train", "projector,llm",
-             "--dtype", "bfloat16"] + ([] if args.no_checkpointing else ["--grad-checkpointing"])
+             "--dtype", "bfloat16"] + ([] if args.no_checkpointing else ["--grad-checkpointing"]) \
+        + (["--fsdp", "--world-size", str(args.world_size)] if args.fsdp else [])
     command = "python -m llava_min.memory " + " ".join(flags)
     try:
         out = subprocess.run([sys.executable, "-m", "llava_min.memory", *flags, "--json"], cwd=ROOT,
@@ -134,6 +140,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2, as train.py --fsdp")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny presets, 56 px, batch 2 x 96 positions, 2 + 2 steps; runs on CPU")
     args = parser.parse_args()
@@ -148,11 +155,25 @@ def main():
     else:
         raise SystemExit("bench/gpu.py needs a CUDA device (use --smoke for a CPU dry run)")
     t_start = time.perf_counter()
+    d, args.world_size = None, 1
+    if args.fsdp:
+        if "RANK" not in os.environ:     # no torchrun: a process group of one, so that the sharded code runs
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        d = dist.setup(timeout_s=600)
+        device, args.world_size = d.device, d.world_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"gpu bench | {name}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    if d is None or d.rank == 0:
+        print(f"gpu bench | {name}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    else:
+        sys.stdout = open(os.devnull, "w")          # one report, rank 0's
 
     torch.manual_seed(0)
     model = build(args, device)
+    if d is not None:
+        fsdp.shard(model, d, torch.bfloat16)
     ids, pixels, labels = batch(args, model, device)
     n_patches = model.vit.num_patches(args.image_size, args.image_size)
     positions = ids.shape[0] * (ids.shape[1] - 1 + n_patches)
@@ -161,6 +182,7 @@ def main():
     print(f"  {args.llm_config} + {args.vit_config} at {args.image_size} px: batch {args.batch_size} x "
           f"{positions // args.batch_size} positions ({n_patches} image tokens each), bf16 autocast, "
           f"checkpointing {'off' if args.no_checkpointing else 'on'}, "
+          f"{f'FSDP over {args.world_size} rank(s), ' if args.fsdp else ''}"
           f"{sum(p.numel() for p in trainable) / 1e9:.3f}B trained parameters")
 
     def step():
@@ -217,6 +239,8 @@ def main():
             line += f"; measured / estimated tensors = {measured / tensors:.3f}"
         print(f"{line}  ({command})")
     print(f"  total {time.perf_counter() - t_start:.0f} s")
+    if d is not None:
+        dist.teardown(d)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Layout under the output folder:
     OUT/checkpoints/step-000100/        a complete checkpoint: training_state.pt (trained tensors, optimizer,
         training_state.pt               schedule, RNG, step, and a fingerprint of each frozen source instead
         COMPLETE                        of its weights) and COMPLETE (the step and the size of every file)
+        shards/                         under --fsdp: the trained tensors and AdamW state, one DCP file per rank
     OUT/checkpoints/latest              one line, the name of the newest checkpoint ("step-000100")
     OUT/checkpoints/.tmp-step-000200-PID   a save in progress (or one that was killed)
     OUT/checkpoints/.old-step-000100-PID   a checkpoint being replaced by a newer save of the same step
@@ -17,8 +18,9 @@ to `step-NNNNNN` (a rename within a folder is atomic on POSIX file systems); aft
 instant the previous complete checkpoint is there, whole, and `latest_checkpoint` finds it: folders that
 start with "." are never taken for checkpoints, and a folder without a valid COMPLETE is skipped.
 
-Only one process writes (rank 0); gather what the other ranks hold (ZeRO optimizer shards, their RNG
-states) before calling `save_checkpoint`.
+One process writes (rank 0); gather what the other ranks hold (ZeRO optimizer shards, their RNG states)
+before calling `save_checkpoint`. Under FSDP every rank writes its shards into the temporary folder
+(`begin_checkpoint`, then `publish_checkpoint` on rank 0 once all are done; llava_min/fsdp.py).
 """
 from __future__ import annotations
 
@@ -169,17 +171,42 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict,
     keep: how many complete checkpoints to keep, this one included (None keeps all). Only checkpoints of
     earlier steps are pruned. A checkpoint of the same step is replaced. Call it on one rank only.
     """
-    if keep is not None and keep < 1:
-        raise LlavaMinError(f"keep={keep}: a save must keep at least the checkpoint it writes (or None for all)")
-    ckpt_dir = Path(out_dir) / CHECKPOINTS
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(out_dir)
-    final = ckpt_dir / step_name(step)
-    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
+    _check_keep(keep)
+    tmp = begin_checkpoint(out_dir, step)
     try:
         if write_fn is not None:
             write_fn(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_checkpoint(out_dir, step, tmp, training_state, keep)
+
+
+def _check_keep(keep: int | None) -> None:
+    if keep is not None and keep < 1:
+        raise LlavaMinError(f"keep={keep}: a save must keep at least the checkpoint it writes (or None for all)")
+
+
+def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
+    """The first half of `save_checkpoint`, for saves that several processes write: the empty temporary folder
+    (OUT/checkpoints/.tmp-step-NNNNNN-PID) to write into. One rank calls it; all may write into the folder;
+    then that rank calls `publish_checkpoint` once every writer has finished (llava_min/fsdp.py)."""
+    ckpt_dir = Path(out_dir) / CHECKPOINTS
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(out_dir)
+    tmp = ckpt_dir / f".tmp-{step_name(step)}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, training_state: dict,
+                       keep: int | None = 2) -> Path:
+    """The second half of `save_checkpoint`: training_state.pt and COMPLETE (listing every file in `tmp`, the
+    other writers' included) into `tmp`, fsync, rename to step-NNNNNN, point `latest` at it, prune."""
+    _check_keep(keep)
+    ckpt_dir = Path(out_dir) / CHECKPOINTS
+    final = ckpt_dir / step_name(step)
+    try:
         with open(tmp / TRAINING_STATE, "wb") as f:
             torch.save(training_state, f)
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": _manifest(tmp)}, indent=1) + "\n")

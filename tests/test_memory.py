@@ -241,3 +241,21 @@ def test_host_ram_command_line():
     js = json.loads(subprocess.run(cmd + ["--json", "--host-ram-gib", "4096"], cwd=ROOT, capture_output=True,
                                    text=True, timeout=60).stdout)
     assert js["host_warning"] is None and js["host"]["training"] > js["host"]["load"] > 0
+
+
+def test_fsdp_shards_the_seven_billion_full_fine_tune():
+    """7B full fine-tune, bf16, checkpointing, batch 1: no fit under DDP or ZeRO-1 on 4 x 80 GB; FSDP shards
+    weights, gradients and AdamW state by the world size and adds the gathered units; suggest_fit finds --fsdp."""
+    for world, gpu in ((4, 80), (8, 48)):
+        ddp = preset_plan(batch_size=1, grad_checkpointing=True, world_size=world)
+        fsdp = ddp.replace(fsdp=True)
+        a, b = memory.estimate(ddp), memory.estimate(fsdp)
+        assert not memory.fits(ddp, gpu) and not memory.fits(ddp.replace(zero=True), gpu) and memory.fits(fsdp, gpu)
+        assert b.optimizer == a.optimizer // world and b.gradients == a.gradients // world
+        vit = 2 * b.params["vit"]                                     # the frozen ViT stays whole, in bf16
+        assert b.weights == (a.weights - vit) // world + vit and b.load_peak == a.weights
+        assert b.autocast_copies == 0 and 2 * GiB < b.fsdp_gathered < 8 * GiB
+        assert b.total < a.total - 0.9 * (a.weights + a.gradients + a.optimizer) * (1 - 1 / world)
+        assert "--fsdp" in memory.suggest_fit(ddp.replace(batch_size=4), gpu)
+    assert memory.estimate(preset_plan(fsdp=True)).total == memory.estimate(preset_plan()).total   # one rank: DDP
+    assert "FSDP gathered units" in memory.report(fsdp, 48) and ", FSDP," in memory.report(fsdp, 48)

@@ -56,6 +56,7 @@ class Plan:
     grad_checkpointing: bool = False
     dtype: str = "bfloat16"
     zero: bool = False
+    fsdp: bool = False                  # FSDP2: parameters, gradients and AdamW state sharded over the ranks
     world_size: int = 1
     images_per_sample: int = 1
     select_layer: int = -2
@@ -101,6 +102,8 @@ class Estimate:
     vit_transient: int
     logits: int
     cuda_context: int
+    fsdp_gathered: int = 0           # FSDP: whole (all-gathered) units and their unsharded gradients, live at once
+    load_peak: int = 0               # FSDP: a rank's GPU bytes while loading, before the model is sharded
     total: int = 0
 
     @property
@@ -267,6 +270,25 @@ def saved_activation_bytes(model, fn):
     return sum(saved.values()), result
 
 
+def fsdp_gathered_bytes(plan: Plan) -> int:
+    """Under FSDP, what is whole at once besides the shards: the root unit (embedding, final norm, head, projector,
+    a trained ViT's embeddings), gathered from forward to the end of backward, plus two decoder layers (the one
+    running and the one prefetched), all in the compute dtype; and the unsharded gradients of the root and of one
+    layer (in the compute dtype, and the fp32 copy of the layer's that the reduce-scatter sends). ViT blocks are
+    smaller than LLM layers; the root's own fp32 copy comes at the end of backward, when the activations are gone."""
+    c, v, a = plan.llm, plan.vit, plan.act_bytes
+    one = dataclasses.replace(c, num_hidden_layers=1)
+    layer = internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2)) - internlm2.num_parameters(one)
+    lora = lora_parameters(c, plan.lora_r) // c.num_hidden_layers if plan.lora_r else 0
+    root = internlm2.num_parameters(c) - c.num_hidden_layers * layer + param_counts(plan)["projector"]
+    vit_root = (v.grid_size ** 2 + 1 + v.num_register_tokens) * v.hidden_size if "vit" in plan.train else 0
+    trained_layer = {"full": layer, "lora": lora, "frozen": 0}[plan.llm_mode]
+    trained_root = (root - param_counts(plan)["projector"]) * (plan.llm_mode == "full") + vit_root + \
+        param_counts(plan)["projector"] * ("projector" in plan.train)
+    fp32_copy = 4 * trained_layer if a == 2 else 0           # a layer's gradients cast for the reduce-scatter
+    return int(a * (root + vit_root + 2 * (layer + lora)) + a * (trained_root + trained_layer) + fp32_copy)
+
+
 # --------------------------------------------------------------------------------------------------
 # The GPU estimate
 
@@ -296,7 +318,17 @@ def estimate(plan: Plan) -> Estimate:
         logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + plan.act_bytes)),
         cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
     )
-    static = e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
+    if plan.fsdp and world > 1:
+        # Every tensor of the sharded graph split over the ranks; a frozen ViT is outside it, whole on each rank.
+        outside = p["vit"] * plan.act_bytes if "vit" not in plan.train else 0
+        e.load_peak = e.weights                         # each rank loads the whole model, then keeps its shards
+        e.weights = (e.weights - outside) // world + outside
+        e.gradients //= world
+        e.optimizer = optimizer_unsharded // world
+        e.autocast_copies = 0                           # the bf16 all-gathers are the compute copies
+        e.fsdp_gathered = fsdp_gathered_bytes(plan)
+    static = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
+              + e.fsdp_gathered)
     e.total = static + max(e.activation_total + e.logits, e.vit_transient)
     return e
 
@@ -419,8 +451,10 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
         levers.append(("--dtype bfloat16", {"dtype": "bfloat16"}))
     if not plan.grad_checkpointing:
         levers.append(("--grad-checkpointing", {"grad_checkpointing": True}))
-    if plan.world_size > 1 and not plan.zero:
+    if plan.world_size > 1 and not plan.zero and not plan.fsdp:
         levers.append(("--zero", {"zero": True}))
+    if plan.world_size > 1 and not plan.fsdp:
+        levers.append(("--fsdp", {"fsdp": True, "zero": False}))
     if plan.llm_mode == "full":
         levers.append(("--lora-r 128 (train the LLM through adapters)", {"lora_r": 128}))
     if plan.llm_mode != "frozen" and (plan.lora_r or 128) > 32:
@@ -491,6 +525,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
                 max_length=get("max_length", 2048), image_size=image_size or 336,
                 grad_checkpointing=bool(get("grad_checkpointing", False)),
                 dtype=get("dtype") or ("bfloat16" if device == "cuda" else "float32"), zero=bool(get("zero", False)),
+                fsdp=bool(get("fsdp", False)),
                 world_size=world_size or get("world_size", 1), device=device,
                 nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                 num_workers=get("num_workers", 4), data_bytes=sum(f.stat().st_size for f in data if f.is_file()),
@@ -506,7 +541,10 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
     p, g = e.params, lambda b: f"{b / GiB:8.2f}"
     ckpt = "on" if plan.grad_checkpointing else "off"
     world = plan.world_size
-    if e.optimizer != e.optimizer_unsharded:
+    fsdp = plan.fsdp and world > 1
+    if fsdp:
+        optimizer_note = f"FSDP over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
+    elif e.optimizer != e.optimizer_unsharded:
         optimizer_note = f"ZeRO-1 over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
     elif world > 1:
         optimizer_note = f"trained x 8 B; with --zero over {world} ranks: {e.optimizer_unsharded / world / GiB:.2f}"
@@ -514,7 +552,7 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
         optimizer_note = "trained x 8 B"
     lines = [
         f"memory per {'GPU' if plan.device == 'cuda' else 'process'}: {world} process{'es' if world > 1 else ''}"
-        f"{', DDP' if world > 1 else ''}, {plan.dtype}"
+        f"{(', FSDP' if fsdp else ', DDP') if world > 1 else ''}, {plan.dtype}"
         f"{' autocast, fp32 master weights' if plan.dtype == 'bfloat16' else ''}",
         f"  parameters: LLM {p['llm']:,}, ViT {p['vit']:,}, projector {p['projector']:,}"
         + (f", LoRA r={plan.lora_r} {p['lora']:,}" if plan.lora_r else ""),
@@ -524,12 +562,15 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
         f"image ({plan.image_size} px); gradient checkpointing {ckpt}",
         "",
         "                                        GiB",
-        f"  weights                          {g(e.weights)}   trained x 4 B + frozen x {plan.act_bytes} B",
-        f"  gradients                        {g(e.gradients)}   trained x 4 B",
+        f"  weights                          {g(e.weights)}   trained x 4 B + frozen x {plan.act_bytes} B"
+        + (f", / {world} (a frozen ViT whole)" if fsdp else ""),
+        f"  gradients                        {g(e.gradients)}   trained x 4 B" + (f" / {world}" if fsdp else ""),
         f"  DDP gradient buckets             {g(e.ddp_buckets)}   "
         + ("trained x 4 B (0 with gradient_as_bucket_view)" if e.ddp_buckets else "none"),
         f"  optimizer (AdamW m, v)           {g(e.optimizer)}   {optimizer_note}",
         f"  autocast bf16 weight copies      {g(e.autocast_copies)}",
+    ] + ([f"  FSDP gathered units + grads      {g(e.fsdp_gathered)}   root + 2 decoder layers whole (prefetch), "
+          f"unsharded grads of root + 1 layer; at load, before sharding: {e.load_peak / GiB:.2f}"] if fsdp else []) + [
         f"  activations                      {g(e.activation_total)}   "
         f"(checkpointing {ckpt}; {'off' if plan.grad_checkpointing else 'on'}: {e.activations_other_mode / GiB:.2f})",
     ]
@@ -587,6 +628,7 @@ def main(argv=None) -> int:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--zero", action="store_true", help="ZeRO-1: shard the optimizer state over the ranks")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
     p.add_argument("--world-size", "--nproc", dest="world_size", type=int,
                    default=int(os.environ.get("WORLD_SIZE", 1)), help="processes (GPUs) in the job")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where training runs")

@@ -1,0 +1,157 @@
+"""Sharded training for `train.py --fsdp`: PyTorch's FSDP2 (`fully_shard`) and distributed checkpoints (DCP).
+
+    fsdp.shard(model, d, compute_dtype)              # after freezing / LoRA, before the optimizer is built
+    model.set_requires_gradient_sync(last)           # in forward_backward: reduce-scatter on the last micro-step only
+    fsdp.clip_gradients(model, 1.0, d, step)         # the global norm over every rank's shards
+    fsdp.save_sharded(model, optimizer, out, step, state, keep, d)   # every rank writes its shards, rank 0 publishes
+    fsdp.load_sharded(model, optimizer, ckpt, d)     # into any world size, sharded or not
+    plain = fsdp.consolidated(model, parts, d)       # rank 0: an unsharded LLaVA for train.write_output
+
+Each InternLM2 decoder layer (and each ViT block, when the ViT trains) is one unit: its parameters are split in
+dim 0 over the ranks and all-gathered just before its forward (and again in backward), its gradients
+reduce-scattered right after its backward. The root unit (embeddings, final norm, head, projector) stays
+gathered from forward to the end of backward. A frozen ViT is no unit at all: it runs under no_grad, replicated
+on every rank in the compute dtype. The names of the parameters do not change (FSDP2 swaps tensors, not
+modules), so state dicts and checkpoints use the same names with and without sharding.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from . import checkpoint, dist, weights
+from .dinov2 import DINOv2
+from .internlm2 import InternLM2
+from .llava import PARTS, LLaVA
+from .lora import LoRALinear, apply_lora
+from .projector import Projector
+
+SHARDS = "shards"      # the DCP folder inside a checkpoint: one file per rank that saved, plus .metadata
+# Trained tensors only: the frozen ones are rebuilt from their sources on resume, as without sharding.
+TRAINED = StateDictOptions(ignore_frozen_params=True)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: LLaVA, d: "dist.Dist", compute_dtype: torch.dtype) -> None:
+    """Turn `model` (on d.device, trained parameters fp32, frozen ones in compute_dtype) into FSDP2 units, in place.
+    Each rank keeps only its 1/world_size of every unit's parameters; the whole tensors are freed here."""
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    # bf16 all-gathers and compute, fp32 gradient reduce-scatters; the shards themselves stay in their dtype, so
+    # the optimizer updates fp32 master weights. In fp32 there is nothing to cast.
+    mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+          if compute_dtype != torch.float32 else MixedPrecisionPolicy())
+    layers = model.llm.model.layers
+    for i, layer in enumerate(layers):
+        # The last layer's backward comes right after its forward: keeping it gathered saves one all-gather.
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    vit_trains = any(p.requires_grad for p in model.vit.parameters())
+    if vit_trains:
+        for block in model.vit.encoder.layer:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    # The root: everything not in a unit above (the LLaVA forward is what runs, so its hooks gather these first).
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=None if vit_trains else set(model.vit.parameters()))
+
+
+@torch.no_grad()
+def clip_gradients(model: torch.nn.Module, max_norm: float | None, d: "dist.Dist", step: int) -> float:
+    """Scale the (sharded) gradients so that their global L2 norm is at most max_norm; returns the norm before.
+    Each rank's norm covers its shards only: one all-reduce makes it the norm of the whole model."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    with dist.collective(d, f"gradient norm (all-reduce over the FSDP shards) at step {step}"):
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if max_norm and max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: every rank writes its own shards into the checkpoint's temporary folder
+
+def save_sharded(model: torch.nn.Module, optimizer, out: Path, step: int, state: dict, keep: int | None,
+                 d: "dist.Dist") -> None:
+    """OUT/checkpoints/step-N with SHARDS/ (trained tensors and AdamW state, one file per rank, written in
+    parallel) and training_state.pt (schedule, RNG, step, frozen sources: `state`). Atomic as every checkpoint:
+    rank 0 makes the .tmp- folder, every rank writes into it, and rank 0 renames it only after DCP's closing
+    collective, i.e. once every rank's file is complete. A collective: every rank calls it."""
+    tmp = checkpoint.begin_checkpoint(out, step) if d.rank == 0 else None
+    tmp = Path(dist.all_gather_object(d, str(tmp), what=f"the folder of the checkpoint at step {step}")[0])
+    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
+    with dist.collective(d, f"writing the sharded checkpoint at step {step} (DCP, every rank)"):
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / SHARDS,
+                 process_group=d.cpu_group)
+    if d.rank == 0:
+        checkpoint.publish_checkpoint(out, step, tmp, dict(state, sharded=SHARDS), keep=keep)
+
+
+def load_sharded(model: torch.nn.Module, optimizer, ckpt: Path, d: "dist.Dist") -> None:
+    """Resume from a checkpoint written by `save_sharded`, under any world size, sharded or not: DCP reads for
+    each rank the pieces of the saved shards that make up what this rank holds now (whole tensors without FSDP)."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
+    saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(ckpt / SHARDS).read_metadata().state_dict_metadata
+             if k.startswith("model.")}
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not wanted <= saved:
+        extra, missing = sorted(saved - wanted - set(model_state)), sorted(wanted - saved)
+        raise SystemExit(f"{ckpt}: trained tensors differ from this run's (only in checkpoint: {extra[:3]}, only "
+                         f"in this run: {missing[:3]}); resume with the same --train / --lora-r")
+    with warnings.catch_warnings(), dist.collective(d, f"reading the sharded checkpoint {ckpt} (DCP)"):
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=ckpt / SHARDS,
+                 process_group=d.cpu_group if d.is_distributed else None)
+    # Not strict: the frozen tensors are absent on purpose (the trained ones were checked above).
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# The final output: whole tensors, once
+
+def _unsharded_like(part: str, module: torch.nn.Module) -> torch.nn.Module:
+    """An empty (meta) module of the same class, config and LoRA layers as `module`, frozen where it is."""
+    clone = weights.build_on_meta({"llm": lambda: InternLM2(module.config), "vit": lambda: DINOv2(module.config),
+                          "projector": lambda: Projector(module.vision_hidden, module.llm_hidden, module.depth,
+                                                         module.bias)}[part])
+    lora = {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+    if lora:
+        first = next(iter(lora.values()))
+        apply_lora(clone, r=first.r, alpha=first.alpha, dropout=0.0, targets=list(lora))
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    for n, p in clone.named_parameters():
+        p.requires_grad_(n not in frozen)
+    return clone
+
+
+def consolidated(model: LLaVA, needed: set[str], d: "dist.Dist") -> LLaVA | None:
+    """Rank 0: an unsharded LLaVA for write_output, the parts in `needed` holding whole CPU tensors in their
+    training dtypes (fp32 master weights), the others the model's own modules (write_output links those from
+    their sources). Other ranks: None. Each sharded tensor is all-gathered in turn: a collective, every rank
+    calls it; rank 0's host RAM holds the needed parts whole."""
+    parts = {}
+    for part in PARTS:
+        module = getattr(model, part)
+        if part not in needed:
+            parts[part] = module
+            continue
+        full = {}
+        with dist.collective(d, f"gathering the whole {part} on rank 0 for the output (FSDP all-gather)"):
+            for name, t in module.state_dict().items():
+                t = t.full_tensor() if isinstance(t, DTensor) else t      # all-gather of this tensor's shards
+                if d.rank == 0:
+                    full[name] = t.detach().cpu()
+        if d.rank == 0:
+            parts[part] = _unsharded_like(part, module)
+            parts[part].load_state_dict(full, strict=True, assign=True)
+    return LLaVA(parts["llm"], parts["vit"], parts["projector"], model.config) if d.rank == 0 else None
