@@ -163,9 +163,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
                            window_size=(-1, 0), enable_gqa=H != k.shape[1])      # (-1, 0): causal
     bounds = packing.cu_seqlens.tolist()
     out = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                                          is_causal=True, enable_gqa=H != k.shape[1])      # (heads, L, hd)
+                                          is_causal=True, enable_gqa=H != k.shape[1]).transpose(0, 1)  # (L, H, hd)
            for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(out, dim=1).transpose(0, 1)                                  # (B * T, n_heads, hd)
+    return torch.cat(out)                                                         # (B * T, n_heads, hd)
 
 
 class Attention(nn.Module):
@@ -198,7 +198,7 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)                   # no-op unless autocast changed the dtype
 
         if isinstance(mask, Packing):
-            out = packed_attention(q, k, v, mask).view(B, T, self.n_heads * hd)
+            out = packed_attention(q, k, v, mask).reshape(B, T, self.n_heads * hd)
             return self.wo(out)
         if T == 1 and G > 1:
             # One new token: the G query heads of a group share one key/value head, so they are G query rows

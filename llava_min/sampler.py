@@ -65,8 +65,8 @@ class GlobalBatchSampler:
         self.seed, self.pack = seed, pack
         self._cached_epoch, self._cached_batches = None, None
         if pack:
-            self._packs, self._packs_epoch = self._pack_epoch(0), 0   # steps_per_epoch: from epoch 0's pack count
-            n = len(self._packs)
+            self.packs, self._packs_epoch = self._pack_epoch(0), 0   # steps_per_epoch: from epoch 0's pack count
+            n = len(self.packs)
         if n < global_batch_size:
             raise ValueError(f"the data set has {n} {'packs' if pack else 'samples'}, fewer than one global batch "
                              f"of {global_batch_size}; lower --batch-size / --grad-accum or the number of "
@@ -92,11 +92,11 @@ class GlobalBatchSampler:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
         units = self.epoch_batches(epoch)[within, start:stop].tolist()
-        return [i for u in units for i in self._packs[u]] if self.pack else units
+        return [i for u in units for i in self.packs[u]] if self.pack else units
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """All global batches of one epoch, (steps_per_epoch, global_batch_size); cached for the last epoch.
-        With packing, the entries index `self._packs`, the sample lists of the epoch's packs."""
+        With packing, the entries index `self.packs`, the sample lists of the epoch's packs."""
         if self._cached_epoch != epoch:
             self._cached_batches = self._build_packed_epoch(epoch) if self.pack else self._build_epoch(epoch)
             self._cached_epoch = epoch
@@ -125,12 +125,12 @@ class GlobalBatchSampler:
 
     def _build_packed_epoch(self, epoch: int) -> np.ndarray:
         if self._packs_epoch != epoch:
-            self._packs, self._packs_epoch = self._pack_epoch(epoch), epoch
+            self.packs, self._packs_epoch = self._pack_epoch(epoch), epoch
         steps, size = self.steps_per_epoch, self.global_batch_size
-        units = np.arange(steps * size) % len(self._packs)   # surplus packs dropped, or the first ones repeated
+        units = np.arange(steps * size) % len(self.packs)   # surplus packs dropped, or the first ones repeated
         length = np.minimum(np.abs(self.lengths), self.pack)
-        total = np.array([length[p].sum() for p in self._packs])
-        longest = np.array([length[p].max() for p in self._packs])
+        total = np.array([length[p].sum() for p in self.packs])
+        longest = np.array([length[p].max() for p in self.packs])
         fill = total * (self.pack + 1) + longest             # fullest first; among the fullest, the longest sample
         batches = units.reshape(steps, size)                 # (steps_per_epoch, packs per step)
         batches = np.take_along_axis(batches, np.argsort(-fill[batches], axis=1, kind="stable"), axis=1)
