@@ -162,8 +162,9 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
         return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len,
                            window_size=(-1, 0), enable_gqa=H != k.shape[1])      # (-1, 0): causal
     bounds = packing.cu_seqlens.tolist()
-    out = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                                          is_causal=True, enable_gqa=H != k.shape[1]).transpose(0, 1)  # (L, H, hd)
+    piece = lambda t, s, e: t[s:e].transpose(0, 1)[None]      # noqa: E731  (1, heads, L, hd): the fused kernel's
+    out = [F.scaled_dot_product_attention(piece(q, s, e), piece(k, s, e), piece(v, s, e), is_causal=True,
+                                          enable_gqa=H != k.shape[1])[0].transpose(0, 1)           # (L, H, hd)
            for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(out)                                                         # (B * T, n_heads, hd)
 

@@ -133,7 +133,9 @@ class LLaVA(nn.Module):
 
         # Expand each placeholder to its N positions: output column j of a row comes from the input position t
         # whose span [end[t - 1], end[t]) holds j; columns past the row's end (rows with fewer images) are padding.
-        end = torch.where(is_image, feats.shape[1], 1).cumsum(1)                 # (B, T)
+        # A row's trailing padding takes no columns, so T' is the longest row's real length, whatever the images.
+        trailing = (attention_mask > 0).flip(1).cumsum(1).flip(1) == 0          # (B, T) after the last real one
+        end = torch.where(is_image, feats.shape[1], (~trailing).long()).cumsum(1)   # (B, T)
         cols = torch.arange(int(end[:, -1].max()), device=input_ids.device).repeat(B, 1)   # (B, T')
         src = torch.searchsorted(end, cols, right=True)                          # (B, T'), T past the end
         past_end = src == T
