@@ -43,7 +43,7 @@ from llava_min.plot import plot_loss  # noqa: E402
 from llava_min.projector import Projector  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
 from llava_min.tokenizer import Tokenizer  # noqa: E402
-from llava_min.tools import doctor, hang, memory  # noqa: E402
+from llava_min.tools import doctor, flops, hang, memory  # noqa: E402
 from llava_min.weights import write_atomic, write_json  # noqa: E402
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
@@ -309,6 +309,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     loader = Loader(dataset, batches, collate_fn, num_workers=args.num_workers, timeout=args.loader_timeout,
                     pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
     metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
+    peak = flops.peak_flops(device)          # MFU on a known GPU: FLOPs counted as tools/flops.py says
+    count_flops = flops.StepFlops(model, vit_cfg.image_tokens(args.image_size)) if peak else None
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0,
                disable=d.rank != 0)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
@@ -319,7 +321,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
             t0 = time.time()
             d.heartbeat(step + 1, "waiting for data")
             micro = [next(batch_iter) for _ in range(args.grad_accum)]
-            loss, seen, positions = forward_backward(ddp_model, micro, autocast, device, d, step)
+            loss, seen, positions, step_flops = forward_backward(ddp_model, micro, autocast, device, d, step,
+                                                                 count_flops)
             if not math.isfinite(loss):        # every rank sees the same all-reduced loss: all act alike
                 ids = [i for b in micro for i in b["ids"]]
                 msg = (f"step {step + 1}: loss is {loss} (NaN/inf). Samples of this rank's batches: {ids[:32]}. "
@@ -341,6 +344,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
                 record = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                           "tokens_per_s": round(seen / dt, 1), "padding": round(1 - seen / positions, 4),
                           "seconds": round(dt, 3)}
+                if peak:
+                    record["mfu"] = round(step_flops / (dt * d.world_size * peak), 4)
                 if device.type == "cuda":
                     record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if metrics:
@@ -366,9 +371,10 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     print0(f"done: {max_steps} steps; model in {out}")
 
 
-def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: int) -> tuple[float, int, int]:
+def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: int,
+                     count_flops=None) -> tuple[float, int, int, float]:
     """Forward and backward over one optimizer step's micro-batches; returns the global mean loss, the number
-    of real LLM positions the whole job processed, and that number with the padding.
+    of real LLM positions the whole job processed, that number with the padding, and the FLOPs (count_flops).
 
     The loss is normalised by the supervised-token count of the whole global batch (all ranks, all
     micro-batches), so any split of it over processes and accumulation gives the same loss and gradients.
@@ -377,7 +383,7 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
     counts = torch.tensor([float(local_tokens)], device=device)
     dist.all_reduce(d, counts, what=f"supervised-token count at step {step + 1}")
     global_tokens = max(counts.item(), 1.0)
-    stats = torch.zeros(3, device=device)     # loss sum, real positions, all positions (padding too)
+    stats = torch.zeros(4, device=device, dtype=torch.float64)   # loss sum, real positions, all positions, FLOPs
     for m, batch in enumerate(micro):
         last = m == len(micro) - 1
         # Gradients are all-reduced only on the last micro-batch (DDP's no_sync on the others).
@@ -396,8 +402,9 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
         stats[0] += o.loss_sum.detach()
         stats[1] += (o.attention_mask > 0).sum()     # packed rows number their samples 1, 2, ...
         stats[2] += o.attention_mask.numel()
+        stats[3] += count_flops(o, 0 if pixels is None else pixels.shape[0]) if count_flops else 0.0
     dist.all_reduce(d, stats, what=f"loss sum at step {step + 1}")
-    return stats[0].item() / global_tokens, int(stats[1]), int(stats[2])
+    return stats[0].item() / global_tokens, int(stats[1]), int(stats[2]), float(stats[3])
 
 
 def keep_metrics_until(file: Path, step: int) -> None:

@@ -6,9 +6,11 @@ changing one sample's tokens leaves the other samples of its pack unchanged; pos
 collate_packed keeps rows within N by the real lengths (an estimate too low makes a row more, never a cut) and
 names a sample longer than N. The packed sampler: a step's packs split over any world size x accumulation into
 the same samples, jumping to a step gives what iterating gives, the fullest pack comes first, packs hold whole
-samples within N by the estimates. Real processes: 2 ranks (torchrun, gloo) give 1 rank's losses and weights
+samples within N by the estimates. The FLOP count of tools/flops.py is the same packed or padded and follows
+its formula. Real processes: 2 ranks (torchrun, gloo) give 1 rank's losses and weights
 with --pack, and a run SIGKILLed after a checkpoint resumes bit-identically with --pack.
 """
+import argparse
 import os
 import signal
 import subprocess
@@ -24,6 +26,8 @@ from llava_min.internlm2 import InternLM2, InternLM2Config, Packing
 from llava_min.llava import LLaVA
 from llava_min.projector import Projector
 from llava_min.sampler import GlobalBatchSampler
+from llava_min.tools import memory
+from llava_min.tools.flops import StepFlops
 from test_train import PY, ROOT, free_port, losses, run, shapes, stage1_args, weights  # noqa: F401 (fixture)
 
 N_PATCHES = 4                                     # 28 px images in 14 px patches
@@ -193,3 +197,29 @@ def test_two_processes_match_one_and_sigkill_resume_is_bit_identical_with_packin
     refused = run([PY, *stage1_args(shapes, cut, "--batch-size", 2, *common[:-4], "--pack", 512, "--resume",
                                     "--max-steps", 6)], check=False)
     assert refused.returncode != 0 and "--pack" in refused.stderr
+
+
+def test_flop_count_is_the_same_packed_or_padded_and_follows_the_formula(model):
+    items = samples()
+    model.vit.requires_grad_(False)
+    count = StepFlops(model, N_PATCHES)
+    model.vit.requires_grad_(True)
+    with torch.no_grad():
+        padded = model(**{k: collate(items)[k] for k in ("input_ids", "pixel_values", "labels", "attention_mask")})
+        packed = model(**{k: collate_packed(items, 32, N_PATCHES)[k]
+                          for k in ("input_ids", "pixel_values", "labels", "attention_mask")})
+    assert count(packed, 3) == pytest.approx(count(padded, 3), rel=1e-12)
+    lengths = [len(s["input_ids"]) + (N_PATCHES - 1) * (s["pixel_values"] is not None) for s in items]
+    layers = sum(p.numel() for p in model.llm.model.layers.parameters() if p.dim() > 1)
+    llm = 6 * layers * sum(lengths) + 6 * model.llm.output.weight.numel() * padded.num_tokens \
+        + 6 * 2 * 64 * sum(n * n for n in lengths)        # 2 layers, width 64
+    assert count(padded, 0) == pytest.approx(llm, rel=1e-12)
+
+
+def test_the_memory_estimate_books_a_packed_row_of_n_positions():
+    args = argparse.Namespace(llm_config="tiny", vit_config="tiny", image_size=28, batch_size=2, max_length=64)
+    plain = memory.plan_from_args(args, device="cpu")
+    packed = memory.plan_from_args(argparse.Namespace(**vars(args), pack=256), device="cpu")
+    assert (plain.max_length, packed.max_length) == (64, 256)
+    assert packed.images_per_sample == 256 // (N_PATCHES + 1)
+    assert memory.estimate(packed).total > memory.estimate(plain).total
