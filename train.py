@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from llava_min import IGNORE_INDEX, checkpoint, dist, fsdp  # noqa: E402
-from llava_min.data import LLaVADataset, collate  # noqa: E402
+from llava_min.data import LLaVADataset, collate, collate_packed  # noqa: E402
 from llava_min.dinov2 import DINOv2  # noqa: E402
 from llava_min.dinov2 import load_config as vit_config  # noqa: E402
 from llava_min.internlm2 import InternLM2  # noqa: E402
@@ -43,7 +43,7 @@ from llava_min.plot import plot_loss  # noqa: E402
 from llava_min.projector import Projector  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
 from llava_min.tokenizer import Tokenizer  # noqa: E402
-from llava_min.tools import doctor, hang, memory  # noqa: E402
+from llava_min.tools import doctor, flops, hang, memory  # noqa: E402
 from llava_min.weights import write_atomic, write_json  # noqa: E402
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
@@ -107,6 +107,8 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block's activations in backward")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default bfloat16 on CUDA, float32 on CPU); trained weights stay fp32")
+    p.add_argument("--pack", type=int, default=0, metavar="N", help="pack whole samples into rows of at most N "
+                   "LLM positions (N >= --max-length), attention isolated per sample; --batch-size counts rows")
     p.add_argument("--zero", action="store_true", help="shard optimizer state across ranks (ZeRO-1)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state across "
                    "ranks (FSDP2 fully_shard, ZeRO-3's layout) instead of replicating them (DDP)")
@@ -213,8 +215,13 @@ def run(args, out: Path, d: "dist.Dist") -> None:
                            max_length=args.max_length, image_tokens=vit_cfg.image_tokens(args.image_size),
                            system=args.system, skip_bad=args.skip_bad_samples)
     print0(dataset.report())
-    global_batch = args.batch_size * d.world_size * args.grad_accum
-    sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed)
+    global_batch = args.batch_size * d.world_size * args.grad_accum     # samples, or packed rows with --pack
+    if args.pack and args.pack < args.max_length:
+        raise SystemExit(f"--pack {args.pack} is shorter than --max-length {args.max_length}: a sample cut at "
+                         "--max-length must fit in one packed row; use --pack >= --max-length")
+    sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed, pack=args.pack)
+    if args.pack:
+        print0(f"packing: {len(sampler.packs)} rows of <= {args.pack} positions per epoch (by the length estimates)")
     max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
 
     # ---- model ----------------------------------------------------------------------------------
@@ -283,6 +290,9 @@ def run(args, out: Path, d: "dist.Dist") -> None:
         rng = state["rng"]   # one per rank; a different world size continues from rank 0's stream
         checkpoint.restore_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
         start_step = state["step"]
+        if state["args"].get("pack", 0) != args.pack:
+            raise SystemExit(f"{ckpt}: saved with --pack {state['args'].get('pack', 0)}, now {args.pack}; "
+                             "keep --pack to continue the same data order")
         if state.get("global_batch") != global_batch:
             raise SystemExit(f"{ckpt}: saved with global batch {state.get('global_batch')}, now {global_batch}; "
                              "keep batch x processes x accumulation equal to continue the same data order")
@@ -314,9 +324,14 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     batches = sampler.batches_for_rank(d.rank, d.world_size, args.grad_accum, start_step, max_steps)
     # In workers, batches are collated straight into shared memory: handing them over copies nothing.
     collate_fn = functools.partial(collate, shared=args.num_workers > 0)
+    if args.pack:
+        collate_fn = functools.partial(collate_packed, capacity=args.pack, shared=args.num_workers > 0,
+                                       image_tokens=vit_cfg.image_tokens(args.image_size))
     loader = Loader(dataset, batches, collate_fn, num_workers=args.num_workers, timeout=args.loader_timeout,
                     pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
     metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
+    peak = flops.peak_flops(device)          # MFU on a known GPU: FLOPs counted as tools/flops.py says
+    count_flops = flops.StepFlops(model, vit_cfg.image_tokens(args.image_size)) if peak else None
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0,
                disable=d.rank != 0)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
@@ -327,7 +342,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
             t0 = time.time()
             d.heartbeat(step + 1, "waiting for data")
             micro = [next(batch_iter) for _ in range(args.grad_accum)]
-            loss, seen = forward_backward(ddp_model, micro, autocast, device, d, step)
+            loss, seen, positions, step_flops = forward_backward(ddp_model, micro, autocast, device, d, step,
+                                                                 count_flops)
             if not math.isfinite(loss):        # every rank sees the same all-reduced loss: all act alike
                 ids = [i for b in micro for i in b["ids"]]
                 msg = (f"step {step + 1}: loss is {loss} (NaN/inf). Samples of this rank's batches: {ids[:32]}. "
@@ -348,13 +364,17 @@ def run(args, out: Path, d: "dist.Dist") -> None:
                 schedule.step()
                 dt = time.time() - t0
                 record = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                          "tokens_per_s": round(seen / dt, 1), "seconds": round(dt, 3)}
+                          "tokens_per_s": round(seen / dt, 1), "padding": round(1 - seen / positions, 4),
+                          "seconds": round(dt, 3)}
+                if peak:
+                    record["mfu"] = round(step_flops / (dt * d.world_size * peak), 4)
                 if device.type == "cuda":
                     record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                pad=f"{record['padding']:.1%}")
             bar.update(1)
             d.heartbeat(step + 1, "step done")
             last = step + 1 == max_steps
@@ -373,9 +393,10 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     print0(f"done: {max_steps} steps; model in {out}")
 
 
-def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: int) -> tuple[float, int]:
-    """Forward and backward over one optimizer step's micro-batches; returns the global mean loss and the
-    number of LLM positions the whole job processed.
+def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: int,
+                     count_flops=None) -> tuple[float, int, int, float]:
+    """Forward and backward over one optimizer step's micro-batches; returns the global mean loss, the number
+    of real LLM positions the whole job processed, that number with the padding, and the FLOPs (count_flops).
 
     The loss is normalised by the supervised-token count of the whole global batch (all ranks, all
     micro-batches), so any split of it over processes and accumulation gives the same loss and gradients.
@@ -384,8 +405,7 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
     counts = torch.tensor([float(local_tokens)], device=device)
     dist.all_reduce(d, counts, what=f"supervised-token count at step {step + 1}")
     global_tokens = max(counts.item(), 1.0)
-    loss_sum = torch.zeros((), device=device)
-    seen = 0
+    stats = torch.zeros(4, device=device, dtype=torch.float64)   # loss sum, real positions, all positions, FLOPs
     sharded = fsdp.is_sharded(ddp_model)
     for m, batch in enumerate(micro):
         last = m == len(micro) - 1
@@ -409,10 +429,12 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
             with (contextlib.nullcontext() if sharded else
                   dist.collective(d, f"backward (DDP gradient all-reduce) {where}")):
                 (o.loss_sum * (d.world_size / global_tokens)).backward()
-        loss_sum += o.loss_sum.detach()
-        seen += int(o.attention_mask.sum()) * d.world_size
-    dist.all_reduce(d, loss_sum, what=f"loss sum at step {step + 1}")
-    return loss_sum.item() / global_tokens, seen
+        stats[0] += o.loss_sum.detach()
+        stats[1] += (o.attention_mask > 0).sum()     # packed rows number their samples 1, 2, ...
+        stats[2] += o.attention_mask.numel()
+        stats[3] += count_flops(o, 0 if pixels is None else pixels.shape[0]) if count_flops else 0.0
+    dist.all_reduce(d, stats, what=f"loss sum at step {step + 1}")
+    return stats[0].item() / global_tokens, int(stats[1]), int(stats[2]), float(stats[3])
 
 
 def keep_metrics_until(file: Path, step: int) -> None:

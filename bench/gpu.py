@@ -4,6 +4,7 @@
     python bench/gpu.py --batch-size 8 --steps 20
     python bench/gpu.py --smoke                       # a seconds-long dry run of the same code on CPU
     torchrun --nproc_per_node 8 bench/gpu.py --llm-config internlm2-7b --fsdp   # sharded (train.py --fsdp)
+    python bench/gpu.py --pack 8192 --seq-len 1024 --batch-size 1   # packed rows: 8 samples each, varlen_attn
 
 Random weights (nothing to download), the stage-2 setting of finetune.py: the ViT frozen and stored in bf16,
 the projector and the LLM trained with fp32 master weights under bf16 autocast, per-block gradient
@@ -67,26 +68,30 @@ def build(args, device):
 
 
 def batch(args, model, device):
-    """B rows of one image + text, seq_len LLM positions each; labels on the second half of the text."""
+    """B rows of one image + text, seq_len LLM positions each; labels on the second half of the text. With
+    --pack N: B rows of N // seq_len such samples each, laid end to end (attention_mask k on the k-th)."""
     n_patches = model.vit.num_patches(args.image_size, args.image_size)
     text = args.seq_len - n_patches + 1                  # the placeholder itself becomes the n_patches vectors
     if text < 4:
         raise ValueError(f"--seq-len {args.seq_len} leaves no room for text after {n_patches} image tokens")
     g = torch.Generator().manual_seed(0)
     vocab = model.llm.config.vocab_size
-    ids = torch.randint(3, vocab, (args.batch_size, text), generator=g)
+    per_row = args.pack // args.seq_len if args.pack else 1
+    ids = torch.randint(3, vocab, (args.batch_size * per_row, text), generator=g)
     ids[:, 0], ids[:, 1] = 1, IMAGE_TOKEN_INDEX
     labels = ids.clone()
     labels[:, :text // 2] = IGNORE_INDEX
-    pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
-    return ids.to(device), pixels.to(device), labels.to(device)
+    pixels = torch.randn(ids.shape[0], 3, args.image_size, args.image_size, generator=g)
+    mask = torch.arange(1, per_row + 1).repeat_interleave(text).repeat(args.batch_size, 1)   # (B, per_row * text)
+    rows = (args.batch_size, per_row * text)
+    return ids.view(rows).to(device), pixels.to(device), labels.view(rows).to(device), mask.to(device)
 
 
 def model_flops(model, ids, labels, n_patches) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs incl. checkpointing's recomputation) of one step; see the docstring."""
     c, v = model.llm.config, model.vit.config
-    B = ids.shape[0]
-    T = ids.shape[1] - 1 + n_patches                      # LLM positions per row
+    B = int((ids == IMAGE_TOKEN_INDEX).sum())             # samples: one image each (several per packed row)
+    T = (ids.numel() + B * (n_patches - 1)) // B          # LLM positions per sample
     supervised = int((labels[:, 1:] != IGNORE_INDEX).sum())
     layer_params = sum(p.numel() for n, p in model.llm.model.layers.named_parameters() if p.dim() == 2)
     llm_fwd = 2 * layer_params * B * T + 2 * B * T * T * c.hidden_size * c.num_hidden_layers   # causal: half of 4BT^2H
@@ -117,7 +122,8 @@ def estimate(args) -> tuple[dict | None, str]:
     flags = ["--llm-config", args.llm_config, "--vit-config", args.vit_config, "--image-size", str(args.image_size),
              "--batch-size", str(args.batch_size), "--max-length", str(args.seq_len), "--train", "projector,llm",
              "--dtype", "bfloat16"] + ([] if args.no_checkpointing else ["--grad-checkpointing"]) \
-        + (["--fsdp", "--world-size", str(args.world_size)] if args.fsdp else [])
+        + (["--fsdp", "--world-size", str(args.world_size)] if args.fsdp else []) \
+        + (["--pack", str(args.pack), "--max-length", str(args.seq_len)] if args.pack else [])
     command = "python -m llava_min.memory " + " ".join(flags)
     try:
         out = subprocess.run([sys.executable, "-m", "llava_min.memory", *flags, "--json"], cwd=ROOT,
@@ -139,6 +145,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--pack", type=int, default=0, help="pack rows of this many positions (>= --seq-len)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2, as train.py --fsdp")
     parser.add_argument("--smoke", action="store_true",
@@ -174,20 +181,21 @@ def main():
     model = build(args, device)
     if d is not None:
         fsdp.shard(model, d, torch.bfloat16)
-    ids, pixels, labels = batch(args, model, device)
+    ids, pixels, labels, mask = batch(args, model, device)
     n_patches = model.vit.num_patches(args.image_size, args.image_size)
-    positions = ids.shape[0] * (ids.shape[1] - 1 + n_patches)
+    positions = ids.numel() + pixels.shape[0] * (n_patches - 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
     print(f"  {args.llm_config} + {args.vit_config} at {args.image_size} px: batch {args.batch_size} x "
-          f"{positions // args.batch_size} positions ({n_patches} image tokens each), bf16 autocast, "
+          f"{positions // args.batch_size} positions ({pixels.shape[0] // args.batch_size} samples of "
+          f"{n_patches} image tokens + text each), bf16 autocast, "
           f"checkpointing {'off' if args.no_checkpointing else 'on'}, "
           f"{f'FSDP over {args.world_size} rank(s), ' if args.fsdp else ''}"
           f"{sum(p.numel() for p in trainable) / 1e9:.3f}B trained parameters")
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(ids, pixels, labels=labels).loss   # as train.py calls it
+            loss = model(ids, pixels, labels=labels, attention_mask=mask).loss   # as train.py calls it
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -535,30 +535,60 @@ class LLaVADataset:
 
 
 def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
-    """Right-pad a list of LLaVADataset items into a batch (XTuner's default_collate_fn).
+    """Right-pad a list of LLaVADataset items into a batch, one sample per row (XTuner's default_collate_fn).
 
     The attention mask comes from the lengths, not from pad_id, which may equal a real token (</s>).
     pixel_values stacks the images of all rows in row order; image_counts says how many each row has.
     shared=True stacks the pixels straight into shared memory (in a loader worker: one of its reused slots),
     so sending the batch to the trainer copies nothing (torch's default_collate does the same in workers).
     """
-    if not samples:
+    return _collate_rows([[s] for s in samples], pad_id, shared)
+
+
+def collate_packed(samples: list[dict], capacity: int, image_tokens: int, pad_id: int = 0,
+                   shared: bool = False) -> dict:
+    """Pack whole samples into rows of at most `capacity` LLM positions (an image counts image_tokens), by their
+    real lengths: first-fit, longest first. attention_mask is k on the k-th sample of a row, 0 on padding,
+    which keeps each sample's attention and positions to itself (LLaVA.forward). The sampler planned rows from
+    estimated lengths; an estimate too low makes one row more here, never a sample split or cut."""
+    sizes = [len(s["input_ids"]) + (image_tokens - 1) * int((s["input_ids"] == IMAGE_TOKEN_INDEX).sum())
+             for s in samples]
+    rows, room = [], []
+    for i in sorted(range(len(samples)), key=lambda i: -sizes[i]):        # stable: ties keep the sampler's order
+        if sizes[i] > capacity:
+            raise LlavaMinError(f"sample {samples[i]['index']} (id {samples[i]['id']!r}) has {sizes[i]} LLM "
+                                f"positions, more than a packed row of {capacity}: use --pack >= --max-length")
+        row = next((r for r, free in enumerate(room) if free >= sizes[i]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(capacity)
+        rows[row].append(samples[i])
+        room[row] -= sizes[i]
+    return _collate_rows(rows, pad_id, shared)
+
+
+def _collate_rows(rows: list[list[dict]], pad_id: int, shared: bool) -> dict:
+    """The batch of `rows`, each a list of samples laid end to end; attention_mask = k on the row's k-th sample."""
+    if not rows or not all(rows):
         raise LlavaMinError("collate got an empty batch")
-    lengths = [len(s["input_ids"]) for s in samples]
-    batch, longest = len(samples), max(lengths)
-    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
-    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch, longest), dtype=torch.long)
-    for row, (sample, n) in enumerate(zip(samples, lengths)):
-        input_ids[row, :n] = sample["input_ids"]
-        labels[row, :n] = sample["labels"]
-        attention_mask[row, :n] = 1
-    image_counts = (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1)  # (B,)
+    samples = [s for row in rows for s in row]
+    lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
+    input_ids = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention_mask = torch.zeros_like(input_ids)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, sample in enumerate(row, start=1):
+            n = len(sample["input_ids"])
+            input_ids[r, at:at + n] = sample["input_ids"]
+            labels[r, at:at + n] = sample["labels"]
+            attention_mask[r, at:at + n] = k
+            at += n
     images = []
-    for row, sample in enumerate(samples):
-        has = sample["pixel_values"] is not None
-        if int(image_counts[row]) != int(has):
-            raise LlavaMinError(f"sample {sample['index']} (id {sample['id']!r}): {int(image_counts[row])} image "
+    for sample in samples:
+        has, placeholders = sample["pixel_values"] is not None, int((sample["input_ids"] == IMAGE_TOKEN_INDEX).sum())
+        if placeholders != int(has):
+            raise LlavaMinError(f"sample {sample['index']} (id {sample['id']!r}): {placeholders} image "
                                 f"placeholders but {int(has)} images")
         if has:
             images.append(sample["pixel_values"])
@@ -568,9 +598,9 @@ def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
     pixel_values = None
     if images:
         out = shared_empty((len(images), *images[0].shape), images[0].dtype) if shared else None
-        pixel_values = torch.stack(images, out=out)  # (n_images, 3, H, W)
+        pixel_values = torch.stack(images, out=out)  # (n_images, 3, H, W), in row order
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": pixel_values, "image_counts": image_counts,
+            "pixel_values": pixel_values, "image_counts": (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1),
             "ids": [s["id"] for s in samples], "indices": [s["index"] for s in samples],
             "num_truncated": sum(bool(s.get("truncated")) for s in samples)}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.varlen import varlen_attn
 from torch.utils.checkpoint import checkpoint
 
 from . import LlavaMinError, weights
@@ -129,6 +130,45 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+@dataclass
+class Packing:
+    """Where the samples of packed rows lie in the flattened (B * T) positions: attention stays inside each."""
+    cu_seqlens: torch.Tensor    # (n + 1,) int32 start offsets and the end; every row start is a boundary
+    max_len: int                # the longest piece (a sample, or a row's trailing padding)
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> tuple["Packing", torch.Tensor]:
+        """attention_mask (B, T), k > 0 on the k-th sample of a row, 0 on padding -> (Packing, position_ids (B, T)),
+        the positions restarting at 0 on each sample (the trailing padding of a row counts as one more piece)."""
+        B, T = attention_mask.shape
+        seg = attention_mask.flatten()                                           # (B * T,)
+        start = torch.ones_like(seg, dtype=torch.bool)
+        start[1:] = seg[1:] != seg[:-1]
+        start[::T] = True                                                        # a sample never crosses rows
+        starts = start.nonzero().squeeze(1)                                      # (n,)
+        cu = torch.cat([starts, starts.new_tensor([B * T])])                     # (n + 1,)
+        lengths = cu.diff()
+        positions = torch.arange(B * T, device=seg.device) - starts.repeat_interleave(lengths)
+        return cls(cu.to(torch.int32), int(lengths.max())), positions.view(B, T)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Causal attention inside each packed piece. q (B, n_heads, T, hd), k and v (B, n_kv, T, hd) -> (B * T, n_heads, hd).
+    CUDA: one variable-length flash-attention call. Elsewhere: one SDPA call per piece, exact; a dense
+    block-diagonal mask computes every cross-sample score only to mask it (measured 7x slower on a CPU)."""
+    B, H, T, hd = q.shape
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))   # (B * T, heads, hd)
+    if q.is_cuda:
+        return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len,
+                           window_size=(-1, 0), enable_gqa=H != k.shape[1])      # (-1, 0): causal
+    bounds = packing.cu_seqlens.tolist()
+    piece = lambda t, s, e: t[s:e].transpose(0, 1)[None]      # noqa: E731  (1, heads, L, hd): the fused kernel's
+    out = [F.scaled_dot_product_attention(piece(q, s, e), piece(k, s, e), piece(v, s, e), is_causal=True,
+                                          enable_gqa=H != k.shape[1])[0].transpose(0, 1)           # (L, H, hd)
+           for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(out)                                                         # (B * T, n_heads, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, config: InternLM2Config):
         super().__init__()
@@ -138,6 +178,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.bias)
 
     def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None = None, layer: int = 0):
+        """mask: None (causal, or no mask), a boolean (B, 1, T, S) mask, or the Packing of packed rows."""
         B, T, _ = x.shape
         G, hd = self.groups, self.head_dim
         # One matmul for q, k and v. Its output features are laid out per KV group: for each of the n_kv groups,
@@ -157,6 +198,9 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)                      # (B, n_kv, past + T, head_dim)
             k, v = k.to(q.dtype), v.to(q.dtype)                   # no-op unless autocast changed the dtype
 
+        if isinstance(mask, Packing):
+            out = packed_attention(q, k, v, mask).reshape(B, T, self.n_heads * hd)
+            return self.wo(out)
         if T == 1 and G > 1:
             # One new token: the G query heads of a group share one key/value head, so they are G query rows
             # against that head; no KV repeat, no GQA path needed.
@@ -261,6 +305,8 @@ class InternLM2(nn.Module):
         """(B, T, hidden) embeddings -> (B, T, hidden) final-normed states.
 
         attention_mask: (B, past + T), 1 = real token, 0 = padding; past = cache.length, 0 without a cache.
+                        Packed rows (no cache): k on the k-th sample of a row; attention stays inside each sample
+                        and the positions restart at 0 on each (position_ids is then ignored).
         position_ids:   (B or 1, T), default past, past + 1, ...; with left padding cumsum(attention_mask) - 1.
         cache:          a `new_cache(...)`; this call appends its T tokens and advances cache.length.
         """
@@ -272,8 +318,12 @@ class InternLM2(nn.Module):
                                 "Create it with a larger max_len")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device)[None]      # (1, T)
+        if cache is None and attention_mask is not None and bool(attention_mask.max() > 1):
+            mask, position_ids = Packing.from_mask(attention_mask.to(device))
+            is_causal = True
+        else:
+            mask, is_causal = _attention_mask(attention_mask, B, T, past, device)
         cos, sin = rotary_tables(self.config, position_ids, inputs_embeds.dtype)
-        mask, is_causal = _attention_mask(attention_mask, B, T, past, device)
         x = inputs_embeds
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):

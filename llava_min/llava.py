@@ -57,7 +57,7 @@ class LLaVAOutput:
     hidden: torch.Tensor                  # (B, T', D) final-normed LLM states, T' = T + (N - 1) per image
     head: nn.Module                       # the LLM's output projection
     labels: torch.Tensor | None           # (B, T') spliced labels, -100 where unsupervised
-    attention_mask: torch.Tensor          # (B, T') 1 for real positions
+    attention_mask: torch.Tensor          # (B, T') > 0 on real positions (k on a packed row's k-th sample)
     loss: torch.Tensor | None = None      # mean next-token loss over supervised positions (None without labels)
     loss_sum: torch.Tensor | None = None  # summed loss, for normalising by a global token count
     num_tokens: int = 0                   # supervised positions in this batch
@@ -79,17 +79,21 @@ class LLaVA(nn.Module):
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 loss_chunk: int = 1024) -> LLaVAOutput:
         """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image; pixel_values (n_images, 3, H, W) in row-major
-        order of the placeholders; labels (B, T), -100 where unsupervised; attention_mask (B, T), 1 = real."""
+        order of the placeholders; labels (B, T), -100 where unsupervised; attention_mask (B, T), 1 = real, 0 =
+        padding, or for packed rows (`collate_packed`) k on the k-th sample of a row: each sample then attends
+        only to itself, from position 0, as if it were alone in its row."""
         embeds, labels, mask = self.embed(input_ids, pixel_values, labels, attention_mask)
         # Right padding (what `collate` makes) needs no mask: causal attention already keeps the trailing pads
         # away from every real position, and the kernel's causal fast path is quicker than an explicit mask.
+        # Packed rows fail this test (the sample numbers rise along a row) and go to the LLM's packed path.
         right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
         hidden = self.llm.forward_hidden(embeds, attention_mask=None if right_padded else mask)   # (B, T', D)
         out = LLaVAOutput(hidden=hidden, head=self.llm.output, labels=labels, attention_mask=mask)
         if labels is not None:
             # Position t predicts token t + 1; only the supervised positions go through the output head.
             supervised = torch.zeros_like(labels, dtype=torch.bool)
-            supervised[:, :-1] = labels[:, 1:] != IGNORE_INDEX                  # (B, T')
+            # A packed sample's last position has the next sample's first token after it: not a target.
+            supervised[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & (mask[:, 1:] == mask[:, :-1])   # (B, T')
             targets = labels[:, 1:][supervised[:, :-1]]                         # (n,) row-major, as hidden[supervised]
             out.loss_sum, out.num_tokens = self._loss_sum(hidden[supervised], targets, loss_chunk)
             out.loss = out.loss_sum / max(out.num_tokens, 1)
@@ -129,7 +133,9 @@ class LLaVA(nn.Module):
 
         # Expand each placeholder to its N positions: output column j of a row comes from the input position t
         # whose span [end[t - 1], end[t]) holds j; columns past the row's end (rows with fewer images) are padding.
-        end = torch.where(is_image, feats.shape[1], 1).cumsum(1)                 # (B, T)
+        # A row's trailing padding takes no columns, so T' is the longest row's real length, whatever the images.
+        trailing = (attention_mask > 0).flip(1).cumsum(1).flip(1) == 0          # (B, T) after the last real one
+        end = torch.where(is_image, feats.shape[1], (~trailing).long()).cumsum(1)   # (B, T)
         cols = torch.arange(int(end[:, -1].max()), device=input_ids.device).repeat(B, 1)   # (B, T')
         src = torch.searchsorted(end, cols, right=True)                          # (B, T'), T past the end
         past_end = src == T

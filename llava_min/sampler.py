@@ -27,19 +27,31 @@ drop_last=False keeps every sample: the last, short batch is filled up with the 
 
 `global_batch(step)` takes a step counted over all epochs, so resuming at step k needs no replay: the
 epoch's order is built once (O(N log N)) and cached, and any step of it is then an O(1) lookup.
+
+With pack=N (--pack N), the units of a global batch are packs, planned rows of at most N positions by the
+length estimates, and global_batch_size counts packs (batch x processes x accumulation rows per step). Each
+epoch: shuffle all samples (modalities mixed: a pack is never padded, so grouping gains nothing); in windows of
+PACK_WINDOW samples, longest first, put each sample into the fullest pack it still fits (best-fit decreasing:
+a few percent of padding); shuffle the packs; cut them into steps, each step's packs fullest first, the step
+holding the epoch's fullest pack first. The pack count varies a little by epoch; steps_per_epoch is epoch 0's,
+and another epoch drops its surplus packs or repeats its first ones. `local_batch` hands a rank its packs'
+samples; `data.collate_packed` lays them into rows by their real lengths.
 """
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from typing import Iterator, Sequence
 
 import numpy as np
+
+PACK_WINDOW = 4096    # samples packed together: larger fills packs better, smaller keeps the order more random
 
 
 class GlobalBatchSampler:
     """Global batches of sample indices by step; see the module docstring for the order."""
 
     def __init__(self, lengths: Sequence[int], global_batch_size: int, seed: int = 0,
-                 group_by_length: bool = True, drop_last: bool = True):
+                 group_by_length: bool = True, drop_last: bool = True, pack: int = 0):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1:
             raise ValueError(f"lengths must be a flat list of per-sample lengths, got shape {self.lengths.shape}")
@@ -50,15 +62,19 @@ class GlobalBatchSampler:
             raise ValueError(f"sample {int(zero[0])} has length 0 ({zero.size} samples in all): lengths must be "
                              f"positive for samples with an image and negative for text-only ones")
         n = len(self.lengths)
+        self.seed, self.pack = seed, pack
+        self._cached_epoch, self._cached_batches = None, None
+        if pack:
+            self.packs, self._packs_epoch = self._pack_epoch(0), 0   # steps_per_epoch: from epoch 0's pack count
+            n = len(self.packs)
         if n < global_batch_size:
-            raise ValueError(f"the data set has {n} samples, fewer than one global batch of {global_batch_size}; "
-                             f"lower --batch-size / --grad-accum or the number of processes, or add data")
+            raise ValueError(f"the data set has {n} {'packs' if pack else 'samples'}, fewer than one global batch "
+                             f"of {global_batch_size}; lower --batch-size / --grad-accum or the number of "
+                             "processes, or add data")
         self.global_batch_size = global_batch_size
-        self.seed = seed
         self.group_by_length = group_by_length
         self.drop_last = drop_last
         self.steps_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
-        self._cached_epoch, self._cached_batches = None, None
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -68,17 +84,58 @@ class GlobalBatchSampler:
 
     def global_batch(self, step: int) -> list[int]:
         """The sample indices of optimizer step `step` (0-based, counted over all epochs)."""
+        return self._samples(step, 0, self.global_batch_size)
+
+    def _samples(self, step: int, start: int, stop: int) -> list[int]:
+        """The samples of units start..stop-1 of a step's global batch (units: samples, or packs)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
-        return self.epoch_batches(epoch)[within].tolist()
+        units = self.epoch_batches(epoch)[within, start:stop].tolist()
+        return [i for u in units for i in self.packs[u]] if self.pack else units
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        """All global batches of one epoch, (steps_per_epoch, global_batch_size); cached for the last epoch."""
+        """All global batches of one epoch, (steps_per_epoch, global_batch_size); cached for the last epoch.
+        With packing, the entries index `self.packs`, the sample lists of the epoch's packs."""
         if self._cached_epoch != epoch:
-            self._cached_batches = self._build_epoch(epoch)
+            self._cached_batches = self._build_packed_epoch(epoch) if self.pack else self._build_epoch(epoch)
             self._cached_epoch = epoch
         return self._cached_batches
+
+    def _pack_epoch(self, epoch: int) -> list[list[int]]:
+        """One epoch's packs, in shuffled order: best-fit decreasing within windows of shuffled samples."""
+        rng = np.random.default_rng((self.seed, epoch, 1))   # its own stream: the unpacked order is unchanged
+        size = np.minimum(np.abs(self.lengths), self.pack)   # a sample is cut at --max-length <= N (train.py)
+        order = rng.permutation(len(size))
+        packs = []
+        for w in range(0, len(order), PACK_WINDOW):
+            window = order[w:w + PACK_WINDOW]
+            free = []                                        # sorted (room left, pack) of this window's packs
+            for i in window[np.argsort(-size[window], kind="stable")].tolist():
+                n = int(size[i])
+                at = bisect_left(free, (n, -1))              # the fullest pack with room for n
+                if at < len(free):
+                    room, p = free.pop(at)
+                else:
+                    room, p = self.pack, len(packs)
+                    packs.append([])
+                packs[p].append(i)
+                insort(free, (room - n, p))
+        return [packs[p] for p in rng.permutation(len(packs))]
+
+    def _build_packed_epoch(self, epoch: int) -> np.ndarray:
+        if self._packs_epoch != epoch:
+            self.packs, self._packs_epoch = self._pack_epoch(epoch), epoch
+        steps, size = self.steps_per_epoch, self.global_batch_size
+        units = np.arange(steps * size) % len(self.packs)   # surplus packs dropped, or the first ones repeated
+        length = np.minimum(np.abs(self.lengths), self.pack)
+        total = np.array([length[p].sum() for p in self.packs])
+        longest = np.array([length[p].max() for p in self.packs])
+        fill = total * (self.pack + 1) + longest             # fullest first; among the fullest, the longest sample
+        batches = units.reshape(steps, size)                 # (steps_per_epoch, packs per step)
+        batches = np.take_along_axis(batches, np.argsort(-fill[batches], axis=1, kind="stable"), axis=1)
+        first = int(np.argmax(fill[batches[:, 0]]))
+        return np.concatenate([batches[first:first + 1], np.delete(batches, first, axis=0)])
 
     def _build_epoch(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, epoch))  # a seed sequence: no (seed, epoch) pairs collide
@@ -134,7 +191,7 @@ class GlobalBatchSampler:
         micro = self.global_batch_size // pieces
         slot = rank if micro_step % 2 == 0 else world_size - 1 - rank
         piece = micro_step * world_size + slot
-        return self.global_batch(step)[piece * micro:(piece + 1) * micro]
+        return self._samples(step, piece * micro, (piece + 1) * micro)
 
     def batches_for_rank(self, rank: int = 0, world_size: int = 1, grad_accum: int = 1, start_step: int = 0,
                          stop_step: int | None = None) -> Iterator[list[int]]:

@@ -29,6 +29,7 @@ def test_gpu_bench_smoke():
     (["bench/memory.py", "--smoke"], ["transformers / llava-min", "checkpointing on / off"]),
     (["bench/loader.py", "--samples", "48", "--repeats", "1", "--workers", "0", "2"], ["ours / torch"]),
     (["bench/scale.py", "startup", "--smoke"], ["LLaVADataset / json.load: time"]),
+    (["bench/packing.py", "--smoke"], ["tokens/s packed / padded", "padding"]),
 ])
 def test_cpu_benches_run_and_print_their_ratios(args, words):
     out = run_bench(*args)

@@ -519,7 +519,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     parts = llava.parse_parts(get("train", "projector,llm"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = [Path(f) for f in get("data", [])]
-    return Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
+    plan = Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
                 train=tuple(p for p in llava.PARTS if p in parts), lora_r=get("lora_r", 0),
                 lora_dropout=get("lora_dropout", 0.05), batch_size=get("batch_size", 16),
                 max_length=get("max_length", 2048), image_size=image_size or 336,
@@ -530,6 +530,15 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
                 nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                 num_workers=get("num_workers", 4), data_bytes=sum(f.stat().st_size for f in data if f.is_file()),
                 shard_bytes=_largest_file([get("llm"), get("vit"), init and init / "llm", init and init / "vit"]))
+    return packed_row(plan, get("pack", 0))
+
+
+def packed_row(plan: Plan, pack: int) -> Plan:
+    """--pack N: a row is N positions of whole samples, each with at most one image; booked as N positions with
+    as many images as fit (every image with at least one text token), an upper bound for the ViT's share."""
+    if not pack:
+        return plan
+    return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -626,6 +635,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-length", type=int, default=2048, help="LLM sequence, image tokens included")
     p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--pack", type=int, default=0, help="packed rows of this many positions (--batch-size rows)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--zero", action="store_true", help="ZeRO-1: shard the optimizer state over the ranks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
