@@ -225,7 +225,10 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
 
     # ---- model ----------------------------------------------------------------------------------
-    model = build_model(args, tok, src, parts, compute_dtype, device)
+    sharded = args.fsdp and d.world_size > 1
+    on = fsdp.load_device(d) if sharded else device      # under --fsdp only rank 0 reads the weights (on the CPU)
+    with torch.device(on) if on.type == "meta" else contextlib.nullcontext():   # fresh parts built on meta too
+        model = build_model(args, tok, src, parts, compute_dtype, on)
     model.requires_grad_(False)
     for name in parts:
         getattr(model, name).requires_grad_(True)
@@ -250,7 +253,7 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     print0(f"parameters: {n_all:,} total, {n_train:,} trained ({', '.join(sorted(parts))}"
            f"{', LoRA' if args.lora_r else ''})")
 
-    if args.fsdp and d.world_size > 1:
+    if sharded:
         # Each rank keeps 1/world_size of every decoder layer (and trained ViT block); before the optimizer,
         # which then holds fp32 state for this rank's shards only (llava_min/fsdp.py).
         with dist.collective(d, "FSDP set-up (device mesh)"):

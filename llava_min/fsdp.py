@@ -1,5 +1,6 @@
 """Sharded training for `train.py --fsdp`: PyTorch's FSDP2 (`fully_shard`) and distributed checkpoints (DCP).
 
+    model = build(on=fsdp.load_device(d))            # rank 0: the weights (on CPU); the others: meta, no storage
     fsdp.shard(model, d, compute_dtype)              # after freezing / LoRA, before the optimizer is built
     model.set_requires_gradient_sync(last)           # in forward_backward: reduce-scatter on the last micro-step only
     fsdp.clip_gradients(model, 1.0, d, step)         # the global norm over every rank's shards
@@ -16,12 +17,14 @@ modules), so state dicts and checkpoints use the same names with and without sha
 """
 from __future__ import annotations
 
+import resource
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -42,9 +45,24 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def load_device(d: "dist.Dist") -> torch.device:
+    """Where a rank builds the model before `shard`: rank 0 on the CPU (a loaded tensor stays a view of its
+    memory-mapped file), every other rank on the meta device (shapes, dtypes, requires_grad; no storage)."""
+    return torch.device("cpu" if d.rank == 0 else "meta")
+
+
 def shard(model: LLaVA, d: "dist.Dist", compute_dtype: torch.dtype) -> None:
-    """Turn `model` (on d.device, trained parameters fp32, frozen ones in compute_dtype) into FSDP2 units, in place.
-    Each rank keeps only its 1/world_size of every unit's parameters; the whole tensors are freed here."""
+    """Turn `model` (built where `load_device` says, trained parameters fp32, frozen ones in compute_dtype) into
+    FSDP2 units on d.device, in place, holding rank 0's weights. Each rank allocates only its 1/world_size of every
+    unit (and the frozen ViT whole), then rank 0 broadcasts the tensors one by one and each rank copies its slice:
+    no rank ever holds the whole model on its device. A collective: every rank calls it."""
+    built_on = {str(t.device) for t in model.state_dict().values()}
+    # Rank 0's whole tensors (the state dict holds them), then its module goes to meta like the others': every
+    # rank shards and allocates the same way, and rank 0's device never holds a whole unit either.
+    full = model.state_dict() if d.rank == 0 else {}
+    model.to("meta")
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     # bf16 all-gathers and compute, fp32 gradient reduce-scatters; the shards themselves stay in their dtype, so
     # the optimizer updates fp32 master weights. In fp32 there is nothing to cast.
@@ -60,6 +78,22 @@ def shard(model: LLaVA, d: "dist.Dist", compute_dtype: torch.dtype) -> None:
             fully_shard(block, mesh=mesh, mp_policy=mp)
     # The root: everything not in a unit above (the LLaVA forward is what runs, so its hooks gather these first).
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=None if vit_trains else set(model.vit.parameters()))
+    model.to_empty(device=d.device)     # this rank's shards, the ignored ViT and the buffers: allocated, not filled
+    with dist.collective(d, "loading: rank 0 broadcasts the weights into every rank's shards"):
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Rank 0's generator drew the fresh weights; the others drew nothing on meta. Every rank continues from
+        # rank 0's stream, as when every rank built the whole model (dropout masks as under DDP).
+        torch.set_rng_state(dist.all_gather_object(d, torch.get_rng_state(), what="rank 0's RNG state")[0])
+    del full
+    held = sum(_local(t).numel() * t.element_size() for t in model.state_dict().values())
+    whole = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    peak = (f"peak GPU memory {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB" if d.device.type == "cuda"
+            else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")   # ru_maxrss: KiB
+    d.log(f"FSDP load: built on {', '.join(sorted(built_on))}; holds {held:,} of the model's {whole:,} bytes; {peak}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()

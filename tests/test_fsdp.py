@@ -2,14 +2,17 @@
 
 Proves: FSDP on 2 processes gives the same per-step losses and final weights as 1 process without sharding
 (1e-5, fp32) with the ViT trained (--train all), with gradient accumulation and checkpointing together, and
-with LoRA on a frozen ViT (kept outside the sharded graph); its checkpoints hold one DCP file per rank and no
-frozen tensor; SIGKILL after a checkpoint, then --resume: bit-identical final weights under FSDP; a checkpoint
-saved by 2 FSDP processes resumed by 1 process without --fsdp continues the same losses; a rank frozen with
-SIGSTOP in the middle of a step ends the job within --dist-timeout + 60 s, the waiting rank naming the FSDP
-collective and the silent rank, nothing left running; bench/gpu.py --smoke --fsdp runs the sharded step.
+with LoRA on a frozen ViT (kept outside the sharded graph); rank 0 alone reads the weights and broadcasts them,
+rank 1 builds on the meta device and holds its shards only (and the frozen ViT); its checkpoints hold one DCP
+file per rank and no frozen tensor; SIGKILL after a checkpoint, then --resume: bit-identical final weights under
+FSDP; a checkpoint saved by 2 FSDP processes resumed by 1 process without --fsdp continues the same losses; a
+rank frozen with SIGSTOP in the middle of a step ends the job within --dist-timeout + 60 s, the waiting rank
+naming the FSDP collective and the silent rank, nothing left running; bench/gpu.py --smoke --fsdp runs the
+sharded step.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,11 +62,24 @@ def resume_from(src: Path, step: int, dest: Path) -> None:
     (dest / "metrics.jsonl").write_text("".join((src / "metrics.jsonl").read_text().splitlines(True)[:step]))
 
 
+def assert_loaded_from_rank0(stdout: str, vit_sharded: bool) -> None:
+    """Each rank's "FSDP load:" line: rank 0 read the weights on the CPU, rank 1 built on meta and holds its
+    shards only (about half of the model; plus the whole frozen ViT when the ViT is outside the sharded graph)."""
+    found = dict((int(r), (on, int(held.replace(",", "")), int(whole.replace(",", "")))) for r, on, held, whole in
+                 re.findall(r"\[rank (\d)\] FSDP load: built on (\w+); holds ([\d,]+) of the model's ([\d,]+) bytes",
+                            stdout))
+    assert sorted(found) == [0, 1], stdout[-3000:]
+    assert found[0][0] == "cpu" and found[1][0] == "meta", found
+    (_, held0, whole), (_, held1, _) = found[0], found[1]
+    assert held0 + held1 >= whole and held1 < (0.55 if vit_sharded else 0.95) * whole, found
+
+
 def test_fsdp_on_two_processes_matches_one_process(shapes, tmp_path):
     common = ["--train", "all", "--max-steps", "3", "--lr", "1e-3"]
     one, two, accum = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
     run([PY, *stage1_args(shapes, one, "--batch-size", 8, *common)])
-    run(torchrun(*stage1_args(shapes, two, "--batch-size", 4, "--save-every", 2, "--fsdp", *common)), timeout=300)
+    p = run(torchrun(*stage1_args(shapes, two, "--batch-size", 4, "--save-every", 2, "--fsdp", *common)), timeout=300)
+    assert_loaded_from_rank0(p.stdout, vit_sharded=True)
     run(torchrun(*stage1_args(shapes, accum, "--batch-size", 2, "--grad-accum", 2, "--grad-checkpointing", "--fsdp",
                               *common)), timeout=300)
     ref = losses(one)
@@ -93,7 +109,7 @@ def test_fsdp_lora_and_sigkill_then_resume_is_bit_identical(shapes, tmp_path):
     one, full, cut = tmp_path / "one", tmp_path / "full", tmp_path / "cut"
     run([PY, *stage1_args(shapes, one, "--batch-size", 8, *common)])
     fsdp_cmd = lambda out, *more: torchrun(*stage1_args(shapes, out, "--batch-size", 4, "--fsdp", *common, *more))  # noqa
-    run(fsdp_cmd(full), timeout=300)
+    assert_loaded_from_rank0(run(fsdp_cmd(full), timeout=300).stdout, vit_sharded=False)
     assert losses(full) == pytest.approx(losses(one), abs=1e-5)
     assert_same_weights(one, full)
 

@@ -103,7 +103,8 @@ class Estimate:
     logits: int
     cuda_context: int
     fsdp_gathered: int = 0           # FSDP: whole (all-gathered) units and their unsharded gradients, live at once
-    load_peak: int = 0               # FSDP: a rank's GPU bytes while loading, before the model is sharded
+    load_peak: int = 0               # FSDP: a rank's GPU bytes while rank 0 broadcasts the weights
+    load_host_rank0: int = 0         # FSDP: rank 0's host bytes then (the whole model, read on the CPU)
     total: int = 0
 
     @property
@@ -321,12 +322,17 @@ def estimate(plan: Plan) -> Estimate:
     if plan.fsdp and world > 1:
         # Every tensor of the sharded graph split over the ranks; a frozen ViT is outside it, whole on each rank.
         outside = p["vit"] * plan.act_bytes if "vit" not in plan.train else 0
-        e.load_peak = e.weights                         # each rank loads the whole model, then keeps its shards
+        e.load_host_rank0 = e.weights                   # rank 0 alone reads the whole model, on the CPU
         e.weights = (e.weights - outside) // world + outside
         e.gradients //= world
         e.optimizer = optimizer_unsharded // world
         e.autocast_copies = 0                           # the bf16 all-gathers are the compute copies
         e.fsdp_gathered = fsdp_gathered_bytes(plan)
+        # Every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives whole
+        # from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight.
+        c = plan.llm
+        e.load_peak = e.weights + max(c.vocab_size, c.intermediate_size) * c.hidden_size * (
+            4 if plan.llm_mode == "full" else plan.act_bytes)
     static = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
               + e.fsdp_gathered)
     e.total = static + max(e.activation_total + e.logits, e.vit_transient)
@@ -579,7 +585,8 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
         f"  optimizer (AdamW m, v)           {g(e.optimizer)}   {optimizer_note}",
         f"  autocast bf16 weight copies      {g(e.autocast_copies)}",
     ] + ([f"  FSDP gathered units + grads      {g(e.fsdp_gathered)}   root + 2 decoder layers whole (prefetch), "
-          f"unsharded grads of root + 1 layer; at load, before sharding: {e.load_peak / GiB:.2f}"] if fsdp else []) + [
+          f"unsharded grads of root + 1 layer; at load: {e.load_peak / GiB:.2f} (shards + 1 tensor; "
+          f"rank 0's host RAM {e.load_host_rank0 / GiB:.2f})"] if fsdp else []) + [
         f"  activations                      {g(e.activation_total)}   "
         f"(checkpointing {ckpt}; {'off' if plan.grad_checkpointing else 'on'}: {e.activations_other_mode / GiB:.2f})",
     ]
