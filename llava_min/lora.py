@@ -34,9 +34,10 @@ class LoRALinear(nn.Module):
         # fp32 adapters whatever the base dtype, so that AdamW updates small values exactly. A starts as nn.Linear's
         # default, B at zero: the adapted layer equals the base at init (PEFT's `reset_lora_parameters`).
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
+        # A is drawn on the CPU whatever the device: the same starting adapters on CPU and GPU, sharded or not.
+        lora_a = nn.init.kaiming_uniform_(torch.empty(r, self.in_features, device="cpu"), a=math.sqrt(5))
+        self.lora_A = nn.Parameter(lora_a.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()   # on A's input only, as PEFT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
