@@ -37,6 +37,25 @@ def finish(proc: subprocess.Popen, limit: float) -> tuple[int, float, str]:
     return rc, time.monotonic() - t0, proc.log.read_text()
 
 
+def freeze_inside(pid: int, phase_of, wanted, what: str) -> str:
+    """SIGSTOP `pid` while the other rank waits in a collective that `wanted(phase)` recognises; returns that phase.
+
+    Where a stop lands is luck, so: stop, let the other rank run into its next collective (which needs the
+    stopped one), read its phase from its heartbeat; if it is another collective, let the stopped rank go on a
+    little and try again.
+    """
+    phase = ""
+    for _ in range(40):
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(1.2)                         # the other rank's watcher writes its phase every 0.5 s
+        phase = phase_of()
+        if wanted(phase):
+            return phase
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.13)
+    raise AssertionError(f"the other rank was never seen waiting in {what} (last: {phase!r})")
+
+
 def wait_for(cond, limit: float, what: str, proc: subprocess.Popen):
     """Poll `cond` until it returns something true; fail if the job ends first or `limit` s pass."""
     deadline = time.monotonic() + limit

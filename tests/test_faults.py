@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from _procs import finish, kill_session, start as _start, wait_for
+from _procs import finish, freeze_inside, kill_session, start as _start, wait_for
 from llava_min.tools.hang import read_heartbeat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,20 +278,9 @@ def test_sigstopped_rank_mid_step_is_named_by_the_waiting_rank(shapes, tmp_path)
     try:
         wait_for(lambda: read_heartbeat(out, 1).get("step", 0) >= 2, 60, "two training steps", proc)
         pid = read_heartbeat(out, 0)["pid"]
-        # Freeze rank 0 inside its forward/backward while rank 1 waits in DDP's gradient all-reduce (where
-        # most of a step's waiting happens). Where a SIGSTOP lands is luck, so: stop rank 0, let rank 1 run
-        # into the next collective, which needs rank 0, and read from its heartbeat which one it is; if it is
-        # another, let rank 0 go on a little and try again.
-        for _ in range(40):
-            os.kill(pid, signal.SIGSTOP)
-            time.sleep(1.2)                         # rank 1's watcher writes its phase every 0.5 s
-            phase = read_heartbeat(out, 1).get("phase", "")
-            if "DDP" in phase and "backward" in phase:
-                break
-            os.kill(pid, signal.SIGCONT)
-            time.sleep(0.13)
-        else:
-            raise AssertionError(f"rank 1 was never seen waiting in DDP's gradient all-reduce (last: {phase!r})")
+        # Freeze rank 0 while rank 1 waits in DDP's gradient all-reduce (where most of a step's waiting happens).
+        freeze_inside(pid, lambda: read_heartbeat(out, 1).get("phase", ""), lambda p: "DDP" in p and "backward" in p,
+                      "DDP's gradient all-reduce")
         rc, seconds, log = finish(proc, TIMEOUT + 60)
         assert rc != 0 and seconds < TIMEOUT + 60
         assert "DDP gradient all-reduce" in frozen_rank_report(log, out, survivor=1, frozen=0, pid=pid,

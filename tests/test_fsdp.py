@@ -10,20 +10,17 @@ rank frozen with SIGSTOP in the middle of a step ends the job within --dist-time
 naming the FSDP collective and the silent rank, nothing left running; bench/gpu.py --smoke --fsdp runs the
 sharded step.
 """
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from _procs import finish, kill_session, start, wait_for
+from _procs import finish, freeze_inside, kill_session, start, wait_for
 from llava_min.tools.hang import read_heartbeat
 from test_faults import assert_nothing_left, frozen_rank_report
 from test_train import losses, run, stage1_args, weights
@@ -143,17 +140,9 @@ def test_sigstopped_rank_mid_step_under_fsdp_is_named(shapes, tmp_path):
     try:
         wait_for(lambda: read_heartbeat(out, 1).get("step", 0) >= 2, 60, "two training steps", proc)
         pid = read_heartbeat(out, 0)["pid"]
-        # Stop rank 0 and read where rank 1 waits; retry until it waits inside FSDP's forward/backward.
-        for _ in range(40):
-            os.kill(pid, signal.SIGSTOP)
-            time.sleep(1.2)                         # rank 1's watcher writes its phase every 0.5 s
-            phase = read_heartbeat(out, 1).get("phase", "")
-            if "FSDP all-gather" in phase:
-                break
-            os.kill(pid, signal.SIGCONT)
-            time.sleep(0.13)
-        else:
-            raise AssertionError(f"rank 1 was never seen waiting in FSDP's forward/backward (last: {phase!r})")
+        # Stop rank 0 while rank 1 waits inside FSDP's forward/backward.
+        freeze_inside(pid, lambda: read_heartbeat(out, 1).get("phase", ""), lambda p: "FSDP all-gather" in p,
+                      "FSDP's forward/backward")
         rc, seconds, log = finish(proc, TIMEOUT + 60)
         assert rc != 0 and seconds < TIMEOUT + 60
         what = frozen_rank_report(log, out, survivor=1, frozen=0, pid=pid, timeout=TIMEOUT)
