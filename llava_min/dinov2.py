@@ -370,4 +370,4 @@ def load_config(name_or_path) -> DINOv2Config:
 
 def num_parameters(config: DINOv2Config) -> int:
     """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta device."""
-    return sum(t.numel() for t in weights.build_on_meta(lambda: DINOv2(config)).state_dict().values())
+    return weights.numel_on_meta(lambda: DINOv2(config), repr(config))

@@ -441,4 +441,4 @@ def load_config(name_or_path: str | os.PathLike) -> InternLM2Config:
 
 def num_parameters(config: InternLM2Config) -> int:
     """Parameter count (7,737,708,544 for internlm2-7b), counted on the meta device."""
-    return sum(p.numel() for p in weights.build_on_meta(lambda: InternLM2(config)).parameters())
+    return weights.numel_on_meta(lambda: InternLM2(config), repr(config))
