@@ -18,8 +18,10 @@ $(VENV)/.ready: requirements.txt requirements-test.txt
 
 setup: $(VENV)/.ready
 
+# Three pytest workers on two cores: the SIGSTOP and timeout tests mostly wait (tests/conftest.py starts them
+# first), so the CPU-bound tests run beside them.
 test: setup
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 3 --dist load tests
 
 demo: setup
 	bash data/demo.sh $(PYTHON)

@@ -91,6 +91,7 @@ def reached(out: Path, rank: int, step: int) -> dict | None:
     return beat if beat.get("step", 0) >= step else None
 
 
+@pytest.mark.waits
 def test_sigstopped_rank_ends_the_job_with_a_named_timeout(tmp_path):
     out, timeout = tmp_path / "out", 4
     proc = launch("steps", out, timeout)

@@ -248,6 +248,7 @@ def frozen_rank_report(log: str, out: Path, survivor: int, frozen: int, pid: int
 TIMEOUT = 10
 
 
+@pytest.mark.waits
 def test_sigstopped_rank_at_start_up_is_named_by_the_waiting_rank(shapes, tmp_path):
     # Rank 0 freezes while it reads the data set (the 4-GPU story: one rank busy for ever, the others
     # waiting). 24,000 samples make that phase last a second or more, long enough to stop rank 0 inside it.
@@ -271,6 +272,7 @@ def test_sigstopped_rank_at_start_up_is_named_by_the_waiting_rank(shapes, tmp_pa
         kill_session(proc)
 
 
+@pytest.mark.waits
 def test_sigstopped_rank_mid_step_is_named_by_the_waiting_rank(shapes, tmp_path):
     out = tmp_path / "out"
     proc = start(torchrun(*train_cmd(shapes, shapes / "pretrain.json", out, "--batch-size", 4, "--max-steps", 100000,

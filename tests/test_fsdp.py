@@ -132,6 +132,7 @@ def test_fsdp_lora_and_sigkill_then_resume_is_bit_identical(shapes, tmp_path):
 TIMEOUT = 10
 
 
+@pytest.mark.waits
 def test_sigstopped_rank_mid_step_under_fsdp_is_named(shapes, tmp_path):
     out = tmp_path / "out"
     proc = start(torchrun(*stage1_args(shapes, out, "--batch-size", 4, "--max-steps", 100000, "--save-every", 100000,
