@@ -90,10 +90,8 @@ class LLaVA(nn.Module):
         hidden = self.llm.forward_hidden(embeds, attention_mask=None if right_padded else mask)   # (B, T', D)
         out = LLaVAOutput(hidden=hidden, head=self.llm.output, labels=labels, attention_mask=mask)
         if labels is not None:
-            # Position t predicts token t + 1; only the supervised positions go through the output head.
-            supervised = torch.zeros_like(labels, dtype=torch.bool)
-            # A packed sample's last position has the next sample's first token after it: not a target.
-            supervised[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & (mask[:, 1:] == mask[:, :-1])   # (B, T')
+            # Only the supervised positions go through the output head.
+            supervised = trained_positions(labels, mask)                       # (B, T')
             targets = labels[:, 1:][supervised[:, :-1]]                         # (n,) row-major, as hidden[supervised]
             out.loss_sum, out.num_tokens = self._loss_sum(hidden[supervised], targets, loss_chunk)
             out.loss = out.loss_sum / max(out.num_tokens, 1)
@@ -262,6 +260,15 @@ class LLaVA(nn.Module):
     def set_gradient_checkpointing(self, flag: bool = True) -> None:
         self.llm.set_gradient_checkpointing(flag)
         self.vit.set_gradient_checkpointing(flag)
+
+
+def trained_positions(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions whose next token is a target. Position t predicts token t + 1 when that token
+    is supervised and in the same sample: a packed sample's last position has the next sample's first token
+    after it (packed rows number their samples 1, 2, ... in the mask). train.py counts these to normalise."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & (mask[:, 1:] == mask[:, :-1])
+    return keep
 
 
 def _cols(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
