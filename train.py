@@ -29,13 +29,13 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from llava_min import IGNORE_INDEX, checkpoint, dist, fsdp  # noqa: E402
+from llava_min import checkpoint, dist, fsdp  # noqa: E402
 from llava_min.data import LLaVADataset, collate, collate_packed  # noqa: E402
 from llava_min.dinov2 import DINOv2  # noqa: E402
 from llava_min.dinov2 import load_config as vit_config  # noqa: E402
 from llava_min.internlm2 import InternLM2  # noqa: E402
 from llava_min.internlm2 import load_config as llm_config  # noqa: E402
-from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts  # noqa: E402
+from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts, trained_positions  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
 from llava_min.lora import apply_lora  # noqa: E402
 from llava_min.optim import CosineSchedule, clip_gradients, gather_optimizer_state, make_optimizer, param_groups  # noqa: E402,E501
@@ -404,7 +404,8 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
     The loss is normalised by the supervised-token count of the whole global batch (all ranks, all
     micro-batches), so any split of it over processes and accumulation gives the same loss and gradients.
     """
-    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    # The positions the model trains on (llava.trained_positions: the splice leaves their count unchanged).
+    local_tokens = sum(int(trained_positions(b["labels"], b["attention_mask"]).sum()) for b in micro)
     counts = torch.tensor([float(local_tokens)], device=device)
     dist.all_reduce(d, counts, what=f"supervised-token count at step {step + 1}")
     global_tokens = max(counts.item(), 1.0)
@@ -446,7 +447,7 @@ def keep_metrics_until(file: Path, step: int) -> None:
         file.write_text("".join(ln + "\n" for ln in lines))
 
 
-def _fresh_recipe(args, part: str) -> dict | None:
+def _fresh_recipe(args, part: str) -> dict:
     """What rebuilds a part that has no source folder: its config and the seed."""
     name = {"llm": args.llm_config, "vit": args.vit_config, "projector": "default"}[part]
     return {"config": str(name), "seed": args.seed}
@@ -472,8 +473,7 @@ def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, ste
              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     if sharded:   # every rank writes its shards of the trained tensors and AdamW state; whole parts at the end
         fsdp.save_sharded(model, optimizer, out, step, state, keep=args.keep, d=d)
-        output = fsdp.consolidated(model, {p for p in PARTS if src[p] is None or _trains(getattr(model, p))},
-                                   d) if final else None
+        output = fsdp.consolidated(model, _rewritten(model, src), d) if final else None
     if d.rank == 0:
         if not sharded:
             state.update(optimizer=optimizer_state,
@@ -486,14 +486,19 @@ def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, ste
     # Bytes rank 0 writes: fp32 trained weights and AdamW's two moments; at the end the parts it writes or copies.
     size = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     if final:
-        size += sum(4 * p.numel() for part in PARTS for p in getattr(model, part).parameters()
-                    if src[part] is None or args.save_frozen == "copy" or _trains(getattr(model, part)))
+        copied = PARTS if args.save_frozen == "copy" else _rewritten(model, src)
+        size += sum(4 * p.numel() for part in copied for p in getattr(model, part).parameters())
     dist.barrier(d, what=f"rank 0's save of {folder}{' and of the model in ' + str(out) if final else ''}",
                  timeout_s=d.timeout_s + size / SLOW_DISK_BYTES_PER_S)
 
 
 def _trains(module: torch.nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
+
+
+def _rewritten(model: LLaVA, src: dict) -> set[str]:
+    """The parts the output writes: trained ones, and frozen ones without a source; the rest are linked."""
+    return {part for part in PARTS if src[part] is None or _trains(getattr(model, part))}
 
 
 def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> None:
@@ -503,14 +508,14 @@ def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> No
     referenced (--save-frozen). Trained parts are written once, in their source's dtype; save_pretrained folds
     LoRA adapters in, so OUT/llm holds the official keys.
     """
+    rewritten = _rewritten(model, src)
     for part in PARTS:
         module = getattr(model, part)
-        trains = _trains(module)
-        if src[part] is not None and not trains:
+        if part not in rewritten:
             how = checkpoint.publish_frozen(src[part], out / part, args.save_frozen)
             print(f"{part}: {how} {src[part]}", flush=True)
             continue
-        if not trains:
+        if not _trains(module):
             dtype = None                   # frozen and freshly initialised: written as it was used
         elif args.save_dtype == "source":
             dtype = checkpoint.stored_dtype(src[part]) if src[part] else torch.float32
