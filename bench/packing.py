@@ -11,14 +11,15 @@ the second half of its text supervised. Model: InternLM2 4 layers x 512 (8 heads
 DINOv2 2 x 64, projector and LLM trained (finetune.py's default parts), fp32.
 
 Padded, as finetune.py --batch-size 8 runs in one process: GlobalBatchSampler's length grouping (modalities
-apart, each batch sorted) with the micro-batch = the global batch of 8; and, for reference, a global batch of 32
-cut into 4 length-sorted micro-batches of 8 (what 4 processes or --grad-accum 4 see). Packed: --pack 2048 with one
-row a micro-batch (--batch-size 1: a single row is never padded), and --pack 1024 with 2 rows (padded to the
-longer row); both hold about the positions of 8 padded rows. Each runs forward and backward over every sample once, interleaved with the
-others, fastest of --repeats; tokens/s counts real (non-padding) LLM positions per second of this
-process's CPU time (and, printed beside it, of wall time, which a shared machine's other jobs also fill). Goal (issue 13): packed >=
-1.15x the padded length-grouped tokens/s on a CPU. On a CPU the cost of a position hardly depends on its batch,
-so the gain is close to the positions not computed: (1 - padding of packed) / (1 - padding of padded), printed.
+apart, each batch sorted) with the micro-batch = the global batch of 8; and a global batch of 32 cut into 4
+length-sorted micro-batches of 8 (what 4 processes or --grad-accum 4 see). Packed: --pack 2048 with one row a
+micro-batch (--batch-size 1: a single row is never padded), and --pack 1024 with 2 rows (padded to the longer
+row); both hold about the positions of 8 padded rows. Each runs forward and backward over every sample once,
+interleaved with the others, fastest of --repeats; tokens/s counts real (non-padding) LLM positions per second of
+this process's CPU time (and, beside it, of wall time, which a shared machine's other jobs also fill).
+Goal (issue 13): packed >= 1.15x the padded length-grouped tokens/s on a CPU. On a CPU the cost of a position
+hardly depends on its batch, so the gain is close to the positions not computed:
+(1 - padding of packed) / (1 - padding of padded), printed beside it.
 """
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ def main(argv=None) -> None:
     one, four, *packs = runs
     for packed in packs:
         for padded in (one, four):
-            print(f"  {packed} / {padded}: {speed[packed][0] / speed[padded][0]:.2f}x CPU time, "
-                  f"{speed[packed][1] / speed[padded][1]:.2f}x wall; positions not computed alone: "
+            print(f"  tokens/s packed / padded, {packed} / {padded}: {speed[packed][0] / speed[padded][0]:.2f}x "
+                  f"CPU time, {speed[packed][1] / speed[padded][1]:.2f}x wall; positions not computed alone: "
                   f"{(1 - padding[packed]) / (1 - padding[padded]):.2f}x (goal >= 1.15x)")
 
 
