@@ -22,7 +22,7 @@ import torch
 from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
 from .image import load_image, to_pixels
 from .loader import shared_empty
-from .tokenizer import CHAT_TOKENS, Tokenizer
+from .tokenizer import CHAT_TOKEN_SPLIT, Tokenizer
 
 # XTuner PROMPT_TEMPLATE.internlm2_chat (xtuner/utils/templates.py), exact strings.
 SYSTEM = "<|im_start|>system\n{system}<|im_end|>\n"
@@ -33,7 +33,6 @@ IMAGE_TAG = "<image>"
 ROLES = ("human", "gpt")
 MAX_REPORTED = 20      # bad samples listed in full; the rest are counted
 
-_TEMPLATE_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
 _VALUE = itemgetter("value")
 _WORDS = re.compile(r"(?<=[^\s\u2581])(?= )")  # before each space that follows a non-space: see TokenCounter
@@ -291,7 +290,7 @@ def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bo
     tokens. with_image: "<image>" becomes IMAGE_TOKEN_INDEX (XTuner's encode_fn). `encode`: for first_answer_fits."""
     encode = encode or (lambda text: tok.encode(text, special=False))
     ids = []
-    for k, part in enumerate(_TEMPLATE_SPLIT.split(template)):
+    for k, part in enumerate(CHAT_TOKEN_SPLIT.split(template)):
         if k % 2:  # odd pieces of re.split with a group: the chat-token names
             ids.append(tok.special_ids[part])
             continue
@@ -547,5 +546,4 @@ def _collate_rows(rows: list[list[dict]], pad_id: int, shared: bool) -> dict:
 
 if __name__ == "__main__":  # `python -m llava_min.data check|show ...`: the commands live in tools/datacheck.py
     from llava_min.tools.datacheck import main
-
     main()
