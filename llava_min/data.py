@@ -283,11 +283,10 @@ def _tag_first(value: str) -> str:
 
 def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bool = False,
                      encode: Callable[[str], list[int]] | None = None) -> list[int]:
-    """ids of template.format(**fields), chat-token names parsed in the template only: a chat-token name, <s>, </s>
-    or <unk> typed in a message stays text (here alone we differ from XTuner, whose tokenizer makes them control
-    tokens; [UNUSED_TOKEN_n] is text in both). Each text piece between chat tokens, template words and message
-    together, is one sentencepiece call: the strings XTuner's tokenizer.encode sees, so labels line up with
-    tokens. with_image: "<image>" becomes IMAGE_TOKEN_INDEX (XTuner's encode_fn). `encode`: for first_answer_fits."""
+    """ids of template.format(**fields), chat-token names parsed in the template only: one typed in a message, or
+    <s>, </s>, <unk>, stays text (here alone we differ from XTuner, whose tokenizer makes them control tokens). Each
+    text piece between chat tokens, template words and message together, is one sentencepiece call: the strings
+    XTuner's tokenizer.encode sees. with_image: "<image>" becomes IMAGE_TOKEN_INDEX (XTuner's encode_fn)."""
     encode = encode or (lambda text: tok.encode(text, special=False))
     ids = []
     for k, part in enumerate(CHAT_TOKEN_SPLIT.split(template)):
