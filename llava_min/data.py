@@ -1,10 +1,7 @@
 """LLaVA-format samples -> XTuner's internlm2_chat ids and labels; the data set, its start-up checks, collate.
 
 Read `encode_conversation` (the template, exactly XTuner's), `LLaVADataset` (what start-up checks and drops,
-cheaply enough for 665K samples), then `collate`. `sample_problems` holds the rules a sample must follow;
-`python -m llava_min.data check|show` (tools/datacheck.py) applies them to files.
-
-A sample (LLaVA-Pretrain 558K, llava_v1_5_mix665k), in a JSON list or a JSONL file:
+cheaply enough for 665K samples; the rules: `sample_problems`), then `collate`. A sample, in a JSON list or JSONL:
     {"id": "000000033471" or 33471, "image": "coco/train2017/000000033471.jpg",      (optional)
      "conversations": [{"from": "human", "value": "<image>\\nWhat is in the picture?"},
                        {"from": "gpt", "value": "A cat."}, ...]}
@@ -25,7 +22,7 @@ import torch
 from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
 from .image import load_image, to_pixels
 from .loader import shared_empty
-from .tokenizer import CHAT_TOKENS, Tokenizer
+from .tokenizer import CHAT_TOKEN_SPLIT, Tokenizer
 
 # XTuner PROMPT_TEMPLATE.internlm2_chat (xtuner/utils/templates.py), exact strings.
 SYSTEM = "<|im_start|>system\n{system}<|im_end|>\n"
@@ -36,25 +33,18 @@ IMAGE_TAG = "<image>"
 ROLES = ("human", "gpt")
 MAX_REPORTED = 20      # bad samples listed in full; the rest are counted
 
-_TEMPLATE_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
 _VALUE = itemgetter("value")
 _WORDS = re.compile(r"(?<=[^\s\u2581])(?= )")  # before each space that follows a non-space: see TokenCounter
 
 
-# --------------------------------------------------------------------------------------------------
 # Samples as raw JSON bytes
 
 class Samples:
-    """The samples of JSON-list and JSONL files (or of a list of dicts), kept as the files' bytes plus four
-    numbers per sample (file, item or line number, start and end byte), and parsed again when read.
-
-    A list of 665K dicts would be ~2.5 GB of small objects whose reference counts every loader worker
-    touches as it reads them, so copy-on-write after fork slowly copies them all into each worker
-    (pytorch/pytorch#13246); spawn would pickle them one by one. A few bytes objects and one array are
-    shared by fork as they are and pickle in one piece. `scan()` reads everything once, yielding each
-    sample as it is parsed, so that the caller checks it without a second pass or a second copy.
-    """
+    """The samples of JSON-list and JSONL files (or of a list of dicts) as the files' bytes plus four numbers per
+    sample (file, item or line number, start and end byte), parsed again when read. 665K dicts would be ~2.5 GB
+    of small objects that copy-on-write slowly copies into every forked loader worker as it touches their reference
+    counts (pytorch/pytorch#13246); a few bytes objects and one array are shared as they are, and pickle whole."""
 
     def __init__(self, data):
         if isinstance(data, (list, tuple)) and data and all(isinstance(s, dict) for s in data):
@@ -67,8 +57,8 @@ class Samples:
         self.spans = array("q")        # per sample: file, number, start, end (byte offsets in its buffer)
 
     def scan(self) -> Iterator[dict]:
-        """Each sample, its id made a string (as XTuner does), in order. Unreadable files raise at once;
-        invalid JSON lines and entries that are not objects raise after the last sample, all listed."""
+        """Each sample as it is parsed (checked by the caller in the same pass), its id made a string as XTuner does.
+        Unreadable files raise at once; invalid JSON lines and non-objects after the last sample, all listed."""
         errors = []
         for name, text in self.sources:
             in_memory = text is not None
@@ -144,8 +134,7 @@ def _jsonl_entries(raw: bytes, errors: list, label: str):
 
 
 def _json_list_entries(text: str, name: str):
-    """(item number, start byte, end byte, entry) per element of a JSON list, parsed one element at a time
-    by the json module's own scanner (json.load's speed, and offsets for free)."""
+    """(item number, start byte, end byte, entry) per element of a JSON list, by json's scanner (json.load's speed)."""
     decode = json.JSONDecoder().raw_decode
     pos = _WHITESPACE.match(text).end()
     try:
@@ -169,10 +158,8 @@ def _json_list_entries(text: str, name: str):
             more = text.startswith(",", pos)
             if more:
                 pos = _WHITESPACE.match(text, pos + 1).end()
-            elif not text.startswith("]", pos):
-                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
-            elif _WHITESPACE.match(text, pos + 1).end() != len(text):
-                raise json.JSONDecodeError("Extra data", text, _WHITESPACE.match(text, pos + 1).end())
+        if not text.startswith("]", pos) or _WHITESPACE.match(text, pos + 1).end() != len(text):
+            json.loads(text)  # no ',' or ']' after an element, or more after the list: json says where, and raises
     except json.JSONDecodeError as e:
         hint = "; one JSON object per line? then name the file .jsonl" if e.msg == "Extra data" else ""
         raise LlavaMinError(f"{name}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from e
@@ -192,7 +179,6 @@ def image_path(sample: dict, image_folder=None) -> str:
     return os.path.join(image_folder, sample["image"]) if image_folder else sample["image"]
 
 
-# --------------------------------------------------------------------------------------------------
 # The rules: cheap type checks, every sample, all problems at once
 
 class FileIndex(dict):
@@ -210,15 +196,10 @@ class FileIndex(dict):
 
 
 def sample_problems(sample: dict, image_folder=None, files: FileIndex | None = None) -> list[str]:
-    """What is wrong with one sample, as short phrases; with `files`, a missing image file too. The rules:
-      * an "id" (a string; integers were made strings);
-      * "conversations": a non-empty list of {"from": "human"|"gpt", "value": str}, alternating, starting with
-        human and ending with gpt (XTuner would silently drop a leading gpt or a trailing human message);
-      * an image sample has exactly one "<image>" tag, in the first human turn, and its "image" file exists
-        under the image folder. A tag without an image, or an image without a tag, is an error rather than a
-        guess: the first feeds the model a placeholder with no picture, the second a picture never referred to;
-      * a text-only sample has no "image" field (or null) and no tag.
-    """
+    """What is wrong with one sample, as short phrases; with `files`, a missing image file too. Conversations
+    alternate from human to gpt (XTuner would silently drop a leading gpt or a trailing human message). A tag
+    without an image, or an image without a tag, is an error rather than a guess: the first feeds the model a
+    placeholder with no picture, the second a picture never referred to."""
     problems = []
     if not isinstance(sample.get("id"), str):
         problems.append(f"'id' is {_short(sample['id'])}, not a string or an integer" if "id" in sample else "no 'id'")
@@ -276,14 +257,11 @@ def problem_report(samples: Samples, bad: dict[int, str], image_folder=None) -> 
                     f"bad; fix or remove them (or drop them with skip_bad / --skip-bad-samples)", lines)
 
 
-# --------------------------------------------------------------------------------------------------
 # The internlm2_chat template and XTuner's labels (xtuner/dataset/utils.py encode_fn, utils/templates.py)
 
 def llava_turns(conversations: list[dict]) -> list[tuple[str, str]]:
-    """(question, answer) pairs as XTuner's llava_map_fn builds them
-    (xtuner/dataset/map_fns/dataset_map_fns/llava_map_fn.py): leading gpt messages dropped, the image tag
-    moved to the front of its human message as "<image>\\n", consecutive human messages joined, a trailing
-    human message dropped."""
+    """(question, answer) pairs as XTuner's llava_map_fn builds them (xtuner/dataset/map_fns/dataset_map_fns/
+    llava_map_fn.py): leading gpt messages and a trailing human one dropped, consecutive human messages joined."""
     messages = list(conversations)
     while messages and messages[0]["from"] == "gpt":
         messages.pop(0)
@@ -305,19 +283,13 @@ def _tag_first(value: str) -> str:
 
 def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bool = False,
                      encode: Callable[[str], list[int]] | None = None) -> list[int]:
-    """ids of template.format(**fields), with chat-token names parsed in the template only.
-
-    The template is split at its chat tokens before the fields go in, so a chat-token name, <s>, </s> or <unk>
-    typed in a message stays text (here alone we differ from XTuner, whose tokenizer makes them control
-    tokens; every other piece name, [UNUSED_TOKEN_n] included, is text there too); each piece of text
-    between them, template words and message together, is one sentencepiece call: exactly the strings
-    XTuner's tokenizer.encode sees, so the label mask always lines up with the tokens. With with_image,
-    "<image>" splits the text too and becomes IMAGE_TOKEN_INDEX, as in XTuner's encode_fn. `encode` replaces
-    tok.encode(text, special=False) for the text pieces (TokenCounter.placeholders, to count them).
-    """
+    """ids of template.format(**fields), chat-token names parsed in the template only: one typed in a message, or
+    <s>, </s>, <unk>, stays text (here alone we differ from XTuner, whose tokenizer makes them control tokens). Each
+    text piece between chat tokens, template words and message together, is one sentencepiece call: the strings
+    XTuner's tokenizer.encode sees. with_image: "<image>" becomes IMAGE_TOKEN_INDEX (XTuner's encode_fn)."""
     encode = encode or (lambda text: tok.encode(text, special=False))
     ids = []
-    for k, part in enumerate(_TEMPLATE_SPLIT.split(template)):
+    for k, part in enumerate(CHAT_TOKEN_SPLIT.split(template)):
         if k % 2:  # odd pieces of re.split with a group: the chat-token names
             ids.append(tok.special_ids[part])
             continue
@@ -332,6 +304,8 @@ def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bo
 def _prompt_template(system: str | None, first_turn: bool) -> str:
     # XTuner's template_map_fn puts SYSTEM before a turn's instruction when that turn has a system
     # text; the map functions that set one (openai_map_fn, ...) set it on the first turn only.
+    if system and IMAGE_TAG in system:
+        raise LlavaMinError(f"the system prompt contains {IMAGE_TAG!r}; images belong in a human turn")
     return (SYSTEM if system and first_turn else "") + INSTRUCTION
 
 
@@ -343,8 +317,6 @@ def llm_positions(ids: list[int], image_tokens: int) -> int:
 def tokenize(tok: Tokenizer, conversations: list[dict], max_length: int, system: str | None = None,
              image_tokens: int = 1) -> tuple[list[int], list[int], int]:
     """(input_ids, labels, ids before the cut) per XTuner's encode_fn, cut at max_length LLM positions."""
-    if system and IMAGE_TAG in system:
-        raise LlavaMinError(f"the system prompt contains {IMAGE_TAG!r}; images belong in a human turn")
     ids, labels = [tok.bos_id], [IGNORE_INDEX]  # one BOS: SUFFIX_AS_EOS means no turn asks for another
     for k, (question, answer) in enumerate(llava_turns(conversations)):
         prompt = _encode_template(tok, _prompt_template(system, k == 0), {"system": system, "input": question},
@@ -370,41 +342,34 @@ def encode_conversation(tok: Tokenizer, conversations: list[dict], max_length: i
         [<s>]  <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n  ⟦{answer}<|im_end|>⟧  \\n
 
     per turn, <s> only at position 0, the system block `<|im_start|>system\\n{system}<|im_end|>\\n` before the
-    first turn, only ⟦...⟧ supervised (labels IGNORE_INDEX elsewhere). input_ids hold one IMAGE_TOKEN_INDEX
-    per image; the result fits max_length LLM positions, counting image_tokens per image (1 = XTuner). It
-    may have no supervised label left (a prompt longer than max_length); LLaVADataset drops those.
-    """
+    first turn, only ⟦...⟧ supervised. One IMAGE_TOKEN_INDEX per image; cut to max_length LLM positions, an
+    image counting image_tokens (1 = XTuner), possibly leaving no supervised label (LLaVADataset drops those)."""
     ids, labels, _ = tokenize(tok, conversations, max_length, system, image_tokens)
     return ids, labels
 
 
 def first_answer_fits(counter: TokenCounter, conversations: list[dict], max_length: int, system: str | None = None,
                       image_tokens: int = 1) -> bool:
-    """Whether encode_conversation(counter.tok, ...) of a valid sample (see sample_problems) keeps a supervised
-    token. The first answer (at least its <|im_end|>) is supervised and kept iff it starts before max_length.
-    Its start is bounded without tokenizing: every sentencepiece token covers at least one byte of text (byte
-    fallback, no dummy prefix), a chat-token name (10+ bytes) is one token, and the 7-byte image tag becomes
-    image_tokens positions. Only a prompt near the limit is tokenized, so that a sample is dropped exactly.
-    """
+    """Whether encode_conversation(counter.tok, ...) of a valid sample keeps a supervised token: iff the first
+    answer starts before max_length. Its start is bounded without tokenizing: every token covers at least one
+    byte of text (byte fallback, no dummy prefix), a chat-token name (10+ bytes) is one token, and the 7-byte
+    image tag becomes image_tokens positions. Only a prompt near the limit is tokenized: drops are exact."""
     template = _prompt_template(system, True)
     fields = {"system": system, "input": _tag_first(conversations[0]["value"])}  # valid: the first turn's question
     text = template.format(**fields)
     n_bytes = len(text) if text.isascii() else len(text.encode())
     if 1 + n_bytes + (image_tokens if IMAGE_TAG in text else 0) < max_length:
         return True
-    ids = _encode_template(counter.tok, template, fields, with_image=True, encode=counter.placeholders)
+    # ids that count as positions (never IMAGE_TOKEN_INDEX): the length is all that matters here
+    ids = _encode_template(counter.tok, template, fields, with_image=True, encode=lambda text: [0] * counter(text))
     return 1 + llm_positions(ids, image_tokens) < max_length
 
 
 class TokenCounter:
-    """len(tok.encode(text, special=False)), exactly, from a cache of counts per word: 5-10x faster on the
-    long pasted documents that open some ShareGPT conversations (the doubtful few of first_answer_fits).
-
-    Exact when no piece of the vocabulary runs from a non-space character into a space (checked here: true of
-    InternLM2's, whose only such pieces start with tabs or newlines; otherwise every text is encoded whole):
-    sentencepiece's pieces then never cross the point before such a space, so it segments the words between
-    those points independently, and the count of a text is the sum of its words' counts.
-    """
+    """len(tok.encode(text, special=False)), exactly, from a cache of counts per word: 5-10x faster on the long
+    pasted documents that open some ShareGPT conversations (the doubtful few of first_answer_fits). Exact when no
+    piece runs from a non-space character into a space (checked here; true of InternLM2's, else texts are encoded
+    whole): no piece then crosses the point before such a space, so a text's count is the sum of its words'."""
 
     def __init__(self, tok: Tokenizer):
         self.tok, self.cache = tok, {}
@@ -425,46 +390,26 @@ class TokenCounter:
             n += count
         return n
 
-    def placeholders(self, text: str) -> list[int]:
-        return [0] * self(text)  # ids that count as positions (never IMAGE_TOKEN_INDEX) for _encode_template
-
 
 def estimate_length(sample: dict, image_tokens: int) -> int:
-    """Cheap sequence-length estimate for the length-grouped sampler; negative for text-only samples.
-
-    About 4 characters per token, 5 template tokens per message, image_tokens per image (XTuner's
-    modality_length has the same sign convention; only the order of the estimates matters)."""
+    """Length for the length-grouped sampler, negative for text-only (XTuner's modality_length): 4 characters a
+    token, 5 template tokens a message, image_tokens an image (only the order of the estimates matters)."""
     messages = sample["conversations"]
     text = sum(map(len, map(_VALUE, messages))) // 4 + 5 * len(messages) + 1
     return text + image_tokens if sample.get("image") is not None else -text
 
 
-# --------------------------------------------------------------------------------------------------
 # Data set and collate
 
 class LLaVADataset:
-    """LLaVA samples -> (input_ids, labels, pixel_values), tokenized and decoded lazily, per item.
-
-    data          a file, a list of files (JSON / JSONL), or a list of sample dicts
-    tokenizer     a Tokenizer or the path of a sentencepiece model
-    image_folder  image paths in the data are relative to it
-    image_size, image_mode   ViT input: size x size, "pad" (LLaVA-1.5) or "crop" (DINOv2), see image.py
-    max_length, image_tokens cap on LLM positions; an image takes image_tokens (DINOv2Config.image_tokens)
-    system        optional system prompt before the first turn
-    skip_bad      drop (and count) bad samples instead of raising LlavaMinError listing them all
-    check_files   check at start-up that every image file exists
-
-    Start-up reads the files once, checks each sample as it is parsed (sample_problems), drops those whose
-    first answer starts beyond max_length (nothing to learn from) and estimates lengths from character counts;
-    `report()` and `stats` say what was kept and dropped. Longer samples are cut at the end (item["truncated"],
-    counted by `collate`). Items are deterministic: no randomness anywhere.
-    """
+    """LLaVA samples (files, or a list of dicts) -> (input_ids, labels, pixel_values), tokenized and decoded per
+    item, deterministically. Start-up reads the files once, checks each sample as it is parsed and drops those whose
+    first answer starts beyond max_length (nothing to learn from); skip_bad drops (and counts) bad samples instead
+    of raising an error that lists them; `report()` and `stats` say what was dropped. image_mode: "pad" (LLaVA-1.5)
+    or "crop" (DINOv2); an image takes image_tokens positions; a longer sample is cut at the end (item["truncated"])."""
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",
-                 max_length: int = 2048, image_tokens: int = 1, system: str | None = None,
-                 skip_bad: bool = False, check_files: bool = True):
-        if system and IMAGE_TAG in system:
-            raise LlavaMinError(f"the system prompt contains {IMAGE_TAG!r}; images belong in a human turn")
+                 max_length: int = 2048, image_tokens: int = 1, system: str | None = None, skip_bad: bool = False):
         if max_length <= 0 or image_tokens <= 0:
             raise LlavaMinError(f"max_length ({max_length}) and image_tokens ({image_tokens}) must be positive")
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
@@ -472,14 +417,14 @@ class LLaVADataset:
         self.image_size, self.image_mode = image_size, image_mode
         self.max_length, self.image_tokens, self.system = max_length, image_tokens, system
 
-        samples, files, counter = Samples(data), FileIndex() if check_files else None, TokenCounter(self.tokenizer)
-        kept, lengths, bad, unsupervised = [], array("q"), {}, []
+        samples, files, counter = Samples(data), FileIndex(), TokenCounter(self.tokenizer)
+        kept, lengths, bad, unsupervised = [], array("q"), {}, {}
         for index, sample in enumerate(samples.scan()):
             problems = sample_problems(sample, self.image_folder, files)
             if problems:
                 bad[index] = "; ".join(problems)
             elif not first_answer_fits(counter, sample["conversations"], max_length, system, image_tokens):
-                unsupervised.append(index)
+                unsupervised[index] = f"the first answer starts beyond max_length {max_length}"
             else:
                 kept.append(index)
                 lengths.append(estimate_length(sample, image_tokens))
@@ -487,9 +432,8 @@ class LLaVADataset:
             raise LlavaMinError(f"no samples in {data!r}")
         if bad and not skip_bad:
             raise LlavaMinError(problem_report(samples, bad, self.image_folder))
-        self._dropped = [f"{samples.describe(i, self.image_folder)}: {what}" for i, what in bad.items()]
-        self._dropped += [f"{samples.describe(i, self.image_folder)}: the first answer starts beyond max_length "
-                          f"{max_length}" for i in unsupervised]
+        self._dropped = [f"{samples.describe(i, self.image_folder)}: {what}"
+                         for i, what in {**bad, **unsupervised}.items()]
         if not kept:
             raise LlavaMinError(_listing(f"none of the {len(samples)} samples is usable; fix the data or raise "
                                          f"--max-length", self._dropped))
@@ -535,24 +479,18 @@ class LLaVADataset:
 
 
 def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
-    """Right-pad a list of LLaVADataset items into a batch, one sample per row (XTuner's default_collate_fn).
-
-    The attention mask comes from the lengths, not from pad_id, which may equal a real token (</s>).
-    pixel_values stacks the images of all rows in row order; image_counts says how many each row has.
-    shared=True stacks the pixels straight into shared memory (in a loader worker: one of its reused slots),
-    so sending the batch to the trainer copies nothing (torch's default_collate does the same in workers).
-    """
+    """Right-pad LLaVADataset items into a batch, one sample per row (XTuner's default_collate_fn); the mask comes
+    from the lengths, as pad_id may be a real token (</s>). shared=True stacks the pixels straight into shared
+    memory (a loader worker's reused slot), so that sending the batch copies nothing, as torch's default_collate."""
     return _collate_rows([[s] for s in samples], pad_id, shared)
 
 
 def collate_packed(samples: list[dict], capacity: int, image_tokens: int, pad_id: int = 0,
                    shared: bool = False) -> dict:
-    """Pack whole samples into rows of at most `capacity` LLM positions (an image counts image_tokens), by their
-    real lengths: first-fit, longest first. attention_mask is k on the k-th sample of a row, 0 on padding,
-    which keeps each sample's attention and positions to itself (LLaVA.forward). The sampler planned rows from
-    estimated lengths; an estimate too low makes one row more here, never a sample split or cut."""
-    sizes = [len(s["input_ids"]) + (image_tokens - 1) * int((s["input_ids"] == IMAGE_TOKEN_INDEX).sum())
-             for s in samples]
+    """Pack whole samples into rows of at most `capacity` LLM positions by their real lengths, first-fit, longest
+    first; attention_mask k on a row's k-th sample keeps its attention and positions to itself (LLaVA.forward).
+    The sampler planned rows from estimates: one too low makes a row more here, never a sample split or cut."""
+    sizes = [llm_positions(s["input_ids"].tolist(), image_tokens) for s in samples]
     rows, room = [], []
     for i in sorted(range(len(samples)), key=lambda i: -sizes[i]):        # stable: ties keep the sampler's order
         if sizes[i] > capacity:
@@ -569,7 +507,7 @@ def collate_packed(samples: list[dict], capacity: int, image_tokens: int, pad_id
 
 def _collate_rows(rows: list[list[dict]], pad_id: int, shared: bool) -> dict:
     """The batch of `rows`, each a list of samples laid end to end; attention_mask = k on the row's k-th sample."""
-    if not rows or not all(rows):
+    if not rows:
         raise LlavaMinError("collate got an empty batch")
     samples = [s for row in rows for s in row]
     lengths = [sum(len(s["input_ids"]) for s in row) for row in rows]
@@ -607,5 +545,4 @@ def _collate_rows(rows: list[list[dict]], pad_id: int, shared: bool) -> dict:
 
 if __name__ == "__main__":  # `python -m llava_min.data check|show ...`: the commands live in tools/datacheck.py
     from llava_min.tools.datacheck import main
-
     main()

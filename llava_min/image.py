@@ -22,9 +22,6 @@ PAD_COLOR = tuple(int(m * 255) for m in IMAGENET_MEAN)
 # DINOv2 resizes the shortest edge to 256 before a 224 centre crop (facebook/dinov2-* preprocessor_config.json).
 CROP_RESIZE_RATIO = 256 / 224
 
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-
 
 # Decoding
 
@@ -42,18 +39,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 return to_rgb(image, path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise LlavaMinError(f"{path}: refused as a possible decompression bomb ({e}); if the image is genuine, "
-                            f"shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS "
-                            f"(now {Image.MAX_IMAGE_PIXELS}) before loading") from e
+                            f"shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS})") from e
     except FileNotFoundError as e:
-        raise LlavaMinError(f"{path}: image file not found; check --image-folder and the sample's "
-                            f"\"image\" path") from e
+        raise LlavaMinError(f"{path}: image not found; check --image-folder and the sample's \"image\" path") from e
     except LlavaMinError:  # from to_rgb: already says what is wrong
         raise
-    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
-        # Pillow reports a truncated or corrupt stream as OSError (sometimes SyntaxError/ValueError
-        # from a plugin's header parser); UnidentifiedImageError is an OSError for non-image files.
-        hint = ("the file is truncated; re-download or re-extract it"
-                if "truncated" in str(e) else
+    except (OSError, SyntaxError, ValueError) as e:  # SyntaxError, ValueError: from some plugins' header parsers
+        # Pillow: a truncated or corrupt stream is an OSError, a file that is no image its UnidentifiedImageError.
+        hint = ("the file is truncated; re-download or re-extract it" if "truncated" in str(e) else
                 "it is not a readable image; re-download it, or remove the sample from the data")
         raise LlavaMinError(f"{path}: cannot decode image ({type(e).__name__}: {e}); {hint}") from e
 
@@ -61,15 +54,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
     """Any Pillow mode -> RGB: palette (with its transparency), RGBA/LA/PA composited on white (as
     transformers' convert_to_rgb), grayscale, CMYK, 16/32-bit integers scaled from their full range."""
+    if image.mode == "P":  # a palette may mark one index (or several, via a tRNS table) transparent
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode == "P":
-        # A palette image may mark one index (or several, via a tRNS table) transparent.
-        mode = "RGBA" if "transparency" in image.info else "RGB"
-        image = image.convert(mode)
-        if mode == "RGB":
-            return image
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")  # RGBa/La (premultiplied) are un-premultiplied by convert
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # white, as transformers' convert_to_rgb
@@ -122,9 +111,7 @@ def resize_shortest_edge(image: Image.Image, shortest: int) -> Image.Image:
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     """Crop size x size from the centre; offsets floored as transformers' center_crop does."""
-    width, height = image.size
-    if width < size or height < size:
-        raise LlavaMinError(f"center_crop: a {width}x{height} image is smaller than the crop {size}")
+    width, height = image.size  # >= size: resize_shortest_edge made the short side round(size * CROP_RESIZE_RATIO)
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -134,8 +121,7 @@ def to_pixels(image: Image.Image, size: int, mode: str = "pad", patch_size: int 
     if size <= 0 or size % patch_size:
         raise LlavaMinError(f"image size {size} is not a positive multiple of the ViT patch size {patch_size}; "
                             f"use e.g. --image-size {max(1, round(size / patch_size)) * patch_size}")
-    if image.mode != "RGB":
-        image = to_rgb(image)
+    image = to_rgb(image)
     if mode == "pad":
         image = expand2square(image).resize((size, size), Image.Resampling.BICUBIC)
     elif mode == "crop":
@@ -149,7 +135,8 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels (..., 3, H, W) -> float32 ViT input: scaled to [0, 1], ImageNet mean and std."""
     if pixels.dtype != torch.uint8:
         raise LlavaMinError(f"normalize takes uint8 pixels (0..255), got {pixels.dtype}")
-    mean, std = _MEAN.to(pixels.device), _STD.to(pixels.device)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     return (pixels.to(torch.float32) / 255.0 - mean) / std
 
 

@@ -1,13 +1,9 @@
 """InternLM2's tokenizer: its sentencepiece BPE model, read as InternLM2's fast (Hugging Face) tokenizer reads it.
 
 Start at `Tokenizer.encode`. The released tokenizer.model (sha256 f868398f...) has byte fallback, split digits,
-no dummy prefix, no whitespace clean-up, and holds its chat tokens in pieces named `[UNUSED_TOKEN_141]`..`146`:
-
-    <|plugin|> 92538   <|interpreter|> 92539   <|action_end|> 92540
-    <|action_start|> 92541   <|im_end|> 92542   <|im_start|> 92543      (<s> 1, </s> 2, <unk> 0)
-
-A model from `python -m llava_min.tokenizer train` names them at TRAINED_IDS. Text encodes as the fast tokenizer
-(XTuner's) encodes it; where plain sentencepiece differs: `_as_fast_tokenizer_reads_it` and `_encode_text`.
+no dummy prefix, no whitespace clean-up, and holds its chat tokens in reserved pieces (INTERNLM2_PIECES); a model
+from `python -m llava_min.tokenizer train` names them at TRAINED_IDS. Text encodes as the fast tokenizer (XTuner's)
+encodes it; where plain sentencepiece differs: `_as_fast_tokenizer_reads_it` and `_encode_text`.
 """
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ import os
 import re
 import sys
 import tempfile
+from itertools import groupby
 from pathlib import Path
 
 import sentencepiece as spm
@@ -22,6 +19,7 @@ import sentencepiece as spm
 from . import LlavaMinError
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>")
+CHAT_TOKEN_SPLIT = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")  # a group: re.split keeps them
 # The pieces that hold them in the released model: <|im_start|> [UNUSED_TOKEN_146] 92543 down to <|plugin|>
 # [UNUSED_TOKEN_141] 92538 (the names exist only in HF's tokenizer_config.json `added_tokens_decoder`).
 INTERNLM2_PIECES = {name: f"[UNUSED_TOKEN_{146 - k}]" for k, name in enumerate(CHAT_TOKENS)}
@@ -61,10 +59,9 @@ def _fields(buf: bytes, start: int, end: int):
 
 
 def _as_fast_tokenizer_reads_it(proto: bytes) -> tuple[bytes, int | None]:
-    """The serialized ModelProto with its user-defined pieces made normal; and the id of the piece "\\0".
-    sentencepiece matches a user-defined piece (the 147 `[UNUSED_TOKEN_n]`, "——", fullwidth letters) greedily
-    before BPE; InternLM2's fast tokenizer (tokenization_internlm2_fast.py) has them as plain vocabulary that only
-    merges reach. As normal pieces, sentencepiece does the same."""
+    """The serialized ModelProto with its user-defined pieces made normal, and the id of the piece "\\0". Sentencepiece
+    matches user-defined pieces (the 147 `[UNUSED_TOKEN_n]`, "——", fullwidth letters) greedily before BPE; the
+    fast tokenizer (tokenization_internlm2_fast.py) has them as plain vocabulary that only merges reach, as here."""
     buf, nul = bytearray(proto), None
     pieces = (f for f in _fields(buf, 0, len(buf)) if f[0] == 0x0A)  # ModelProto field 1: repeated SentencePiece
     for index, (_, start, end) in enumerate(pieces):
@@ -83,27 +80,23 @@ def _load_sentencepiece(proto: bytes, path: str) -> spm.SentencePieceProcessor:
         saved = os.dup(2)
     except (OSError, ValueError):  # no usable fd 2 (a daemon): nothing to keep clean
         saved = None
-    error = None
     with tempfile.TemporaryFile() as caught:
         if saved is not None:
             os.dup2(caught.fileno(), 2)
         try:
-            sp = spm.SentencePieceProcessor(model_proto=proto)
+            return spm.SentencePieceProcessor(model_proto=proto)
         except (RuntimeError, OSError) as e:
-            error = e
-        finally:
+            raise LlavaMinError(f"{path}: not a sentencepiece model ({e}); give the InternLM2 tokenizer.model "
+                                f"or one written by `python -m llava_min.tokenizer train`") from e
+        finally:  # fd 2 back, and whatever else the library said
             if saved is not None:
                 os.dup2(saved, 2)
                 os.close(saved)
-        caught.seek(0)
-        lines = caught.read().decode("utf-8", "replace").splitlines()
-    rest = [line for line in lines if not _HARMLESS_LOAD_LOG.search(line)]
-    if rest:
-        print("\n".join(rest), file=sys.stderr)
-    if error is not None:
-        raise LlavaMinError(f"{path}: not a sentencepiece model ({error}); give the InternLM2 tokenizer.model "
-                            f"or one written by `python -m llava_min.tokenizer train`") from error
-    return sp
+            caught.seek(0)
+            rest = [line for line in caught.read().decode("utf-8", "replace").splitlines()
+                    if not _HARMLESS_LOAD_LOG.search(line)]
+            if rest:
+                print("\n".join(rest), file=sys.stderr)
 
 
 class Tokenizer:
@@ -141,7 +134,6 @@ class Tokenizer:
         self.im_start_id = self.special_ids["<|im_start|>"]
         self.im_end_id = self.special_ids["<|im_end|>"]
         self._names = {i: name for name, i in self.special_ids.items()}
-        self._special_re = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")  # a group: split keeps them
 
     def __getstate__(self):  # the rewritten proto: rewriting it again in _load changes nothing
         return {"path": self.path, "proto": self.sp.serialized_model_proto()}
@@ -158,7 +150,7 @@ class Tokenizer:
         """Token ids of `text` (no </s> is ever added). special: the six chat-token names become their ids,
         as HF's added tokens do; special=False: `text` is content (data.py's messages), all of it text."""
         ids = [self.bos_id] if bos else []
-        parts = self._special_re.split(text) if special else [text]
+        parts = CHAT_TOKEN_SPLIT.split(text) if special else [text]
         for k, part in enumerate(parts):
             if k % 2:  # odd parts of re.split with a group: the names
                 ids.append(self.special_ids[part])
@@ -182,19 +174,14 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise LlavaMinError(f"cannot decode ids {bad[:8]}: outside this tokenizer's vocabulary of "
-                                f"{self.vocab_size} ({self.path}); an LLM with a padded vocabulary can produce "
-                                f"them, so drop them before decoding")
-        out, run = [], []
-        for i in ids:
-            if i in self._names:
-                out.append(self.sp.decode(run))
-                run = []
-                if not skip_special:
-                    out.append(self._names[i])
-            else:
-                run.append(i)
-        out.append(self.sp.decode(run))
+            raise LlavaMinError(f"cannot decode ids {bad[:8]}: outside this tokenizer's vocabulary of {self.vocab_size}"
+                                f" ({self.path}); an LLM with a padded vocabulary can produce them: drop them first")
+        out = []
+        for special, run in groupby(ids, key=self._names.__contains__):  # runs of text ids and of chat tokens
+            if not special:
+                out.append(self.sp.decode(list(run)))
+            elif not skip_special:
+                out += [self._names[i] for i in run]
         return "".join(out)
 
 

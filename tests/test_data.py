@@ -270,6 +270,16 @@ def test_unreadable_files_are_named(tmp_path):
         list(Samples(as_json).scan())
     with pytest.raises(LlavaMinError, match="cannot read data file .*nope.json"):
         list(Samples(tmp_path / "nope.json").scan())
+    as_json.write_text("[] x")  # more after an empty list
+    with pytest.raises(LlavaMinError, match=rf"{as_json}: not valid JSON \(Extra data"):
+        list(Samples(as_json).scan())
+
+
+def test_system_prompt_with_an_image_tag_is_refused(folder):
+    with pytest.raises(LlavaMinError, match="system prompt contains '<image>'"):
+        LLaVADataset([_sample(0)], folder / "tok.model", folder, image_size=28, system="Look: <image>")
+    with pytest.raises(LlavaMinError, match="system prompt contains '<image>'"):
+        encode_conversation(Tokenizer(folder / "tok.model"), _sample(0)["conversations"], system="<image>")
 
 
 def test_ids_and_image_positions_as_in_llava_data(folder):
