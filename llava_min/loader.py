@@ -197,8 +197,6 @@ def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks
                 return  # the main process closed the pipe: it is stopping us anyway
 
 
-# Messages
-
 def describe_sample(dataset, index: int) -> str:
     """The data set's own words for sample `index` (LLaVADataset.describe: id, file, image), else 'sample 5'."""
     try:
