@@ -160,8 +160,8 @@ class _BatchUnpickler(pickle.Unpickler):
         return torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
 
 
-def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks: Connection,
-                 results: Connection, current, parent_pid: int) -> None:
+def _worker_loop(dataset, collate_fn: Callable, seed: int, tasks: Connection, results: Connection, current,
+                 parent_pid: int) -> None:
     """A worker process: receive (batch number, indices, slot), send back (batch number, batch, failure)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process decides
     signal.set_wakeup_fd(-1)                       # a signal wake-up pipe inherited by fork is the main process's
@@ -187,9 +187,7 @@ def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks
             batch = load_batch(dataset, collate_fn, seed, number, indices, current)
             # Pickled here rather than inside send(), so that the main process can always read the batch
             # number, even when the tensors' shared memory cannot be fetched any more.
-            buffer = io.BytesIO()
-            _BatchPickler(buffer).dump(batch)
-            results.send((number, buffer.getvalue(), None))
+            results.send((number, bytes(_BatchPickler.dumps(batch)), None))
         except BaseException as e:  # noqa: BLE001 -- SystemExit from a library must be reported too
             try:  # the exception itself may not pickle: its text
                 results.send((number, None, (current.value, f"{type(e).__name__}: {e}", traceback.format_exc())))
@@ -359,7 +357,7 @@ class Loader:
                 current = self.context.Value("q", -1, lock=False)        # one int64 in shared memory
                 process = self.context.Process(
                     target=_worker_loop, name=f"llava-min-loader-{i}", daemon=True,
-                    args=(i, self.dataset, self.collate_fn, self.seed, task_out, result_in, current, os.getpid()))
+                    args=(self.dataset, self.collate_fn, self.seed, task_out, result_in, current, os.getpid()))
                 process.start()
                 # Only the worker keeps its ends: when it dies, its result pipe reaches end-of-file at once.
                 task_out.close()
