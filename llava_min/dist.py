@@ -7,8 +7,8 @@
         loss.backward()                             # DDP's own collectives, named the same way
     dist.teardown(d)
 
-NCCL on the rank's GPU when CUDA is available, else gloo; a gloo group carries object collectives and barriers
-are counters in torchrun's store. `--dist-timeout` bounds them all; a failed or timed-out one raises DistTimeout.
+NCCL on the rank's GPU when CUDA is available, else gloo. `--dist-timeout` bounds every collective; a failed or
+timed-out one raises DistTimeout.
 """
 from __future__ import annotations
 
@@ -121,14 +121,6 @@ def teardown(d: Dist) -> None:
         tdist.destroy_process_group()
 
 
-# Named collectives
-
-def _is_comm_error(e: RuntimeError) -> bool:
-    """NCCL, the store and the network raise DistError subclasses; gloo raises plain RuntimeError, its message
-    opening with gloo's source file ("[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer")."""
-    return isinstance(e, tdist.DistError) or "/gloo/" in str(e).split("]", 1)[0]
-
-
 @contextmanager
 def collective(d: Dist, what: str, kind: str = "collective", timeout_s: float | None = None,
                any_error: bool = False):
@@ -141,25 +133,18 @@ def collective(d: Dist, what: str, kind: str = "collective", timeout_s: float | 
     except DistTimeout:
         raise                                   # already named by an inner collective
     except RuntimeError as e:
-        if not (any_error or _is_comm_error(e)):
+        # NCCL, the store and the network raise DistError; gloo a plain RuntimeError whose message opens with
+        # gloo's source file ("[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer").
+        if not (any_error or isinstance(e, tdist.DistError) or "/gloo/" in str(e).split("]", 1)[0]):
             raise
         _fail(d, kind, what, time.monotonic() - start, timeout_s or d.timeout_s, e)
     d.heartbeat(phase=f"after {kind} '{what}'")
 
 
-def _arrive(d: Dist, what: str, timeout_s: float | None) -> None:
-    """gloo and NCCL end an operation at their group's timeout whatever a wait asks for: a longer timeout_s is
-    spent at a barrier first (its own timeout holds), and the operation then starts with every rank there."""
-    if timeout_s is not None and timeout_s > d.timeout_s:
-        barrier(d, f"{what} (every rank arriving)", timeout_s)
-
-
-def all_reduce(d: Dist, tensor: torch.Tensor, op=tdist.ReduceOp.SUM, what: str = "all_reduce",
-               timeout_s: float | None = None) -> torch.Tensor:
+def all_reduce(d: Dist, tensor: torch.Tensor, op=tdist.ReduceOp.SUM, what: str = "all_reduce") -> torch.Tensor:
     """In-place all-reduce on the default group, waited on with the timeout. One process: returns tensor."""
     if not d.is_distributed:
         return tensor
-    _arrive(d, what, timeout_s)
     with collective(d, what, "all_reduce", any_error=True):
         work = tdist.all_reduce(tensor, op=op, async_op=True)
         work.wait(timeout=datetime.timedelta(seconds=d.timeout_s))
@@ -186,11 +171,10 @@ def barrier(d: Dist, what: str = "barrier", timeout_s: float | None = None) -> N
                                        f"{timeout_s:g} s") from None
 
 
-def all_gather_object(d: Dist, obj, what: str = "all_gather_object", timeout_s: float | None = None) -> list:
+def all_gather_object(d: Dist, obj, what: str = "all_gather_object") -> list:
     """[obj of rank 0, obj of rank 1, ...] over the gloo group."""
     if not d.is_distributed:
         return [obj]
-    _arrive(d, what, timeout_s)
     out = [None] * d.world_size
     with collective(d, what, "all_gather_object", any_error=True):
         tdist.all_gather_object(out, obj, group=d.cpu_group)
@@ -212,16 +196,14 @@ def _fail(d: Dist, kind: str, what: str, elapsed: float, timeout_s: float, error
                  "for heartbeats and stacks)")
     text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     wait = f", this wait {timeout_s:g} s" if timeout_s != d.timeout_s else ""
-    head = (f"rank {d.rank}: {kind} '{what}' at step {d.step} timed out after {elapsed:.0f} s (--dist-timeout "
-            f"{d.timeout_s:g} s{wait}). Backend said: {text}" if timed_out else
-            f"rank {d.rank}: {kind} '{what}' at step {d.step} failed after {elapsed:.1f} s: {text}")
+    where = f"rank {d.rank}: {kind} '{what}' at step {d.step}"
+    head = (f"{where} timed out after {elapsed:.0f} s (--dist-timeout {d.timeout_s:g} s{wait}). Backend said: {text}"
+            if timed_out else f"{where} failed after {elapsed:.1f} s: {text}")
     advice = ("A rank stuck elsewhere (data loading, a long first step, a hang) or stopped makes every other rank "
               "wait here: its heartbeat and stack show where. If it is only slow, raise --dist-timeout." if timed_out
               else "Another rank probably exited or crashed: look for its error above (its heartbeat says how).")
     raise DistTimeout(f"{head}\nRanks last seen:\n{ranks}\n{advice}") from error
 
-
-# Start-up agreement
 
 def config_hash(obj) -> str:
     """A short, order-independent hash of a JSON-able configuration (paths and numbers as written)."""

@@ -1,8 +1,7 @@
 """The data loader: worker processes that build collated batches, every failure loud and named.
 
-Start at `Loader._in_workers` (hand out batches, yield them in order), then `_receive` and `_worker_loop`.
-Batch b is built by `load_batch` with generators seeded from (seed, b), in worker b % num_workers or in the
-main process: the same batches either way. Big tensors travel through shared memory each worker reuses (`_Slots`).
+Start at `Loader._in_workers`, then `_receive` and `_worker_loop`. Batch b is built by `load_batch` with generators
+seeded from (seed, b), in worker b % num_workers or in the main process: the same batches either way.
 """
 from __future__ import annotations
 
@@ -18,7 +17,9 @@ import time
 import traceback
 import weakref
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
+from itertools import islice
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
@@ -67,23 +68,17 @@ _DEATH_HINTS = {
                    "default). Fix: enlarge it (docker run --shm-size=8g) or use fewer --num-workers",
     signal.SIGSEGV: "a native library (an image decoder, numpy, torch) crashed in the worker; its Python stack is "
                     "printed above. Fix: run with --num-workers 0 to reproduce it with a traceback",
-    signal.SIGABRT: "a native library aborted; its Python stack is printed above. Run with --num-workers 0 to "
-                    "reproduce it in the main process",
+    signal.SIGABRT: "a native library aborted (its Python stack is printed above); --num-workers 0 reproduces it",
     signal.SIGTERM: "something outside the loader terminated the worker (a job scheduler, or a user)",
 }
 
 
 # The per-batch code: the same in a worker and, with num_workers=0, in the main process
 
-def batch_seed(seed: int, batch_number: int) -> int:
-    """The 32-bit seed of one batch: a hash of (seed, batch number), so no two pairs share a stream."""
-    return int(np.random.SeedSequence([seed, batch_number]).generate_state(1)[0])
-
-
 def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indices: list[int], current) -> Any:
     """Reseed, build every sample, collate: randomness depends on the batch, never on the worker.
     `current.value` is the sample being built (-1 while collating), so a death or hang blames the right one."""
-    s = batch_seed(seed, batch_number)
+    s = int(np.random.SeedSequence([seed, batch_number]).generate_state(1)[0])  # 32 bits of a hash
     random.seed(s)
     np.random.seed(s)
     torch.default_generator.manual_seed(s)  # CPU only: the main process's CUDA generators stay untouched
@@ -98,18 +93,13 @@ def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indi
 # Shared memory that workers reuse
 
 class _Slots:
-    """A worker's shared-memory storages, reused from batch to batch: a fresh segment per batch (created, its
-    zeroed pages faulted in) took ~3 ms for 16 images of 336 px, 8% of the batch. Each task names a slot; the
-    batch's `shared_empty` calls, in order, get that slot's storages, grown as needed. The main process picks a
-    slot no batch it handed out still uses (`Loader._free_slot`): about prefetch + 2 per worker in steady state."""
+    """A worker's shared-memory storages, reused (a fresh segment per batch cost 8% of a 16-image batch at 336 px).
+    The n-th `shared_empty` call of a task in slot s gets storage (s, n); `_Worker.free_slot` picks the slots."""
 
     def __init__(self):
         self.storages: dict[tuple[int, int], torch.UntypedStorage] = {}  # (slot, n-th call) -> storage
         self.slot, self.calls = -1, 0
         self.in_batch: set[int] = set()  # data pointers of the storages the current batch uses
-
-    def start(self, slot: int) -> None:
-        self.slot, self.calls, self.in_batch = slot, 0, set()
 
     def empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         key = (self.slot, self.calls)
@@ -170,14 +160,8 @@ class _BatchUnpickler(pickle.Unpickler):
         return torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
 
 
-def _failure(error: BaseException, index: int) -> dict:
-    """What the main process needs to explain an exception (the exception itself may not pickle)."""
-    return {"index": index if index >= 0 else None, "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exc()}
-
-
-def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks: Connection,
-                 results: Connection, current, parent_pid: int) -> None:
+def _worker_loop(dataset, collate_fn: Callable, seed: int, tasks: Connection, results: Connection, current,
+                 parent_pid: int) -> None:
     """A worker process: receive (batch number, indices, slot), send back (batch number, batch, failure)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process decides
     signal.set_wakeup_fd(-1)                       # a signal wake-up pipe inherited by fork is the main process's
@@ -198,22 +182,18 @@ def _worker_loop(worker_id: int, dataset, collate_fn: Callable, seed: int, tasks
         if task is None:
             return
         number, indices, slot = task
-        _slots.start(slot)
+        _slots.slot, _slots.calls, _slots.in_batch = slot, 0, set()
         try:
             batch = load_batch(dataset, collate_fn, seed, number, indices, current)
             # Pickled here rather than inside send(), so that the main process can always read the batch
             # number, even when the tensors' shared memory cannot be fetched any more.
-            buffer = io.BytesIO()
-            _BatchPickler(buffer).dump(batch)
-            results.send((number, buffer.getvalue(), None))
+            results.send((number, bytes(_BatchPickler.dumps(batch)), None))
         except BaseException as e:  # noqa: BLE001 -- SystemExit from a library must be reported too
-            try:
-                results.send((number, None, _failure(e, current.value)))
+            try:  # the exception itself may not pickle: its text
+                results.send((number, None, (current.value, f"{type(e).__name__}: {e}", traceback.format_exc())))
             except OSError:
                 return  # the main process closed the pipe: it is stopping us anyway
 
-
-# Messages
 
 def describe_sample(dataset, index: int) -> str:
     """The data set's own words for sample `index` (LLaVADataset.describe: id, file, image), else 'sample 5'."""
@@ -228,14 +208,16 @@ def _batch_text(number: int, indices: list[int]) -> str:
     return f"batch {number} (samples [{shown}])"
 
 
-def _sample_error(dataset, where: str, number: int, indices: list[int], failure: dict, traceback_text: bool):
-    index = failure["index"]
+def _sample_error(dataset, where: str, number: int, indices: list[int], index: int, error: str,
+                  worker_traceback: str | None = None) -> SampleError:
+    """dataset[index] raised `error`, or collate_fn did (index -1)."""
+    index = index if index >= 0 else None
     what = (f"{describe_sample(dataset, index)} of {_batch_text(number, indices)}" if index is not None
             else f"collate_fn for {_batch_text(number, indices)}")
-    message = (f"{where} failed on {what}: {failure['error']}\n"
+    message = (f"{where} failed on {what}: {error}\n"
                f"Run with --num-workers 0 to debug it in the main process (pdb and breakpoint() work there).")
-    if traceback_text:
-        message += f"\n\nTraceback in the worker:\n{failure['traceback']}"
+    if worker_traceback:
+        message += f"\n\nTraceback in the worker:\n{worker_traceback}"
     return SampleError(message, number, index)
 
 
@@ -248,23 +230,30 @@ class _Worker:
     tasks: Connection            # main -> worker: (batch number, indices, slot), or None to stop
     results: Connection          # worker -> main: (batch number, batch, failure)
     current: Any                 # shared int: the sample index the worker is building, -1 otherwise
+    name: str                    # "loader worker 0 (pid 123)", for messages
     pending: deque = field(default_factory=deque)  # (number, indices, slot) sent and not answered, oldest first
     busy_since: float = 0.0      # when the worker last answered or got work while idle
     # Per slot (see _Slots): weak references to the storages of the batch last built in it, or None while
     # a task that uses it is pending. A slot whose references have all expired is free again.
     slots: list = field(default_factory=list)
 
-    def name(self) -> str:
-        return f"loader worker {self.id} (pid {self.process.pid})"
+    def free_slot(self) -> int:
+        """A slot that no batch in flight or handed out uses any more (a new one if none is)."""
+        for slot, refs in enumerate(self.slots):
+            if refs is not None and all(ref.expired() for ref in refs):
+                self.slots[slot] = None
+                return slot
+        self.slots.append(None)
+        return len(self.slots) - 1
 
-    def doing(self, dataset) -> str:
-        """What the worker was busy with, for an error message."""
+    def error(self, kind: type[LoaderError], dataset, what: str, then: str) -> LoaderError:
+        """"<worker> <what> while <what it was doing><then>", naming the batch and sample it held."""
         if not self.pending:
-            return "while idle"
+            return kind(f"{self.name} {what} while idle{then}")
         number, indices, _ = self.pending[0]
-        if self.current.value >= 0:
-            return f"while building {describe_sample(dataset, self.current.value)} of {_batch_text(number, indices)}"
-        return f"while collating or sending {_batch_text(number, indices)}"
+        index = self.current.value if self.current.value >= 0 else None
+        doing = f"building {describe_sample(dataset, index)} of" if index is not None else "collating or sending"
+        return kind(f"{self.name} {what} while {doing} {_batch_text(number, indices)}{then}", number, index)
 
 
 class Loader:
@@ -280,8 +269,6 @@ class Loader:
     On any error, at the end of the data, on close(), on garbage collection and on Ctrl-C the workers stop.
     """
 
-    _active = None  # weak reference to the running iteration (a class default, for __del__ after a failed __init__)
-
     def __init__(self, dataset, batches: Iterable[list[int]], collate_fn: Callable, num_workers: int = 0,
                  prefetch: int = 2, timeout: float | None = 600, pin_memory: bool = False,
                  start_method: str | None = None, seed: int = 0, first_batch: int = 0):
@@ -293,6 +280,7 @@ class Loader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.context = mp.get_context(start_method)
         self.seed, self.first_batch = seed, first_batch
+        self._active = None               # weak reference to the running iteration
         self.worker_pids: list[int] = []  # of the running workers, for diagnostics
         self.slots_made: list[int] = []   # shared-memory slots (_Slots) each running worker has made so far
 
@@ -319,9 +307,6 @@ class Loader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        self.close()
-
     def _in_main(self) -> Iterator[Any]:
         current = SimpleNamespace(value=-1)
         for number, indices in enumerate(self.batches, start=self.first_batch):
@@ -331,13 +316,13 @@ class Loader:
             try:
                 batch = load_batch(self.dataset, self.collate_fn, self.seed, number, indices, current)
             except Exception as e:
-                raise _sample_error(self.dataset, "the main process (num_workers=0)", number, indices,
-                                    _failure(e, current.value), traceback_text=False) from e
+                raise _sample_error(self.dataset, "the main process (num_workers=0)", number, indices, current.value,
+                                    f"{type(e).__name__}: {e}") from e
             finally:
                 random.setstate(states[0])
                 np.random.set_state(states[1])
                 torch.set_rng_state(states[2])
-            yield self._pin(batch)
+            yield _pin_memory(batch) if self.pin_memory else batch
 
     def _in_workers(self) -> Iterator[Any]:
         workers = self._start_workers()
@@ -346,13 +331,8 @@ class Loader:
             tasks = enumerate(self.batches, start=self.first_batch)
             in_flight = deque()  # batch numbers sent and not yet yielded, in order
             ready = {}           # batch number -> batch, for results that came before their turn
-            exhausted = False
             while True:
-                while not exhausted and len(in_flight) < self.prefetch * self.num_workers:
-                    number, indices = next(tasks, (None, None))
-                    if number is None:
-                        exhausted = True
-                        break
+                for number, indices in islice(tasks, self.prefetch * self.num_workers - len(in_flight)):
                     self._send(workers[(number - self.first_batch) % self.num_workers], number, list(indices))
                     in_flight.append(number)
                 if not in_flight:
@@ -360,7 +340,8 @@ class Loader:
                     return
                 while in_flight[0] not in ready:
                     self._receive(workers, ready)
-                yield self._pin(ready.pop(in_flight.popleft()))
+                batch = ready.pop(in_flight.popleft())
+                yield _pin_memory(batch) if self.pin_memory else batch
         finally:
             self._stop_workers(workers, graceful=finished)
 
@@ -376,12 +357,13 @@ class Loader:
                 current = self.context.Value("q", -1, lock=False)        # one int64 in shared memory
                 process = self.context.Process(
                     target=_worker_loop, name=f"llava-min-loader-{i}", daemon=True,
-                    args=(i, self.dataset, self.collate_fn, self.seed, task_out, result_in, current, os.getpid()))
+                    args=(self.dataset, self.collate_fn, self.seed, task_out, result_in, current, os.getpid()))
                 process.start()
                 # Only the worker keeps its ends: when it dies, its result pipe reaches end-of-file at once.
                 task_out.close()
                 result_in.close()
-                workers.append(_Worker(i, process, task_in, result_out, current))
+                workers.append(_Worker(i, process, task_in, result_out, current,
+                                       f"loader worker {i} (pid {process.pid})"))
         except BaseException:
             self._stop_workers(workers, graceful=False)
             raise
@@ -392,7 +374,7 @@ class Loader:
     def _send(self, worker: _Worker, number: int, indices: list[int]) -> None:
         if not worker.pending:
             worker.busy_since = time.monotonic()
-        slot = self._free_slot(worker)
+        slot = worker.free_slot()
         self.slots_made[worker.id] = len(worker.slots)
         worker.pending.append((number, indices, slot))
         try:
@@ -401,22 +383,10 @@ class Loader:
             worker.process.join(_JOIN_S)  # the worker is gone: report how it ended
             raise self._death_error(worker) from None
 
-    @staticmethod
-    def _free_slot(worker: _Worker) -> int:
-        """A slot of `worker` that no batch in flight or handed out uses any more (a new one if none is)."""
-        for slot, refs in enumerate(worker.slots):
-            if refs is not None and all(ref.expired() for ref in refs):
-                worker.slots[slot] = None
-                return slot
-        worker.slots.append(None)
-        return len(worker.slots) - 1
-
     def _receive(self, workers: list[_Worker], ready: dict) -> None:
         """Wait for one event: store a result, or raise for a failure, a death or a timeout."""
         # Every result pipe and every worker's sentinel (ready when the process ends): a death is seen at once.
-        by_handle = {}
-        for w in workers:
-            by_handle[w.results] = by_handle[w.process.sentinel] = w
+        by_handle = {handle: w for w in workers for handle in (w.results, w.process.sentinel)}
         events = wait(list(by_handle), timeout=_POLL_S if self.timeout is None else min(_POLL_S, self.timeout))
         for handle in events:
             w = by_handle[handle]
@@ -451,13 +421,13 @@ class Loader:
             w.process.join(_JOIN_S)
             if w.process.exitcode is None:
                 raise LoaderError(
-                    f"could not receive a batch from {w.name()}: {type(e).__name__}: {e}. If this is 'Too many "
+                    f"could not receive a batch from {w.name}: {type(e).__name__}: {e}. If this is 'Too many "
                     f"open files' or 'received 0 items of ancdata', raise the open-file limit (ulimit -n) or "
                     f"lower --num-workers", w.pending[0][0] if w.pending else None) from e
             raise self._death_error(w) from None
         w.busy_since = time.monotonic()
         if failure is not None:
-            raise _sample_error(self.dataset, w.name(), number, indices, failure, traceback_text=True)
+            raise _sample_error(self.dataset, w.name, number, indices, *failure)
         ready[number] = batch
 
     def _death_error(self, w: _Worker) -> WorkerDied:
@@ -471,51 +441,36 @@ class Loader:
         else:
             how = f"exited with code {code}"
             hint = "the data set or a library it calls ended the process (exit(), os._exit())"
-        number = w.pending[0][0] if w.pending else None
-        index = w.current.value if w.pending and w.current.value >= 0 else None
-        return WorkerDied(f"{w.name()} {how} {w.doing(self.dataset)}.\nLikely cause: {hint}.", number, index)
+        return w.error(WorkerDied, self.dataset, how, f".\nLikely cause: {hint}.")
 
     def _timeout_error(self, w: _Worker, waited: float) -> WorkerTimeout:
-        number = w.pending[0][0]
-        index = w.current.value if w.current.value >= 0 else None
-        try:
+        with suppress(OSError):
             os.kill(w.process.pid, signal.SIGUSR1)  # faulthandler in the worker prints its stack on stderr
             time.sleep(0.5)                         # give it the moment it needs before we stop it
-        except OSError:
-            pass
-        return WorkerTimeout(
-            f"{w.name()} sent nothing for {waited:.0f} s (timeout {self.timeout:g} s) {w.doing(self.dataset)}; "
-            f"its Python stack is printed above on stderr. A read from a slow or hung network file system, or "
-            f"a deadlock in a library, are the usual causes. If samples really take this long, raise "
-            f"--loader-timeout; the workers are now stopped.", number, index)
+        return w.error(WorkerTimeout, self.dataset, f"sent nothing for {waited:.0f} s (timeout {self.timeout:g} s)",
+                       "; its Python stack is printed above on stderr. A read from a slow or hung network file "
+                       "system, or a deadlock in a library, are the usual causes. If samples really take this "
+                       "long, raise --loader-timeout; the workers are now stopped.")
 
     def _stop_workers(self, workers: list[_Worker], graceful: bool) -> None:
-        """End every worker: at the end of the data ask politely; otherwise SIGTERM, then SIGKILL; join all."""
-        if graceful:
-            for w in workers:
-                try:
-                    w.tasks.send(None)
-                except OSError:
-                    pass
-            for w in workers:
-                w.process.join(_JOIN_S)
+        """End every worker: at the end of the data ask politely, otherwise SIGTERM; then SIGKILL; join all."""
         for w in workers:
-            if w.process.is_alive():
+            if not graceful:
                 w.process.terminate()
+                continue
+            with suppress(OSError):  # a pipe whose worker is gone
+                w.tasks.send(None)
         for w in workers:
             w.process.join(_JOIN_S)
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(_JOIN_S)
             if w.process.is_alive():  # stuck in the kernel (a dead network mount): nothing more can be done
-                print(f"llava-min loader: {w.name()} did not exit after SIGKILL; it is left behind",
+                print(f"llava-min loader: {w.name} did not exit after SIGKILL; it is left behind",
                       file=sys.stderr)
             w.tasks.close()
             w.results.close()
         self.worker_pids = []
-
-    def _pin(self, batch):
-        return _pin_memory(batch) if self.pin_memory else batch
 
 
 def _pin_memory(obj):

@@ -1,45 +1,31 @@
 """Which samples each optimizer step sees: one global batch per step, the same on any number of processes.
 
-The order is a pure function of (seed, epoch, global batch size). Neither the world size, the gradient
-accumulation, nor the number of loader workers enters it: a run on 1 or 4 processes trains on the same
-data in the same order, and a run resumed on another world size continues where the old one stopped.
-Each process takes its own slice of the global batch (`local_batch`), so the union over all ranks and
-micro-steps of one step is exactly `global_batch(step)`.
+The order is a pure function of (seed, epoch, global batch size), not of the world size, the gradient accumulation
+or the loader workers: 1 or 4 processes train on the same data in the same order, and a resumed run may change its
+world size. Each rank takes its slice of a step's batch (`local_batch`). `global_batch(step)` counts steps over all
+epochs, so resuming needs no replay: an epoch's order is built once (O(N log N)), cached, then looked up.
 
-One epoch, with group_by_length=True (LLaVA's `group_by_modality_length`; llava/train/llava_trainer.py
-`get_modality_length_grouped_indices`, and XTuner's `LengthGroupedSampler`):
-  1. split the samples by modality: `lengths[i] > 0` has an image, `lengths[i] < 0` is text-only
-     (LLaVA's `modality_length` convention); shuffle each pool with the epoch's generator;
-  2. cut each pool into global batches; a global batch never mixes images and text-only samples, so a
-     step's micro-batches are uniformly with or without images. The two pools' leftovers (each shorter
-     than a batch) are joined into at most one mixed batch, placed last, as LLaVA does; what is still
-     left (fewer than global_batch_size samples) is dropped this epoch (a different set each epoch);
-  3. sort every batch by length, longest first, so the contiguous pieces that `local_batch` hands to one
-     micro-batch hold similar lengths (less padding);
-  4. shuffle the order of the single-modality batches, then move the batch that holds the epoch's longest
-     sample to the front: if the longest sequence does not fit in memory, step 1 says so, not hour 10.
-     (Each pool's longest sample is put at the head of its shuffled pool, so it is never the one dropped.)
-With group_by_length=False: one shuffle of all samples cut into batches, modalities mixed, no sorting,
-but still the longest-first batch.
+One epoch, with group_by_length=True (LLaVA's `get_modality_length_grouped_indices`, XTuner's LengthGroupedSampler):
+  1. shuffle the samples with an image (lengths > 0) and the text-only ones (< 0) as two pools, each pool's longest
+     sample put first so that it is never dropped;
+  2. cut each pool into global batches: a step is all with or all without images. The two leftovers make at most
+     one mixed batch, placed last, as in LLaVA; what is still left is dropped this epoch;
+  3. sort every batch longest first, so each micro-batch (a contiguous piece) holds similar lengths: less padding;
+  4. shuffle the single-modality batches, then move the one with the epoch's longest sample to the front: if it
+     does not fit in memory, step 1 says so, not hour 10.
+With group_by_length=False: one shuffle of all samples, no sorting, still the longest-first batch. drop_last=False
+fills the last batch up with the epoch's first samples: every global batch must split evenly over the ranks.
 
-drop_last=False keeps every sample: the last, short batch is filled up with the epoch's first samples
-(repeats), because every global batch must split into equal micro-batches on every rank.
-
-`global_batch(step)` takes a step counted over all epochs, so resuming at step k needs no replay: the
-epoch's order is built once (O(N log N)) and cached, and any step of it is then an O(1) lookup.
-
-With pack=N (--pack N), the units of a global batch are packs, planned rows of at most N positions by the
-length estimates, and global_batch_size counts packs (batch x processes x accumulation rows per step). Each
-epoch: shuffle all samples (modalities mixed: a pack is never padded, so grouping gains nothing); in windows of
-PACK_WINDOW samples, longest first, put each sample into the fullest pack it still fits (best-fit decreasing:
-a few percent of padding); shuffle the packs; cut them into steps, each step's packs fullest first, the step
-holding the epoch's fullest pack first. The pack count varies a little by epoch; steps_per_epoch is epoch 0's,
-and another epoch drops its surplus packs or repeats its first ones. `local_batch` hands a rank its packs'
-samples; `data.collate_packed` lays them into rows by their real lengths.
+With pack=N (--pack N), the units of a batch are packs, rows of at most N positions by the length estimates, and
+global_batch_size counts packs. Each epoch: shuffle all samples (a pack is never padded: no grouping by modality);
+in windows of PACK_WINDOW, longest first, put each into the fullest pack it still fits (best-fit decreasing); shuffle
+the packs; cut them into steps, each step's packs fullest first, the step with the epoch's fullest pack first.
+steps_per_epoch is epoch 0's; another epoch drops its surplus packs or repeats its first ones.
 """
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from itertools import count
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -65,22 +51,18 @@ class GlobalBatchSampler:
         self.seed, self.pack = seed, pack
         self._cached_epoch, self._cached_batches = None, None
         if pack:
+            self._sizes = np.minimum(np.abs(self.lengths), pack)  # a sample is cut at --max-length <= N (train.py)
             self.packs, self._packs_epoch = self._pack_epoch(0), 0   # steps_per_epoch: from epoch 0's pack count
             n = len(self.packs)
         if n < global_batch_size:
             raise ValueError(f"the data set has {n} {'packs' if pack else 'samples'}, fewer than one global batch "
                              f"of {global_batch_size}; lower --batch-size / --grad-accum or the number of "
                              "processes, or add data")
-        self.global_batch_size = global_batch_size
-        self.group_by_length = group_by_length
-        self.drop_last = drop_last
+        self.global_batch_size, self.group_by_length, self.drop_last = global_batch_size, group_by_length, drop_last
         self.steps_per_epoch = n // global_batch_size if drop_last else -(-n // global_batch_size)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
-
-    # ----------------------------------------------------------------------------------------------
-    # The global order
 
     def global_batch(self, step: int) -> list[int]:
         """The sample indices of optimizer step `step` (0-based, counted over all epochs)."""
@@ -105,14 +87,13 @@ class GlobalBatchSampler:
     def _pack_epoch(self, epoch: int) -> list[list[int]]:
         """One epoch's packs, in shuffled order: best-fit decreasing within windows of shuffled samples."""
         rng = np.random.default_rng((self.seed, epoch, 1))   # its own stream: the unpacked order is unchanged
-        size = np.minimum(np.abs(self.lengths), self.pack)   # a sample is cut at --max-length <= N (train.py)
-        order = rng.permutation(len(size))
+        order = rng.permutation(len(self._sizes))
         packs = []
         for w in range(0, len(order), PACK_WINDOW):
             window = order[w:w + PACK_WINDOW]
             free = []                                        # sorted (room left, pack) of this window's packs
-            for i in window[np.argsort(-size[window], kind="stable")].tolist():
-                n = int(size[i])
+            for i in window[np.argsort(-self._sizes[window], kind="stable")].tolist():
+                n = int(self._sizes[i])
                 at = bisect_left(free, (n, -1))              # the fullest pack with room for n
                 if at < len(free):
                     room, p = free.pop(at)
@@ -128,9 +109,8 @@ class GlobalBatchSampler:
             self.packs, self._packs_epoch = self._pack_epoch(epoch), epoch
         steps, size = self.steps_per_epoch, self.global_batch_size
         units = np.arange(steps * size) % len(self.packs)   # surplus packs dropped, or the first ones repeated
-        length = np.minimum(np.abs(self.lengths), self.pack)
-        total = np.array([length[p].sum() for p in self.packs])
-        longest = np.array([length[p].max() for p in self.packs])
+        total = np.array([self._sizes[p].sum() for p in self.packs])
+        longest = np.array([self._sizes[p].max() for p in self.packs])
         fill = total * (self.pack + 1) + longest             # fullest first; among the fullest, the longest sample
         batches = units.reshape(steps, size)                 # (steps_per_epoch, packs per step)
         batches = np.take_along_axis(batches, np.argsort(-fill[batches], axis=1, kind="stable"), axis=1)
@@ -140,10 +120,8 @@ class GlobalBatchSampler:
     def _build_epoch(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, epoch))  # a seed sequence: no (seed, epoch) pairs collide
         size, length = self.global_batch_size, np.abs(self.lengths)
-        if self.group_by_length:
-            pools = [np.flatnonzero(self.lengths > 0), np.flatnonzero(self.lengths < 0)]  # image, text-only
-        else:
-            pools = [np.arange(len(self.lengths))]
+        pools = ([np.flatnonzero(self.lengths > 0), np.flatnonzero(self.lengths < 0)] if self.group_by_length
+                 else [np.arange(len(self.lengths))])      # [image, text-only], or one pool of all
         full, leftovers = [], []
         for pool in pools:
             pool = rng.permutation(pool)
@@ -169,17 +147,10 @@ class GlobalBatchSampler:
         assert out.shape == (self.steps_per_epoch, size), out.shape
         return out
 
-    # ----------------------------------------------------------------------------------------------
-    # One process's share
-
     def local_batch(self, step: int, rank: int, world_size: int, micro_step: int, grad_accum: int) -> list[int]:
-        """The micro-batch that `rank` runs at `micro_step` (0..grad_accum-1) of optimizer step `step`.
-
-        The length-sorted global batch is cut into world_size * grad_accum contiguous pieces. Piece
-        micro_step * world_size + r goes to rank r at that micro-step, ranks in reverse on odd
-        micro-steps (a snake order), so every rank does about the same amount of work per optimizer
-        step, and the longest piece is rank 0's first micro-batch.
-        """
+        """The micro-batch that `rank` runs at `micro_step` (0..grad_accum-1) of optimizer step `step`: piece
+        micro_step * world_size + r of world_size * grad_accum contiguous ones goes to rank r, ranks reversed on odd
+        micro-steps, so ranks share the work evenly and the longest piece is rank 0's first micro-batch."""
         pieces = world_size * grad_accum
         if self.global_batch_size % pieces:
             raise ValueError(f"global batch size {self.global_batch_size} is not divisible by world size "
@@ -195,12 +166,8 @@ class GlobalBatchSampler:
 
     def batches_for_rank(self, rank: int = 0, world_size: int = 1, grad_accum: int = 1, start_step: int = 0,
                          stop_step: int | None = None) -> Iterator[list[int]]:
-        """This rank's micro-batches for optimizer steps start_step .. stop_step-1 (None: endless), in order.
-
-        Hand it to `Loader` with first_batch = start_step * grad_accum to resume at start_step.
-        """
-        step = start_step
-        while stop_step is None or step < stop_step:
+        """This rank's micro-batches for steps start_step .. stop_step-1 (None: endless), in order; for `Loader`,
+        with first_batch = start_step * grad_accum."""
+        for step in count(start_step) if stop_step is None else range(start_step, stop_step):
             for micro_step in range(grad_accum):
                 yield self.local_batch(step, rank, world_size, micro_step, grad_accum)
-            step += 1
