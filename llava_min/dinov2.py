@@ -251,7 +251,6 @@ class DINOv2(nn.Module):
         return (height // self.config.patch_size) * (width // self.config.patch_size)
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
-        """Recompute each block's activations in backward instead of storing them."""
         self.gradient_checkpointing = bool(flag)
 
     def _blocks(self, x: torch.Tensor, blocks, states: list | None = None) -> torch.Tensor:

@@ -149,7 +149,7 @@ class Packing:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """Causal attention inside each packed piece. q (B, n_heads, T, hd), k and v (B, n_kv, T, hd) -> (B * T, n_heads, hd).
+    """Causal attention inside each packed piece: q (B, n_heads, T, hd), k, v (B, n_kv, T, hd) -> (B * T, n_heads, hd).
     CUDA: one variable-length flash-attention call. Elsewhere: one SDPA call per piece, exact; a dense
     block-diagonal mask computes every cross-sample score only to mask it (measured 7x slower on a CPU)."""
     B, H, T, hd = q.shape
@@ -339,9 +339,7 @@ def _attention_mask(attention_mask, B, T, past, device):
         raise LlavaMinError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + "
                             f"new tokens) = ({B}, {S})")
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)   # query t sees keys <= past + t
-    if attention_mask is None:
-        return causal[None, None]
-    real = attention_mask.to(device=device, dtype=torch.bool)                        # (B, S)
+    real = (torch.ones(B, S, device=device) if attention_mask is None else attention_mask).to(device).bool()  # (B, S)
     # Padding queries (whose outputs nobody reads) keep the plain causal row, so no row is empty: some kernels
     # give NaN for an all-masked row, and a NaN value times a zero weight is NaN in the next layer.
     allowed = causal & (real[:, None, :] | ~real[:, past:, None])                    # (B, T, S)
