@@ -253,18 +253,17 @@ class DINOv2(nn.Module):
     def set_gradient_checkpointing(self, flag: bool) -> None:
         self.gradient_checkpointing = bool(flag)
 
-    def _blocks(self, x: torch.Tensor, blocks, states: list | None = None) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-            if states is not None:
-                states.append(x)
         return x
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """num_layers + 1 tensors (B, 1 + R + N, D): the embeddings, then each block's output (none normed)."""
         states = [self.embeddings(pixel_values)]
-        self._blocks(states[0], self.encoder.layer, states)
+        for block in self.encoder.layer:
+            states.append(self._blocks(states[-1], [block]))
         return states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

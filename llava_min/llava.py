@@ -80,8 +80,7 @@ class LLaVA(nn.Module):
                 loss_chunk: int = 1024) -> LLaVAOutput:
         """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image; pixel_values (n_images, 3, H, W) in row-major
         order of the placeholders; labels (B, T), -100 where unsupervised; attention_mask (B, T), 1 = real, 0 =
-        padding, or for packed rows (`collate_packed`) k on the k-th sample of a row: each sample then attends
-        only to itself, from position 0, as if it were alone in its row."""
+        padding, or for packed rows (`collate_packed`) k on a row's k-th sample (sees itself only, from position 0)."""
         embeds, labels, mask = self.embed(input_ids, pixel_values, labels, attention_mask)
         # Right padding (what `collate` makes) needs no mask: causal attention already keeps the trailing pads
         # away from every real position, and the kernel's causal fast path is quicker than an explicit mask.
