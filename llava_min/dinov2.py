@@ -52,7 +52,6 @@ class DINOv2Config:
 
     @property
     def grid_size(self) -> int:
-        """Side of the square patch grid the stored position embeddings cover (37 for 518 / 14)."""
         return self.image_size // self.patch_size
 
     def image_tokens(self, image_size: int) -> int:
@@ -70,19 +69,16 @@ class DINOv2Config:
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
         return hidden
 
-    @property
-    def model_type(self) -> str:
-        return "dinov2_with_registers" if self.num_register_tokens > 0 else "dinov2"
-
     @classmethod
     def from_dict(cls, d: dict) -> "DINOv2Config":
         return cls(**_fields_of(dict(d)))
 
     def to_dict(self) -> dict:
         """The hub config.json form that transformers reads (Dinov2Model or Dinov2WithRegistersModel)."""
-        d = {"architectures": ["Dinov2WithRegistersModel" if self.num_register_tokens else "Dinov2Model"],
-             "model_type": self.model_type, **dataclasses.asdict(self)}
-        del d["use_mask_token" if self.num_register_tokens else "num_register_tokens"]   # not a field there
+        registers = self.num_register_tokens > 0
+        d = {"architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+             "model_type": "dinov2_with_registers" if registers else "dinov2", **dataclasses.asdict(self)}
+        del d["use_mask_token" if registers else "num_register_tokens"]   # not a field there
         return d
 
 
@@ -111,25 +107,21 @@ class Embeddings(nn.Module):
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings (1, 1 + N, D) for a height x width image, as transformers 5.x computes them."""
-        pos = self.position_embeddings
-        stored = pos.shape[1] - 1
+        pos, side = self.position_embeddings, self.config.grid_size
         rows, cols = height // self.config.patch_size, width // self.config.patch_size
-        if rows * cols == stored and height == width:
+        if rows * cols == side ** 2 and height == width:
             return pos
-        D, side = pos.shape[-1], int(stored ** 0.5)
-        grid = pos[:, 1:].reshape(1, side, side, D).permute(0, 3, 1, 2)  # (1, D, side, side)
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
         # Bicubic in fp32 to a target size (a scale factor would move the sample points); only transformers'
         # registers class antialiases.
         grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False,
                              antialias=self.config.num_register_tokens > 0).to(pos.dtype)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, D)       # (1, N, D)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)      # (1, N, D)
         return torch.cat([pos[:, :1], grid], dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = pixel_values.shape
+        B, _, H, W = pixel_values.shape
         _check_size(H, W, self.config.patch_size)
-        if C != self.config.num_channels:
-            raise LlavaMinError(f"pixel_values has {C} channels but the model expects {self.config.num_channels}")
         conv = self.patch_embeddings.projection
         x = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)   # (B, D, H/p, W/p) -> (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)           # (B, 1 + N, D)
@@ -153,7 +145,7 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = (self.attention[name](x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for name in ("query", "key", "value"))                  # each (B, heads, T, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5)  # bidirectional: no mask
+        y = F.scaled_dot_product_attention(q, k, v)                        # bidirectional: no mask
         return self.output["dense"](y.transpose(1, 2).reshape(B, T, D))   # (B, T, heads * head_dim)
 
 
@@ -189,8 +181,6 @@ class SwiGLUFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with LayerScale: x + ls1 * attn(norm1(x)), then + ls2 * mlp(norm2(x))."""
-
     def __init__(self, config: DINOv2Config):
         super().__init__()
         D, eps = config.hidden_size, config.layer_norm_eps
@@ -228,8 +218,7 @@ class DINOv2(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                m.reset_parameters()            # ones and zeros
             elif isinstance(m, LayerScale):
                 nn.init.constant_(m.lambda1, self.config.layerscale_value)
         nn.init.trunc_normal_(self.embeddings.position_embeddings, std=std)
@@ -258,27 +247,23 @@ class DINOv2(nn.Module):
 
     def num_patches(self, height: int, width: int) -> int:
         """Patch tokens for a height x width image (what features() returns per image)."""
-        p = self.config.patch_size
-        _check_size(height, width, p)
-        return (height // p) * (width // p)
+        _check_size(height, width, self.config.patch_size)
+        return (height // self.config.patch_size) * (width // self.config.patch_size)
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
-        """Recompute each block's activations in backward instead of storing them."""
         self.gradient_checkpointing = bool(flag)
 
-    def _blocks(self, x: torch.Tensor, blocks, states: list | None = None) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-            if states is not None:
-                states.append(x)
         return x
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """num_layers + 1 tensors (B, 1 + R + N, D): the embeddings, then each block's output; none normed
-        (transformers' `output_hidden_states` order)."""
+        """num_layers + 1 tensors (B, 1 + R + N, D): the embeddings, then each block's output (none normed)."""
         states = [self.embeddings(pixel_values)]
-        self._blocks(states[0], self.encoder.layer, states)
+        for block in self.encoder.layer:
+            states.append(self._blocks(states[-1], [block]))
         return states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -312,24 +297,21 @@ def _fields_of(d: dict) -> dict:
     """A hub config.json dict -> DINOv2Config's arguments; omitted fields take transformers' defaults."""
     model_type = d.get("model_type")
     if model_type not in (None, *HF_DEFAULTS):
-        raise LlavaMinError(f"model_type {model_type!r} is not a DINOv2 config (expected one of "
-                            f"{sorted(HF_DEFAULTS)})")
-    names = {f.name for f in dataclasses.fields(DINOv2Config)}
-    values = HF_DEFAULTS.get(model_type, {}) | {k: v for k, v in d.items() if k in names}
+        raise LlavaMinError(f"model_type {model_type!r} is not a DINOv2 config (expected one of {sorted(HF_DEFAULTS)})")
+    fields = dataclasses.fields(DINOv2Config)
+    values = HF_DEFAULTS.get(model_type, {}) | {k: v for k, v in d.items() if k in {f.name for f in fields}}
     if model_type == "dinov2":
         values["num_register_tokens"] = 0      # not a field of Dinov2Config: transformers ignores it
     if model_type == "dinov2_with_registers":
         values["use_mask_token"] = True        # not a field of the registers config: always there
         if values["num_register_tokens"] == 0:
-            raise LlavaMinError("model_type dinov2_with_registers with num_register_tokens = 0 is not supported; "
-                                "use model_type dinov2")
+            raise LlavaMinError("model_type dinov2_with_registers needs num_register_tokens > 0; use model_type dinov2")
     for field in ("image_size", "patch_size"):   # transformers accepts [h, w]; the stored grid is square
         if isinstance(values.get(field), (list, tuple)):
             if len(values[field]) != 2 or values[field][0] != values[field][1]:
                 raise LlavaMinError(f"{field} = {values[field]!r}: only square sizes are supported")
             values[field] = values[field][0]
-    missing = [f.name for f in dataclasses.fields(DINOv2Config)
-               if f.default is dataclasses.MISSING and f.name not in values]
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in values]
     if missing:
         raise LlavaMinError(f"missing field {missing[0]!r} (all missing: {missing})")
     return values

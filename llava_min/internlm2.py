@@ -57,7 +57,6 @@ class InternLM2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InternLM2Config":
-        """Build from a hub config.json dict."""
         return cls(**_fields_of(dict(d)))
 
     def to_dict(self) -> dict:
@@ -66,7 +65,6 @@ class InternLM2Config:
                 "hidden_act": "silu", "tie_word_embeddings": False}
 
 
-# --------------------------------------------------------------------------------------------------
 # The network
 
 class RMSNorm(nn.Module):
@@ -83,8 +81,7 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos and sin of position * inv_freq, each (B or 1, T, head_dim / 2): half the released cat(freqs, freqs).
-    Scaling as transformers' Llama: linear divides inv_freq by the factor; dynamic (NTK-aware) enlarges the base
-    when the sequence (max position + 1) is longer than max_position_embeddings L."""
+    Scaled as transformers' Llama: linear divides inv_freq; dynamic (NTK-aware) enlarges the base past L."""
     d = config.head_dim
     device = position_ids.device
     exponent = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d   # (d/2,)
@@ -93,7 +90,7 @@ def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: to
     if scaling.get("type") == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif scaling.get("type") == "dynamic":
-        factor, L = scaling["factor"], config.max_position_embeddings
+        factor, L = scaling["factor"], config.max_position_embeddings      # L: the trained context
         seq_len = position_ids.max() + 1     # a tensor: no host sync in the decoding loop
         base = config.rope_theta * ((factor * seq_len / L) - (factor - 1)) ** (d / (d - 2))
         # transformers keeps an enlarged base for later, shorter calls until one is shorter than L; here each
@@ -114,11 +111,10 @@ class KVCache:
     """Static keys and values for generation: one (B, n_kv, max_len, head_dim) buffer pair per layer, written in
     place at [length, length + T) by each forward. Nothing is allocated or copied per decoding step."""
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    def __init__(self, c: InternLM2Config, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
         self.length = 0        # tokens stored (padding included); the model advances it once per forward
         self.max_len = max_len
 
@@ -153,7 +149,7 @@ class Packing:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """Causal attention inside each packed piece. q (B, n_heads, T, hd), k and v (B, n_kv, T, hd) -> (B * T, n_heads, hd).
+    """Causal attention inside each packed piece: q (B, n_heads, T, hd), k, v (B, n_kv, T, hd) -> (B * T, n_heads, hd).
     CUDA: one variable-length flash-attention call. Elsewhere: one SDPA call per piece, exact; a dense
     block-diagonal mask computes every cross-sample score only to mask it (measured 7x slower on a CPU)."""
     B, H, T, hd = q.shape
@@ -177,8 +173,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=config.bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.bias)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache: KVCache | None = None, layer: int = 0):
-        """mask: None (causal, or no mask), a boolean (B, 1, T, S) mask, or the Packing of packed rows."""
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        """mask: a boolean (B, 1, T, S) mask, the Packing of packed rows, or None: causal (none for one token)."""
         B, T, _ = x.shape
         G, hd = self.groups, self.head_dim
         # One matmul for q, k and v. Its output features are laid out per KV group: for each of the n_kv groups,
@@ -188,26 +184,24 @@ class Attention(nn.Module):
         cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)           # no-op unless autocast runs the matmul in bf16
         # Rotate the G query heads and the key head of every group in one pass; v is not rotated.
         qk = apply_rotary(qkv[:, :, :, :G + 1], cos[:, :, None, None], sin[:, :, None, None])
-        q = qk[:, :, :, :G].reshape(B, T, self.n_heads, hd)      # (B, T, n_heads, head_dim); head g*G + s
+        q = qk[:, :, :, :G].reshape(B, T, self.n_heads, hd).transpose(1, 2)   # (B, n_heads, T, hd); head g*G + s
         # k and v are copied out, not kept as views: attention saves them for backward, and a view would keep
         # the whole fused qkv and rotated q|k buffers alive until then.
         k = qk[:, :, :, G].transpose(1, 2).contiguous()           # (B, n_kv, T, head_dim)
         v = qkv[:, :, :, G + 1].transpose(1, 2).contiguous()      # (B, n_kv, T, head_dim)
-        q = q.transpose(1, 2)                                     # (B, n_heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)                      # (B, n_kv, past + T, head_dim)
             k, v = k.to(q.dtype), v.to(q.dtype)                   # no-op unless autocast changed the dtype
 
         if isinstance(mask, Packing):
-            out = packed_attention(q, k, v, mask).reshape(B, T, self.n_heads * hd)
-            return self.wo(out)
-        if T == 1 and G > 1:
+            return self.wo(packed_attention(q, k, v, mask).reshape(B, T, self.n_heads * hd))
+        if T == 1:
             # One new token: the G query heads of a group share one key/value head, so they are G query rows
             # against that head; no KV repeat, no GQA path needed.
             out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, hd), k, v, attn_mask=mask)
             out = out.reshape(B, self.n_heads, 1, hd)             # (B, n_kv, G, hd) -> (B, n_heads, 1, hd)
         elif mask is None or q.device.type == "cpu":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=G > 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
         else:
             # On CUDA only the flash and math kernels take enable_gqa, and flash takes no mask: repeat each KV head
             # G times (query head i uses KV head i // G) so that the memory-efficient kernel runs.
@@ -237,8 +231,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -271,8 +265,7 @@ class InternLM2(nn.Module):
                 m.weight.fill_(1.0)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> "InternLM2":
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "InternLM2":
         """A released-format folder, in eval mode. Built on the meta device (no init), then each tensor is read once
         from the memory-mapped file to `device`, in `dtype` (None: as stored)."""
         config = load_config(path)
@@ -280,8 +273,7 @@ class InternLM2(nn.Module):
         weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
         return model.eval()
 
-    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> None:
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
         """The released layout, LoRA adapters merged in, cast to `dtype` on the way (None: as the parameters)."""
         weights.save_state(merged_state_dict(self), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         dtype = str(dtype or self.output.weight.dtype).removeprefix("torch.")
@@ -291,11 +283,9 @@ class InternLM2(nn.Module):
         """Recompute each decoder layer's activations in backward (only while training, without a cache)."""
         self.gradient_checkpointing = bool(flag)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
-        c, w = self.config, self.output.weight
-        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim,
-                       dtype or w.dtype, device or w.device)
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        w = self.output.weight
+        return KVCache(self.config, batch_size, max_len, dtype or w.dtype, device or w.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(input_ids)              # (B, T, hidden)
@@ -304,12 +294,11 @@ class InternLM2(nn.Module):
                        position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, hidden) embeddings -> (B, T, hidden) final-normed states.
 
-        attention_mask: (B, past + T), 1 = real token, 0 = padding; past = cache.length, 0 without a cache.
-                        Packed rows (no cache): k on the k-th sample of a row; attention stays inside each sample
-                        and the positions restart at 0 on each (position_ids is then ignored).
+        attention_mask: (B, past + T), 1 = real token, 0 = padding, past = cache.length (0 without a cache); or for
+                        packed rows (no cache) k on a row's k-th sample, which then attends to itself only, its
+                        positions restarting at 0 (position_ids ignored).
         position_ids:   (B or 1, T), default past, past + 1, ...; with left padding cumsum(attention_mask) - 1.
-        cache:          a `new_cache(...)`; this call appends its T tokens and advances cache.length.
-        """
+        cache:          a `new_cache(...)`, to which this call appends its T tokens."""
         B, T, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
         device = inputs_embeds.device
@@ -320,17 +309,16 @@ class InternLM2(nn.Module):
             position_ids = torch.arange(past, past + T, device=device)[None]      # (1, T)
         if cache is None and attention_mask is not None and bool(attention_mask.max() > 1):
             mask, position_ids = Packing.from_mask(attention_mask.to(device))
-            is_causal = True
         else:
-            mask, is_causal = _attention_mask(attention_mask, B, T, past, device)
+            mask = _attention_mask(attention_mask, B, T, past, device)
         cos, sin = rotary_tables(self.config, position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             if recompute:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, i, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, is_causal, cache, i)
+                x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
@@ -342,27 +330,22 @@ class InternLM2(nn.Module):
 
 
 def _attention_mask(attention_mask, B, T, past, device):
-    """(mask, is_causal) for scaled_dot_product_attention, once per forward: without padding the kernel's own
-    causal masking (none for one new token), else a boolean (B, 1, T, past + T) mask, True = may attend."""
+    """The mask for scaled_dot_product_attention, once per forward: None without padding (the kernel's own causal
+    masking; one new token needs none), else a boolean (B, 1, T, past + T) mask, True = may attend."""
     S = past + T
-    if attention_mask is None and past == 0:
-        return None, True
-    if attention_mask is None and T == 1:
-        return None, False
+    if attention_mask is None and (past == 0 or T == 1):
+        return None
     if attention_mask is not None and attention_mask.shape != (B, S):
         raise LlavaMinError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + "
                             f"new tokens) = ({B}, {S})")
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)   # query t sees keys <= past + t
-    if attention_mask is None:
-        return causal[None, None], False
-    real = attention_mask.to(device=device, dtype=torch.bool)                        # (B, S)
+    real = (torch.ones(B, S, device=device) if attention_mask is None else attention_mask).to(device).bool()  # (B, S)
     # Padding queries (whose outputs nobody reads) keep the plain causal row, so no row is empty: some kernels
     # give NaN for an all-masked row, and a NaN value times a zero weight is NaN in the next layer.
     allowed = causal & (real[:, None, :] | ~real[:, past:, None])                    # (B, T, S)
-    return allowed[:, None], False                                                    # (B, 1, T, S)
+    return allowed[:, None]                                                           # (B, 1, T, S)
 
 
-# --------------------------------------------------------------------------------------------------
 # Config files and presets
 
 # config.json fields that describe the Hugging Face wrapper, not the network.
@@ -395,28 +378,29 @@ def _fields_of(d: dict) -> dict:
 
 
 def _validate(c: InternLM2Config) -> None:
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings"):
-        if type(getattr(c, name)) is not int or getattr(c, name) < 1:
-            raise LlavaMinError(f"{name} must be a positive integer, got {getattr(c, name)!r}")
-    for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
-        if type(getattr(c, name)) not in (int, float) or not getattr(c, name) > 0:
-            raise LlavaMinError(f"{name} must be a positive number, got {getattr(c, name)!r}")
+    def bad(field, why):
+        raise LlavaMinError(f"{field} = {getattr(c, field)!r} {why}")
+
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings"):
+        if type(getattr(c, field)) is not int or getattr(c, field) < 1:
+            bad(field, "must be a positive integer")
+    for field in ("rope_theta", "rms_norm_eps", "initializer_range"):
+        if type(getattr(c, field)) not in (int, float) or not getattr(c, field) > 0:
+            bad(field, "must be a positive number")
     if c.hidden_size % c.num_attention_heads or c.head_dim % 2:   # rotary embeddings rotate pairs of dimensions
-        raise LlavaMinError(f"hidden_size ({c.hidden_size}) must be divisible by num_attention_heads "
-                            f"({c.num_attention_heads}), into an even head_dim")
+        bad("hidden_size", f"must be divisible by num_attention_heads = {c.num_attention_heads} into an even head_dim")
     if c.num_attention_heads % c.num_key_value_heads:
-        raise LlavaMinError(f"num_attention_heads ({c.num_attention_heads}) must be divisible by "
-                            f"num_key_value_heads ({c.num_key_value_heads})")
+        bad("num_attention_heads", f"must be divisible by num_key_value_heads = {c.num_key_value_heads}")
     s = c.rope_scaling
     if s is not None and (not isinstance(s, dict) or s.get("type") not in ("linear", "dynamic") or len(s) != 2):
-        raise LlavaMinError(f"rope_scaling must be null or {{'type': 'linear' | 'dynamic', 'factor': f}}, got {s!r}")
+        bad("rope_scaling", "must be null or {'type': 'linear' | 'dynamic', 'factor': f}")
     if s is not None and not (type(s.get("factor")) in (int, float) and s["factor"] >= 1):
-        raise LlavaMinError(f"rope_scaling.factor must be a number >= 1, got {s.get('factor')!r}")
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(c, name)
-        if not (value is None and name == "pad_token_id") and not (type(value) is int and 0 <= value < c.vocab_size):
-            raise LlavaMinError(f"{name} must be a token id in [0, vocab_size={c.vocab_size}), got {value!r}")
+        bad("rope_scaling", "needs a factor >= 1")
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(c, field)
+        if not (value is None and field == "pad_token_id") and not (type(value) is int and 0 <= value < c.vocab_size):
+            bad(field, f"must be a token id in [0, vocab_size = {c.vocab_size})")
 
 
 PRESETS: dict[str, InternLM2Config] = {

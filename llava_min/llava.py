@@ -80,8 +80,7 @@ class LLaVA(nn.Module):
                 loss_chunk: int = 1024) -> LLaVAOutput:
         """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image; pixel_values (n_images, 3, H, W) in row-major
         order of the placeholders; labels (B, T), -100 where unsupervised; attention_mask (B, T), 1 = real, 0 =
-        padding, or for packed rows (`collate_packed`) k on the k-th sample of a row: each sample then attends
-        only to itself, from position 0, as if it were alone in its row."""
+        padding, or for packed rows (`collate_packed`) k on a row's k-th sample (sees itself only, from position 0)."""
         embeds, labels, mask = self.embed(input_ids, pixel_values, labels, attention_mask)
         # Right padding (what `collate` makes) needs no mask: causal attention already keeps the trailing pads
         # away from every real position, and the kernel's causal fast path is quicker than an explicit mask.
@@ -102,11 +101,7 @@ class LLaVA(nn.Module):
         rows at a time, recomputed in backward: the (B, T, vocab) logits and their fp32 softmax never exist whole."""
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], chunk):
-            hc, tc = h[i:i + chunk], targets[i:i + chunk]
-            if torch.is_grad_enabled() and hc.requires_grad:
-                total = total + checkpoint(self._chunk_loss, hc, tc, use_reentrant=False)
-            else:
-                total = total + self._chunk_loss(hc, tc)
+            total = total + checkpoint(self._chunk_loss, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
         if h.shape[0] == 0:  # no supervised token: a zero loss through the head, which still reaches every weight
             total = total + 0.0 * self.llm.output(h).sum()
         return total, int(targets.numel())
@@ -171,7 +166,6 @@ class LLaVA(nn.Module):
             return self.image_features(w.new_zeros(1, 3, p, p))[:, :0]
         return w.new_zeros(0, 1, self.projector.model[-1].out_features)
 
-    # ------------------------------------------------------------------------------------------------
     # Generation
 
     @torch.no_grad()
@@ -211,7 +205,6 @@ class LLaVA(nn.Module):
                                              position_ids=_cols(positions, p, p + 1), cache=cache)[:, -1]
         return out[:, :n]
 
-    # ------------------------------------------------------------------------------------------------
     # Loading and saving
 
     @classmethod
@@ -238,10 +231,8 @@ class LLaVA(nn.Module):
         llm_model = InternLM2.from_pretrained(llm, dtype=dtype, device=device)
         vit_model = DINOv2.from_pretrained(vit, dtype=dtype, device=device)
         widths = (vit_model.config.hidden_size, llm_model.config.hidden_size)
-        if projector is None:
-            with torch.device(device):
-                proj = Projector(*widths)
-            proj = proj if dtype is None else proj.to(dtype)
+        if projector is None:   # drawn on the CPU, as train.py does: the same fresh projector on any device
+            proj = Projector(*widths).to(device, dtype)
         else:
             proj = Projector.from_pretrained(projector, dtype=dtype, device=device)
         if (proj.vision_hidden, proj.llm_hidden) != widths:
@@ -249,8 +240,7 @@ class LLaVA(nn.Module):
                                 f"ViT width is {widths[0]} and the LLM width {widths[1]}")
         return cls(llm_model, vit_model, proj, config)
 
-    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> None:
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
         """llm/ (InternLM2, LoRA merged), vit/ (DINOv2), projector/ (XTuner) and llava_config.json."""
         path = Path(path)
         for part in PARTS:
@@ -263,12 +253,10 @@ class LLaVA(nn.Module):
 
 
 def trained_positions(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the positions whose next token is a target. Position t predicts token t + 1 when that token
-    is supervised and in the same sample: a packed sample's last position has the next sample's first token
-    after it (packed rows number their samples 1, 2, ... in the mask). train.py counts these to normalise."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) & (mask[:, 1:] == mask[:, :-1])
-    return keep
+    """(B, T) bool: the positions t whose next token is a target: supervised, and in the same sample (a packed
+    sample's last position has the next sample's first token after it). train.py counts these to normalise."""
+    keep = (labels[:, 1:] != IGNORE_INDEX) & (mask[:, 1:] == mask[:, :-1])          # (B, T - 1)
+    return F.pad(keep, (0, 1))                                                       # the last predicts nothing
 
 
 def _cols(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:

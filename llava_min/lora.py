@@ -2,8 +2,7 @@
 
     y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W: (out, in) frozen, A: (r, in), B: (out, r) trained
 
-Start at `apply_lora`. Saving: `merged_state_dict` (the official keys, adapters folded in, the model untouched) or
-`merge_lora` (in place); training checkpoints hold the adapters alone (`lora_state_dict` / `load_lora_state_dict`).
+Start at `apply_lora`; saved models hold the adapters merged, training checkpoints the adapters alone.
 """
 from __future__ import annotations
 
@@ -33,11 +32,10 @@ class LoRALinear(nn.Module):
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
         # fp32 adapters whatever the base dtype, so that AdamW updates small values exactly. A starts as nn.Linear's
         # default, B at zero: the adapted layer equals the base at init (PEFT's `reset_lora_parameters`).
-        device = base.weight.device
         # A is drawn on the CPU whatever the device: the same starting adapters on CPU and GPU, sharded or not.
         lora_a = nn.init.kaiming_uniform_(torch.empty(r, self.in_features, device="cpu"), a=math.sqrt(5))
-        self.lora_A = nn.Parameter(lora_a.to(device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        self.lora_A = nn.Parameter(lora_a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device, dtype=torch.float32))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()   # on A's input only, as PEFT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +62,6 @@ def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: f
     alpha = 2 * r if alpha is None else alpha
     if alpha <= 0 or not 0 <= dropout < 1:
         raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, dropout={dropout}")
-    targets = tuple(targets)
     refused = [t for t in targets if t.split(".")[-1] == "output"]
     if refused:
         raise LlavaMinError(f"LoRA targets {refused} name the output head 'output', which never gets an "
@@ -92,10 +89,8 @@ def _lora_layers(module: nn.Module) -> list[tuple[str, str, LoRALinear]]:
     return [(name, f"{name}." if name else "", m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
 
 
-@torch.no_grad()
 def merge_lora(module: nn.Module) -> list[str]:
-    """Fold every adapter into its base weight and put a plain, frozen nn.Linear back, in place (official keys
-    again). Returns the names of the merged layers."""
+    """Fold every adapter into its base weight, in place: plain frozen nn.Linear layers again; returns their names."""
     if isinstance(module, LoRALinear):
         raise LlavaMinError("merge_lora needs the model that holds the LoRALinear layers, not a layer itself")
     layers = _lora_layers(module)
@@ -108,7 +103,6 @@ def merge_lora(module: nn.Module) -> list[str]:
     return [name for name, _, _ in layers]
 
 
-@torch.no_grad()
 def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """`module.state_dict()` with every adapter folded in; the module is unchanged (training goes on after a save)."""
     state = module.state_dict()
@@ -127,7 +121,7 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy adapter tensors saved by `lora_state_dict` into a model prepared with the same `apply_lora`."""
-    own = {prefix + k: getattr(m, k) for _, prefix, m in _lora_layers(module) for k in LORA_KEYS}
+    own = lora_state_dict(module)       # detached, but the parameters' own storage
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise LlavaMinError(f"LoRA adapters do not match the model: missing {missing[:4]} ({len(missing)} in all), "

@@ -17,14 +17,6 @@ import torch.nn as nn
 from . import LlavaMinError
 
 
-# Parameter groups
-
-def _decays(name: str, p: torch.Tensor) -> bool:
-    """Weight decay only on matrices: not on norms, biases, or any other 1-D tensor (scales, layer scales)."""
-    module_path = name.rpartition(".")[0]
-    return p.ndim >= 2 and not name.endswith(".bias") and "norm" not in module_path.split(".")[-1]
-
-
 def param_groups(model: nn.Module, lr: float, weight_decay: float,
                  projector_lr: float | None = None) -> list[dict]:
     """The trainable parameters of `model` as AdamW groups named like "projector/no_decay": decay / no decay, and
@@ -34,7 +26,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
         if not p.requires_grad:
             continue
         part = "projector" if projector_lr is not None and name.startswith("projector.") else "model"
-        buckets.setdefault((part, _decays(name, p)), []).append(p)
+        # Weight decay on matrices only: never on norms, biases, or any other 1-D tensor (scales, layer scales).
+        buckets.setdefault((part, p.ndim >= 2), []).append(p)
     if not buckets:
         raise LlavaMinError(f"{type(model).__name__} has no trainable parameter; check --train (and that "
                             "the parts it names were unfrozen before building the optimizer)")
@@ -48,8 +41,6 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
                                "weight_decay": weight_decay if decay else 0.0})
     return groups
 
-
-# Optimizer
 
 def make_optimizer(groups: list[dict] | Iterable[torch.Tensor], lr: float, zero: bool = False) -> torch.optim.Optimizer:
     """AdamW over `groups` (from `param_groups`), the fused kernel when every parameter is on a GPU. zero=True
@@ -87,8 +78,6 @@ def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float | None) -
     limit = max_norm if max_norm and max_norm > 0 else math.inf
     return float(torch.nn.utils.clip_grad_norm_(params, limit))
 
-
-# Learning rate
 
 def lr_at(step: int, max_steps: int, peak: float, warmup_ratio: float = 0.03, min_ratio: float = 0.0,
           start_factor: float = 1e-5) -> float:

@@ -40,30 +40,23 @@ class Projector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def config_dict(self) -> dict:
-        """XTuner's ProjectorConfig as its config.json stores it."""
-        return {"architectures": ["ProjectorModel"], "model_type": "projector",
-                "visual_hidden_size": self.vision_hidden, "llm_hidden_size": self.llm_hidden,
-                "depth": self.depth, "hidden_act": "gelu", "bias": self.bias}
-
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "Projector":
         """An XTuner projector folder (or HF LLaVA's names), each tensor read once to `device` in `dtype`."""
         path = Path(path)
-        files = weights.checkpoint_files(path)
+        files, file = weights.checkpoint_files(path), path / weights.CONFIG_FILE
         key_map = _key_map_of(files)
-        if (path / weights.CONFIG_FILE).exists():
-            sizes = _sizes_from_config(weights.read_config(path), path / weights.CONFIG_FILE)
-        else:
-            sizes = _sizes_from_shapes(files, key_map)
+        sizes = _sizes_from_config(file) if file.exists() else _sizes_from_shapes(files, key_map)
         model = weights.build_on_meta(lambda: cls(*sizes))
         weights.load_into(model, path, key_map=key_map, dtype=dtype, device=device)
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """XTuner's form (config.json + model.safetensors); cast to `dtype` on the way (None: as is)."""
+        """XTuner's form (model.safetensors + its ProjectorConfig's config.json); cast to `dtype` on the way."""
         weights.save_state(self.state_dict(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
-        weights.write_json(self.config_dict(), Path(path) / weights.CONFIG_FILE)
+        weights.write_json({"architectures": ["ProjectorModel"], "model_type": "projector", "depth": self.depth,
+                            "visual_hidden_size": self.vision_hidden, "llm_hidden_size": self.llm_hidden,
+                            "hidden_act": "gelu", "bias": self.bias}, Path(path) / weights.CONFIG_FILE)
 
 
 def _key_map_of(files: dict[str, Path]) -> list[tuple[str, str]]:
@@ -80,21 +73,20 @@ def _key_map_of(files: dict[str, Path]) -> list[tuple[str, str]]:
     return KEY_MAPS[next(iter(first_key), "XTuner")]
 
 
-def _sizes_from_config(config: dict, file: Path) -> tuple[int, int, int, bool]:
+def _sizes_from_config(file: Path) -> tuple[int, int, int, bool]:
+    config = weights.read_config(file)
     if config.get("model_type", "projector") != "projector":
         raise LlavaMinError(f"{file}: model_type {config.get('model_type')!r} is not an XTuner projector config "
                             "(model_type 'projector'); delete it to infer the sizes from the weights")
-    for field in ("visual_hidden_size", "llm_hidden_size"):
+    config = {"depth": 2, "bias": True, "hidden_act": "gelu"} | config   # XTuner's ProjectorConfig defaults
+    for field in ("visual_hidden_size", "llm_hidden_size", "depth"):
         if type(config.get(field)) is not int or config[field] < 1:
             raise LlavaMinError(f"{file}: {field} must be a positive integer, got {config.get(field)!r}")
-    depth, bias, act = config.get("depth", 2), config.get("bias", True), config.get("hidden_act", "gelu")
-    if type(depth) is not int or depth < 1:
-        raise LlavaMinError(f"{file}: depth must be an integer >= 1, got {depth!r}")
-    if not isinstance(bias, bool):
-        raise LlavaMinError(f"{file}: bias must be true or false, got {bias!r}")
-    if act != "gelu":
-        raise LlavaMinError(f"{file}: hidden_act {act!r} is not supported (only 'gelu', LLaVA's mlp2x_gelu)")
-    return config["visual_hidden_size"], config["llm_hidden_size"], depth, bias
+    if not isinstance(config["bias"], bool):
+        raise LlavaMinError(f"{file}: bias must be true or false, got {config['bias']!r}")
+    if config["hidden_act"] != "gelu":
+        raise LlavaMinError(f"{file}: hidden_act {config['hidden_act']!r} is not supported (only LLaVA's 'gelu')")
+    return config["visual_hidden_size"], config["llm_hidden_size"], config["depth"], config["bias"]
 
 
 def _sizes_from_shapes(files: dict[str, Path], key_map) -> tuple[int, int, int, bool]:

@@ -32,16 +32,12 @@ def atomic_path(path: str | os.PathLike):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # same folder: os.replace never crosses devices
     try:
         tmp.unlink(missing_ok=True)         # a leftover of a killed run would keep its own mode
-        with open(tmp, "wb"):
-            pass
+        tmp.touch()
         mode = tmp.stat().st_mode & 0o777   # what open() gives; safetensors (and tempfile.mkstemp) give 0600
         yield tmp
         os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)                    # the bytes reach the disk before the name points at them
-        finally:
-            os.close(fd)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())            # the bytes reach the disk before the name points at them
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -73,10 +69,7 @@ def load_config(name_or_path: str | os.PathLike, presets: dict, from_dict: Calla
         raise LlavaMinError(f"{file}: {e}") from None   # the file, then what is wrong in it
 
 
-def read_config(path: str | os.PathLike) -> dict:
-    """The config.json of a model folder (or a config file itself) as a dict."""
-    path = Path(path)
-    file = path / CONFIG_FILE if path.is_dir() else path
+def read_config(file: Path) -> dict:
     if not file.exists():
         raise LlavaMinError(f"{file}: no config.json here; a model folder holds config.json and "
                             f"{SINGLE_FILE} (or shards with {INDEX_FILE})")
@@ -106,11 +99,8 @@ def checkpoint_files(folder: str | os.PathLike) -> dict[str, Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise LlavaMinError(f"{index}: not a safetensors index (need a 'weight_map' object): {e}") from e
-    by_file: dict[str, list[str]] = {}
-    for key, name in weight_map.items():
-        by_file.setdefault(name, []).append(key)
-    for name, keys in by_file.items():
-        shard = folder / name
+    for name in dict.fromkeys(weight_map.values()):
+        shard, keys = folder / name, [k for k, n in weight_map.items() if n == name]
         if not shard.exists():
             raise LlavaMinError(f"{shard}: shard named by {index.name} is missing; it should hold {len(keys)} "
                                 f"tensors (e.g. {keys[0]!r}). Download it again or fix the index.")
@@ -157,8 +147,7 @@ def numel_on_meta(make: Callable[[], torch.nn.Module], key: str) -> int:
 
 
 def load_into(module: torch.nn.Module, folder: str | os.PathLike, *, key_map: Iterable[tuple[str, str]] = (),
-              ignore: Iterable[str] = (), dtype: torch.dtype | None = None,
-              device: str | torch.device = "cpu") -> None:
+              ignore: Iterable[str] = (), dtype: torch.dtype | None = None, device="cpu") -> None:
     """Fill `module` (built with `build_on_meta`) from a checkpoint folder, strictly: a missing, unexpected or
     mis-shaped tensor is an error naming the key, the file and both shapes. key_map: (regex, replacement) pairs,
     checkpoint key -> module key, first match wins; ignore: regexes of checkpoint keys nobody reads; dtype: of the
@@ -166,12 +155,9 @@ def load_into(module: torch.nn.Module, folder: str | os.PathLike, *, key_map: It
     key_map, ignore = list(key_map), [re.compile(p) for p in ignore]
     files = checkpoint_files(folder)
     expected = module.state_dict(keep_vars=True)
-    target_of: dict[str, str] = {}       # checkpoint key -> module key
+    target_of = {k: rename_key(k, key_map) for k in files if not any(p.search(k) for p in ignore)}   # ckpt -> module
     source_of: dict[str, str] = {}       # module key -> checkpoint key
-    for ckpt_key in files:
-        if any(p.search(ckpt_key) for p in ignore):
-            continue
-        mod_key = target_of[ckpt_key] = rename_key(ckpt_key, key_map)
+    for ckpt_key, mod_key in target_of.items():
         if mod_key in source_of:
             raise LlavaMinError(f"{files[ckpt_key]}: keys {source_of[mod_key]!r} and {ckpt_key!r} both map to "
                                 f"{mod_key!r}; the checkpoint mixes two naming schemes")
@@ -193,16 +179,11 @@ def load_into(module: torch.nn.Module, folder: str | os.PathLike, *, key_map: It
     for file in dict.fromkeys(files.values()):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for ckpt_key in (k for k in f.keys() if k in target_of):
-                try:
-                    t = f.get_tensor(ckpt_key)
-                except Exception as e:
-                    raise LlavaMinError(f"{file}: cannot read tensor {ckpt_key!r} ({e}); the file is "
-                                        "truncated or corrupt, download it again") from e
+                t = f.get_tensor(ckpt_key)      # a truncated file fails earlier, at its header (_keys_of)
                 mod_key, want = target_of[ckpt_key], expected[target_of[ckpt_key]]
                 if t.shape != want.shape:
                     raise LlavaMinError(f"{file}: tensor {ckpt_key!r} has shape {tuple(t.shape)} but the model's "
-                                        f"{mod_key!r} is {tuple(want.shape)}; config.json does not match the "
-                                        "weights")
+                                        f"{mod_key!r} is {tuple(want.shape)}; config.json does not match the weights")
                 state[mod_key] = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
     module.load_state_dict(state, strict=True, assign=True)
 
@@ -215,31 +196,25 @@ def save_state(state: dict[str, torch.Tensor], folder: str | os.PathLike, *, dty
     floating tensors are cast to `dtype` (None: as they are) one shard at a time."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-
-    def cast(t):
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-    def nbytes(t):
-        return t.numel() * cast(t).itemsize
-
+    cast = {k: dtype if dtype is not None and t.is_floating_point() else t.dtype for k, t in state.items()}
+    nbytes = {k: t.numel() * cast[k].itemsize for k, t in state.items()}
     shards: list[list[str]] = [[]]
     size = 0
-    for k, t in state.items():
-        if shards[-1] and size + nbytes(t) > max_shard_bytes:
+    for k in state:
+        if shards[-1] and size + nbytes[k] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(k)
-        size += nbytes(t)
+        size += nbytes[k]
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     (folder / INDEX_FILE).unlink(missing_ok=True)   # the index is written last: until then no reader follows it
     for name, keys in zip(names, shards):
-        tensors = {k: state[k].detach().to("cpu", dtype=cast(state[k])).contiguous() for k in keys}
+        tensors = {k: state[k].detach().to("cpu", dtype=cast[k]).contiguous() for k in keys}
         with atomic_path(folder / name) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
     for stale in set(folder.glob("model*.safetensors")) - {folder / n for n in names}:
         stale.unlink()
     if len(shards) > 1:
         weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
-        total = sum(nbytes(t) for t in state.values())
-        write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / INDEX_FILE)
+        write_json({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, folder / INDEX_FILE)

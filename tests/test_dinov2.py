@@ -93,7 +93,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
                                 use_swiglu_ffn=True, num_register_tokens=2, layerscale_value=0.5)):
         torch.manual_seed(0)
         ours = DINOv2(config)
-        folder = tmp_path / config.model_type
+        folder = tmp_path / f"registers-{config.num_register_tokens}"
         ours.save_pretrained(folder)
         ref, info = AutoModel.from_pretrained(folder, output_loading_info=True, attn_implementation="eager")
         assert not any(info.values()), info            # no missing, unexpected or mismatched keys

@@ -111,7 +111,7 @@ def test_corrupt_checkpoints_name_key_and_file(tmp_path):
     settings = json.loads(config.read_text())
     for change, culprit in [({"llm_hidden_size": 64}, r"tensor 'model.0.(weight|bias)' has shape \(48"),
                             ({"hidden_act": "relu"}, "hidden_act 'relu' is not supported"),
-                            ({"depth": 0}, "depth must be an integer >= 1"),
+                            ({"depth": 0}, "depth must be a positive integer"),
                             ({"model_type": "llava"}, "model_type 'llava' is not an XTuner projector config")]:
         config.write_text(json.dumps({**settings, **change}))
         with pytest.raises(LlavaMinError, match=culprit) as e:
