@@ -45,10 +45,8 @@ from llava_min.tools import doctor, flops, hang, memory  # noqa: E402
 from llava_min.weights import write_atomic, write_json  # noqa: E402
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
-STAGE_DEFAULTS = {
-    1: dict(train="projector", lr=1e-3, batch_size=32),
-    2: dict(train="projector,llm", lr=2e-5, batch_size=16),
-}
+STAGE_DEFAULTS = {1: dict(train="projector", lr=1e-3, batch_size=32),
+                  2: dict(train="projector,llm", lr=2e-5, batch_size=16)}
 # Settings a stage-2 run takes from its --init-from folder. Their flags default to None ("not given"), so a
 # flag typed on the command line, abbreviated or not, always wins; without --init-from these defaults apply.
 INHERITED = {"tokenizer": None, "image_size": 336, "image_mode": "pad", "max_length": 2048, "system": None}
@@ -202,8 +200,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
         raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size {vit_cfg.patch_size}")
     image_tokens = vit_cfg.image_tokens(args.image_size)     # LLM positions per image
     dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
-                           max_length=args.max_length, image_tokens=image_tokens,
-                           system=args.system, skip_bad=args.skip_bad_samples)
+                           max_length=args.max_length, image_tokens=image_tokens, system=args.system,
+                           skip_bad=args.skip_bad_samples)
     print0(dataset.report())
     global_batch = args.batch_size * d.world_size * args.grad_accum     # samples, or packed rows with --pack
     if args.pack and args.pack < args.max_length:
@@ -245,8 +243,7 @@ def run(args, out: Path, d: "dist.Dist") -> None:
            f"({', '.join(sorted(parts))}{', LoRA' if args.lora_r else ''})")
 
     if sharded:
-        # Each rank keeps 1/world_size of every decoder layer (and trained ViT block); before the optimizer,
-        # which then holds fp32 state for this rank's shards only (llava_min/fsdp.py).
+        # Before the optimizer, which then holds fp32 state for this rank's shards only (llava_min/fsdp.py).
         with dist.collective(d, "FSDP set-up (device mesh)"):
             fsdp.shard(model, d, compute_dtype)
     elif args.fsdp:
@@ -318,11 +315,9 @@ def run(args, out: Path, d: "dist.Dist") -> None:
 
     # ---- the loop -------------------------------------------------------------------------------
     batches = sampler.batches_for_rank(d.rank, d.world_size, args.grad_accum, start_step, max_steps)
-    # In workers, batches are collated straight into shared memory: handing them over copies nothing.
-    collate_fn = functools.partial(collate, shared=args.num_workers > 0)
-    if args.pack:
-        collate_fn = functools.partial(collate_packed, capacity=args.pack, shared=args.num_workers > 0,
-                                       image_tokens=image_tokens)
+    shared = args.num_workers > 0    # workers collate straight into shared memory: handing a batch over copies nothing
+    collate_fn = (functools.partial(collate_packed, capacity=args.pack, shared=shared, image_tokens=image_tokens)
+                  if args.pack else functools.partial(collate, shared=shared))
     loader = Loader(dataset, batches, collate_fn, num_workers=args.num_workers, timeout=args.loader_timeout,
                     pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
     metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
@@ -440,8 +435,7 @@ def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, ste
     with dist.collective(d, f"gathering the ZeRO optimizer shards on rank 0 for the checkpoint at step {step}"):
         optimizer_state = None if sharded else gather_optimizer_state(optimizer)   # collective under ZeRO
     rng = dist.all_gather_object(d, checkpoint.capture_rng_state(), what=f"RNG states for the checkpoint at step {step}")
-    what = (str(out / checkpoint.CHECKPOINTS / checkpoint.step_name(step))
-            + (f" and the model in {out}" if final else ""))
+    what = f"{out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(step)}{f' and the model in {out}' if final else ''}"
     t0 = time.time()
     # Trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical. Frozen tensors
     # are not saved: `frozen` names their sources, and resume checks that they are unchanged.

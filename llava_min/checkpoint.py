@@ -136,14 +136,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict,
                     write_fn: Callable[[Path], None] | None = None) -> Path:
     """Write OUT/checkpoints/step-NNNNNN (replacing one of the same step) atomically on one rank, with the files
     write_fn(folder) adds; point `latest` at it, keep the newest `keep` (None: all); returns its path."""
-    tmp = begin_checkpoint(out_dir, step)
-    try:
-        if write_fn is not None:
-            write_fn(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish_checkpoint(out_dir, step, tmp, training_state, keep)
+    return publish_checkpoint(out_dir, step, begin_checkpoint(out_dir, step), training_state, keep, write_fn)
 
 
 def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
@@ -158,14 +151,16 @@ def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
 
 
 def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, training_state: dict,
-                       keep: int | None = 2) -> Path:
-    """The second half: training_state.pt and COMPLETE (listing every file in `tmp`, the other writers'
-    included) into `tmp`, fsync, rename to step-NNNNNN, point `latest` at it, prune."""
+                       keep: int | None = 2, write_fn: Callable[[Path], None] | None = None) -> Path:
+    """The second half: write_fn's files, training_state.pt and COMPLETE (listing every file in `tmp`, the other
+    writers' included) into `tmp`, fsync, rename to step-NNNNNN, point `latest` at it, prune."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     final = ckpt_dir / step_name(step)
     try:
         if keep is not None and keep < 1:
             raise LlavaMinError(f"keep={keep}: a save must keep at least the checkpoint it writes (or None for all)")
+        if write_fn is not None:
+            write_fn(tmp)
         with open(tmp / TRAINING_STATE, "wb") as f:
             torch.save(training_state, f)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -216,12 +211,10 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         m = LEFTOVER.match(p.name)
         if m and m["kind"] == "old" and int(m["step"]) not in found and checkpoint_problem(p) is None:
             found[int(m["step"])] = p
-    if not found:
-        if pointer.exists():
-            print(f"[checkpoint] {why}; no other complete checkpoint either", file=sys.stderr, flush=True)
-        return None
-    best = found[max(found)]
-    print(f"[checkpoint] {why}; using {best}, the newest complete checkpoint", file=sys.stderr, flush=True)
+    best = found[max(found)] if found else None
+    if best or pointer.exists():
+        print(f"[checkpoint] {why}; " + (f"using {best}, the newest complete checkpoint" if best else
+                                         "no other complete checkpoint either"), file=sys.stderr, flush=True)
     return best
 
 
