@@ -85,7 +85,7 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--image-mode", choices=["pad", "crop"], default=None,
                    help="pad to square (LLaVA-1.5, the default) or centre crop; inherited")
     p.add_argument("--system", default=None, help="system prompt for every sample (inherited)")
-    p.add_argument("--skip-bad-samples", action="store_true", help="drop samples failing the start-up check, not stop")
+    p.add_argument("--skip-bad-samples", action="store_true", help="drop (and count) bad samples instead of stopping")
     p.add_argument("--num-workers", type=int, default=4, help="loader worker processes; 0 = in the main process")
     p.add_argument("--loader-timeout", type=float, default=600, help="seconds a loader worker may be silent")
     p.add_argument("--seed", type=int, default=0)
@@ -282,11 +282,12 @@ def run(args, out: Path, d: "dist.Dist") -> None:
         rng = state["rng"]   # one per rank; a different world size continues from rank 0's stream
         checkpoint.restore_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
         start_step = state["step"]
-        then = (state["args"].get("pack", 0), state.get("global_batch"))
-        if then != (args.pack, global_batch):
-            raise SystemExit(f"{ckpt}: saved with --pack {then[0]} and global batch {then[1]}, now {args.pack} and "
-                             f"{global_batch}; keep --pack and batch x processes x accumulation to continue the same "
-                             "data order")
+        if state["args"].get("pack", 0) != args.pack:
+            raise SystemExit(f"{ckpt}: saved with --pack {state['args'].get('pack', 0)}, now {args.pack}; "
+                             "keep --pack to continue the same data order")
+        if state.get("global_batch") != global_batch:
+            raise SystemExit(f"{ckpt}: saved with global batch {state.get('global_batch')}, now {global_batch}; "
+                             "keep batch x processes x accumulation equal to continue the same data order")
         print0(f"resumed from {ckpt} at step {start_step} (saved by {state.get('world_size')} processes, "
                f"now {d.world_size})")
 
