@@ -31,10 +31,8 @@ from tqdm import tqdm  # noqa: E402
 
 from llava_min import checkpoint, dist, fsdp  # noqa: E402
 from llava_min.data import LLaVADataset, collate, collate_packed  # noqa: E402
-from llava_min.dinov2 import DINOv2  # noqa: E402
-from llava_min.dinov2 import load_config as vit_config  # noqa: E402
-from llava_min.internlm2 import InternLM2  # noqa: E402
-from llava_min.internlm2 import load_config as llm_config  # noqa: E402
+from llava_min.dinov2 import DINOv2, load_config as vit_config  # noqa: E402
+from llava_min.internlm2 import InternLM2, load_config as llm_config  # noqa: E402
 from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts, trained_positions  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
 from llava_min.lora import apply_lora  # noqa: E402
@@ -47,10 +45,8 @@ from llava_min.tools import doctor, flops, hang, memory  # noqa: E402
 from llava_min.weights import write_atomic, write_json  # noqa: E402
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
-STAGE_DEFAULTS = {
-    1: dict(train="projector", lr=1e-3, batch_size=32, grad_accum=1, save_every=500),
-    2: dict(train="projector,llm", lr=2e-5, batch_size=16, grad_accum=1, save_every=500),
-}
+STAGE_DEFAULTS = {1: dict(train="projector", lr=1e-3, batch_size=32),
+                  2: dict(train="projector,llm", lr=2e-5, batch_size=16)}
 # Settings a stage-2 run takes from its --init-from folder. Their flags default to None ("not given"), so a
 # flag typed on the command line, abbreviated or not, always wins; without --init-from these defaults apply.
 INHERITED = {"tokenizer": None, "image_size": 336, "image_mode": "pad", "max_length": 2048, "system": None}
@@ -78,28 +74,25 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (warm-up then cosine)")
     p.add_argument("--projector-lr", type=float, default=None, help="separate peak lr for the projector")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
-    p.add_argument("--max-length", type=int, default=None, help="cap on the LLM's sequence, image tokens "
-                   "included (default 2048; inherited)")
+    p.add_argument("--max-length", type=int, default=None, help="cap on the LLM's sequence (default 2048; inherited)")
     p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336; inherited)")
     p.add_argument("--image-mode", choices=["pad", "crop"], default=None,
                    help="pad to square (LLaVA-1.5, the default) or centre crop; inherited")
     p.add_argument("--system", default=None, help="system prompt for every sample (inherited)")
-    p.add_argument("--skip-bad-samples", action="store_true",
-                   help="drop (and count) samples that fail the start-up check instead of stopping")
+    p.add_argument("--skip-bad-samples", action="store_true", help="drop (and count) bad samples instead of stopping")
     p.add_argument("--num-workers", type=int, default=4, help="loader worker processes; 0 = in the main process")
     p.add_argument("--loader-timeout", type=float, default=600, help="seconds a loader worker may be silent")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=d["save_every"], help="checkpoint every N optimizer steps")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept in OUT/checkpoints")
-    p.add_argument("--save-frozen", choices=["link", "copy", "ref"], default="link",
-                   help="frozen parts in OUT: hard links to the source files (a copy where the file system "
-                        "cannot link), a byte-for-byte copy, or a symbolic link to the source folder")
+    p.add_argument("--save-frozen", choices=["link", "copy", "ref"], default="link", help="frozen parts in OUT: "
+                   "hard links to the source files (else copies), copies, or a symbolic link to the source folder")
     p.add_argument("--save-dtype", choices=["source", "float32", "bfloat16"], default="source",
                    help="dtype of the trained parts in OUT (default: their source checkpoint's; fp32 if fresh)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
@@ -113,7 +106,6 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state across "
                    "ranks (FSDP2 fully_shard, ZeRO-3's layout) instead of replicating them (DDP)")
     p.add_argument("--nan", choices=["stop", "skip"], default="stop", help="on a NaN/inf loss: stop, or skip the step")
-    p.add_argument("--log-every", type=int, default=1)
     args = p.parse_args(argv)
     args.stage = stage
     return args
@@ -132,13 +124,6 @@ def inherit(args, init_dir: Path | None) -> list[str]:
                 said.append(f"{key}={value}")
             setattr(args, key, default if value is None else value)
     return said
-
-
-def sources(args) -> dict[str, Path | None]:
-    """The checkpoint folder each part loads from; None = fresh weights from --llm-config / --vit-config."""
-    init = Path(args.init_from) if args.init_from else None
-    return {part: Path(getattr(args, part)) if getattr(args, part) else (init / part if init else None)
-            for part in PARTS}
 
 
 def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.dtype, device) -> LLaVA:
@@ -183,8 +168,9 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     log, print0 = d.log, d.print0
 
     # ---- settings -------------------------------------------------------------------------------
-    said = inherit(args, Path(args.init_from) if args.init_from else None)
-    if args.init_from:
+    init = Path(args.init_from) if args.init_from else None
+    said = inherit(args, init)
+    if init:
         print0(f"stage {args.stage}: from {args.init_from}, inherited " + (", ".join(said) or "nothing"))
     if not args.tokenizer:
         raise SystemExit("give --tokenizer FILE (or --init-from a stage-1 folder, which holds one)")
@@ -200,20 +186,22 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     if args.fsdp and args.zero:
         raise SystemExit("--fsdp shards the optimizer state already (and the parameters and gradients): drop --zero")
     device = d.device
-    compute_dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
     # ---- data: cheap checks on every rank, tokenization later, per sample, in loader workers ------
     # Before the model is loaded, so a bad sample is reported in seconds, not after minutes of loading.
     print0(f"reading data from {', '.join(map(str, args.data))}")
     tok = Tokenizer(args.tokenizer)
-    src = sources(args)
+    # The checkpoint folder each part loads from; None = fresh weights from --llm-config / --vit-config.
+    src = {part: Path(getattr(args, part)) if getattr(args, part) else (init / part if init else None)
+           for part in PARTS}
     vit_cfg = vit_config(src["vit"] or args.vit_config)
     if args.image_size % vit_cfg.patch_size:
         raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size {vit_cfg.patch_size}")
+    image_tokens = vit_cfg.image_tokens(args.image_size)     # LLM positions per image
     dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
-                           max_length=args.max_length, image_tokens=vit_cfg.image_tokens(args.image_size),
-                           system=args.system, skip_bad=args.skip_bad_samples)
+                           max_length=args.max_length, image_tokens=image_tokens, system=args.system,
+                           skip_bad=args.skip_bad_samples)
     print0(dataset.report())
     global_batch = args.batch_size * d.world_size * args.grad_accum     # samples, or packed rows with --pack
     if args.pack and args.pack < args.max_length:
@@ -245,17 +233,17 @@ def run(args, out: Path, d: "dist.Dist") -> None:
         print0(f"LoRA r={args.lora_r} on {len(replaced)} linear layers of the LLM")
     if args.grad_checkpointing:
         model.set_gradient_checkpointing(True)
-    # A part with any frozen tensor is rebuilt from its source on resume: the checkpoint records which source.
-    frozen = {part: checkpoint.source_fingerprint(src[part], fresh=_fresh_recipe(args, part))
+    # A part with any frozen tensor is rebuilt on resume: the checkpoint records from which source, or recipe.
+    recipe = {"llm": args.llm_config, "vit": args.vit_config, "projector": "default"}
+    frozen = {part: checkpoint.source_fingerprint(src[part]) if src[part] else
+              {"fresh": {"config": str(recipe[part]), "seed": args.seed}}
               for part in PARTS if not all(p.requires_grad for p in getattr(model, part).parameters())}
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    print0(f"parameters: {n_all:,} total, {n_train:,} trained ({', '.join(sorted(parts))}"
-           f"{', LoRA' if args.lora_r else ''})")
+    print0(f"parameters: {sum(p.numel() for p in model.parameters()):,} total, {n_train:,} trained "
+           f"({', '.join(sorted(parts))}{', LoRA' if args.lora_r else ''})")
 
     if sharded:
-        # Each rank keeps 1/world_size of every decoder layer (and trained ViT block); before the optimizer,
-        # which then holds fp32 state for this rank's shards only (llava_min/fsdp.py).
+        # Before the optimizer, which then holds fp32 state for this rank's shards only (llava_min/fsdp.py).
         with dist.collective(d, "FSDP set-up (device mesh)"):
             fsdp.shard(model, d, compute_dtype)
     elif args.fsdp:
@@ -270,10 +258,10 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     start_step = 0
     if d.rank == 0:
         checkpoint.clean_leftovers(out)                       # half-written checkpoints of a killed run
-    if not args.resume and checkpoint.latest_checkpoint(out) is not None:
+    ckpt = checkpoint.latest_checkpoint(out)
+    if ckpt is not None and not args.resume:
         raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
                          "another --out")
-    ckpt = checkpoint.latest_checkpoint(out) if args.resume else None
     if args.resume and ckpt is None:
         print0(f"--resume: no complete checkpoint in {out}/checkpoints, starting from step 0")
     if ckpt is not None:
@@ -287,7 +275,8 @@ def run(args, out: Path, d: "dist.Dist") -> None:
             raise SystemExit(f"{ckpt} was saved without --fsdp: resume it without --fsdp (a checkpoint saved "
                              "with --fsdp resumes with or without it)")
         else:
-            load_trained_weights(model, state["trainable"], ckpt)
+            checkpoint.check_trained(set(state["trainable"]), model, ckpt)
+            model.load_state_dict(state["trainable"], strict=False)     # the frozen tensors come from their sources
             optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         rng = state["rng"]   # one per rank; a different world size continues from rank 0's stream
@@ -306,11 +295,10 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     fingerprint = dist.config_hash({k: v for k, v in vars(args).items() if k != "resume"})
     dist.check_consistent(d, {"samples": len(dataset), "max_steps": max_steps, "start_step": start_step,
                               "trainable_params": n_train, "config_hash": fingerprint})
-    # DDP's constructor is itself a collective (parameter shapes compared, rank 0's weights broadcast): name it.
-    # gradient_as_bucket_view: gradients live inside DDP's all-reduce buckets instead of beside them (one
-    # copy of the trained parameters' size saved). Frozen parameters are not in any bucket.
-    # broadcast_buffers=False: the model's only buffer (the ViT's mask token) never changes, and the default
-    # would broadcast it from rank 0 in every forward: one more collective per step, outside any name.
+    # DDP's constructor is a collective (shapes compared, rank 0's weights broadcast). gradient_as_bucket_view:
+    # gradients live in DDP's all-reduce buckets, not beside them (one copy of the trained parameters saved).
+    # broadcast_buffers=False: the only buffer (the ViT's mask token) never changes; the default would broadcast
+    # it in every forward, one more collective per step, outside any name.
     with dist.collective(d, "DDP set-up (parameter check and broadcast from rank 0)"):
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
                         broadcast_buffers=False) if d.world_size > 1 and not fsdp.is_sharded(model) else model
@@ -319,22 +307,23 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     print0(memory.report(plan, gpu_gib))
     if d.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        keep_metrics_until(out / "metrics.jsonl", start_step)   # a resumed run rewrites the steps after its checkpoint
+        metrics_file = out / "metrics.jsonl"
+        if metrics_file.exists():   # a resumed run rewrites the steps after its checkpoint
+            kept = [ln for ln in metrics_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+            metrics_file.write_text("".join(ln + "\n" for ln in kept))
         write_json(vars(args), out / "args.json")
         print0("configuration:\n" + "\n".join(f"  {k:18s} {v}" for k, v in sorted(vars(args).items())))
 
     # ---- the loop -------------------------------------------------------------------------------
     batches = sampler.batches_for_rank(d.rank, d.world_size, args.grad_accum, start_step, max_steps)
-    # In workers, batches are collated straight into shared memory: handing them over copies nothing.
-    collate_fn = functools.partial(collate, shared=args.num_workers > 0)
-    if args.pack:
-        collate_fn = functools.partial(collate_packed, capacity=args.pack, shared=args.num_workers > 0,
-                                       image_tokens=vit_cfg.image_tokens(args.image_size))
+    shared = args.num_workers > 0    # workers collate straight into shared memory: handing a batch over copies nothing
+    collate_fn = (functools.partial(collate_packed, capacity=args.pack, shared=shared, image_tokens=image_tokens)
+                  if args.pack else functools.partial(collate, shared=shared))
     loader = Loader(dataset, batches, collate_fn, num_workers=args.num_workers, timeout=args.loader_timeout,
                     pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
     metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
     peak = flops.peak_flops(device)          # MFU on a known GPU: FLOPs counted as tools/flops.py says
-    count_flops = flops.StepFlops(model, vit_cfg.image_tokens(args.image_size)) if peak else None
+    count_flops = flops.StepFlops(model, image_tokens) if peak else None
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0,
                disable=d.rank != 0)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
@@ -398,12 +387,10 @@ def run(args, out: Path, d: "dist.Dist") -> None:
 
 def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: int,
                      count_flops=None) -> tuple[float, int, int, float]:
-    """Forward and backward over one optimizer step's micro-batches; returns the global mean loss, the number
-    of real LLM positions the whole job processed, that number with the padding, and the FLOPs (count_flops).
-
-    The loss is normalised by the supervised-token count of the whole global batch (all ranks, all
-    micro-batches), so any split of it over processes and accumulation gives the same loss and gradients.
-    """
+    """Forward and backward over one optimizer step's micro-batches; returns the global mean loss, the number of
+    real LLM positions the whole job processed, that number with the padding, and the FLOPs (count_flops).
+    The loss is normalised by the supervised-token count of the whole global batch (all ranks, all micro-batches),
+    so any split of it over processes and accumulation gives the same loss and gradients."""
     # The positions the model trains on (llava.trained_positions: the splice leaves their count unchanged).
     local_tokens = sum(int(trained_positions(b["labels"], b["attention_mask"]).sum()) for b in micro)
     counts = torch.tensor([float(local_tokens)], device=device)
@@ -441,36 +428,20 @@ def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: in
     return stats[0].item() / global_tokens, int(stats[1]), int(stats[2]), float(stats[3])
 
 
-def keep_metrics_until(file: Path, step: int) -> None:
-    if file.exists():
-        lines = [ln for ln in file.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        file.write_text("".join(ln + "\n" for ln in lines))
-
-
-def _fresh_recipe(args, part: str) -> dict:
-    """What rebuilds a part that has no source folder: its config and the seed."""
-    name = {"llm": args.llm_config, "vit": args.vit_config, "projector": "default"}[part]
-    return {"config": str(name), "seed": args.seed}
-
-
 def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, step: int, global_batch: int, d,
          src: dict, frozen: dict, final: bool) -> None:
-    """A checkpoint of what resume needs (rank 0, atomic) and, at the end, the model itself in OUT.
-
-    The other ranks wait at a barrier whose timeout adds the time a slow disk needs for these bytes, so a long
-    save on a shared file system cannot trip --dist-timeout; if it still runs out, the message names the save.
-    """
+    """A checkpoint of what resume needs (atomic) and, at the end, the model itself in OUT. The barrier's timeout
+    adds what a slow disk needs for rank 0's bytes: a long save cannot trip --dist-timeout."""
     sharded = fsdp.is_sharded(model)
     with dist.collective(d, f"gathering the ZeRO optimizer shards on rank 0 for the checkpoint at step {step}"):
         optimizer_state = None if sharded else gather_optimizer_state(optimizer)   # collective under ZeRO
     rng = dist.all_gather_object(d, checkpoint.capture_rng_state(), what=f"RNG states for the checkpoint at step {step}")
-    folder = out / checkpoint.CHECKPOINTS / checkpoint.step_name(step)
+    what = f"{out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(step)}{f' and the model in {out}' if final else ''}"
     t0 = time.time()
     # Trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical. Frozen tensors
     # are not saved: `frozen` names their sources, and resume checks that they are unchanged.
     state = {"schedule": schedule.state_dict(), "step": step, "rng": rng, "frozen": frozen,
-             "global_batch": global_batch, "world_size": d.world_size,
-             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+             "global_batch": global_batch, "world_size": d.world_size, "args": vars(args)}
     if sharded:   # every rank writes its shards of the trained tensors and AdamW state; whole parts at the end
         fsdp.save_sharded(model, optimizer, out, step, state, keep=args.keep, d=d)
         output = fsdp.consolidated(model, _rewritten(model, src), d) if final else None
@@ -482,14 +453,13 @@ def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, ste
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         if final:
             write_output(output if sharded else model, tok, args, out, src)
-        d.log(f"saved {folder}{' and the model in ' + str(out) if final else ''} in {time.time() - t0:.1f} s")
+        d.log(f"saved {what} in {time.time() - t0:.1f} s")
     # Bytes rank 0 writes: fp32 trained weights and AdamW's two moments; at the end the parts it writes or copies.
     size = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
     if final:
         copied = PARTS if args.save_frozen == "copy" else _rewritten(model, src)
         size += sum(4 * p.numel() for part in copied for p in getattr(model, part).parameters())
-    dist.barrier(d, what=f"rank 0's save of {folder}{' and of the model in ' + str(out) if final else ''}",
-                 timeout_s=d.timeout_s + size / SLOW_DISK_BYTES_PER_S)
+    dist.barrier(d, what=f"rank 0's save of {what}", timeout_s=d.timeout_s + size / SLOW_DISK_BYTES_PER_S)
 
 
 def _trains(module: torch.nn.Module) -> bool:
@@ -502,12 +472,8 @@ def _rewritten(model: LLaVA, src: dict) -> set[str]:
 
 
 def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> None:
-    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json.
-
-    A part that did not train and has a source folder is not re-encoded: its files are linked, copied or
-    referenced (--save-frozen). Trained parts are written once, in their source's dtype; save_pretrained folds
-    LoRA adapters in, so OUT/llm holds the official keys.
-    """
+    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json. A frozen
+    part with a source is linked, copied or referenced (--save-frozen); save_pretrained folds LoRA adapters in."""
     rewritten = _rewritten(model, src)
     for part in PARTS:
         module = getattr(model, part)
@@ -524,19 +490,6 @@ def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> No
         module.save_pretrained(out / part, dtype=dtype)
     write_atomic(out / "tokenizer.model", Path(tok.path).read_bytes())
     write_json(asdict(model.config), out / CONFIG_FILE)
-
-
-def load_trained_weights(model: LLaVA, trainable: dict[str, torch.Tensor], ckpt: Path) -> None:
-    """Resume: copy the saved trained tensors into the model being trained (LoRA-wrapped or not)."""
-    params = dict(model.named_parameters())
-    wanted = {n for n, p in params.items() if p.requires_grad}
-    if set(trainable) != wanted:
-        extra, missing = sorted(set(trainable) - wanted), sorted(wanted - set(trainable))
-        raise SystemExit(f"{ckpt}: trained tensors differ from this run's (only in checkpoint: {extra[:3]}, "
-                         f"only in this run: {missing[:3]}); resume with the same --train / --lora-r")
-    with torch.no_grad():
-        for n, t in trainable.items():
-            params[n].copy_(t)
 
 
 if __name__ == "__main__":

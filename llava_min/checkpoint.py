@@ -1,26 +1,16 @@
-"""Training checkpoints that a kill at any instant cannot break, the RNG states for an exact resume, and
-the frozen parts of the final output folder (linked or copied from their sources, never re-encoded).
+"""Training checkpoints that a kill at any instant cannot break, the RNG states for an exact resume, and the
+frozen parts of the output folder (linked or copied from their sources, never re-encoded).
 
-Layout under the output folder:
+    OUT/checkpoints/step-000100/training_state.pt   trained tensors, optimizer, schedule, RNG, step, and each
+                                                    frozen part's source fingerprint instead of its weights
+    OUT/checkpoints/step-000100/COMPLETE            the step and the size of every file (shards/ under --fsdp)
+    OUT/checkpoints/latest                          the name of the newest checkpoint ("step-000100")
+    OUT/checkpoints/.tmp-step-000200-PID            a save in progress (or killed); .old-: one being replaced by
+                                                    a save of the same step; .del-: a pruned one being deleted
 
-    OUT/checkpoints/step-000100/        a complete checkpoint: training_state.pt (trained tensors, optimizer,
-        training_state.pt               schedule, RNG, step, and a fingerprint of each frozen source instead
-        COMPLETE                        of its weights) and COMPLETE (the step and the size of every file)
-        shards/                         under --fsdp: the trained tensors and AdamW state, one DCP file per rank
-    OUT/checkpoints/latest              one line, the name of the newest checkpoint ("step-000100")
-    OUT/checkpoints/.tmp-step-000200-PID   a save in progress (or one that was killed)
-    OUT/checkpoints/.old-step-000100-PID   a checkpoint being replaced by a newer save of the same step
-    OUT/checkpoints/.del-step-000050-PID   a pruned checkpoint being deleted
-
-Saving writes everything into the `.tmp-` folder, fsyncs every file and folder, and only then renames it
-to `step-NNNNNN` (a rename within a folder is atomic on POSIX file systems); after that it rewrites `latest`
-(temporary file + os.replace) and prunes older checkpoints (rename to `.del-`, then delete). So at every
-instant the previous complete checkpoint is there, whole, and `latest_checkpoint` finds it: folders that
-start with "." are never taken for checkpoints, and a folder without a valid COMPLETE is skipped.
-
-One process writes (rank 0); gather what the other ranks hold (ZeRO optimizer shards, their RNG states)
-before calling `save_checkpoint`. Under FSDP every rank writes its shards into the temporary folder
-(`begin_checkpoint`, then `publish_checkpoint` on rank 0 once all are done; llava_min/fsdp.py).
+A save fills `.tmp-`, fsyncs it, renames it to `step-NNNNNN` (atomic on POSIX), then rewrites `latest` and
+prunes: at every instant the previous complete checkpoint is there, whole. Under FSDP every rank writes its
+shards into `.tmp-` first (llava_min/fsdp.py).
 """
 from __future__ import annotations
 
@@ -40,7 +30,7 @@ import numpy as np
 import torch
 
 from . import LlavaMinError
-from .weights import write_atomic
+from .weights import CONFIG_FILE, write_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -56,7 +46,7 @@ def step_name(step: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Durable writes
+# Durable writes and completeness
 
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -75,22 +65,6 @@ def _fsync_tree(folder: Path) -> None:
         for name in files:
             _fsync_path(Path(root) / name)
         _fsync_path(Path(root))
-
-
-
-
-def _remove(folder: Path) -> None:
-    """Delete a folder so that it disappears at once: rename to a `.del-` name, then delete the contents."""
-    doomed = folder.with_name(f".del-{folder.name}-{os.getpid()}")
-    os.rename(folder, doomed)
-    shutil.rmtree(doomed)
-
-
-# --------------------------------------------------------------------------------------------------
-# Completeness
-
-def _manifest(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def checkpoint_problem(folder: str | os.PathLike) -> str | None:
@@ -134,12 +108,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_leftovers(out_dir: str | os.PathLike) -> list[str]:
-    """Remove what killed saves left behind in OUT/checkpoints; returns what it removed or restored.
-
-    Folders of processes still alive (another run writing into the same OUT) are left alone. A checkpoint
-    caught in the middle of being replaced (`.old-`, with no `step-` folder of its step) is renamed back.
-    Called by every save; call it at start-up too (rank 0 only).
-    """
+    """Remove what killed saves left in OUT/checkpoints, but not what live processes write; rename back a complete
+    `.old-` checkpoint whose `step-` folder is missing. Every save calls it; call it at start-up on rank 0."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     done = []
     for p in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else ():
@@ -164,33 +134,14 @@ def clean_leftovers(out_dir: str | os.PathLike) -> list[str]:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict, keep: int | None = 2,
                     write_fn: Callable[[Path], None] | None = None) -> Path:
-    """Write OUT/checkpoints/step-NNNNNN atomically and point `latest` at it; returns its path.
-
-    training_state (trained tensors, optimizer, schedule, step, RNG states, world size, args) goes to
-    training_state.pt; write_fn(folder), if given, writes more files into the checkpoint (e.g. shards).
-    keep: how many complete checkpoints to keep, this one included (None keeps all). Only checkpoints of
-    earlier steps are pruned. A checkpoint of the same step is replaced. Call it on one rank only.
-    """
-    _check_keep(keep)
-    tmp = begin_checkpoint(out_dir, step)
-    try:
-        if write_fn is not None:
-            write_fn(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return publish_checkpoint(out_dir, step, tmp, training_state, keep)
-
-
-def _check_keep(keep: int | None) -> None:
-    if keep is not None and keep < 1:
-        raise LlavaMinError(f"keep={keep}: a save must keep at least the checkpoint it writes (or None for all)")
+    """Write OUT/checkpoints/step-NNNNNN (replacing one of the same step) atomically on one rank, with the files
+    write_fn(folder) adds; point `latest` at it, keep the newest `keep` (None: all); returns its path."""
+    return publish_checkpoint(out_dir, step, begin_checkpoint(out_dir, step), training_state, keep, write_fn)
 
 
 def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
-    """The first half of `save_checkpoint`, for saves that several processes write: the empty temporary folder
-    (OUT/checkpoints/.tmp-step-NNNNNN-PID) to write into. One rank calls it; all may write into the folder;
-    then that rank calls `publish_checkpoint` once every writer has finished (llava_min/fsdp.py)."""
+    """The first half of `save_checkpoint` for saves that several ranks write: the empty `.tmp-` folder. One
+    rank calls it, all may write into it, then that rank calls `publish_checkpoint` (llava_min/fsdp.py)."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out_dir)
@@ -200,16 +151,20 @@ def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
 
 
 def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, training_state: dict,
-                       keep: int | None = 2) -> Path:
-    """The second half of `save_checkpoint`: training_state.pt and COMPLETE (listing every file in `tmp`, the
-    other writers' included) into `tmp`, fsync, rename to step-NNNNNN, point `latest` at it, prune."""
-    _check_keep(keep)
+                       keep: int | None = 2, write_fn: Callable[[Path], None] | None = None) -> Path:
+    """The second half: write_fn's files, training_state.pt and COMPLETE (listing every file in `tmp`, the other
+    writers' included) into `tmp`, fsync, rename to step-NNNNNN, point `latest` at it, prune."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     final = ckpt_dir / step_name(step)
     try:
+        if keep is not None and keep < 1:
+            raise LlavaMinError(f"keep={keep}: a save must keep at least the checkpoint it writes (or None for all)")
+        if write_fn is not None:
+            write_fn(tmp)
         with open(tmp / TRAINING_STATE, "wb") as f:
             torch.save(training_state, f)
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": _manifest(tmp)}, indent=1) + "\n")
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,15 +183,15 @@ def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, trainin
     if keep is not None:
         older = sorted(s for s in _complete_steps(ckpt_dir) if s < step)
         for s in older[:max(0, len(older) - (keep - 1))]:
-            _remove(ckpt_dir / step_name(s))
+            doomed = ckpt_dir / f".del-{step_name(s)}-{os.getpid()}"
+            os.rename(ckpt_dir / step_name(s), doomed)     # gone at once; the contents are deleted after
+            shutil.rmtree(doomed)
     return final
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: the one `latest` names if it is complete, else the newest complete one.
-
-    Returns None when OUT has no complete checkpoint. Says on stderr when it falls back, and why.
-    """
+    """The checkpoint to resume from: the one `latest` names if it is complete, else (saying why on stderr) the
+    newest complete one; None when there is none."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     if not ckpt_dir.is_dir():
         return None
@@ -256,29 +211,33 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         m = LEFTOVER.match(p.name)
         if m and m["kind"] == "old" and int(m["step"]) not in found and checkpoint_problem(p) is None:
             found[int(m["step"])] = p
-    if not found:
-        if pointer.exists():
-            print(f"[checkpoint] {why}; no other complete checkpoint either", file=sys.stderr, flush=True)
-        return None
-    best = found[max(found)]
-    print(f"[checkpoint] {why}; using {best}, the newest complete checkpoint", file=sys.stderr, flush=True)
+    best = found[max(found)] if found else None
+    if best or pointer.exists():
+        print(f"[checkpoint] {why}; " + (f"using {best}, the newest complete checkpoint" if best else
+                                         "no other complete checkpoint either"), file=sys.stderr, flush=True)
     return best
 
 
 def load_training_state(folder: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
     """The training_state dict of a complete checkpoint folder (tensors mapped to map_location)."""
     folder = Path(folder)
-    problem = checkpoint_problem(folder)
-    if problem:
-        raise LlavaMinError(f"{folder}: not a complete checkpoint: {problem}; resume from "
-                              "latest_checkpoint(OUT) instead")
-    # weights_only=True: a checkpoint from elsewhere cannot run code. The state holds tensors, numbers,
-    # strings, None, lists, tuples and dicts only (see capture_rng_state; store args with paths as str).
+    if problem := checkpoint_problem(folder):
+        raise LlavaMinError(f"{folder}: not a complete checkpoint: {problem}; resume from latest_checkpoint(OUT)")
+    # weights_only=True: a checkpoint from elsewhere cannot run code. Plain values only (see capture_rng_state).
     try:
         return torch.load(folder / TRAINING_STATE, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise LlavaMinError(f"{folder / TRAINING_STATE}: holds an object other than tensors, numbers, "
-                              f"strings, lists and dicts ({e}); save plain values in training_state") from e
+                            f"strings, lists and dicts ({e}); save plain values in training_state") from e
+
+
+def check_trained(saved: set[str], model: torch.nn.Module, ckpt: Path) -> None:
+    """Refuse to resume when the checkpoint's trained tensors are not the ones this run trains."""
+    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+    if saved != wanted:
+        raise SystemExit(f"{ckpt}: trained tensors differ from this run's (only in checkpoint: "
+                         f"{sorted(saved - wanted)[:3]}, only in this run: {sorted(wanted - saved)[:3]}); resume "
+                         "with the same --train / --lora-r")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,26 +247,20 @@ SAMPLED_BLOCKS, BLOCK_BYTES = 16, 1 << 16   # blocks of each safetensors file's 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.iterdir() if f.is_file() and (f.suffix == ".safetensors" or f.name.endswith(
-        ".safetensors.index.json") or f.name == "config.json"))
-
-
 def _safetensors_header(file: Path) -> bytes:
     with open(file, "rb") as f:
         return f.read(int.from_bytes(f.read(8), "little"))
 
 
-def source_fingerprint(folder: str | os.PathLike | None, fresh: dict | None = None) -> dict:
-    """What identifies a frozen part's weights without storing them. For a checkpoint folder: each weight
-    file's size and a hash of its safetensors header (every tensor's name, dtype, shape, offsets) and of 16
-    blocks of 64 KiB spread over its data (another model of the same shapes differs there), read in
-    milliseconds. For a part without a folder: the recipe that rebuilds it (`fresh`: config name and seed)."""
-    if folder is None:
-        return {"fresh": fresh}
-    folder = Path(folder)
-    files = {}
-    for file in _weight_files(folder):
+def source_fingerprint(folder: str | os.PathLike) -> dict:
+    """What identifies a frozen part's weights without storing them, read in milliseconds: each weight file's
+    size and a hash of its safetensors header (names, dtypes, shapes, offsets) and of 16 blocks of 64 KiB spread
+    over its data (another model of the same shapes differs there)."""
+    folder, files = Path(folder), {}
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or not (file.name.endswith((".safetensors", ".safetensors.index.json"))
+                                      or file.name == CONFIG_FILE):
+            continue
         h, size = hashlib.sha256(), file.stat().st_size
         with open(file, "rb") as f:
             if file.suffix != ".safetensors":
@@ -330,12 +283,10 @@ def check_sources(saved: dict, now: dict, ckpt: Path) -> None:
         if current is None:
             raise SystemExit(f"{ckpt}: {part} was frozen when this checkpoint was saved and trains now; resume "
                              "with the same --train / --lora-r")
-        if "fresh" in then or "fresh" in current:
-            if then != current:
-                raise SystemExit(f"{ckpt}: the frozen {part} was built from {then}, now from {current}; resume "
-                                 "with the same --llm/--vit/--*-config and --seed as the run that saved it")
-            continue
-        for name in sorted(set(then["files"]) | set(current["files"])):
+        if ("fresh" in then or "fresh" in current) and then != current:
+            raise SystemExit(f"{ckpt}: the frozen {part} was built from {then}, now from {current}; resume "
+                             "with the same --llm/--vit/--*-config and --seed as the run that saved it")
+        for name in sorted(set(then.get("files", ())) | set(current.get("files", ()))):
             a, b = then["files"].get(name), current["files"].get(name)
             if a != b:
                 what = ("is missing now" if b is None else "is new" if a is None else
@@ -356,12 +307,9 @@ def stored_dtype(folder: str | os.PathLike) -> torch.dtype:
 
 
 def publish_frozen(source: str | os.PathLike, dest: str | os.PathLike, mode: str = "link") -> str:
-    """Put a frozen part's files into the output folder without re-encoding them; returns what it did.
-
-    "link" hard-links each file of the source folder (a copy where the file system refuses: another device,
-    no hard links), "copy" copies each byte for byte, "ref" makes `dest` a symbolic link to the source folder
-    (nothing written; the output breaks if the source moves). Linked and copied outputs outlive the source.
-    """
+    """Put a frozen part's files into the output folder without re-encoding them; returns what it did. "link":
+    hard links (a copy where the file system refuses), "copy": byte-for-byte copies (both outlive the source),
+    "ref": `dest` becomes a symbolic link to the source folder (nothing written; breaks if the source moves)."""
     source, dest = Path(source).resolve(), Path(dest)
     if dest.resolve() == source:
         return "kept"                               # the output folder is the source already
@@ -395,18 +343,12 @@ def publish_frozen(source: str | os.PathLike, dest: str | os.PathLike, mode: str
 # Random number generators
 
 def capture_rng_state() -> dict:
-    """The states of Python's, NumPy's, torch's CPU and (if in use) the current CUDA device's generators.
-
-    Plain lists and tensors only, so it loads with torch.load(weights_only=True). One process's state:
-    under torchrun gather every rank's to resume each rank exactly.
-    """
+    """This process's Python, NumPy, torch CPU and (if in use) CUDA generator states, as plain lists and tensors
+    (so it loads with weights_only=True). Under torchrun, gather every rank's."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     # Only a CUDA generator already in use: reading it would otherwise create a CUDA context.
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()

@@ -8,12 +8,10 @@
     fsdp.load_sharded(model, optimizer, ckpt, d)     # into any world size, sharded or not
     plain = fsdp.consolidated(model, parts, d)       # rank 0: an unsharded LLaVA for train.write_output
 
-Each InternLM2 decoder layer (and each ViT block, when the ViT trains) is one unit: its parameters are split in
-dim 0 over the ranks and all-gathered just before its forward (and again in backward), its gradients
-reduce-scattered right after its backward. The root unit (embeddings, final norm, head, projector) stays
-gathered from forward to the end of backward. A frozen ViT is no unit at all: it runs under no_grad, replicated
-on every rank in the compute dtype. The names of the parameters do not change (FSDP2 swaps tensors, not
-modules), so state dicts and checkpoints use the same names with and without sharding.
+Each InternLM2 decoder layer (and ViT block, when the ViT trains) is one unit: split in dim 0 over the ranks,
+all-gathered for its forward and backward, its gradients reduce-scattered after. The root unit (embeddings, norm,
+head, projector) stays gathered; a frozen ViT is whole on every rank. Parameter names do not change (FSDP2 swaps
+tensors, not modules): checkpoints use the same names with and without sharding.
 """
 from __future__ import annotations
 
@@ -46,16 +44,14 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def load_device(d: "dist.Dist") -> torch.device:
-    """Where a rank builds the model before `shard`: rank 0 on the CPU (a loaded tensor stays a view of its
-    memory-mapped file), every other rank on the meta device (shapes, dtypes, requires_grad; no storage)."""
+    # Rank 0 on the CPU (a loaded tensor stays a view of its memory-mapped file), the others on meta (no storage).
     return torch.device("cpu" if d.rank == 0 else "meta")
 
 
 def shard(model: LLaVA, d: "dist.Dist", compute_dtype: torch.dtype) -> None:
-    """Turn `model` (built where `load_device` says, trained parameters fp32, frozen ones in compute_dtype) into
-    FSDP2 units on d.device, in place, holding rank 0's weights. Each rank allocates only its 1/world_size of every
-    unit (and the frozen ViT whole), then rank 0 broadcasts the tensors one by one and each rank copies its slice:
-    no rank ever holds the whole model on its device. A collective: every rank calls it."""
+    """Turn `model` (built where `load_device` says) into FSDP2 units on d.device, in place, holding rank 0's
+    weights: each rank allocates its 1/world_size of every unit, then rank 0 broadcasts the tensors one by one and
+    each rank copies its slice; no device ever holds the whole model. A collective: every rank calls it."""
     built_on = {str(t.device) for t in model.state_dict().values()}
     # Rank 0's whole tensors (the state dict holds them), then its module goes to meta like the others': every
     # rank shards and allocates the same way, and rank 0's device never holds a whole unit either.
@@ -64,10 +60,9 @@ def shard(model: LLaVA, d: "dist.Dist", compute_dtype: torch.dtype) -> None:
     if d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(d.device)
     mesh = init_device_mesh(d.device.type, (d.world_size,))
-    # bf16 all-gathers and compute, fp32 gradient reduce-scatters; the shards themselves stay in their dtype, so
-    # the optimizer updates fp32 master weights. In fp32 there is nothing to cast.
-    mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-          if compute_dtype != torch.float32 else MixedPrecisionPolicy())
+    # bf16 all-gathers and compute, fp32 gradient reduce-scatters (in fp32 FSDP casts nothing); the shards stay
+    # in their dtype, so the optimizer updates fp32 master weights.
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     layers = model.llm.model.layers
     for i, layer in enumerate(layers):
         # The last layer's backward comes right after its forward: keeping it gathered saves one all-gather.
@@ -85,15 +80,12 @@ def shard(model: LLaVA, d: "dist.Dist", compute_dtype: torch.dtype) -> None:
         # rank 0's stream, as when every rank built the whole model (dropout masks as under DDP).
         torch.set_rng_state(dist.all_gather_object(d, torch.get_rng_state(), what="rank 0's RNG state")[0])
     del full
-    held = sum(_local(t).numel() * t.element_size() for t in model.state_dict().values())
+    held = sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size()
+               for t in model.state_dict().values())
     whole = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     peak = (f"peak GPU memory {torch.cuda.max_memory_allocated(d.device) / 2**30:.2f} GiB" if d.device.type == "cuda"
             else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")   # ru_maxrss: KiB
     d.log(f"FSDP load: built on {', '.join(sorted(built_on))}; holds {held:,} of the model's {whole:,} bytes; {peak}")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()
@@ -101,8 +93,6 @@ def clip_gradients(model: torch.nn.Module, max_norm: float | None, d: "dist.Dist
     """Scale the (sharded) gradients so that their global L2 norm is at most max_norm; returns the norm before.
     Each rank's norm covers its shards only: one all-reduce makes it the norm of the whole model."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     with dist.collective(d, f"gradient norm (all-reduce over the FSDP shards) at step {step}"):
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
@@ -112,14 +102,13 @@ def clip_gradients(model: torch.nn.Module, max_norm: float | None, d: "dist.Dist
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: every rank writes its own shards into the checkpoint's temporary folder
+# Checkpoints: every rank writes its own shards
 
 def save_sharded(model: torch.nn.Module, optimizer, out: Path, step: int, state: dict, keep: int | None,
                  d: "dist.Dist") -> None:
-    """OUT/checkpoints/step-N with SHARDS/ (trained tensors and AdamW state, one file per rank, written in
-    parallel) and training_state.pt (schedule, RNG, step, frozen sources: `state`). Atomic as every checkpoint:
-    rank 0 makes the .tmp- folder, every rank writes into it, and rank 0 renames it only after DCP's closing
-    collective, i.e. once every rank's file is complete. A collective: every rank calls it."""
+    """OUT/checkpoints/step-N with SHARDS/ (trained tensors and AdamW state, one file per rank) and `state` in
+    training_state.pt. Rank 0 publishes the .tmp- folder after DCP's closing collective, i.e. once every rank's
+    file is complete. A collective: every rank calls it."""
     tmp = checkpoint.begin_checkpoint(out, step) if d.rank == 0 else None
     tmp = Path(dist.all_gather_object(d, str(tmp), what=f"the folder of the checkpoint at step {step}")[0])
     model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
@@ -131,16 +120,12 @@ def save_sharded(model: torch.nn.Module, optimizer, out: Path, step: int, state:
 
 
 def load_sharded(model: torch.nn.Module, optimizer, ckpt: Path, d: "dist.Dist") -> None:
-    """Resume from a checkpoint written by `save_sharded`, under any world size, sharded or not: DCP reads for
-    each rank the pieces of the saved shards that make up what this rank holds now (whole tensors without FSDP)."""
-    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
+    """Resume from `save_sharded`'s checkpoint under any world size, sharded or not: DCP reads for each rank the
+    pieces of the saved shards that make up what it holds now (whole tensors without FSDP)."""
     saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(ckpt / SHARDS).read_metadata().state_dict_metadata
              if k.startswith("model.")}
-    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
-    if not wanted <= saved:
-        extra, missing = sorted(saved - wanted - set(model_state)), sorted(wanted - saved)
-        raise SystemExit(f"{ckpt}: trained tensors differ from this run's (only in checkpoint: {extra[:3]}, only "
-                         f"in this run: {missing[:3]}); resume with the same --train / --lora-r")
+    checkpoint.check_trained(saved - {n for n, _ in model.named_buffers()}, model, ckpt)
+    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     with warnings.catch_warnings(), dist.collective(d, f"reading the sharded checkpoint {ckpt} (DCP)"):
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=ckpt / SHARDS,
@@ -169,10 +154,9 @@ def _unsharded_like(part: str, module: torch.nn.Module) -> torch.nn.Module:
 
 
 def consolidated(model: LLaVA, needed: set[str], d: "dist.Dist") -> LLaVA | None:
-    """Rank 0: an unsharded LLaVA for write_output, the parts in `needed` holding whole CPU tensors in their
-    training dtypes (fp32 master weights), the others the model's own modules (write_output links those from
-    their sources). Other ranks: None. Each sharded tensor is all-gathered in turn: a collective, every rank
-    calls it; rank 0's host RAM holds the needed parts whole."""
+    """Rank 0: an unsharded LLaVA for write_output, the parts in `needed` whole on the CPU in their training dtypes,
+    the others the model's own modules (write_output links those from their sources); other ranks: None. Each
+    sharded tensor is all-gathered in turn: a collective, every rank calls it."""
     parts = {}
     for part in PARTS:
         module = getattr(model, part)

@@ -3,7 +3,8 @@ checkpoint and older ones are pruned to `keep`; a SIGKILL at any line of save_ch
 forked children, for a new step with pruning and for a replacement of the same step), or from outside at
 random instants of a real training-like process, always leaves a complete, loadable checkpoint whose
 weights and training state belong together, and the next save cleans up; leftover `.tmp-` folders are never
-taken for checkpoints; a truncated file is detected; RNG capture/restore replays the same random numbers.
+taken for checkpoints; a truncated file is detected; resume refuses other trained tensors; RNG capture/restore
+replays the same random numbers.
 
 This file is also the child process of the kill tests: `python tests/test_checkpoint.py sweep|loop OUT ...`.
 """
@@ -23,8 +24,9 @@ import pytest
 import torch
 
 from llava_min import LlavaMinError
-from llava_min.checkpoint import (COMPLETE, TRAINING_STATE, capture_rng_state, checkpoint_problem, clean_leftovers,
-                                  latest_checkpoint, load_training_state, restore_rng_state, save_checkpoint)
+from llava_min.checkpoint import (COMPLETE, TRAINING_STATE, capture_rng_state, check_trained, checkpoint_problem,
+                                  clean_leftovers, latest_checkpoint, load_training_state, restore_rng_state,
+                                  save_checkpoint)
 from llava_min.weights import save_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,6 +160,15 @@ def test_training_state_with_other_objects_is_refused_on_load(tmp_path):
     folder = save_checkpoint(tmp_path, 1, {"args": {"out": Path("/tmp")}}, write_fn=writer(1))
     with pytest.raises(LlavaMinError, match="other than tensors"):
         load_training_state(folder)
+
+
+def test_check_trained_refuses_other_trained_tensors(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    check_trained({"0.weight", "0.bias"}, model, tmp_path)         # the same trained tensors: resume goes on
+    for saved in ({"0.weight"}, {"0.weight", "0.bias", "1.weight"}):
+        with pytest.raises(SystemExit, match=f"{tmp_path}: trained tensors differ.*same --train"):
+            check_trained(saved, model, tmp_path)
 
 
 def test_rng_capture_and_restore_replays_the_same_numbers(tmp_path):
