@@ -36,7 +36,8 @@ from llava_min.internlm2 import InternLM2, load_config as llm_config  # noqa: E4
 from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts, trained_positions  # noqa: E402
 from llava_min.loader import Loader  # noqa: E402
 from llava_min.lora import apply_lora  # noqa: E402
-from llava_min.optim import CosineSchedule, clip_gradients, gather_optimizer_state, make_optimizer, param_groups  # noqa: E402,E501
+from llava_min.optim import (CosineSchedule, clip_gradients, gather_optimizer_state, make_optimizer,  # noqa: E402
+                             param_groups)
 from llava_min.plot import plot_loss  # noqa: E402
 from llava_min.projector import Projector  # noqa: E402
 from llava_min.sampler import GlobalBatchSampler  # noqa: E402
@@ -61,9 +62,11 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--image-folder", default=".", help="image paths in the data are relative to it")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (inherited with --init-from)")
     p.add_argument("--llm", default=None, help="pretrained InternLM2 folder")
-    p.add_argument("--llm-config", default=None, help="fresh init: preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
+    p.add_argument("--llm-config", default=None,
+                   help="fresh weights: preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
     p.add_argument("--vit", default=None, help="pretrained DINOv2 folder")
-    p.add_argument("--vit-config", default=None, help="fresh init: preset (tiny, dinov2-small/-base/-large/-giant[-reg]) or config.json")
+    p.add_argument("--vit-config", default=None,
+                   help="fresh weights: preset (tiny, dinov2-small/-base/-large/-giant[-reg]) or config.json")
     p.add_argument("--projector", default=None, help="pretrained projector folder (XTuner or HF LLaVA names)")
     p.add_argument("--init-from", default=None, help="a folder written by train.py (stage 1 output)")
     p.add_argument("--train", default=d["train"], help="comma list of projector,llm,vit, or all")
@@ -299,9 +302,10 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     # gradients live in DDP's all-reduce buckets, not beside them (one copy of the trained parameters saved).
     # broadcast_buffers=False: the only buffer (the ViT's mask token) never changes; the default would broadcast
     # it in every forward, one more collective per step, outside any name.
+    replicate = d.world_size > 1 and not fsdp.is_sharded(model)
     with dist.collective(d, "DDP set-up (parameter check and broadcast from rank 0)"):
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-                        broadcast_buffers=False) if d.world_size > 1 and not fsdp.is_sharded(model) else model
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        gradient_as_bucket_view=True, broadcast_buffers=False) if replicate else model
     plan = memory.plan_from_args(args, world_size=d.world_size)
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     print0(memory.report(plan, gpu_gib))
@@ -435,7 +439,7 @@ def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, ste
     sharded = fsdp.is_sharded(model)
     with dist.collective(d, f"gathering the ZeRO optimizer shards on rank 0 for the checkpoint at step {step}"):
         optimizer_state = None if sharded else gather_optimizer_state(optimizer)   # collective under ZeRO
-    rng = dist.all_gather_object(d, checkpoint.capture_rng_state(), what=f"RNG states for the checkpoint at step {step}")
+    rng = dist.all_gather_object(d, checkpoint.capture_rng_state(), what=f"RNG states for checkpoint {step}")
     what = f"{out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(step)}{f' and the model in {out}' if final else ''}"
     t0 = time.time()
     # Trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical. Frozen tensors
