@@ -4,17 +4,10 @@
         --max-length 2048 --nproc 4 --gpu-mem 24
     python -m llava_min.memory --llm internlm2-7b/ --vit dinov2-large/ --lora-r 128 --grad-checkpointing --json
 
-The flags are finetune.py's (its other flags are accepted and ignored), with its defaults: stage 2
-(`--train projector,llm`), batch 16, max length 2048, 336 px, bf16, 4 loader workers. train.py prints this
-estimate before the first step and, after a CUDA out-of-memory error, `suggest_fit`: flags that would fit.
-Start with `estimate` (the GPU) and `host_bytes` (the node): every term's bytes are explained where it is
-computed. A card fits when the total is at most 95% of it (the rest is allocator slack).
-
-The activation model is checked against measurement: tests/test_memory.py runs real LLaVA forwards on the CPU
-and counts every distinct tensor storage autograd saves for backward (`saved_activation_bytes`): within 3% (in
-practice 0.1-2%) in fp32, bf16 autocast, LoRA, frozen-LLM, checkpointed and trained-ViT set-ups. Not measurable on the CPU: CUDA's padded
-attention path, the logits chunk and the context (modelled from the kernels' buffers; bench/gpu.py compares
-the total with torch.cuda.max_memory_allocated on a GPU).
+finetune.py's flags and defaults (its other flags are accepted and ignored). Start at `estimate` (one GPU) and
+`host_bytes` (one node). tests/test_memory.py checks the activation model within 3% against the tensors autograd
+saves in real CPU forwards (`saved_activation_bytes`); CUDA's padded attention, the logits chunk and the context
+are modelled from the kernels' buffers (bench/gpu.py compares the total with a GPU's peak).
 """
 from __future__ import annotations
 
@@ -33,7 +26,7 @@ from .. import LlavaMinError, dinov2, internlm2, llava
 GiB = 2**30
 CUDA_CONTEXT = 0.75 * GiB               # context and cuBLAS workspaces
 NCCL_BUFFERS = 0.5 * GiB                # when world size > 1
-FIT_FRACTION = 0.95
+FIT_FRACTION = 0.95                      # a card fits at most 95% full (the rest is allocator slack)
 LOSS_CHUNK = 1024                       # llava.LLaVA.forward's loss_chunk
 LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 PROCESS_BASE = 1.5 * GiB                # a rank's Python, torch and (on CUDA) CUDA libraries, before any tensor
@@ -108,8 +101,7 @@ class Estimate:
     total: int = 0
 
     @property
-    def saved_activations(self) -> int:
-        """What autograd holds from forward to backward (the recompute terms happen inside backward)."""
+    def saved_activations(self) -> int:         # held from forward to backward (recompute happens inside backward)
         return sum(v for k, v in self.activations.items() if "recompute" not in k)
 
     @property
@@ -134,9 +126,8 @@ def lora_parameters(c: internlm2.InternLM2Config, r: int) -> int:
 
 
 def param_counts(plan: Plan) -> dict[str, int]:
-    """Tensor counts (the checkpoints' tensors: DINOv2's mask_token buffer included) from internlm2 / dinov2's
-    num_parameters. "trained" counts the parameters that get gradients and optimizer state; a trained ViT's
-    blocks after select_layer and its final norm never run, so they keep fp32 weights ("unused") but no gradient."""
+    """The checkpoints' tensor counts (DINOv2's mask_token buffer included). "trained": what gets gradients and
+    AdamW state; "unused": a trained ViT's blocks after select_layer and its final norm (fp32, never run)."""
     c, v = plan.llm, plan.vit
     h, D = c.hidden_size, v.hidden_size
     blocks_run = v.blocks_run(plan.select_layer)
@@ -201,9 +192,8 @@ def vit_block_bytes_per_token(plan: Plan) -> float:
     """Bytes one DINOv2 block saves for backward per ViT token (1 + registers + patches), when the ViT trains."""
     v, a = plan.vit, plan.act_bytes
     D, F = v.hidden_size, v.ffn_hidden_size
-    r = 4
-    norms = 2 * (r * D + 8)
-    linear_inputs = (3 * a * D if r != a else a * D) + a * D          # q/k/v inputs, fc1 input
+    norms = 2 * (4 * D + 8)                                            # the residual stream is fp32
+    linear_inputs = (3 * a * D if a == 2 else a * D) + a * D          # q/k/v inputs (one bf16 copy each), fc1 input
     attention = 3 * a * D + a * D + 4 * v.num_attention_heads          # q, k, v, output (= dense input), lse
     layer_scale = 2 * a * D
     mlp = a * (4 * F if v.use_swiglu_ffn else 2 * F)
@@ -272,22 +262,22 @@ def saved_activation_bytes(model, fn):
 
 
 def fsdp_gathered_bytes(plan: Plan) -> int:
-    """Under FSDP, what is whole at once besides the shards: the root unit (embedding, final norm, head, projector,
-    a trained ViT's embeddings), gathered from forward to the end of backward, plus two decoder layers (the one
-    running and the one prefetched), all in the compute dtype; and the unsharded gradients of the root and of one
-    layer (in the compute dtype, and the fp32 copy of the layer's that the reduce-scatter sends). ViT blocks are
-    smaller than LLM layers; the root's own fp32 copy comes at the end of backward, when the activations are gone."""
+    """Under FSDP, what is whole besides the shards, in the compute dtype: the root unit (embedding, final norm,
+    head, projector, a trained ViT's embeddings) from forward to the end of backward and two decoder layers (the
+    one running, the one prefetched); and the unsharded gradients of the root and of one layer. ViT blocks are
+    smaller than LLM layers; the root's fp32 gradient copy comes when the activations are gone."""
     c, v, a = plan.llm, plan.vit, plan.act_bytes
-    one = dataclasses.replace(c, num_hidden_layers=1)
-    layer = internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2)) - internlm2.num_parameters(one)
+    layer = (internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2))
+             - internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=1)))
     lora = lora_parameters(c, plan.lora_r) // c.num_hidden_layers if plan.lora_r else 0
-    root = internlm2.num_parameters(c) - c.num_hidden_layers * layer + param_counts(plan)["projector"]
+    projector = param_counts(plan)["projector"]
+    llm_root = internlm2.num_parameters(c) - c.num_hidden_layers * layer
     vit_root = (v.grid_size ** 2 + 1 + v.num_register_tokens) * v.hidden_size if "vit" in plan.train else 0
     trained_layer = {"full": layer, "lora": lora, "frozen": 0}[plan.llm_mode]
-    trained_root = (root - param_counts(plan)["projector"]) * (plan.llm_mode == "full") + vit_root + \
-        param_counts(plan)["projector"] * ("projector" in plan.train)
+    trained_root = llm_root * (plan.llm_mode == "full") + vit_root + projector * ("projector" in plan.train)
     fp32_copy = 4 * trained_layer if a == 2 else 0           # a layer's gradients cast for the reduce-scatter
-    return int(a * (root + vit_root + 2 * (layer + lora)) + a * (trained_root + trained_layer) + fp32_copy)
+    whole = llm_root + projector + vit_root + 2 * (layer + lora)
+    return int(a * whole + a * (trained_root + trained_layer) + fp32_copy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,44 +285,40 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
 
 def estimate(plan: Plan) -> Estimate:
     _check(plan)
-    p = param_counts(plan)
-    world = plan.world_size
-    optimizer_unsharded = 8 * p["trained"]                  # AdamW's exp_avg and exp_avg_sq in fp32
+    p, world, a = param_counts(plan), plan.world_size, plan.act_bytes
+    fsdp = plan.fsdp and world > 1
+    weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]     # fp32 master weights for what trains
+    optimizer = 8 * p["trained"]                                    # AdamW's exp_avg and exp_avg_sq in fp32
+    outside = p["vit"] * a if "vit" not in plan.train else 0        # FSDP: a frozen ViT stays whole on each rank
+    supervised = max(1, plan.batch_size * (plan.max_length - plan.images_per_sample * plan.image_tokens))
     acts = activation_bytes(plan)
     other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
-    supervised = max(1, plan.batch_size * (plan.max_length - plan.images_per_sample * plan.image_tokens))
     e = Estimate(
         params=p,
-        # fp32 master weights for what trains, the compute dtype for what does not
-        weights=4 * (p["trained"] + p["unused"]) + (2 if plan.dtype == "bfloat16" else 4) * p["frozen"],
-        gradients=4 * p["trained"],
+        weights=(weights - outside) // world + outside if fsdp else weights,
+        gradients=4 * p["trained"] // world if fsdp else 4 * p["trained"],
         # gradient_as_bucket_view=True: gradients live in DDP's flat all-reduce buckets, not beside them
         ddp_buckets=4 * p["trained"] if world > 1 and not plan.ddp_bucket_view else 0,
-        optimizer=optimizer_unsharded // world if plan.zero and world > 1 else optimizer_unsharded,   # ZeRO-1
-        optimizer_unsharded=optimizer_unsharded,
-        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward
-        autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" else 0,
+        optimizer=optimizer // world if (plan.zero or plan.fsdp) and world > 1 else optimizer,   # ZeRO-1, FSDP
+        optimizer_unsharded=optimizer,
+        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward; under FSDP
+        # the bf16 all-gathers are the compute copies
+        autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" and not fsdp else 0,
         activations=acts,
         activations_other_mode=sum(other.values()),
         vit_transient=vit_transient_bytes(plan) if "vit" not in plan.train else 0,
         # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus the logits
-        logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + plan.act_bytes)),
+        logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + a)),
         cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
+        fsdp_gathered=fsdp_gathered_bytes(plan) if fsdp else 0,
+        load_host_rank0=weights if fsdp else 0,                     # rank 0 alone reads the model, on the CPU
     )
-    if plan.fsdp and world > 1:
-        # Every tensor of the sharded graph split over the ranks; a frozen ViT is outside it, whole on each rank.
-        outside = p["vit"] * plan.act_bytes if "vit" not in plan.train else 0
-        e.load_host_rank0 = e.weights                   # rank 0 alone reads the whole model, on the CPU
-        e.weights = (e.weights - outside) // world + outside
-        e.gradients //= world
-        e.optimizer = optimizer_unsharded // world
-        e.autocast_copies = 0                           # the bf16 all-gathers are the compute copies
-        e.fsdp_gathered = fsdp_gathered_bytes(plan)
+    if fsdp:
         # Every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives whole
         # from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight.
         c = plan.llm
         e.load_peak = e.weights + max(c.vocab_size, c.intermediate_size) * c.hidden_size * (
-            4 if plan.llm_mode == "full" else plan.act_bytes)
+            4 if plan.llm_mode == "full" else a)
     static = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
               + e.fsdp_gathered)
     e.total = static + max(e.activation_total + e.logits, e.vit_transient)
@@ -368,36 +354,31 @@ def host_ram() -> tuple[int, int]:
 
 
 def host_bytes(plan: Plan) -> dict:
-    """Host RAM per node in the three phases of a run: reading the data, loading the model, training. Each of
-    nproc_per_node ranks has num_workers loader workers (started after the load). Returns the itemised bytes of
-    one rank in each phase ("rank_start", "rank_load", "rank_training"), of one worker, and the node totals
-    ("start", "load", "training")."""
+    """Host RAM of one node while reading the data, loading the model and training: one rank's bytes in each phase
+    ("rank_start", "rank_load", "rank_training"), one loader worker's, and the node's ("start", "load", "training")."""
     table = plan.data_bytes                 # the packed sample table is about the size of the JSON it came from
-    start = {"Python + torch": PROCESS_BASE, "json.load peak": JSON_PEAK * table}
+    rank = {"Python + torch": PROCESS_BASE, "sample table": table}
     # A batch as the loader hands it over: fp32 pixels, int64 ids and labels, in shared memory (its pages are
     # counted once). In flight: prefetch per worker, plus the one being trained on and the previous one.
     batch = plan.batch_size * (plan.images_per_sample * 3 * plan.image_size ** 2 * 4 + 2 * 8 * plan.max_length)
-    training = {"Python + torch": PROCESS_BASE, "sample table": table,
-                "batches in flight": (plan.prefetch * plan.num_workers + 2) * batch}
+    phases = {"start": {"Python + torch": PROCESS_BASE, "json.load peak": JSON_PEAK * table}, "load": dict(rank),
+              "training": {**rank, "batches in flight": (plan.prefetch * plan.num_workers + 2) * batch}}
     if plan.device == "cuda":
         # Each tensor goes from its memory-mapped file straight to the GPU: one shard's pages at a time. Not at
         # hand (a preset): as if the released bf16 checkpoint were read.
-        shard = plan.shard_bytes or min(MAX_SHARD, 2 * internlm2.num_parameters(plan.llm))
-        load = {"Python + torch": PROCESS_BASE, "sample table": table, "one checkpoint shard": shard}
+        phases["load"]["one checkpoint shard"] = plan.shard_bytes or min(MAX_SHARD,
+                                                                         2 * internlm2.num_parameters(plan.llm))
     else:
         # The device is the host: the whole model in its final dtypes, then gradients, AdamW and activations.
         e = estimate(plan)
-        load = {"Python + torch": PROCESS_BASE, "sample table": table, "weights": e.weights,
-                "one checkpoint shard": plan.shard_bytes}
-        training["model, gradients, AdamW, activations"] = e.total
+        phases["load"].update({"weights": e.weights, "one checkpoint shard": plan.shard_bytes})
+        phases["training"]["model, gradients, AdamW, activations"] = e.total
+    out = {f"rank_{k}": {name: int(b) for name, b in v.items()} for k, v in phases.items()}
     # A forked worker shares its rank's sample table (pages read, never written) and the shared-memory batches.
-    worker = {"own pages": WORKER_BASE}
-    n, w = plan.nproc_per_node, plan.num_workers
-    out = {f"rank_{k}": {name: int(b) for name, b in v.items()}
-           for k, v in (("start", start), ("load", load), ("training", training))}
-    out["worker"] = {name: int(b) for name, b in worker.items()}
-    out.update(start=n * sum(out["rank_start"].values()), load=n * sum(out["rank_load"].values()),
-               training=n * (sum(out["rank_training"].values()) + w * sum(out["worker"].values())))
+    out["worker"] = {"own pages": int(WORKER_BASE)}
+    for k in phases:
+        workers = plan.num_workers * out["worker"]["own pages"] if k == "training" else 0
+        out[k] = plan.nproc_per_node * (sum(out[f"rank_{k}"].values()) + workers)
     return out
 
 
@@ -445,11 +426,9 @@ def largest_length(plan: Plan, gpu_gib: float, step: int = 64) -> int:
 
 
 def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
-    """Flags that make `plan` fit a card of `gpu_gib` GiB. First a smaller micro-batch (the same global batch
-    through --grad-accum); if even batch 1 does not fit, levers are added one by one: bf16, checkpointing,
-    ZeRO-1, LoRA, a smaller LoRA rank, and last a shorter --max-length; levers that the final batch and
-    length do not need are dropped again. The last line gives the resulting estimate, or says that none of
-    this is enough."""
+    """Flags that make `plan` fit a card of `gpu_gib` GiB: a smaller micro-batch (the same global batch through
+    --grad-accum); if batch 1 does not fit, levers one by one (bf16, checkpointing, ZeRO-1, FSDP, LoRA, a smaller
+    rank), then a shorter --max-length; then the levers not needed are dropped. Last line: the estimate, or why not."""
     if fits(plan, gpu_gib):
         return [f"already fits: {estimate(plan).total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
     levers: list[tuple[str, dict]] = []
@@ -513,7 +492,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
         value = getattr(args, name, None)
         return default if value is None else value
 
-    init = Path(get("init_from")) if get("init_from") else None
+    init, pack = Path(get("init_from")) if get("init_from") else None, get("pack", 0)
     llm_source = get("llm") or get("llm_config") or (init / "llm" if init else None)
     vit_source = get("vit") or get("vit_config") or (init / "vit" if init else None)
     if llm_source is None or vit_source is None:
@@ -536,15 +515,9 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
                 nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                 num_workers=get("num_workers", 4), data_bytes=sum(f.stat().st_size for f in data if f.is_file()),
                 shard_bytes=_largest_file([get("llm"), get("vit"), init and init / "llm", init and init / "vit"]))
-    return packed_row(plan, get("pack", 0))
-
-
-def packed_row(plan: Plan, pack: int) -> Plan:
-    """--pack N: a row is N positions of whole samples, each with at most one image; booked as N positions with
-    as many images as fit (every image with at least one text token), an upper bound for the ViT's share."""
-    if not pack:
-        return plan
-    return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1)))
+    # --pack N: a row of whole samples, each with at most one image, booked as N positions with as many images as
+    # fit (each with a text token at least): an upper bound for the ViT's share
+    return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,14 +530,11 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
     ckpt = "on" if plan.grad_checkpointing else "off"
     world = plan.world_size
     fsdp = plan.fsdp and world > 1
-    if fsdp:
-        optimizer_note = f"FSDP over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
-    elif e.optimizer != e.optimizer_unsharded:
-        optimizer_note = f"ZeRO-1 over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
-    elif world > 1:
-        optimizer_note = f"trained x 8 B; with --zero over {world} ranks: {e.optimizer_unsharded / world / GiB:.2f}"
+    if e.optimizer != e.optimizer_unsharded:
+        optimizer_note = f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
     else:
-        optimizer_note = "trained x 8 B"
+        optimizer_note = "trained x 8 B" + (f"; with --zero over {world} ranks: {e.optimizer_unsharded / world / GiB:.2f}"
+                                            if world > 1 else "")
     lines = [
         f"memory per {'GPU' if plan.device == 'cuda' else 'process'}: {world} process{'es' if world > 1 else ''}"
         f"{(', FSDP' if fsdp else ', DDP') if world > 1 else ''}, {plan.dtype}"
