@@ -26,9 +26,8 @@ from .. import LlavaMinError, dinov2, internlm2, llava
 GiB = 2**30
 CUDA_CONTEXT = 0.75 * GiB               # context and cuBLAS workspaces
 NCCL_BUFFERS = 0.5 * GiB                # when world size > 1
-FIT_FRACTION = 0.95                      # a card fits at most 95% full (the rest is allocator slack)
+FIT_FRACTION = 0.95                     # a card fits at most 95% full (the rest is allocator slack)
 LOSS_CHUNK = 1024                       # llava.LLaVA.forward's loss_chunk
-LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 PROCESS_BASE = 1.5 * GiB                # a rank's Python, torch and (on CUDA) CUDA libraries, before any tensor
 WORKER_BASE = 0.3 * GiB                 # a forked loader worker's own pages: its heap, image decoding
 MAX_SHARD = 5 * 10**9                   # transformers' default shard size, for a checkpoint not at hand
@@ -72,9 +71,7 @@ class Plan:
 
     @property
     def llm_mode(self) -> str:
-        if "llm" not in self.train:
-            return "frozen"
-        return "lora" if self.lora_r else "full"
+        return "frozen" if "llm" not in self.train else "lora" if self.lora_r else "full"
 
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)
@@ -179,9 +176,9 @@ def llm_block_bytes_per_token(plan: Plan) -> float:
     total = norms + attention + mlp
     if mode == "lora":
         # per adapted linear (inputs summed: 4h + i): the dropout mask (1 byte from CUDA's fused dropout, a on
-        # the CPU) and the adapter's input, plus the r-wide middle
+        # the CPU) and the adapter's input, plus the r-wide middle of each of wqkv, wo, w1, w2, w3
         mask = (1 if plan.device == "cuda" else a) if plan.lora_dropout > 0 else 0
-        total += (4 * h + i) * (mask + a) + len(LORA_TARGETS) * plan.lora_r * a
+        total += (4 * h + i) * (mask + a) + 5 * plan.lora_r * a
     if plan.batch_size > 1 and plan.device == "cuda":
         # the padded-batch attention path repeats k and v to all heads and saves a float mask per block
         total += 2 * a * (h - kv) + a * plan.max_length
@@ -235,18 +232,9 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
     return {k: int(val) for k, val in items.items()}
 
 
-def vit_transient_bytes(plan: Plan) -> int:
-    """Peak of a frozen ViT's no_grad forward (a few live tensors of one block), before the LLM runs."""
-    v = plan.vit
-    tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
-    return int(tokens * plan.act_bytes * (6 * v.hidden_size + 2 * v.ffn_hidden_size))
-
-
 def saved_activation_bytes(model, fn):
-    """Measure: (bytes, fn()) -- the bytes of the distinct tensor storages autograd saves for backward while
-    fn() runs, the model's parameters left out. That is exactly the activation memory held from forward to
-    backward, whatever the allocator does. tests/test_memory.py checks the model above against it;
-    bench/memory.py compares llava-min with transformers by it."""
+    """Measure: (bytes, fn()), the bytes of the distinct tensor storages autograd saves for backward while fn()
+    runs, parameters left out: the activation memory held from forward to backward, whatever the allocator does."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -285,12 +273,13 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
 
 def estimate(plan: Plan) -> Estimate:
     _check(plan)
-    p, world, a = param_counts(plan), plan.world_size, plan.act_bytes
+    p, world, a, v = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit
     fsdp = plan.fsdp and world > 1
     weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]     # fp32 master weights for what trains
     optimizer = 8 * p["trained"]                                    # AdamW's exp_avg and exp_avg_sq in fp32
     outside = p["vit"] * a if "vit" not in plan.train else 0        # FSDP: a frozen ViT stays whole on each rank
     supervised = max(1, plan.batch_size * (plan.max_length - plan.images_per_sample * plan.image_tokens))
+    vit_tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
     acts = activation_bytes(plan)
     other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
     e = Estimate(
@@ -306,7 +295,8 @@ def estimate(plan: Plan) -> Estimate:
         autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" and not fsdp else 0,
         activations=acts,
         activations_other_mode=sum(other.values()),
-        vit_transient=vit_transient_bytes(plan) if "vit" not in plan.train else 0,
+        # a frozen ViT's no_grad forward, before the LLM runs: at its peak a few live tensors of one block
+        vit_transient=0 if "vit" in plan.train else int(vit_tokens * a * (6 * v.hidden_size + 2 * v.ffn_hidden_size)),
         # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus the logits
         logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + a)),
         cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
@@ -445,11 +435,8 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
     if plan.llm_mode != "frozen" and (plan.lora_r or 128) > 32:
         levers.append(("--lora-r 32", {"lora_r": 32}))
 
-    def build(chosen, **more) -> Plan:
-        p = plan
-        for _, change in chosen:
-            p = p.replace(**change)
-        return p.replace(**more)
+    def build(chosen, **more) -> Plan:       # later levers override earlier ones (--lora-r 32 after 128)
+        return plan.replace(**{k: v for _, change in chosen for k, v in change.items()} | more)
 
     applied, batch, length = [], 0, plan.max_length
     for i in range(len(levers) + 1):
@@ -480,12 +467,6 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # From finetune.py's arguments
 
-def _largest_file(folders) -> int:
-    sizes = [f.stat().st_size for folder in folders if folder and Path(folder).is_dir()
-             for f in Path(folder).glob("*.safetensors")]
-    return max(sizes, default=0)
-
-
 def plan_from_args(args, world_size: int | None = None, device: str | None = None) -> Plan:
     """A Plan from an argparse namespace with finetune.py's names (missing ones take the defaults)."""
     def get(name, default=None):
@@ -504,6 +485,8 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     parts = llava.parse_parts(get("train", "projector,llm"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = [Path(f) for f in get("data", [])]
+    sources = [Path(s) for s in (get("llm"), get("vit"), init and init / "llm", init and init / "vit") if s]
+    shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
     plan = Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
                 train=tuple(p for p in llava.PARTS if p in parts), lora_r=get("lora_r", 0),
                 lora_dropout=get("lora_dropout", 0.05), batch_size=get("batch_size", 16),
@@ -514,7 +497,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
                 world_size=world_size or get("world_size", 1), device=device,
                 nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
                 num_workers=get("num_workers", 4), data_bytes=sum(f.stat().st_size for f in data if f.is_file()),
-                shard_bytes=_largest_file([get("llm"), get("vit"), init and init / "llm", init and init / "vit"]))
+                shard_bytes=max(shards, default=0))
     # --pack N: a row of whole samples, each with at most one image, booked as N positions with as many images as
     # fit (each with a text token at least): an upper bound for the ViT's share
     return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
@@ -530,11 +513,12 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
     ckpt = "on" if plan.grad_checkpointing else "off"
     world = plan.world_size
     fsdp = plan.fsdp and world > 1
+    unsharded = e.optimizer_unsharded / GiB
     if e.optimizer != e.optimizer_unsharded:
-        optimizer_note = f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
+        optimizer_note = f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
     else:
-        optimizer_note = "trained x 8 B" + (f"; with --zero over {world} ranks: {e.optimizer_unsharded / world / GiB:.2f}"
-                                            if world > 1 else "")
+        zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
+        optimizer_note = "trained x 8 B" + zero
     lines = [
         f"memory per {'GPU' if plan.device == 'cuda' else 'process'}: {world} process{'es' if world > 1 else ''}"
         f"{(', FSDP' if fsdp else ', DDP') if world > 1 else ''}, {plan.dtype}"
