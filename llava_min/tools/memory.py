@@ -392,27 +392,23 @@ def fits(plan: Plan, gpu_gib: float) -> bool:
 
 
 def _largest(fits_at, lo: int, hi: int) -> int:
-    """The largest n in [lo, hi] with fits_at(n), given fits_at(lo); binary search (fits_at is monotone)."""
+    """The largest n in (lo, hi] with fits_at(n), else lo; binary search (fits_at is monotone)."""
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits_at(mid) else (lo, mid - 1)
     return lo
 
 
-def largest_batch(plan: Plan, gpu_gib: float, limit: int = 4096) -> int:
+def largest_batch(plan: Plan, gpu_gib: float) -> int:
     """The largest micro-batch that fits (0: not even 1)."""
-    if not fits(plan.replace(batch_size=1), gpu_gib):
-        return 0
-    return _largest(lambda b: fits(plan.replace(batch_size=b), gpu_gib), 1, limit)
+    return _largest(lambda b: fits(plan.replace(batch_size=b), gpu_gib), 0, 4096)
 
 
-def largest_length(plan: Plan, gpu_gib: float, step: int = 64) -> int:
-    """The largest --max-length (a multiple of `step`, at most max_position_embeddings) that fits; 0 if none."""
-    floor = (plan.images_per_sample * plan.image_tokens) // step * step + step
-    if not fits(plan.replace(max_length=floor), gpu_gib):
-        return 0
-    top = plan.llm.max_position_embeddings // step
-    return step * _largest(lambda n: fits(plan.replace(max_length=n * step), gpu_gib), floor // step, top)
+def largest_length(plan: Plan, gpu_gib: float) -> int:
+    """The largest --max-length (a multiple of 64, at most max_position_embeddings) that fits; 0 if none."""
+    floor, top = plan.images_per_sample * plan.image_tokens // 64, plan.llm.max_position_embeddings // 64
+    n = _largest(lambda n: fits(plan.replace(max_length=64 * n), gpu_gib), floor, top)   # 64 x floor: no text room
+    return 64 * n if n > floor else 0
 
 
 def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
@@ -487,17 +483,15 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     data = [Path(f) for f in get("data", [])]
     sources = [Path(s) for s in (get("llm"), get("vit"), init and init / "llm", init and init / "vit") if s]
     shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
+    same_names = ("lora_r", "lora_dropout", "batch_size", "max_length", "grad_checkpointing", "zero", "fsdp",
+                  "num_workers")                                    # absent or None: Plan's default
     plan = Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
-                train=tuple(p for p in llava.PARTS if p in parts), lora_r=get("lora_r", 0),
-                lora_dropout=get("lora_dropout", 0.05), batch_size=get("batch_size", 16),
-                max_length=get("max_length", 2048), image_size=image_size or 336,
-                grad_checkpointing=bool(get("grad_checkpointing", False)),
-                dtype=get("dtype") or ("bfloat16" if device == "cuda" else "float32"), zero=bool(get("zero", False)),
-                fsdp=bool(get("fsdp", False)),
+                train=tuple(p for p in llava.PARTS if p in parts), image_size=image_size or 336,
+                dtype=get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
                 world_size=world_size or get("world_size", 1), device=device,
                 nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                num_workers=get("num_workers", 4), data_bytes=sum(f.stat().st_size for f in data if f.is_file()),
-                shard_bytes=max(shards, default=0))
+                data_bytes=sum(f.stat().st_size for f in data if f.is_file()), shard_bytes=max(shards, default=0),
+                **{name: get(name) for name in same_names if get(name) is not None})
     # --pack N: a row of whole samples, each with at most one image, booked as N positions with as many images as
     # fit (each with a text token at least): an upper bound for the ViT's share
     return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
