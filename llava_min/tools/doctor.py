@@ -60,10 +60,8 @@ def gpu_checks(all_devices: bool = True) -> list[Check]:
     rank's GPU (each device queried costs a CUDA context of a few hundred MB)."""
     if not torch.cuda.is_available():
         return [Check("info", "gpus", "no CUDA device visible: training runs on the CPU with gloo")]
-    n = torch.cuda.device_count()
-    devices = range(n) if all_devices else [torch.cuda.current_device()]
-    checks = []
-    for i in devices:
+    n, checks = torch.cuda.device_count(), []
+    for i in range(n) if all_devices else [torch.cuda.current_device()]:
         p = torch.cuda.get_device_properties(i)
         free, total = torch.cuda.mem_get_info(i)
         bf16 = "bf16" if p.major >= 8 else "no bf16 (use --dtype float32)"
@@ -105,7 +103,6 @@ def host_checks() -> list[Check]:
         checks.append(Check("warn", "host", "/dev/shm is missing: loader workers cannot share tensors"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     status = "ok" if soft >= MIN_OPEN_FILES else "warn"
-    # loader workers pass tensors through file descriptors
     advice = "" if status == "ok" else (f": below {MIN_OPEN_FILES}, loader workers run out of file descriptors "
                                         "('Too many open files'); raise it with ulimit -n 65536")
     checks.append(Check(status, "host", f"open-file limit {soft} (hard {hard}){advice}"))
@@ -135,24 +132,22 @@ def rank_checks() -> list[Check]:
     env = os.environ
     if "RANK" not in env and "WORLD_SIZE" not in env:
         return [Check("info", "ranks", "one process (run under torchrun --nproc_per_node N to check collectives)")]
-    problems = []
     try:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
     except (KeyError, ValueError) as e:
         return [Check("fail", "ranks", f"torchrun's variables are incomplete or not numbers ({e}): RANK and "
                       "WORLD_SIZE must both be set (torchrun does this); unset them for one process")]
-    if not 0 <= rank < world:
-        problems.append(f"RANK {rank} is not below WORLD_SIZE {world}")
-    if not 0 <= local < local_world:
-        problems.append(f"LOCAL_RANK {local} is not below LOCAL_WORLD_SIZE {local_world}")
-    if local_world > world:
-        problems.append(f"LOCAL_WORLD_SIZE {local_world} exceeds WORLD_SIZE {world}")
-    problems += [f"{key} is not set" for key in ("MASTER_ADDR", "MASTER_PORT") if key not in env]
-    if torch.cuda.is_available() and local_world > torch.cuda.device_count():
-        problems.append(f"{local_world} processes per node but {torch.cuda.device_count()} GPU(s) visible "
-                        f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): two ranks would "
-                        "share a GPU; --nproc_per_node must not exceed the GPUs")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+    problems = [message for wrong, message in [
+        (not 0 <= rank < world, f"RANK {rank} is not below WORLD_SIZE {world}"),
+        (not 0 <= local < local_world, f"LOCAL_RANK {local} is not below LOCAL_WORLD_SIZE {local_world}"),
+        (local_world > world, f"LOCAL_WORLD_SIZE {local_world} exceeds WORLD_SIZE {world}"),
+        ("MASTER_ADDR" not in env, "MASTER_ADDR is not set"),
+        ("MASTER_PORT" not in env, "MASTER_PORT is not set"),
+        (gpus is not None and local_world > gpus, f"{local_world} processes per node but {gpus} GPU(s) visible "
+         f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): two ranks would share a GPU; "
+         "--nproc_per_node must not exceed the GPUs")] if wrong]
     if problems:
         return [Check("fail", "ranks", f"rank {env.get('RANK')}: " + "; ".join(problems))]
     return [Check("ok", "ranks", f"rank {rank} of {world}, local rank {local} of {local_world}")]

@@ -309,9 +309,8 @@ def estimate(plan: Plan) -> Estimate:
         c = plan.llm
         e.load_peak = e.weights + max(c.vocab_size, c.intermediate_size) * c.hidden_size * (
             4 if plan.llm_mode == "full" else a)
-    static = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
-              + e.fsdp_gathered)
-    e.total = static + max(e.activation_total + e.logits, e.vit_transient)
+    e.total = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
+               + e.fsdp_gathered + max(e.activation_total + e.logits, e.vit_transient))
     return e
 
 
@@ -417,19 +416,14 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
     rank), then a shorter --max-length; then the levers not needed are dropped. Last line: the estimate, or why not."""
     if fits(plan, gpu_gib):
         return [f"already fits: {estimate(plan).total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
-    levers: list[tuple[str, dict]] = []
-    if plan.dtype != "bfloat16":
-        levers.append(("--dtype bfloat16", {"dtype": "bfloat16"}))
-    if not plan.grad_checkpointing:
-        levers.append(("--grad-checkpointing", {"grad_checkpointing": True}))
-    if plan.world_size > 1 and not plan.zero and not plan.fsdp:
-        levers.append(("--zero", {"zero": True}))
-    if plan.world_size > 1 and not plan.fsdp:
-        levers.append(("--fsdp", {"fsdp": True, "zero": False}))
-    if plan.llm_mode == "full":
-        levers.append(("--lora-r 128 (train the LLM through adapters)", {"lora_r": 128}))
-    if plan.llm_mode != "frozen" and (plan.lora_r or 128) > 32:
-        levers.append(("--lora-r 32", {"lora_r": 32}))
+    shardable = plan.world_size > 1 and not plan.fsdp
+    levers = [(flag, change) for flag, change, useful in [
+        ("--dtype bfloat16", {"dtype": "bfloat16"}, plan.dtype != "bfloat16"),
+        ("--grad-checkpointing", {"grad_checkpointing": True}, not plan.grad_checkpointing),
+        ("--zero", {"zero": True}, shardable and not plan.zero),
+        ("--fsdp", {"fsdp": True, "zero": False}, shardable),
+        ("--lora-r 128 (train the LLM through adapters)", {"lora_r": 128}, plan.llm_mode == "full"),
+        ("--lora-r 32", {"lora_r": 32}, plan.llm_mode != "frozen" and (plan.lora_r or 128) > 32)] if useful]
 
     def build(chosen, **more) -> Plan:       # later levers override earlier ones (--lora-r 32 after 128)
         return plan.replace(**{k: v for _, change in chosen for k, v in change.items()} | more)
@@ -611,9 +605,8 @@ def main(argv=None) -> int:
         plan = plan_from_args(args, world_size=args.world_size, device=args.device)
     except ValueError as e:
         p.error(str(e))
-    gpu_gib = args.gpu_mem
-    if gpu_gib is None:
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available() else 24.0
+    gpu_gib = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available()
+                               else 24.0)
     if args.json:
         e = estimate(plan)
         out = {"plan": dict(dataclasses.asdict(plan), llm=plan.llm.to_dict(), vit=plan.vit.to_dict()),
