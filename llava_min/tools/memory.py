@@ -496,17 +496,32 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
 
 def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = None) -> str:
     """The table train.py prints at start-up. host_gib: the node's RAM (default: this machine's MemTotal)."""
-    e = estimate(plan)
-    p, g = e.params, lambda b: f"{b / GiB:8.2f}"
-    ckpt = "on" if plan.grad_checkpointing else "off"
-    world = plan.world_size
-    fsdp = plan.fsdp and world > 1
-    unsharded = e.optimizer_unsharded / GiB
+    e, world, ckpt = estimate(plan), plan.world_size, "on" if plan.grad_checkpointing else "off"
+    p, fsdp, unsharded = e.params, plan.fsdp and world > 1, e.optimizer_unsharded / GiB
     if e.optimizer != e.optimizer_unsharded:
         optimizer_note = f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
     else:
         zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
         optimizer_note = "trained x 8 B" + zero
+    rows = [("weights", e.weights, f"trained x 4 B + frozen x {plan.act_bytes} B"
+             + (f", / {world} (a frozen ViT whole)" if fsdp else "")),
+            ("gradients", e.gradients, "trained x 4 B" + (f" / {world}" if fsdp else "")),
+            ("DDP gradient buckets", e.ddp_buckets,
+             "trained x 4 B (0 with gradient_as_bucket_view)" if e.ddp_buckets else "none"),
+            ("optimizer (AdamW m, v)", e.optimizer, optimizer_note),
+            ("autocast bf16 weight copies", e.autocast_copies, "")]
+    if fsdp:
+        rows.append(("FSDP gathered units + grads", e.fsdp_gathered, "root + 2 decoder layers whole (prefetch), "
+                     f"unsharded grads of root + 1 layer; at load: {e.load_peak / GiB:.2f} (shards + 1 tensor; "
+                     f"rank 0's host RAM {e.load_host_rank0 / GiB:.2f})"))
+    rows.append(("activations", e.activation_total, f"(checkpointing {ckpt}; "
+                 f"{'off' if plan.grad_checkpointing else 'on'}: {e.activations_other_mode / GiB:.2f})"))
+    rows += [("  " + name, b, "") for name, b in e.activations.items()]
+    if e.vit_transient:
+        rows.append(("  frozen ViT (no_grad)", 0, f"transient peak {e.vit_transient / GiB:.2f}"))
+    rows += [("cross-entropy logits chunk", e.logits, ""),
+             ("CUDA context + NCCL" if world > 1 else "CUDA context", e.cuda_context, ""),
+             ("total (peak)", e.total, "")]
     lines = [
         f"memory per {'GPU' if plan.device == 'cuda' else 'process'}: {world} process{'es' if world > 1 else ''}"
         f"{(', FSDP' if fsdp else ', DDP') if world > 1 else ''}, {plan.dtype}"
@@ -517,27 +532,8 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
         f"(fp32); frozen {p['frozen']:,} ({plan.dtype})",
         f"  sequence: batch {plan.batch_size} x {plan.max_length} tokens, {plan.image_tokens} image tokens per "
         f"image ({plan.image_size} px); gradient checkpointing {ckpt}",
-        "",
-        "                                        GiB",
-        f"  weights                          {g(e.weights)}   trained x 4 B + frozen x {plan.act_bytes} B"
-        + (f", / {world} (a frozen ViT whole)" if fsdp else ""),
-        f"  gradients                        {g(e.gradients)}   trained x 4 B" + (f" / {world}" if fsdp else ""),
-        f"  DDP gradient buckets             {g(e.ddp_buckets)}   "
-        + ("trained x 4 B (0 with gradient_as_bucket_view)" if e.ddp_buckets else "none"),
-        f"  optimizer (AdamW m, v)           {g(e.optimizer)}   {optimizer_note}",
-        f"  autocast bf16 weight copies      {g(e.autocast_copies)}",
-    ] + ([f"  FSDP gathered units + grads      {g(e.fsdp_gathered)}   root + 2 decoder layers whole (prefetch), "
-          f"unsharded grads of root + 1 layer; at load: {e.load_peak / GiB:.2f} (shards + 1 tensor; "
-          f"rank 0's host RAM {e.load_host_rank0 / GiB:.2f})"] if fsdp else []) + [
-        f"  activations                      {g(e.activation_total)}   "
-        f"(checkpointing {ckpt}; {'off' if plan.grad_checkpointing else 'on'}: {e.activations_other_mode / GiB:.2f})",
-    ]
-    lines += [f"    {name:30s} {g(b)}" for name, b in e.activations.items()]
-    if e.vit_transient:
-        lines.append(f"    {'frozen ViT (no_grad)':30s} {g(0)}   transient peak {e.vit_transient / GiB:.2f}")
-    lines += [f"  cross-entropy logits chunk       {g(e.logits)}",
-              f"  {'CUDA context + NCCL' if world > 1 else 'CUDA context':31s}  {g(e.cuda_context)}",
-              f"  total (peak)                     {g(e.total)}"]
+        "", "                                        GiB",
+    ] + [f"  {name:33s}{b / GiB:8.2f}" + (f"   {note}" if note else "") for name, b, note in rows]
     if gpu_gib:
         ok = fits(plan, gpu_gib)
         lines += ["", f"on a {gpu_gib:g} GiB card: {'fits' if ok else 'does NOT fit'} "
