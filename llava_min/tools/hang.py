@@ -2,16 +2,11 @@
 
     hang.attach(d, out)        # from now on d.heartbeat(step, phase) lands in OUT/heartbeats; undone by dist.teardown
 
-Files under OUT:
-  heartbeats/rank-N.json  {"rank", "step", "phase", "time", "alive", "pid", "host"}: where rank N was last seen
-                          ("time") and when its process last showed life ("alive", refreshed every second by a
-                          watcher thread: a rank stuck in Python code looks alive, a stopped or frozen one does not)
-  stacks/rank-N.txt       every thread's Python stack of rank N (traceback, then faulthandler's view)
-  stacks/request.json     a request for every rank to write its stacks (each watcher polls it twice a second)
-
-A failing collective calls `report`: stacks from every live rank and one line per rank for the DistTimeout.
-`kill -USR1 <pid>` on any rank requests every rank's stacks without stopping anything, even while its main thread
-is blocked inside a collective. Ranks on other nodes see a request only if OUT is on a shared file system.
+OUT/heartbeats/rank-N.json: where rank N was last seen ("time") and when its process last showed life ("alive",
+refreshed every second by a watcher thread: a rank stuck in Python looks alive, a stopped or frozen one does not).
+OUT/stacks/rank-N.txt: every thread's stack, written on a request in OUT/stacks/request.json that every watcher
+polls; a failed collective (`report`) and `kill -USR1 <pid>` on any rank make one, the run goes on. Ranks on other
+nodes see it only if OUT is on a shared file system. The fields: docs/TROUBLESHOOTING.md, "First, the tools".
 """
 from __future__ import annotations
 
