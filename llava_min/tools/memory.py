@@ -463,7 +463,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
         value = getattr(args, name, None)
         return default if value is None else value
 
-    init, pack = Path(get("init_from")) if get("init_from") else None, get("pack", 0)
+    init = Path(get("init_from")) if get("init_from") else None
     llm_source = get("llm") or get("llm_config") or (init / "llm" if init else None)
     vit_source = get("vit") or get("vit_config") or (init / "vit" if init else None)
     if llm_source is None or vit_source is None:
@@ -488,6 +488,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
                 **{name: get(name) for name in same_names if get(name) is not None})
     # --pack N: a row of whole samples, each with at most one image, booked as N positions with as many images as
     # fit (each with a text token at least): an upper bound for the ViT's share
+    pack = get("pack")
     return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
 
 
