@@ -34,15 +34,13 @@ def _decode_chunk(items: list[tuple[int, str]]) -> list[tuple[int, str]]:
 
 
 def decode_images(items: list[tuple[int, str]], num_workers: int = 0, chunk: int = 16) -> dict[int, str]:
-    """{index: error} for the images in `items` ((index, path) pairs) that do not decode.
-
-    A ProcessPoolExecutor, unlike multiprocessing.Pool, notices a worker that dies (the OOM killer, a crash in
-    a decoder) and fails the pending work instead of waiting for ever. At most two chunks per worker are
-    queued, so that the error can name the few images in flight."""
+    """{index: error} for the images in `items` ((index, path) pairs) that do not decode."""
     chunks = iter([items[k:k + chunk] for k in range(0, len(items), chunk)])
     if num_workers <= 0:
         return {i: e for c in chunks for i, e in _decode_chunk(c)}
     errors = {}
+    # Unlike multiprocessing.Pool, the executor notices a worker that dies (the OOM killer, a crash in a decoder)
+    # and fails the pending work instead of waiting for ever. Two chunks per worker at most: the error names them.
     with ProcessPoolExecutor(num_workers) as pool:
         pending = {}
         try:
@@ -69,8 +67,7 @@ def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, 
     samples, found = Samples(files), FileIndex()
     bad, images = {}, []
     for index, sample in enumerate(samples.scan()):
-        problems = sample_problems(sample, image_folder, found)
-        if problems:
+        if problems := sample_problems(sample, image_folder, found):
             bad[index] = "; ".join(problems)
         elif sample.get("image") is not None:
             images.append((index, image_path(sample, image_folder)))
@@ -80,8 +77,7 @@ def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, 
     summary = (f"{len(samples)} samples OK ({len(images)} with an image, {len(samples) - len(images)} text-only"
                f"{', every image decodes' if decode else ''})")
     if tokenizer is not None:
-        tok = Tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        truncated = unsupervised = 0
+        tok, truncated, unsupervised = Tokenizer(tokenizer), 0, 0
         for i in range(len(samples)):
             ids, labels, full = tokenize(tok, samples[i]["conversations"], max_length, system, image_tokens)
             if all(label == IGNORE_INDEX for label in labels):
@@ -104,8 +100,7 @@ def show(files, index: int, tokenizer=None, image_folder=None, max_length: int =
     index %= len(samples)
     sample = samples[index]
     lines = [samples.describe(index, image_folder)]
-    problems = sample_problems(sample)
-    if problems:
+    if problems := sample_problems(sample):
         return "\n".join(lines + [f"bad: {'; '.join(problems)}", json.dumps(sample, ensure_ascii=False, indent=1)])
     if sample.get("image") is not None:
         try:
@@ -116,7 +111,7 @@ def show(files, index: int, tokenizer=None, image_folder=None, max_length: int =
     if tokenizer is None:
         conversations = json.dumps(sample["conversations"], ensure_ascii=False, indent=1)
         return "\n".join(lines + [conversations, "(give --tokenizer to see the tokens and labels)"])
-    tok = Tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    tok = Tokenizer(tokenizer)
     ids, labels, full = tokenize(tok, sample["conversations"], max_length, system, image_tokens)
     supervised = sum(label != IGNORE_INDEX for label in labels)
     lines.append(f"tokens: {len(ids)} ids, {llm_positions(ids, image_tokens)} LLM positions (image = {image_tokens}); "

@@ -3,8 +3,8 @@
     python -m llava_min.doctor                          # this machine, one process
     torchrun --nproc_per_node 4 -m llava_min.doctor     # also: every rank joins, all-reduce works, bandwidth
 
-One line per check (`ok`, `info`, `WARN`, `FAIL`: versions, gpus, host, environment, ranks, collectives), exit
-code 1 if anything failed. train.py calls `quick_check(d)` at start-up under torchrun (well under a second).
+One line per check (`ok`, `info`, `WARN`, `FAIL`), exit code 1 if anything failed. train.py calls `quick_check`
+at start-up under torchrun (well under a second).
 """
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ class Check:
 # Checks that need no other rank
 
 def version_checks() -> list[Check]:
-    """Python, torch, CUDA, NCCL, and whether gloo is built in."""
     checks = [Check("info", "versions", f"Python {platform.python_version()}, torch {torch.__version__}, "
                     f"CUDA {torch.version.cuda or 'none (CPU build)'}, gloo "
                     f"{'yes' if tdist.is_available() and tdist.is_gloo_available() else 'NO'}")]
@@ -57,15 +56,12 @@ def version_checks() -> list[Check]:
 
 
 def gpu_checks(all_devices: bool = True) -> list[Check]:
-    """Each GPU (memory, compute capability, bf16) and the peer-to-peer matrix: without P2P, NCCL goes through
-    host memory (in VMs often an IOMMU / ACS setting). all_devices False: only this rank's GPU is touched (each
-    device queried costs a CUDA context of a few hundred MB)."""
+    """Each GPU (memory, compute capability, bf16) and the peer-to-peer matrix. all_devices False: only this
+    rank's GPU (each device queried costs a CUDA context of a few hundred MB)."""
     if not torch.cuda.is_available():
         return [Check("info", "gpus", "no CUDA device visible: training runs on the CPU with gloo")]
-    n = torch.cuda.device_count()
-    devices = range(n) if all_devices else [torch.cuda.current_device()]
-    checks = []
-    for i in devices:
+    n, checks = torch.cuda.device_count(), []
+    for i in range(n) if all_devices else [torch.cuda.current_device()]:
         p = torch.cuda.get_device_properties(i)
         free, total = torch.cuda.mem_get_info(i)
         bf16 = "bf16" if p.major >= 8 else "no bf16 (use --dtype float32)"
@@ -77,10 +73,9 @@ def gpu_checks(all_devices: bool = True) -> list[Check]:
     if all_devices and n > 1:
         rows, missing = [], []
         for i in range(n):
-            row = "".join("  -" if i == j else ("  y" if torch.cuda.can_device_access_peer(i, j) else "  n")
-                          for j in range(n))
-            rows.append(f"cuda:{i}{row}")
-            missing += [(i, j) for j in range(n) if i != j and not torch.cuda.can_device_access_peer(i, j)]
+            peer = {j: torch.cuda.can_device_access_peer(i, j) for j in range(n) if j != i}
+            rows.append(f"cuda:{i}" + "".join("  -" if j == i else "  y" if peer[j] else "  n" for j in range(n)))
+            missing += [(i, j) for j, ok in peer.items() if not ok]
         checks.append(Check("info", "gpus", "peer-to-peer access (row -> column):\n" +
                             "\n".join(" " * 19 + r for r in rows)))
         if missing:
@@ -91,8 +86,7 @@ def gpu_checks(all_devices: bool = True) -> list[Check]:
 
 
 def host_checks() -> list[Check]:
-    """RAM (the kernel's OOM killer ends a job silently), /dev/shm (loader workers and NCCL need it; containers
-    default to 64 MB), the open-file limit (loader workers pass tensors through file descriptors)."""
+    """RAM, /dev/shm (loader workers and NCCL need it; containers default to 64 MB), the open-file limit."""
     total, available = memory.host_ram()
     ram = f"{total / GiB:.1f} GiB RAM ({available / GiB:.1f} GiB available)" if total else "RAM unknown"
     checks = [Check("info", "host", f"{socket.gethostname()}, {os.cpu_count()} CPUs, {ram}")]
@@ -138,26 +132,22 @@ def rank_checks() -> list[Check]:
     env = os.environ
     if "RANK" not in env and "WORLD_SIZE" not in env:
         return [Check("info", "ranks", "one process (run under torchrun --nproc_per_node N to check collectives)")]
-    problems = []
     try:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
     except (KeyError, ValueError) as e:
         return [Check("fail", "ranks", f"torchrun's variables are incomplete or not numbers ({e}): RANK and "
                       "WORLD_SIZE must both be set (torchrun does this); unset them for one process")]
-    if not 0 <= rank < world:
-        problems.append(f"RANK {rank} is not below WORLD_SIZE {world}")
-    if not 0 <= local < local_world:
-        problems.append(f"LOCAL_RANK {local} is not below LOCAL_WORLD_SIZE {local_world}")
-    if local_world > world:
-        problems.append(f"LOCAL_WORLD_SIZE {local_world} exceeds WORLD_SIZE {world}")
-    for key in ("MASTER_ADDR", "MASTER_PORT"):
-        if key not in env:
-            problems.append(f"{key} is not set")
-    if torch.cuda.is_available() and local_world > torch.cuda.device_count():
-        problems.append(f"{local_world} processes per node but {torch.cuda.device_count()} GPU(s) visible "
-                        f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): two ranks would "
-                        "share a GPU; --nproc_per_node must not exceed the GPUs")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+    problems = [message for wrong, message in [
+        (not 0 <= rank < world, f"RANK {rank} is not below WORLD_SIZE {world}"),
+        (not 0 <= local < local_world, f"LOCAL_RANK {local} is not below LOCAL_WORLD_SIZE {local_world}"),
+        (local_world > world, f"LOCAL_WORLD_SIZE {local_world} exceeds WORLD_SIZE {world}"),
+        ("MASTER_ADDR" not in env, "MASTER_ADDR is not set"),
+        ("MASTER_PORT" not in env, "MASTER_PORT is not set"),
+        (gpus is not None and local_world > gpus, f"{local_world} processes per node but {gpus} GPU(s) visible "
+         f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}): two ranks would share a GPU; "
+         "--nproc_per_node must not exceed the GPUs")] if wrong]
     if problems:
         return [Check("fail", "ranks", f"rank {env.get('RANK')}: " + "; ".join(problems))]
     return [Check("ok", "ranks", f"rank {rank} of {world}, local rank {local} of {local_world}")]
@@ -167,13 +157,12 @@ def rank_checks() -> list[Check]:
 # Checks across ranks
 
 def quick_check(d: dist.Dist) -> list[str]:
-    """Start-up check under torchrun: every rank joins a barrier (a timeout names the missing ranks), no two
-    ranks share a GPU, versions agree, and an all-reduce gives the right sum. Raises LlavaMinError (or
-    dist.DistTimeout) on a problem; returns warnings (already printed). A no-op in one process."""
+    """Under torchrun: every rank joins (a timeout names the missing ones), no two share a GPU, versions agree, an
+    all-reduce sums right. Raises LlavaMinError or dist.DistTimeout; returns the warnings it printed."""
     if not d.is_distributed:
         return []
     dist.barrier(d, what="start-up barrier (every rank has joined)")
-    facts = {"host": socket.gethostname(), "pid": os.getpid(), "local_rank": d.local_rank, "device": str(d.device),
+    facts = {"host": socket.gethostname(), "device": str(d.device),
              "gpu": torch.cuda.get_device_properties(d.device).uuid.hex if d.device.type == "cuda" else None,
              "torch": torch.__version__, "cuda": torch.version.cuda}
     everyone = dist.all_gather_object(d, facts, what="start-up fact sheets")
@@ -184,8 +173,7 @@ def quick_check(d: dist.Dist) -> list[str]:
             problems.append(f"ranks {first} and {rank} share one GPU ({f['device']} on {f['host']}); check "
                             "CUDA_VISIBLE_DEVICES and --nproc_per_node")
     for field in ("torch", "cuda"):
-        values = {f[field] for f in everyone}
-        if len(values) > 1:
+        if len({f[field] for f in everyone}) > 1:
             problems.append(f"{field} versions differ across ranks: " +
                             ", ".join(f"rank {r}: {f[field]}" for r, f in enumerate(everyone)))
     t = torch.tensor([float(d.rank + 1)], device=d.device)
@@ -206,25 +194,23 @@ def quick_check(d: dist.Dist) -> list[str]:
 
 def collective_checks(d: dist.Dist, bandwidth_mib: float) -> list[Check]:
     """quick_check, then the all-reduce bus bandwidth as nccl-tests reports it: 2 (n - 1) / n x bytes / time."""
-    checks = []
     try:
         warnings = quick_check(d)
     except (LlavaMinError, dist.DistTimeout) as e:
         return [Check("fail", "collectives", str(e))]
-    checks.append(Check("ok", "collectives", f"barrier and all_reduce across {d.world_size} ranks "
-                        f"({d.backend}); " + ("; ".join(warnings) if warnings else "no rank warned")))
+    checks = [Check("ok", "collectives", f"barrier and all_reduce across {d.world_size} ranks ({d.backend}); "
+                    + ("; ".join(warnings) if warnings else "no rank warned"))]
     n = max(1, int(bandwidth_mib * 2**20 / 4))
     x = torch.ones(n, device=d.device)
     iters = 10 if d.device.type == "cuda" else 3
+    sync = (lambda: torch.cuda.synchronize(d.device)) if d.device.type == "cuda" else (lambda: None)
 
     def timed(rounds: int) -> float:
-        if d.device.type == "cuda":
-            torch.cuda.synchronize(d.device)
+        sync()
         start = time.perf_counter()
         for _ in range(rounds):
             dist.all_reduce(d, x, what="bandwidth measurement")
-        if d.device.type == "cuda":
-            torch.cuda.synchronize(d.device)
+        sync()
         return time.perf_counter() - start
 
     try:
@@ -238,8 +224,6 @@ def collective_checks(d: dist.Dist, bandwidth_mib: float) -> list[Check]:
                         f"bus bandwidth {bus / 1e9:.2f} GB/s"))
     return checks
 
-
-# --------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,20 +1,12 @@
 """Hang forensics: what a stuck or stopped rank leaves behind, and where every rank was when a collective failed.
 
-    d = dist.setup(timeout_s=args.dist_timeout)
     hang.attach(d, out)        # from now on d.heartbeat(step, phase) lands in OUT/heartbeats; undone by dist.teardown
 
-Files under OUT:
-  heartbeats/rank-N.json  {"rank", "step", "phase", "time", "alive", "pid", "host"}: where rank N was last seen
-                          ("time") and when its process last showed life ("alive", refreshed every second by a
-                          watcher thread: a rank stuck in Python code looks alive, a stopped or frozen one does not)
-  stacks/rank-N.txt       every thread's Python stack of rank N (traceback, then faulthandler's view)
-  stacks/request.json     a request for every rank to write its stacks (each watcher polls it twice a second)
-
-When a collective fails, dist calls `report`: this rank writes its stacks, asks everyone else for theirs, waits a
-few seconds for the live ones and returns one line per rank for the DistTimeout message. `kill -USR1 <pid>` on any
-rank requests every rank's stacks without stopping anything: the signal's C-level handler wakes the watcher
-through `signal.set_wakeup_fd`, even while the main thread is blocked inside a collective. Ranks on other nodes
-see a request only if OUT is on a shared file system.
+OUT/heartbeats/rank-N.json: where rank N was last seen ("time") and when its process last showed life ("alive",
+refreshed every second by a watcher thread: a rank stuck in Python looks alive, a stopped or frozen one does not).
+OUT/stacks/rank-N.txt: every thread's stack, written on a request in OUT/stacks/request.json that every watcher
+polls; a failed collective (`report`) and `kill -USR1 <pid>` on any rank make one, the run goes on. Ranks on other
+nodes see it only if OUT is on a shared file system. The fields: docs/TROUBLESHOOTING.md, "First, the tools".
 """
 from __future__ import annotations
 
@@ -68,8 +60,8 @@ class Forensics:
         self.step, self.phase, self.beat_time = d.step, d.phase, time.time()
         self.lock = threading.Lock()       # the training thread beats, the watcher writes
         self.dirty, self.written = True, 0.0
-        (self.out / "heartbeats").mkdir(parents=True, exist_ok=True)
-        (self.out / "stacks").mkdir(parents=True, exist_ok=True)
+        for folder in ("heartbeats", "stacks"):
+            (self.out / folder).mkdir(parents=True, exist_ok=True)
         self.request_file = self.out / "stacks" / "request.json"
         self.answered = _read_json(self.request_file).get("id", "")   # an old run's request is not ours to answer
         self.stop = threading.Event()
@@ -100,11 +92,10 @@ class Forensics:
         describe where each rank was (the "Ranks last seen" lines and where the stacks are)."""
         self.write_heartbeat()
         since = time.time() - 1.0
-        own = self.write_stacks(reason)
+        self.write_stacks(reason)
         self.request_stacks(reason, ours=True)
         written = self._wait_for_stacks(since)
-        silent = [r for r in range(self.d.world_size) if r not in written]
-        where = own.parent if own else self.out / "stacks"
+        silent, where = [r for r in range(self.d.world_size) if r not in written], self.out / "stacks"
         return (describe_ranks(self.out, self.d.world_size, waiting_in)
                 + f"\nPython stacks: {where}/rank-N.txt, written by rank(s) {', '.join(map(str, written)) or 'none'}"
                 + (f"; none from rank(s) {', '.join(map(str, silent))} (stopped, dead, or on another node without "
@@ -137,7 +128,7 @@ class Forensics:
         except OSError:
             pass  # a full or vanished disk must not kill training; a timeout message will lack this rank
 
-    def write_stacks(self, reason: str) -> Path | None:
+    def write_stacks(self, reason: str) -> None:
         """Every thread's Python stack of this rank (but the watcher's) into OUT/stacks/rank-N.txt."""
         names = {t.ident: t.name for t in threading.enumerate()}
         lines = [f"# rank {self.d.rank} of {self.d.world_size}, pid {os.getpid()} on {socket.gethostname()}, "
@@ -147,15 +138,13 @@ class Forensics:
             if names.get(ident) != WATCHER:
                 lines += [f"Thread {names.get(ident, '?')} ({ident}), most recent call last:",
                           *(line.rstrip("\n") for line in traceback.format_stack(frame)), ""]
-        file = stack_file(self.out, self.d.rank)
         try:
-            with atomic_path(file) as tmp, open(tmp, "w") as f:
+            with atomic_path(stack_file(self.out, self.d.rank)) as tmp, open(tmp, "w") as f:
                 f.write("\n".join(lines) + "\n# faulthandler (C-level view of the same threads)\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
         except OSError:
-            return None
-        return file
+            pass  # as for heartbeats: the report then names this rank among those without stacks
 
     def request_stacks(self, reason: str, ours: bool = False) -> None:
         """Ask every rank to write its stacks; this one too unless `ours` (it has just written them)."""
@@ -174,14 +163,13 @@ class Forensics:
         read_fd = self.wakeup[0] if self.wakeup else None
         while not self.stop.is_set():
             signalled = False
-            if read_fd is not None:
-                if select.select([read_fd], [], [], POLL_S)[0]:
-                    try:
-                        signalled = signal.SIGUSR1 in os.read(read_fd, 512)
-                    except OSError:
-                        pass
-            else:
+            if read_fd is None:
                 self.stop.wait(POLL_S)
+            elif select.select([read_fd], [], [], POLL_S)[0]:
+                try:
+                    signalled = signal.SIGUSR1 in os.read(read_fd, 512)
+                except OSError:
+                    pass
             self.write_heartbeat(force=time.monotonic() - self.written >= ALIVE_EVERY_S)
             if signalled:
                 self.request_stacks(f"SIGUSR1 to rank {self.d.rank} (pid {os.getpid()})")
@@ -196,13 +184,9 @@ class Forensics:
         beats = [read_heartbeat(self.out, r) for r in range(self.d.world_size)]
         live = {r for r, b in enumerate(beats) if time.time() - b.get("alive", 0) < 3 * ALIVE_EVERY_S}
         while True:
-            written = []
-            for rank in range(self.d.world_size):
-                try:
-                    if stack_file(self.out, rank).stat().st_mtime >= since:
-                        written.append(rank)
-                except OSError:
-                    pass
+            # stack files are replaced atomically: once there, always there
+            written = [r for r in range(self.d.world_size)
+                       if (file := stack_file(self.out, r)).exists() and file.stat().st_mtime >= since]
             if live <= set(written) or time.monotonic() > deadline:
                 return written
             time.sleep(0.2)

@@ -4,17 +4,10 @@
         --max-length 2048 --nproc 4 --gpu-mem 24
     python -m llava_min.memory --llm internlm2-7b/ --vit dinov2-large/ --lora-r 128 --grad-checkpointing --json
 
-The flags are finetune.py's (its other flags are accepted and ignored), with its defaults: stage 2
-(`--train projector,llm`), batch 16, max length 2048, 336 px, bf16, 4 loader workers. train.py prints this
-estimate before the first step and, after a CUDA out-of-memory error, `suggest_fit`: flags that would fit.
-Start with `estimate` (the GPU) and `host_bytes` (the node): every term's bytes are explained where it is
-computed. A card fits when the total is at most 95% of it (the rest is allocator slack).
-
-The activation model is checked against measurement: tests/test_memory.py runs real LLaVA forwards on the CPU
-and counts every distinct tensor storage autograd saves for backward (`saved_activation_bytes`): within 3% (in
-practice 0.1-2%) in fp32, bf16 autocast, LoRA, frozen-LLM, checkpointed and trained-ViT set-ups. Not measurable on the CPU: CUDA's padded
-attention path, the logits chunk and the context (modelled from the kernels' buffers; bench/gpu.py compares
-the total with torch.cuda.max_memory_allocated on a GPU).
+finetune.py's flags and defaults (its other flags are accepted and ignored). Start at `estimate` (one GPU) and
+`host_bytes` (one node). tests/test_memory.py checks the activation model within 3% against the tensors autograd
+saves in real CPU forwards (`saved_activation_bytes`); CUDA's padded attention, the logits chunk and the context
+are modelled from the kernels' buffers (bench/gpu.py compares the total with a GPU's peak).
 """
 from __future__ import annotations
 
@@ -33,9 +26,8 @@ from .. import LlavaMinError, dinov2, internlm2, llava
 GiB = 2**30
 CUDA_CONTEXT = 0.75 * GiB               # context and cuBLAS workspaces
 NCCL_BUFFERS = 0.5 * GiB                # when world size > 1
-FIT_FRACTION = 0.95
+FIT_FRACTION = 0.95                     # a card fits at most 95% full (the rest is allocator slack)
 LOSS_CHUNK = 1024                       # llava.LLaVA.forward's loss_chunk
-LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 PROCESS_BASE = 1.5 * GiB                # a rank's Python, torch and (on CUDA) CUDA libraries, before any tensor
 WORKER_BASE = 0.3 * GiB                 # a forked loader worker's own pages: its heap, image decoding
 MAX_SHARD = 5 * 10**9                   # transformers' default shard size, for a checkpoint not at hand
@@ -79,9 +71,7 @@ class Plan:
 
     @property
     def llm_mode(self) -> str:
-        if "llm" not in self.train:
-            return "frozen"
-        return "lora" if self.lora_r else "full"
+        return "frozen" if "llm" not in self.train else "lora" if self.lora_r else "full"
 
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)
@@ -108,8 +98,7 @@ class Estimate:
     total: int = 0
 
     @property
-    def saved_activations(self) -> int:
-        """What autograd holds from forward to backward (the recompute terms happen inside backward)."""
+    def saved_activations(self) -> int:         # held from forward to backward (recompute happens inside backward)
         return sum(v for k, v in self.activations.items() if "recompute" not in k)
 
     @property
@@ -134,9 +123,8 @@ def lora_parameters(c: internlm2.InternLM2Config, r: int) -> int:
 
 
 def param_counts(plan: Plan) -> dict[str, int]:
-    """Tensor counts (the checkpoints' tensors: DINOv2's mask_token buffer included) from internlm2 / dinov2's
-    num_parameters. "trained" counts the parameters that get gradients and optimizer state; a trained ViT's
-    blocks after select_layer and its final norm never run, so they keep fp32 weights ("unused") but no gradient."""
+    """The checkpoints' tensor counts (DINOv2's mask_token buffer included). "trained": what gets gradients and
+    AdamW state; "unused": a trained ViT's blocks after select_layer and its final norm (fp32, never run)."""
     c, v = plan.llm, plan.vit
     h, D = c.hidden_size, v.hidden_size
     blocks_run = v.blocks_run(plan.select_layer)
@@ -188,9 +176,9 @@ def llm_block_bytes_per_token(plan: Plan) -> float:
     total = norms + attention + mlp
     if mode == "lora":
         # per adapted linear (inputs summed: 4h + i): the dropout mask (1 byte from CUDA's fused dropout, a on
-        # the CPU) and the adapter's input, plus the r-wide middle
+        # the CPU) and the adapter's input, plus the r-wide middle of each of wqkv, wo, w1, w2, w3
         mask = (1 if plan.device == "cuda" else a) if plan.lora_dropout > 0 else 0
-        total += (4 * h + i) * (mask + a) + len(LORA_TARGETS) * plan.lora_r * a
+        total += (4 * h + i) * (mask + a) + 5 * plan.lora_r * a
     if plan.batch_size > 1 and plan.device == "cuda":
         # the padded-batch attention path repeats k and v to all heads and saves a float mask per block
         total += 2 * a * (h - kv) + a * plan.max_length
@@ -201,9 +189,8 @@ def vit_block_bytes_per_token(plan: Plan) -> float:
     """Bytes one DINOv2 block saves for backward per ViT token (1 + registers + patches), when the ViT trains."""
     v, a = plan.vit, plan.act_bytes
     D, F = v.hidden_size, v.ffn_hidden_size
-    r = 4
-    norms = 2 * (r * D + 8)
-    linear_inputs = (3 * a * D if r != a else a * D) + a * D          # q/k/v inputs, fc1 input
+    norms = 2 * (4 * D + 8)                                            # the residual stream is fp32
+    linear_inputs = (3 * a * D if a == 2 else a * D) + a * D          # q/k/v inputs (one bf16 copy each), fc1 input
     attention = 3 * a * D + a * D + 4 * v.num_attention_heads          # q, k, v, output (= dense input), lse
     layer_scale = 2 * a * D
     mlp = a * (4 * F if v.use_swiglu_ffn else 2 * F)
@@ -245,18 +232,9 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
     return {k: int(val) for k, val in items.items()}
 
 
-def vit_transient_bytes(plan: Plan) -> int:
-    """Peak of a frozen ViT's no_grad forward (a few live tensors of one block), before the LLM runs."""
-    v = plan.vit
-    tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
-    return int(tokens * plan.act_bytes * (6 * v.hidden_size + 2 * v.ffn_hidden_size))
-
-
 def saved_activation_bytes(model, fn):
-    """Measure: (bytes, fn()) -- the bytes of the distinct tensor storages autograd saves for backward while
-    fn() runs, the model's parameters left out. That is exactly the activation memory held from forward to
-    backward, whatever the allocator does. tests/test_memory.py checks the model above against it;
-    bench/memory.py compares llava-min with transformers by it."""
+    """Measure: (bytes, fn()), the bytes of the distinct tensor storages autograd saves for backward while fn()
+    runs, parameters left out: the activation memory held from forward to backward, whatever the allocator does."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -272,22 +250,22 @@ def saved_activation_bytes(model, fn):
 
 
 def fsdp_gathered_bytes(plan: Plan) -> int:
-    """Under FSDP, what is whole at once besides the shards: the root unit (embedding, final norm, head, projector,
-    a trained ViT's embeddings), gathered from forward to the end of backward, plus two decoder layers (the one
-    running and the one prefetched), all in the compute dtype; and the unsharded gradients of the root and of one
-    layer (in the compute dtype, and the fp32 copy of the layer's that the reduce-scatter sends). ViT blocks are
-    smaller than LLM layers; the root's own fp32 copy comes at the end of backward, when the activations are gone."""
+    """Under FSDP, what is whole besides the shards, in the compute dtype: the root unit (embedding, final norm,
+    head, projector, a trained ViT's embeddings) from forward to the end of backward and two decoder layers (the
+    one running, the one prefetched); and the unsharded gradients of the root and of one layer. ViT blocks are
+    smaller than LLM layers; the root's fp32 gradient copy comes when the activations are gone."""
     c, v, a = plan.llm, plan.vit, plan.act_bytes
-    one = dataclasses.replace(c, num_hidden_layers=1)
-    layer = internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2)) - internlm2.num_parameters(one)
+    layer = (internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2))
+             - internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=1)))
     lora = lora_parameters(c, plan.lora_r) // c.num_hidden_layers if plan.lora_r else 0
-    root = internlm2.num_parameters(c) - c.num_hidden_layers * layer + param_counts(plan)["projector"]
+    projector = param_counts(plan)["projector"]
+    llm_root = internlm2.num_parameters(c) - c.num_hidden_layers * layer
     vit_root = (v.grid_size ** 2 + 1 + v.num_register_tokens) * v.hidden_size if "vit" in plan.train else 0
     trained_layer = {"full": layer, "lora": lora, "frozen": 0}[plan.llm_mode]
-    trained_root = (root - param_counts(plan)["projector"]) * (plan.llm_mode == "full") + vit_root + \
-        param_counts(plan)["projector"] * ("projector" in plan.train)
+    trained_root = llm_root * (plan.llm_mode == "full") + vit_root + projector * ("projector" in plan.train)
     fp32_copy = 4 * trained_layer if a == 2 else 0           # a layer's gradients cast for the reduce-scatter
-    return int(a * (root + vit_root + 2 * (layer + lora)) + a * (trained_root + trained_layer) + fp32_copy)
+    whole = llm_root + projector + vit_root + 2 * (layer + lora)
+    return int(a * whole + a * (trained_root + trained_layer) + fp32_copy)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,47 +273,44 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
 
 def estimate(plan: Plan) -> Estimate:
     _check(plan)
-    p = param_counts(plan)
-    world = plan.world_size
-    optimizer_unsharded = 8 * p["trained"]                  # AdamW's exp_avg and exp_avg_sq in fp32
+    p, world, a, v = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit
+    fsdp = plan.fsdp and world > 1
+    weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]     # fp32 master weights for what trains
+    optimizer = 8 * p["trained"]                                    # AdamW's exp_avg and exp_avg_sq in fp32
+    outside = p["vit"] * a if "vit" not in plan.train else 0        # FSDP: a frozen ViT stays whole on each rank
+    supervised = max(1, plan.batch_size * (plan.max_length - plan.images_per_sample * plan.image_tokens))
+    vit_tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
     acts = activation_bytes(plan)
     other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
-    supervised = max(1, plan.batch_size * (plan.max_length - plan.images_per_sample * plan.image_tokens))
     e = Estimate(
         params=p,
-        # fp32 master weights for what trains, the compute dtype for what does not
-        weights=4 * (p["trained"] + p["unused"]) + (2 if plan.dtype == "bfloat16" else 4) * p["frozen"],
-        gradients=4 * p["trained"],
+        weights=(weights - outside) // world + outside if fsdp else weights,
+        gradients=4 * p["trained"] // world if fsdp else 4 * p["trained"],
         # gradient_as_bucket_view=True: gradients live in DDP's flat all-reduce buckets, not beside them
         ddp_buckets=4 * p["trained"] if world > 1 and not plan.ddp_bucket_view else 0,
-        optimizer=optimizer_unsharded // world if plan.zero and world > 1 else optimizer_unsharded,   # ZeRO-1
-        optimizer_unsharded=optimizer_unsharded,
-        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward
-        autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" else 0,
+        optimizer=optimizer // world if (plan.zero or plan.fsdp) and world > 1 else optimizer,   # ZeRO-1, FSDP
+        optimizer_unsharded=optimizer,
+        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward; under FSDP
+        # the bf16 all-gathers are the compute copies
+        autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" and not fsdp else 0,
         activations=acts,
         activations_other_mode=sum(other.values()),
-        vit_transient=vit_transient_bytes(plan) if "vit" not in plan.train else 0,
+        # a frozen ViT's no_grad forward, before the LLM runs: at its peak a few live tensors of one block
+        vit_transient=0 if "vit" in plan.train else int(vit_tokens * a * (6 * v.hidden_size + 2 * v.ffn_hidden_size)),
         # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus the logits
-        logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + plan.act_bytes)),
+        logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + a)),
         cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
+        fsdp_gathered=fsdp_gathered_bytes(plan) if fsdp else 0,
+        load_host_rank0=weights if fsdp else 0,                     # rank 0 alone reads the model, on the CPU
     )
-    if plan.fsdp and world > 1:
-        # Every tensor of the sharded graph split over the ranks; a frozen ViT is outside it, whole on each rank.
-        outside = p["vit"] * plan.act_bytes if "vit" not in plan.train else 0
-        e.load_host_rank0 = e.weights                   # rank 0 alone reads the whole model, on the CPU
-        e.weights = (e.weights - outside) // world + outside
-        e.gradients //= world
-        e.optimizer = optimizer_unsharded // world
-        e.autocast_copies = 0                           # the bf16 all-gathers are the compute copies
-        e.fsdp_gathered = fsdp_gathered_bytes(plan)
+    if fsdp:
         # Every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives whole
         # from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight.
         c = plan.llm
         e.load_peak = e.weights + max(c.vocab_size, c.intermediate_size) * c.hidden_size * (
-            4 if plan.llm_mode == "full" else plan.act_bytes)
-    static = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
-              + e.fsdp_gathered)
-    e.total = static + max(e.activation_total + e.logits, e.vit_transient)
+            4 if plan.llm_mode == "full" else a)
+    e.total = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
+               + e.fsdp_gathered + max(e.activation_total + e.logits, e.vit_transient))
     return e
 
 
@@ -368,36 +343,31 @@ def host_ram() -> tuple[int, int]:
 
 
 def host_bytes(plan: Plan) -> dict:
-    """Host RAM per node in the three phases of a run: reading the data, loading the model, training. Each of
-    nproc_per_node ranks has num_workers loader workers (started after the load). Returns the itemised bytes of
-    one rank in each phase ("rank_start", "rank_load", "rank_training"), of one worker, and the node totals
-    ("start", "load", "training")."""
+    """Host RAM of one node while reading the data, loading the model and training: one rank's bytes in each phase
+    ("rank_start", "rank_load", "rank_training"), one loader worker's, and the node's ("start", "load", "training")."""
     table = plan.data_bytes                 # the packed sample table is about the size of the JSON it came from
-    start = {"Python + torch": PROCESS_BASE, "json.load peak": JSON_PEAK * table}
+    rank = {"Python + torch": PROCESS_BASE, "sample table": table}
     # A batch as the loader hands it over: fp32 pixels, int64 ids and labels, in shared memory (its pages are
     # counted once). In flight: prefetch per worker, plus the one being trained on and the previous one.
     batch = plan.batch_size * (plan.images_per_sample * 3 * plan.image_size ** 2 * 4 + 2 * 8 * plan.max_length)
-    training = {"Python + torch": PROCESS_BASE, "sample table": table,
-                "batches in flight": (plan.prefetch * plan.num_workers + 2) * batch}
+    phases = {"start": {"Python + torch": PROCESS_BASE, "json.load peak": JSON_PEAK * table}, "load": dict(rank),
+              "training": {**rank, "batches in flight": (plan.prefetch * plan.num_workers + 2) * batch}}
     if plan.device == "cuda":
         # Each tensor goes from its memory-mapped file straight to the GPU: one shard's pages at a time. Not at
         # hand (a preset): as if the released bf16 checkpoint were read.
-        shard = plan.shard_bytes or min(MAX_SHARD, 2 * internlm2.num_parameters(plan.llm))
-        load = {"Python + torch": PROCESS_BASE, "sample table": table, "one checkpoint shard": shard}
+        phases["load"]["one checkpoint shard"] = plan.shard_bytes or min(MAX_SHARD,
+                                                                         2 * internlm2.num_parameters(plan.llm))
     else:
         # The device is the host: the whole model in its final dtypes, then gradients, AdamW and activations.
         e = estimate(plan)
-        load = {"Python + torch": PROCESS_BASE, "sample table": table, "weights": e.weights,
-                "one checkpoint shard": plan.shard_bytes}
-        training["model, gradients, AdamW, activations"] = e.total
+        phases["load"].update({"weights": e.weights, "one checkpoint shard": plan.shard_bytes})
+        phases["training"]["model, gradients, AdamW, activations"] = e.total
+    out = {f"rank_{k}": {name: int(b) for name, b in v.items()} for k, v in phases.items()}
     # A forked worker shares its rank's sample table (pages read, never written) and the shared-memory batches.
-    worker = {"own pages": WORKER_BASE}
-    n, w = plan.nproc_per_node, plan.num_workers
-    out = {f"rank_{k}": {name: int(b) for name, b in v.items()}
-           for k, v in (("start", start), ("load", load), ("training", training))}
-    out["worker"] = {name: int(b) for name, b in worker.items()}
-    out.update(start=n * sum(out["rank_start"].values()), load=n * sum(out["rank_load"].values()),
-               training=n * (sum(out["rank_training"].values()) + w * sum(out["worker"].values())))
+    out["worker"] = {"own pages": int(WORKER_BASE)}
+    for k in phases:
+        workers = plan.num_workers * out["worker"]["own pages"] if k == "training" else 0
+        out[k] = plan.nproc_per_node * (sum(out[f"rank_{k}"].values()) + workers)
     return out
 
 
@@ -421,56 +391,42 @@ def fits(plan: Plan, gpu_gib: float) -> bool:
 
 
 def _largest(fits_at, lo: int, hi: int) -> int:
-    """The largest n in [lo, hi] with fits_at(n), given fits_at(lo); binary search (fits_at is monotone)."""
+    """The largest n in (lo, hi] with fits_at(n), else lo; binary search (fits_at is monotone)."""
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits_at(mid) else (lo, mid - 1)
     return lo
 
 
-def largest_batch(plan: Plan, gpu_gib: float, limit: int = 4096) -> int:
+def largest_batch(plan: Plan, gpu_gib: float) -> int:
     """The largest micro-batch that fits (0: not even 1)."""
-    if not fits(plan.replace(batch_size=1), gpu_gib):
-        return 0
-    return _largest(lambda b: fits(plan.replace(batch_size=b), gpu_gib), 1, limit)
+    return _largest(lambda b: fits(plan.replace(batch_size=b), gpu_gib), 0, 4096)
 
 
-def largest_length(plan: Plan, gpu_gib: float, step: int = 64) -> int:
-    """The largest --max-length (a multiple of `step`, at most max_position_embeddings) that fits; 0 if none."""
-    floor = (plan.images_per_sample * plan.image_tokens) // step * step + step
-    if not fits(plan.replace(max_length=floor), gpu_gib):
-        return 0
-    top = plan.llm.max_position_embeddings // step
-    return step * _largest(lambda n: fits(plan.replace(max_length=n * step), gpu_gib), floor // step, top)
+def largest_length(plan: Plan, gpu_gib: float) -> int:
+    """The largest --max-length (a multiple of 64, at most max_position_embeddings) that fits; 0 if none."""
+    floor, top = plan.images_per_sample * plan.image_tokens // 64, plan.llm.max_position_embeddings // 64
+    n = _largest(lambda n: fits(plan.replace(max_length=64 * n), gpu_gib), floor, top)   # 64 x floor: no text room
+    return 64 * n if n > floor else 0
 
 
 def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
-    """Flags that make `plan` fit a card of `gpu_gib` GiB. First a smaller micro-batch (the same global batch
-    through --grad-accum); if even batch 1 does not fit, levers are added one by one: bf16, checkpointing,
-    ZeRO-1, LoRA, a smaller LoRA rank, and last a shorter --max-length; levers that the final batch and
-    length do not need are dropped again. The last line gives the resulting estimate, or says that none of
-    this is enough."""
+    """Flags that make `plan` fit a card of `gpu_gib` GiB: a smaller micro-batch (the same global batch through
+    --grad-accum); if batch 1 does not fit, levers one by one (bf16, checkpointing, ZeRO-1, FSDP, LoRA, a smaller
+    rank), then a shorter --max-length; then the levers not needed are dropped. Last line: the estimate, or why not."""
     if fits(plan, gpu_gib):
         return [f"already fits: {estimate(plan).total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
-    levers: list[tuple[str, dict]] = []
-    if plan.dtype != "bfloat16":
-        levers.append(("--dtype bfloat16", {"dtype": "bfloat16"}))
-    if not plan.grad_checkpointing:
-        levers.append(("--grad-checkpointing", {"grad_checkpointing": True}))
-    if plan.world_size > 1 and not plan.zero and not plan.fsdp:
-        levers.append(("--zero", {"zero": True}))
-    if plan.world_size > 1 and not plan.fsdp:
-        levers.append(("--fsdp", {"fsdp": True, "zero": False}))
-    if plan.llm_mode == "full":
-        levers.append(("--lora-r 128 (train the LLM through adapters)", {"lora_r": 128}))
-    if plan.llm_mode != "frozen" and (plan.lora_r or 128) > 32:
-        levers.append(("--lora-r 32", {"lora_r": 32}))
+    shardable = plan.world_size > 1 and not plan.fsdp
+    levers = [(flag, change) for flag, change, useful in [
+        ("--dtype bfloat16", {"dtype": "bfloat16"}, plan.dtype != "bfloat16"),
+        ("--grad-checkpointing", {"grad_checkpointing": True}, not plan.grad_checkpointing),
+        ("--zero", {"zero": True}, shardable and not plan.zero),
+        ("--fsdp", {"fsdp": True, "zero": False}, shardable),
+        ("--lora-r 128 (train the LLM through adapters)", {"lora_r": 128}, plan.llm_mode == "full"),
+        ("--lora-r 32", {"lora_r": 32}, plan.llm_mode != "frozen" and (plan.lora_r or 128) > 32)] if useful]
 
-    def build(chosen, **more) -> Plan:
-        p = plan
-        for _, change in chosen:
-            p = p.replace(**change)
-        return p.replace(**more)
+    def build(chosen, **more) -> Plan:       # later levers override earlier ones (--lora-r 32 after 128)
+        return plan.replace(**{k: v for _, change in chosen for k, v in change.items()} | more)
 
     applied, batch, length = [], 0, plan.max_length
     for i in range(len(levers) + 1):
@@ -501,12 +457,6 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # From finetune.py's arguments
 
-def _largest_file(folders) -> int:
-    sizes = [f.stat().st_size for folder in folders if folder and Path(folder).is_dir()
-             for f in Path(folder).glob("*.safetensors")]
-    return max(sizes, default=0)
-
-
 def plan_from_args(args, world_size: int | None = None, device: str | None = None) -> Plan:
     """A Plan from an argparse namespace with finetune.py's names (missing ones take the defaults)."""
     def get(name, default=None):
@@ -525,26 +475,21 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     parts = llava.parse_parts(get("train", "projector,llm"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     data = [Path(f) for f in get("data", [])]
+    sources = [Path(s) for s in (get("llm"), get("vit"), init and init / "llm", init and init / "vit") if s]
+    shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
+    same_names = ("lora_r", "lora_dropout", "batch_size", "max_length", "grad_checkpointing", "zero", "fsdp",
+                  "num_workers")                                    # absent or None: Plan's default
     plan = Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
-                train=tuple(p for p in llava.PARTS if p in parts), lora_r=get("lora_r", 0),
-                lora_dropout=get("lora_dropout", 0.05), batch_size=get("batch_size", 16),
-                max_length=get("max_length", 2048), image_size=image_size or 336,
-                grad_checkpointing=bool(get("grad_checkpointing", False)),
-                dtype=get("dtype") or ("bfloat16" if device == "cuda" else "float32"), zero=bool(get("zero", False)),
-                fsdp=bool(get("fsdp", False)),
+                train=tuple(p for p in llava.PARTS if p in parts), image_size=image_size or 336,
+                dtype=get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
                 world_size=world_size or get("world_size", 1), device=device,
                 nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                num_workers=get("num_workers", 4), data_bytes=sum(f.stat().st_size for f in data if f.is_file()),
-                shard_bytes=_largest_file([get("llm"), get("vit"), init and init / "llm", init and init / "vit"]))
-    return packed_row(plan, get("pack", 0))
-
-
-def packed_row(plan: Plan, pack: int) -> Plan:
-    """--pack N: a row is N positions of whole samples, each with at most one image; booked as N positions with
-    as many images as fit (every image with at least one text token), an upper bound for the ViT's share."""
-    if not pack:
-        return plan
-    return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1)))
+                data_bytes=sum(f.stat().st_size for f in data if f.is_file()), shard_bytes=max(shards, default=0),
+                **{name: get(name) for name in same_names if get(name) is not None})
+    # --pack N: a row of whole samples, each with at most one image, booked as N positions with as many images as
+    # fit (each with a text token at least): an upper bound for the ViT's share
+    pack = get("pack")
+    return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,19 +497,32 @@ def packed_row(plan: Plan, pack: int) -> Plan:
 
 def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = None) -> str:
     """The table train.py prints at start-up. host_gib: the node's RAM (default: this machine's MemTotal)."""
-    e = estimate(plan)
-    p, g = e.params, lambda b: f"{b / GiB:8.2f}"
-    ckpt = "on" if plan.grad_checkpointing else "off"
-    world = plan.world_size
-    fsdp = plan.fsdp and world > 1
-    if fsdp:
-        optimizer_note = f"FSDP over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
-    elif e.optimizer != e.optimizer_unsharded:
-        optimizer_note = f"ZeRO-1 over {world} ranks (unsharded {e.optimizer_unsharded / GiB:.2f})"
-    elif world > 1:
-        optimizer_note = f"trained x 8 B; with --zero over {world} ranks: {e.optimizer_unsharded / world / GiB:.2f}"
+    e, world, ckpt = estimate(plan), plan.world_size, "on" if plan.grad_checkpointing else "off"
+    p, fsdp, unsharded = e.params, plan.fsdp and world > 1, e.optimizer_unsharded / GiB
+    if e.optimizer != e.optimizer_unsharded:
+        optimizer_note = f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
     else:
-        optimizer_note = "trained x 8 B"
+        zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
+        optimizer_note = "trained x 8 B" + zero
+    rows = [("weights", e.weights, f"trained x 4 B + frozen x {plan.act_bytes} B"
+             + (f", / {world} (a frozen ViT whole)" if fsdp else "")),
+            ("gradients", e.gradients, "trained x 4 B" + (f" / {world}" if fsdp else "")),
+            ("DDP gradient buckets", e.ddp_buckets,
+             "trained x 4 B (0 with gradient_as_bucket_view)" if e.ddp_buckets else "none"),
+            ("optimizer (AdamW m, v)", e.optimizer, optimizer_note),
+            ("autocast bf16 weight copies", e.autocast_copies, "")]
+    if fsdp:
+        rows.append(("FSDP gathered units + grads", e.fsdp_gathered, "root + 2 decoder layers whole (prefetch), "
+                     f"unsharded grads of root + 1 layer; at load: {e.load_peak / GiB:.2f} (shards + 1 tensor; "
+                     f"rank 0's host RAM {e.load_host_rank0 / GiB:.2f})"))
+    rows.append(("activations", e.activation_total, f"(checkpointing {ckpt}; "
+                 f"{'off' if plan.grad_checkpointing else 'on'}: {e.activations_other_mode / GiB:.2f})"))
+    rows += [("  " + name, b, "") for name, b in e.activations.items()]
+    if e.vit_transient:
+        rows.append(("  frozen ViT (no_grad)", 0, f"transient peak {e.vit_transient / GiB:.2f}"))
+    rows += [("cross-entropy logits chunk", e.logits, ""),
+             ("CUDA context + NCCL" if world > 1 else "CUDA context", e.cuda_context, ""),
+             ("total (peak)", e.total, "")]
     lines = [
         f"memory per {'GPU' if plan.device == 'cuda' else 'process'}: {world} process{'es' if world > 1 else ''}"
         f"{(', FSDP' if fsdp else ', DDP') if world > 1 else ''}, {plan.dtype}"
@@ -575,27 +533,8 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
         f"(fp32); frozen {p['frozen']:,} ({plan.dtype})",
         f"  sequence: batch {plan.batch_size} x {plan.max_length} tokens, {plan.image_tokens} image tokens per "
         f"image ({plan.image_size} px); gradient checkpointing {ckpt}",
-        "",
-        "                                        GiB",
-        f"  weights                          {g(e.weights)}   trained x 4 B + frozen x {plan.act_bytes} B"
-        + (f", / {world} (a frozen ViT whole)" if fsdp else ""),
-        f"  gradients                        {g(e.gradients)}   trained x 4 B" + (f" / {world}" if fsdp else ""),
-        f"  DDP gradient buckets             {g(e.ddp_buckets)}   "
-        + ("trained x 4 B (0 with gradient_as_bucket_view)" if e.ddp_buckets else "none"),
-        f"  optimizer (AdamW m, v)           {g(e.optimizer)}   {optimizer_note}",
-        f"  autocast bf16 weight copies      {g(e.autocast_copies)}",
-    ] + ([f"  FSDP gathered units + grads      {g(e.fsdp_gathered)}   root + 2 decoder layers whole (prefetch), "
-          f"unsharded grads of root + 1 layer; at load: {e.load_peak / GiB:.2f} (shards + 1 tensor; "
-          f"rank 0's host RAM {e.load_host_rank0 / GiB:.2f})"] if fsdp else []) + [
-        f"  activations                      {g(e.activation_total)}   "
-        f"(checkpointing {ckpt}; {'off' if plan.grad_checkpointing else 'on'}: {e.activations_other_mode / GiB:.2f})",
-    ]
-    lines += [f"    {name:30s} {g(b)}" for name, b in e.activations.items()]
-    if e.vit_transient:
-        lines.append(f"    {'frozen ViT (no_grad)':30s} {g(0)}   transient peak {e.vit_transient / GiB:.2f}")
-    lines += [f"  cross-entropy logits chunk       {g(e.logits)}",
-              f"  {'CUDA context + NCCL' if world > 1 else 'CUDA context':31s}  {g(e.cuda_context)}",
-              f"  total (peak)                     {g(e.total)}"]
+        "", "                                        GiB",
+    ] + [f"  {name:33s}{b / GiB:8.2f}" + (f"   {note}" if note else "") for name, b, note in rows]
     if gpu_gib:
         ok = fits(plan, gpu_gib)
         lines += ["", f"on a {gpu_gib:g} GiB card: {'fits' if ok else 'does NOT fit'} "
@@ -663,9 +602,8 @@ def main(argv=None) -> int:
         plan = plan_from_args(args, world_size=args.world_size, device=args.device)
     except ValueError as e:
         p.error(str(e))
-    gpu_gib = args.gpu_mem
-    if gpu_gib is None:
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available() else 24.0
+    gpu_gib = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available()
+                               else 24.0)
     if args.json:
         e = estimate(plan)
         out = {"plan": dict(dataclasses.asdict(plan), llm=plan.llm.to_dict(), vit=plan.vit.to_dict()),

@@ -21,11 +21,8 @@ from ..weights import write_atomic
 
 
 def training_text(samples) -> list[str]:
-    """The strings the data pipeline encodes: each turn's prompt and answer as their own sentence.
-
-    Prompts are rendered with the internlm2_chat template (so "user\\n" and "assistant\\n" get pieces at the
-    frequency training will see them); the chat tokens themselves are atomic user-defined pieces.
-    """
+    """Each turn's prompt and answer as its own sentence, prompts in the internlm2_chat template (so "user\\n" and
+    "assistant\\n" get pieces at the frequency training sees them; the chat tokens are user-defined pieces)."""
     text = []
     for sample in samples:
         for message in sample.get("conversations") or []:
