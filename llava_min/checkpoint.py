@@ -45,7 +45,6 @@ def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-# --------------------------------------------------------------------------------------------------
 # Durable writes and completeness
 
 def _fsync_path(path: Path) -> None:
@@ -129,7 +128,6 @@ def clean_leftovers(out_dir: str | os.PathLike) -> list[str]:
     return done
 
 
-# --------------------------------------------------------------------------------------------------
 # Save and find
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict, keep: int | None = 2,
@@ -240,7 +238,6 @@ def check_trained(saved: set[str], model: torch.nn.Module, ckpt: Path) -> None:
                          "with the same --train / --lora-r")
 
 
-# --------------------------------------------------------------------------------------------------
 # Frozen sources: a checkpoint names them instead of holding their weights
 
 SAMPLED_BLOCKS, BLOCK_BYTES = 16, 1 << 16   # blocks of each safetensors file's data hashed into its fingerprint
@@ -339,7 +336,6 @@ def publish_frozen(source: str | os.PathLike, dest: str | os.PathLike, mode: str
     return "hard-linked from" if not copied else "copied from" if mode == "copy" else "copied (no hard links) from"
 
 
-# --------------------------------------------------------------------------------------------------
 # Random number generators
 
 def capture_rng_state() -> dict:

@@ -112,11 +112,6 @@ class Samples:
         return f"sample {i} ({', '.join(fields)})"
 
 
-def load_samples(files) -> list[dict]:
-    """Every sample of `files` as a dict (for tools; the data set keeps them as bytes, see Samples)."""
-    return list(Samples(files).scan())
-
-
 def _jsonl_entries(raw: bytes, errors: list, label: str):
     """(line number, start, end, entry) per non-blank line; invalid lines go to `errors`."""
     start, number = 0, 0

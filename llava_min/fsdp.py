@@ -101,7 +101,6 @@ def clip_gradients(model: torch.nn.Module, max_norm: float | None, d: "dist.Dist
     return float(norm)
 
 
-# --------------------------------------------------------------------------------------------------
 # Checkpoints: every rank writes its own shards
 
 def save_sharded(model: torch.nn.Module, optimizer, out: Path, step: int, state: dict, keep: int | None,
@@ -135,7 +134,6 @@ def load_sharded(model: torch.nn.Module, optimizer, ckpt: Path, d: "dist.Dist") 
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
-# --------------------------------------------------------------------------------------------------
 # The final output: whole tensors, once
 
 def _unsharded_like(part: str, module: torch.nn.Module) -> torch.nn.Module:

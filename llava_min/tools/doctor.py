@@ -43,7 +43,6 @@ class Check:
         return f"{status:4s}  {self.name:12s} {self.detail}"
 
 
-# --------------------------------------------------------------------------------------------------
 # Checks that need no other rank
 
 def version_checks() -> list[Check]:
@@ -153,7 +152,6 @@ def rank_checks() -> list[Check]:
     return [Check("ok", "ranks", f"rank {rank} of {world}, local rank {local} of {local_world}")]
 
 
-# --------------------------------------------------------------------------------------------------
 # Checks across ranks
 
 def quick_check(d: dist.Dist) -> list[str]:

@@ -111,7 +111,6 @@ class Estimate:
         return d
 
 
-# --------------------------------------------------------------------------------------------------
 # Parameters
 
 def lora_parameters(c: internlm2.InternLM2Config, r: int) -> int:
@@ -151,7 +150,6 @@ def param_counts(plan: Plan) -> dict[str, int]:
     return counts
 
 
-# --------------------------------------------------------------------------------------------------
 # Activations: bytes autograd saves for backward. a = 2 in bf16 (4 in fp32); r = the residual stream's bytes
 # (4 when the LLM trains in fp32 master weights, else a); h hidden, kv = kv_heads x head_dim, i intermediate,
 # nh heads, hd head_dim; N = batch x max_length LLM positions, image tokens included.
@@ -268,7 +266,6 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
     return int(a * whole + a * (trained_root + trained_layer) + fp32_copy)
 
 
-# --------------------------------------------------------------------------------------------------
 # The GPU estimate
 
 def estimate(plan: Plan) -> Estimate:
@@ -330,7 +327,6 @@ def _check(plan: Plan) -> None:
         raise LlavaMinError(f"--batch-size ({plan.batch_size}) and the world size ({plan.world_size}) must be >= 1")
 
 
-# --------------------------------------------------------------------------------------------------
 # Host RAM of one node
 
 def host_ram() -> tuple[int, int]:
@@ -383,7 +379,6 @@ def host_warning(plan: Plan, host_gib: float) -> str | None:
             "or a node with more memory")
 
 
-# --------------------------------------------------------------------------------------------------
 # The fit search
 
 def fits(plan: Plan, gpu_gib: float) -> bool:
@@ -454,7 +449,6 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
     return flags + [f"-> {total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
 
 
-# --------------------------------------------------------------------------------------------------
 # From finetune.py's arguments
 
 def plan_from_args(args, world_size: int | None = None, device: str | None = None) -> Plan:
@@ -492,7 +486,6 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
 
 
-# --------------------------------------------------------------------------------------------------
 # Report
 
 def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = None) -> str:

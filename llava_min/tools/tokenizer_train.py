@@ -15,7 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .. import LlavaMinError
-from ..data import IMAGE_TAG, INSTRUCTION, SEP, SUFFIX, load_samples
+from ..data import IMAGE_TAG, INSTRUCTION, SEP, SUFFIX, Samples
 from ..tokenizer import CHAT_TOKENS, TRAINED_IDS, Tokenizer
 from ..weights import write_atomic
 
@@ -36,7 +36,7 @@ def training_text(samples) -> list[str]:
 
 def train(files, vocab_size: int, out: str | os.PathLike, threads: int | None = None) -> Tokenizer:
     """Train a BPE model like InternLM2's on the conversations in `files`; write it to `out`."""
-    text = training_text(load_samples(files))
+    text = training_text(list(Samples(files).scan()))
     if not text:
         raise LlavaMinError(f"no conversation text in {', '.join(map(str, files))}; nothing to train on")
     buf = io.BytesIO()
