@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import LlavaMinError
 from .chat import load_for_inference, prompt_ids
 from .image import load_image, preprocess
 
@@ -31,11 +32,11 @@ def normalise(text: str) -> str:
 def load_test_set(path: str | Path) -> list[dict]:
     items = json.loads(Path(path).read_text())
     if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of {{id, image, question, answer}} objects")
+        raise LlavaMinError(f"{path}: expected a JSON list of {{id, image, question, answer}} objects")
     for i, item in enumerate(items):
         missing = [k for k in ("id", "question", "answer") if k not in item]
         if missing:
-            raise ValueError(f"{path}: item {i} (id {item.get('id')!r}) lacks {missing}")
+            raise LlavaMinError(f"{path}: item {i} (id {item.get('id')!r}) lacks {missing}")
     return items
 
 

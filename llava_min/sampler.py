@@ -30,6 +30,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from . import LlavaMinError
+
 PACK_WINDOW = 4096    # samples packed together: larger fills packs better, smaller keeps the order more random
 
 
@@ -40,12 +42,12 @@ class GlobalBatchSampler:
                  group_by_length: bool = True, drop_last: bool = True, pack: int = 0):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.ndim != 1:
-            raise ValueError(f"lengths must be a flat list of per-sample lengths, got shape {self.lengths.shape}")
+            raise LlavaMinError(f"lengths must be a flat list of per-sample lengths, got shape {self.lengths.shape}")
         if global_batch_size < 1:
-            raise ValueError(f"global batch size must be at least 1, got {global_batch_size}")
+            raise LlavaMinError(f"global batch size must be at least 1, got {global_batch_size}")
         zero = np.flatnonzero(self.lengths == 0)
         if group_by_length and zero.size:
-            raise ValueError(f"sample {int(zero[0])} has length 0 ({zero.size} samples in all): lengths must be "
+            raise LlavaMinError(f"sample {int(zero[0])} has length 0 ({zero.size} samples in all): lengths must be "
                              f"positive for samples with an image and negative for text-only ones")
         n = len(self.lengths)
         self.seed, self.pack = seed, pack
@@ -55,7 +57,7 @@ class GlobalBatchSampler:
             self.packs, self._packs_epoch = self._pack_epoch(0), 0   # steps_per_epoch: from epoch 0's pack count
             n = len(self.packs)
         if n < global_batch_size:
-            raise ValueError(f"the data set has {n} {'packs' if pack else 'samples'}, fewer than one global batch "
+            raise LlavaMinError(f"the data set has {n} {'packs' if pack else 'samples'}, fewer than one global batch "
                              f"of {global_batch_size}; lower --batch-size / --grad-accum or the number of "
                              "processes, or add data")
         self.global_batch_size, self.group_by_length, self.drop_last = global_batch_size, group_by_length, drop_last
@@ -71,7 +73,7 @@ class GlobalBatchSampler:
     def _samples(self, step: int, start: int, stop: int) -> list[int]:
         """The samples of units start..stop-1 of a step's global batch (units: samples, or packs)."""
         if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+            raise LlavaMinError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
         units = self.epoch_batches(epoch)[within, start:stop].tolist()
         return [i for u in units for i in self.packs[u]] if self.pack else units
@@ -153,11 +155,11 @@ class GlobalBatchSampler:
         micro-steps, so ranks share the work evenly and the longest piece is rank 0's first micro-batch."""
         pieces = world_size * grad_accum
         if self.global_batch_size % pieces:
-            raise ValueError(f"global batch size {self.global_batch_size} is not divisible by world size "
+            raise LlavaMinError(f"global batch size {self.global_batch_size} is not divisible by world size "
                              f"{world_size} x grad accum {grad_accum} = {pieces}; make it "
                              f"micro-batch x processes x grad accum")
         if not (0 <= rank < world_size and 0 <= micro_step < grad_accum):
-            raise ValueError(f"rank {rank} / micro-step {micro_step} out of range for world size {world_size} "
+            raise LlavaMinError(f"rank {rank} / micro-step {micro_step} out of range for world size {world_size} "
                              f"and grad accum {grad_accum}")
         micro = self.global_batch_size // pieces
         slot = rank if micro_step % 2 == 0 else world_size - 1 - rank

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from llava_min import LlavaMinError
 from llava_min.eval import load_test_set, normalise
 
 
@@ -20,5 +21,5 @@ def test_inner_punctuation_still_counts():
 def test_bad_test_file_names_the_item(tmp_path):
     f = tmp_path / "test.json"
     f.write_text(json.dumps([{"id": "a", "question": "q", "answer": "x"}, {"id": "b", "question": "q"}]))
-    with pytest.raises(ValueError, match=r"item 1 \(id 'b'\) lacks \['answer'\]"):
+    with pytest.raises(LlavaMinError, match=r"item 1 \(id 'b'\) lacks \['answer'\]"):
         load_test_set(f)

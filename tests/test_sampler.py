@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from llava_min import LlavaMinError
 from llava_min.sampler import GlobalBatchSampler
 
 
@@ -105,9 +106,9 @@ def test_rank0_first_micro_batch_is_longest_and_work_is_balanced():
 def test_seed_changes_order_and_errors_say_what_to_do():
     a, b = GlobalBatchSampler(LENGTHS, 16, seed=0), GlobalBatchSampler(LENGTHS, 16, seed=1)
     assert a.global_batch(1) != b.global_batch(1)
-    with pytest.raises(ValueError, match=r"16 is not divisible by world size 3 x grad accum 1"):
+    with pytest.raises(LlavaMinError, match=r"16 is not divisible by world size 3 x grad accum 1"):
         a.local_batch(0, 0, 3, 0, 1)
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(LlavaMinError, match="fewer than one global batch"):
         GlobalBatchSampler(LENGTHS[:10], 16)
-    with pytest.raises(ValueError, match="sample 2 has length 0"):
+    with pytest.raises(LlavaMinError, match="sample 2 has length 0"):
         GlobalBatchSampler([5, 6, 0, 7], 2)
