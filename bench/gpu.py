@@ -70,7 +70,7 @@ def build(args, device):
 def batch(args, model, device):
     """B rows of one image + text, seq_len LLM positions each; labels on the second half of the text. With
     --pack N: B rows of N // seq_len such samples each, laid end to end (attention_mask k on the k-th)."""
-    n_patches = model.vit.num_patches(args.image_size, args.image_size)
+    n_patches = model.vit.config.image_tokens(args.image_size)
     text = args.seq_len - n_patches + 1                  # the placeholder itself becomes the n_patches vectors
     if text < 4:
         raise ValueError(f"--seq-len {args.seq_len} leaves no room for text after {n_patches} image tokens")
@@ -182,7 +182,7 @@ def main():
     if d is not None:
         fsdp.shard(model, d, torch.bfloat16)
     ids, pixels, labels, mask = batch(args, model, device)
-    n_patches = model.vit.num_patches(args.image_size, args.image_size)
+    n_patches = model.vit.config.image_tokens(args.image_size)
     positions = ids.numel() + pixels.shape[0] * (n_patches - 1)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")

@@ -84,12 +84,6 @@ class DINOv2Config:
 
 # The network
 
-def _check_size(height: int, width: int, p: int) -> None:
-    if height % p or width % p:
-        raise LlavaMinError(f"image height {height} and width {width} must both be multiples of the patch size {p}; "
-                            f"resize or crop the image (e.g. to {height // p * p or p} x {width // p * p or p})")
-
-
 class Embeddings(nn.Module):
     def __init__(self, config: DINOv2Config):
         super().__init__()
@@ -121,7 +115,10 @@ class Embeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B, _, H, W = pixel_values.shape
-        _check_size(H, W, self.config.patch_size)
+        p = self.config.patch_size
+        if H % p or W % p:
+            raise LlavaMinError(f"image height {H} and width {W} must both be multiples of the patch size {p}; "
+                                f"resize or crop the image (e.g. to {H // p * p or p} x {W // p * p or p})")
         conv = self.patch_embeddings.projection
         x = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)   # (B, D, H/p, W/p) -> (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)           # (B, 1 + N, D)
@@ -244,11 +241,6 @@ class DINOv2(nn.Module):
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches: CLS and the registers."""
         return 1 + self.config.num_register_tokens
-
-    def num_patches(self, height: int, width: int) -> int:
-        """Patch tokens for a height x width image (what features() returns per image)."""
-        _check_size(height, width, self.config.patch_size)
-        return (height // self.config.patch_size) * (width // self.config.patch_size)
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
         self.gradient_checkpointing = bool(flag)

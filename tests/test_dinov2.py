@@ -42,7 +42,7 @@ def test_matches_transformers(tmp_path, variant):
             final = ours(x)
         assert len(states) == len(out.hidden_states) == ref.config.num_hidden_layers + 1
         for i, (a, b) in enumerate(zip(states, out.hidden_states)):
-            assert a.shape == b.shape == (2, ours.num_prefix_tokens + ours.num_patches(h, w), 32), (h, w, i)
+            assert a.shape == b.shape == (2, ours.num_prefix_tokens + (h // 14) * (w // 14), 32), (h, w, i)
             _close(a, b)
         _close(final, out.last_hidden_state)
 
@@ -80,7 +80,7 @@ def test_features_drop_prefix_and_stop_early(tmp_path):
         for hook in hooks:
             hook.remove()
     assert ran == [0, 1]
-    assert vit.features(x).shape == (2, vit.num_patches(28, 42), 32) == (2, 6, 32)
+    assert vit.features(x).shape == (2, (28 // 14) * (42 // 14), 32) == (2, 6, 32)
     with pytest.raises(ValueError, match="layer 4 is out of range .* 3 blocks"):
         vit.features(x, layer=4)
 
@@ -140,7 +140,7 @@ def test_image_size_not_multiple_of_patch(tmp_path):
     with pytest.raises(ValueError, match="height 30 and width 28 .* patch size 14"):
         vit(torch.randn(1, 3, 30, 28))
     with pytest.raises(ValueError, match="height 28 and width 50 .* patch size 14"):
-        vit.num_patches(28, 50)
+        vit.features(torch.randn(1, 3, 28, 50))
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n != "tiny"])

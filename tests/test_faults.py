@@ -126,10 +126,10 @@ def first_step_samples(shapes, world_size: int, batch_size: int) -> list[list[in
     """Each rank's sample indices at step 1, worked out exactly as train.py does (same data set lengths,
     same GlobalBatchSampler and seed), so a test can plant a fault where exactly one rank will read it."""
     from llava_min.data import LLaVADataset
-    from llava_min.dinov2 import DINOv2, load_config
+    from llava_min.dinov2 import load_config
     from llava_min.sampler import GlobalBatchSampler
 
-    image_tokens = DINOv2(load_config("tiny")).num_patches(28, 28)
+    image_tokens = load_config("tiny").image_tokens(28)
     dataset = LLaVADataset(shapes / "pretrain.json", shapes / "tok.model", shapes, image_size=28, max_length=64,
                            image_tokens=image_tokens)
     sampler = GlobalBatchSampler(dataset.lengths, batch_size * world_size, seed=SEED)
