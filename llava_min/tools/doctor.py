@@ -70,11 +70,10 @@ def gpu_checks(all_devices: bool = True) -> list[Check]:
             checks.append(Check("warn", "gpus", f"cuda:{i}: {(total - free) / GiB:.1f} GiB already in use by "
                                 "other processes (nvidia-smi shows which)"))
     if all_devices and n > 1:
-        rows, missing = [], []
-        for i in range(n):
-            peer = {j: torch.cuda.can_device_access_peer(i, j) for j in range(n) if j != i}
-            rows.append(f"cuda:{i}" + "".join("  -" if j == i else "  y" if peer[j] else "  n" for j in range(n)))
-            missing += [(i, j) for j, ok in peer.items() if not ok]
+        peer = [[i == j or torch.cuda.can_device_access_peer(i, j) for j in range(n)] for i in range(n)]
+        rows = [f"cuda:{i}" + "".join("  -" if j == i else "  y" if peer[i][j] else "  n" for j in range(n))
+                for i in range(n)]
+        missing = [(i, j) for i in range(n) for j in range(n) if not peer[i][j]]
         checks.append(Check("info", "gpus", "peer-to-peer access (row -> column):\n" +
                             "\n".join(" " * 19 + r for r in rows)))
         if missing:
@@ -101,10 +100,9 @@ def host_checks() -> list[Check]:
     except OSError:
         checks.append(Check("warn", "host", "/dev/shm is missing: loader workers cannot share tensors"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    status = "ok" if soft >= MIN_OPEN_FILES else "warn"
-    advice = "" if status == "ok" else (f": below {MIN_OPEN_FILES}, loader workers run out of file descriptors "
-                                        "('Too many open files'); raise it with ulimit -n 65536")
-    checks.append(Check(status, "host", f"open-file limit {soft} (hard {hard}){advice}"))
+    advice = (f": below {MIN_OPEN_FILES}, loader workers run out of file descriptors ('Too many open files'); "
+              "raise it with ulimit -n 65536") if soft < MIN_OPEN_FILES else ""
+    checks.append(Check("warn" if advice else "ok", "host", f"open-file limit {soft} (hard {hard}){advice}"))
     return checks
 
 
@@ -115,12 +113,11 @@ def environment_checks() -> list[Check]:
     checks = [Check("info", "environment", f"{k}={env[k]}") for k in dict.fromkeys(names)]
     if not names:
         checks.append(Check("info", "environment", "no NCCL_* / TORCH_NCCL_* / CUDA_VISIBLE_DEVICES settings"))
-    for key in ("TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):
-        if env.get(key) == "0":
-            checks.append(Check("warn", "environment", f"{key}=0: a stuck NCCL collective hangs instead of raising "
-                                "after --dist-timeout; unset it"))
-    if env.get("NCCL_P2P_DISABLE") == "1":
-        checks.append(Check("warn", "environment", "NCCL_P2P_DISABLE=1: GPU-to-GPU traffic goes through host memory"))
+    stuck = "a stuck NCCL collective hangs instead of raising after --dist-timeout; unset it"
+    for key, value, why in (("TORCH_NCCL_BLOCKING_WAIT", "0", stuck), ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0", stuck),
+                            ("NCCL_P2P_DISABLE", "1", "GPU-to-GPU traffic goes through host memory")):
+        if env.get(key) == value:
+            checks.append(Check("warn", "environment", f"{key}={value}: {why}"))
     if torch.cuda.is_available() and "NCCL_DEBUG" not in env:
         checks.append(Check("info", "environment", "NCCL_DEBUG=WARN makes NCCL print the cause of its own errors"))
     return checks
@@ -198,25 +195,19 @@ def collective_checks(d: dist.Dist, bandwidth_mib: float) -> list[Check]:
         return [Check("fail", "collectives", str(e))]
     checks = [Check("ok", "collectives", f"barrier and all_reduce across {d.world_size} ranks ({d.backend}); "
                     + ("; ".join(warnings) if warnings else "no rank warned"))]
-    n = max(1, int(bandwidth_mib * 2**20 / 4))
-    x = torch.ones(n, device=d.device)
-    iters = 10 if d.device.type == "cuda" else 3
+    x = torch.ones(max(1, int(bandwidth_mib * 2**20 / 4)), device=d.device)
+    iters, nbytes = 10 if d.device.type == "cuda" else 3, x.numel() * 4
     sync = (lambda: torch.cuda.synchronize(d.device)) if d.device.type == "cuda" else (lambda: None)
-
-    def timed(rounds: int) -> float:
-        sync()
-        start = time.perf_counter()
-        for _ in range(rounds):
-            dist.all_reduce(d, x, what="bandwidth measurement")
-        sync()
-        return time.perf_counter() - start
-
     try:
-        timed(2)                                    # warm-up: connections, NCCL channels
-        seconds = timed(iters) / iters
+        for rounds in (2, iters):                   # a warm-up (connections, NCCL channels), then the timed rounds
+            sync()
+            start = time.perf_counter()
+            for _ in range(rounds):
+                dist.all_reduce(d, x, what="bandwidth measurement")
+            sync()
+        seconds = (time.perf_counter() - start) / iters
     except dist.DistTimeout as e:
         return checks + [Check("fail", "collectives", str(e))]
-    nbytes = n * 4
     bus = 2 * (d.world_size - 1) / d.world_size * nbytes / seconds
     checks.append(Check("info", "collectives", f"all_reduce of {nbytes / 2**20:.0f} MiB: {seconds * 1e3:.1f} ms, "
                         f"bus bandwidth {bus / 1e9:.2f} GB/s"))
@@ -240,8 +231,7 @@ def main(argv=None) -> int:
     d = dist.setup(timeout_s=args.timeout) if distributed else dist.Dist()
     try:
         if distributed:
-            mib = args.bandwidth_mib or (256 if d.device.type == "cuda" else 16)
-            checks += collective_checks(d, mib)
+            checks += collective_checks(d, args.bandwidth_mib or (256 if d.device.type == "cuda" else 16))
         shown = checks if local_rank == 0 else [c for c in checks if c.status in ("warn", "fail")]
         for c in shown:
             d.log(c.line())

@@ -20,14 +20,14 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import suppress
 from pathlib import Path
 
 from ..dist import Dist
 from ..weights import atomic_path, write_json
 
-HEARTBEAT_EVERY_S = 1.0   # at most one heartbeat file write per second from the training thread
+HEARTBEAT_EVERY_S = 1.0   # the training thread writes it at most this often, the watcher at least ("alive")
 POLL_S = 0.5              # how often the watcher flushes heartbeats and looks for stack requests
-ALIVE_EVERY_S = 1.0       # the watcher rewrites the heartbeat at least this often: "alive" = process not frozen
 STACK_WAIT_S = 3.0        # how long a failing rank waits for the other live ranks' stacks
 WATCHER = "llava-min-watcher"
 
@@ -41,10 +41,9 @@ def stack_file(out_dir, rank: int) -> Path:
 
 
 def _read_json(file: Path) -> dict:
-    try:
+    with suppress(OSError, ValueError):   # not written yet, or not JSON: as good as none
         return json.loads(file.read_text())
-    except (OSError, ValueError):
-        return {}
+    return {}
 
 
 def read_heartbeat(out_dir, rank: int) -> dict:
@@ -91,15 +90,36 @@ class Forensics:
         """A collective failed: write this rank's stacks, request everyone's, wait for the live ranks' and
         describe where each rank was (the "Ranks last seen" lines and where the stacks are)."""
         self.write_heartbeat()
-        since = time.time() - 1.0
+        since, deadline = time.time() - 1.0, time.monotonic() + STACK_WAIT_S
         self.write_stacks(reason)
         self.request_stacks(reason, ours=True)
-        written = self._wait_for_stacks(since)
-        silent, where = [r for r in range(self.d.world_size) if r not in written], self.out / "stacks"
-        return (describe_ranks(self.out, self.d.world_size, waiting_in)
-                + f"\nPython stacks: {where}/rank-N.txt, written by rank(s) {', '.join(map(str, written)) or 'none'}"
-                + (f"; none from rank(s) {', '.join(map(str, silent))} (stopped, dead, or on another node without "
-                   "a shared OUT)" if silent else ""))
+        live = {r for r in range(self.d.world_size)
+                if time.time() - read_heartbeat(self.out, r).get("alive", 0) < 3 * HEARTBEAT_EVERY_S}
+        while True:   # up to STACK_WAIT_S for the live ranks' stacks (replaced atomically: once there, always there)
+            written = [r for r in range(self.d.world_size)
+                       if (file := stack_file(self.out, r)).exists() and file.stat().st_mtime >= since]
+            if live <= set(written) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        now, lines = time.time(), []
+        for rank in range(self.d.world_size):      # step, phase, how long ago, and whether its process is silent
+            beat = read_heartbeat(self.out, rank)
+            if not beat:
+                lines.append(f"  rank {rank}: no heartbeat (never reached set-up, or {self.out} is not shared)")
+                continue
+            ago, quiet, phase = now - beat.get("time", now), now - beat.get("alive", now), str(beat.get("phase"))
+            note = ""
+            if quiet > 3 * HEARTBEAT_EVERY_S and not phase.startswith("exited"):
+                note += f"; process silent for {quiet:.0f} s (stopped, frozen or killed)"
+            if phase != waiting_in and not phase.startswith("exited"):
+                note += "   <- not in this collective"
+            lines.append(f"  rank {rank} (pid {beat.get('pid')} on {beat.get('host')}): step {beat.get('step')}, "
+                         f"{phase}, {ago:.1f} s ago{note}")
+        silent = ", ".join(str(r) for r in range(self.d.world_size) if r not in written)
+        lines.append(f"Python stacks: {self.out / 'stacks'}/rank-N.txt, written by rank(s) "
+                     f"{', '.join(map(str, written)) or 'none'}" + (f"; none from rank(s) {silent} (stopped, dead, "
+                     "or on another node without a shared OUT)" if silent else ""))
+        return "\n".join(lines)
 
     def close(self) -> None:
         """Final heartbeat, stop the watcher, give SIGUSR1 back (dist.teardown calls this)."""
@@ -123,10 +143,8 @@ class Forensics:
             state = {"rank": self.d.rank, "step": self.step, "phase": self.phase, "time": self.beat_time,
                      "alive": time.time(), "pid": os.getpid(), "host": socket.gethostname()}
             self.dirty, self.written = False, time.monotonic()
-        try:
+        with suppress(OSError):  # a full or vanished disk must not kill training; a timeout message will lack this rank
             write_json(state, heartbeat_file(self.out, self.d.rank))
-        except OSError:
-            pass  # a full or vanished disk must not kill training; a timeout message will lack this rank
 
     def write_stacks(self, reason: str) -> None:
         """Every thread's Python stack of this rank (but the watcher's) into OUT/stacks/rank-N.txt."""
@@ -138,24 +156,20 @@ class Forensics:
             if names.get(ident) != WATCHER:
                 lines += [f"Thread {names.get(ident, '?')} ({ident}), most recent call last:",
                           *(line.rstrip("\n") for line in traceback.format_stack(frame)), ""]
-        try:
+        with suppress(OSError):  # as for heartbeats: the report then names this rank among those without stacks
             with atomic_path(stack_file(self.out, self.d.rank)) as tmp, open(tmp, "w") as f:
                 f.write("\n".join(lines) + "\n# faulthandler (C-level view of the same threads)\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
-        except OSError:
-            pass  # as for heartbeats: the report then names this rank among those without stacks
 
     def request_stacks(self, reason: str, ours: bool = False) -> None:
         """Ask every rank to write its stacks; this one too unless `ours` (it has just written them)."""
         request_id = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
         if ours:
             self.answered = request_id     # before the file exists, or the watcher may overwrite our reason
-        try:
+        with suppress(OSError):
             write_json({"id": request_id, "reason": reason, "rank": self.d.rank, "time": time.time()},
                        self.request_file)
-        except OSError:
-            pass
 
     # ---- the watcher thread ---------------------------------------------------------------------
 
@@ -166,49 +180,14 @@ class Forensics:
             if read_fd is None:
                 self.stop.wait(POLL_S)
             elif select.select([read_fd], [], [], POLL_S)[0]:
-                try:
-                    signalled = signal.SIGUSR1 in os.read(read_fd, 512)
-                except OSError:
-                    pass
-            self.write_heartbeat(force=time.monotonic() - self.written >= ALIVE_EVERY_S)
+                signalled = signal.SIGUSR1 in os.read(read_fd, 512)   # ready, so it does not block
+            self.write_heartbeat(force=time.monotonic() - self.written >= HEARTBEAT_EVERY_S)
             if signalled:
                 self.request_stacks(f"SIGUSR1 to rank {self.d.rank} (pid {os.getpid()})")
             request = _read_json(self.request_file)
             if request and request.get("id") != self.answered:
                 self.answered = request.get("id")
                 self.write_stacks(f"requested: {request.get('reason', '?')}")
-
-    def _wait_for_stacks(self, since: float) -> list[int]:
-        """Ranks whose stack file is newer than `since`, waiting up to STACK_WAIT_S for the live ones."""
-        deadline = time.monotonic() + STACK_WAIT_S
-        beats = [read_heartbeat(self.out, r) for r in range(self.d.world_size)]
-        live = {r for r, b in enumerate(beats) if time.time() - b.get("alive", 0) < 3 * ALIVE_EVERY_S}
-        while True:
-            # stack files are replaced atomically: once there, always there
-            written = [r for r in range(self.d.world_size)
-                       if (file := stack_file(self.out, r)).exists() and file.stat().st_mtime >= since]
-            if live <= set(written) or time.monotonic() > deadline:
-                return written
-            time.sleep(0.2)
-
-
-def describe_ranks(out_dir, world_size: int, waiting_in: str | None = None) -> str:
-    """One line per rank from OUT/heartbeats: step, phase, how long ago, and whether its process is silent."""
-    now, lines = time.time(), []
-    for rank in range(world_size):
-        beat = read_heartbeat(out_dir, rank)
-        if not beat:
-            lines.append(f"  rank {rank}: no heartbeat (never reached set-up, or {out_dir} is not shared)")
-            continue
-        ago, silent, phase = now - beat.get("time", now), now - beat.get("alive", now), str(beat.get("phase"))
-        note = ""
-        if silent > 3 * ALIVE_EVERY_S and not phase.startswith("exited"):
-            note += f"; process silent for {silent:.0f} s (stopped, frozen or killed)"
-        if waiting_in and phase != waiting_in and not phase.startswith("exited"):
-            note += "   <- not in this collective"
-        lines.append(f"  rank {rank} (pid {beat.get('pid')} on {beat.get('host')}): step {beat.get('step')}, "
-                     f"{phase}, {ago:.1f} s ago{note}")
-    return "\n".join(lines)
 
 
 def attach(d: Dist, out_dir) -> Forensics:

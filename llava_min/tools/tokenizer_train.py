@@ -20,23 +20,18 @@ from ..tokenizer import CHAT_TOKENS, TRAINED_IDS, Tokenizer
 from ..weights import write_atomic
 
 
-def training_text(samples) -> list[str]:
-    """Each turn's prompt and answer as its own sentence, prompts in the internlm2_chat template (so "user\\n" and
-    "assistant\\n" get pieces at the frequency training sees them; the chat tokens are user-defined pieces)."""
+def train(files, vocab_size: int, out: str | os.PathLike, threads: int | None = None) -> Tokenizer:
+    """Train a BPE model like InternLM2's on the conversations in `files`; write it to `out`. Each turn's prompt
+    and answer is one sentence, prompts in the internlm2_chat template (so "user\\n" and "assistant\\n" get
+    pieces at the frequency training sees them; the chat tokens are user-defined pieces)."""
     text = []
-    for sample in samples:
+    for sample in Samples(files).scan():
         for message in sample.get("conversations") or []:
             value = message.get("value") if isinstance(message, dict) else None
             if not isinstance(value, str):
                 continue  # bad samples are data.py's to report; here they only miss the vocabulary
             value = value.replace(IMAGE_TAG, "").strip()
             text.append(INSTRUCTION.format(input=value) if message.get("from") == "human" else value + SUFFIX + SEP)
-    return text
-
-
-def train(files, vocab_size: int, out: str | os.PathLike, threads: int | None = None) -> Tokenizer:
-    """Train a BPE model like InternLM2's on the conversations in `files`; write it to `out`."""
-    text = training_text(list(Samples(files).scan()))
     if not text:
         raise LlavaMinError(f"no conversation text in {', '.join(map(str, files))}; nothing to train on")
     buf = io.BytesIO()
@@ -50,13 +45,12 @@ def train(files, vocab_size: int, out: str | os.PathLike, threads: int | None = 
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=list(CHAT_TOKENS),
             character_coverage=1.0, hard_vocab_limit=False,  # a small corpus may yield fewer pieces: fine
             max_sentence_length=1 << 16, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-            num_threads=threads or max(1, min(8, os.cpu_count() or 1)), minloglevel=2)
+            num_threads=threads or min(8, os.cpu_count() or 1), minloglevel=2)
     except RuntimeError as e:
         raise LlavaMinError(f"sentencepiece could not train on {', '.join(map(str, files))} with --vocab-size "
                             f"{vocab_size}: {e}. The vocabulary must hold 3 control pieces, the 6 chat tokens, "
                             f"256 byte pieces and every character of the data") from e
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, buf.getvalue())  # a killed run leaves no half-written model behind
     tok = Tokenizer(out)
     assert {name: tok.special_ids[name] for name in CHAT_TOKENS} == TRAINED_IDS, tok.special_ids
