@@ -1,13 +1,11 @@
 """GPU memory per process and host RAM per node for a training configuration, from the model configs alone.
 
-    python -m llava_min.memory --llm-config internlm2-7b --vit-config dinov2-large --batch-size 1 \\
-        --max-length 2048 --nproc 4 --gpu-mem 24
+    python -m llava_min.memory --llm-config internlm2-7b --vit-config dinov2-large --batch-size 1 --nproc 4 --gpu-mem 24
     python -m llava_min.memory --llm internlm2-7b/ --vit dinov2-large/ --lora-r 128 --grad-checkpointing --json
 
-finetune.py's flags and defaults (its other flags are accepted and ignored). Start at `estimate` (one GPU) and
-`host_bytes` (one node). tests/test_memory.py checks the activation model within 3% against the tensors autograd
-saves in real CPU forwards (`saved_activation_bytes`); CUDA's padded attention, the logits chunk and the context
-are modelled from the kernels' buffers (bench/gpu.py compares the total with a GPU's peak).
+finetune.py's flags and defaults (others are ignored). Start at `estimate` (one GPU) and `host_bytes` (one node).
+tests/test_memory.py checks the activation model within 3% against what autograd saves (`saved_activation_bytes`);
+bench/gpu.py compares the total with a GPU's peak.
 """
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ GiB = 2**30
 CUDA_CONTEXT = 0.75 * GiB               # context and cuBLAS workspaces
 NCCL_BUFFERS = 0.5 * GiB                # when world size > 1
 FIT_FRACTION = 0.95                     # a card fits at most 95% full (the rest is allocator slack)
-LOSS_CHUNK = 1024                       # llava.LLaVA.forward's loss_chunk
 PROCESS_BASE = 1.5 * GiB                # a rank's Python, torch and (on CUDA) CUDA libraries, before any tensor
 WORKER_BASE = 0.3 * GiB                 # a forked loader worker's own pages: its heap, image decoding
 MAX_SHARD = 5 * 10**9                   # transformers' default shard size, for a checkpoint not at hand
@@ -52,7 +49,7 @@ class Plan:
     world_size: int = 1
     images_per_sample: int = 1
     select_layer: int = -2
-    loss_chunk: int = LOSS_CHUNK
+    loss_chunk: int = 1024              # as llava.LLaVA.forward's
     device: str = "cuda"                # "cpu": no CUDA context, dropout masks in a, the model in host RAM
     ddp_bucket_view: bool = True        # train.py builds DDP(gradient_as_bucket_view=True): no bucket copy
     nproc_per_node: int = 1             # ranks sharing one node's host RAM
@@ -104,11 +101,6 @@ class Estimate:
     @property
     def activation_total(self) -> int:
         return sum(self.activations.values())
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["saved_activations"], d["activation_total"] = self.saved_activations, self.activation_total
-        return d
 
 
 # Parameters
@@ -183,18 +175,6 @@ def llm_block_bytes_per_token(plan: Plan) -> float:
     return total
 
 
-def vit_block_bytes_per_token(plan: Plan) -> float:
-    """Bytes one DINOv2 block saves for backward per ViT token (1 + registers + patches), when the ViT trains."""
-    v, a = plan.vit, plan.act_bytes
-    D, F = v.hidden_size, v.ffn_hidden_size
-    norms = 2 * (4 * D + 8)                                            # the residual stream is fp32
-    linear_inputs = (3 * a * D if a == 2 else a * D) + a * D          # q/k/v inputs (one bf16 copy each), fc1 input
-    attention = 3 * a * D + a * D + 4 * v.num_attention_heads          # q, k, v, output (= dense input), lse
-    layer_scale = 2 * a * D
-    mlp = a * (4 * F if v.use_swiglu_ffn else 2 * F)
-    return norms + linear_inputs + attention + layer_scale + mlp
-
-
 def activation_bytes(plan: Plan) -> dict[str, int]:
     """Itemised activation bytes at the peak (the start of backward)."""
     c, v, a = plan.llm, plan.vit, plan.act_bytes
@@ -215,15 +195,20 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
     supervised = max(0, N - n_images * plan.image_tokens)
     final_norm = (4 * h + r * h + 4) if plan.llm_mode == "full" else (4 * h + 4)
     items["llm outside blocks"] = 16 * N + final_norm * N + (r * h + 24) * supervised
-    vit_tokens = n_images * (1 + v.num_register_tokens + plan.image_tokens)
+    vit_tokens = n_images * (1 + v.num_register_tokens + plan.image_tokens)      # cls, registers, patches
     if "projector" in plan.train:
         items["projector"] = n_images * plan.image_tokens * a * (v.hidden_size + 2 * h)
     if "vit" in plan.train:                                 # a frozen ViT runs under no_grad: nothing saved
         blocks = v.blocks_run(plan.select_layer)
-        vit_block = vit_block_bytes_per_token(plan) * vit_tokens
+        D, F = v.hidden_size, v.ffn_hidden_size
+        # per token and block: two norms on the fp32 residual stream, the q/k/v inputs (a bf16 copy each) and fc1's,
+        # q, k, v, the attention output (= dense input) and its lse, the two layer scales' inputs, the MLP
+        per_token = (2 * (4 * D + 8) + (3 * a * D if a == 2 else a * D) + a * D + 4 * a * D + 4 * v.num_attention_heads
+                     + 2 * a * D + a * (4 * F if v.use_swiglu_ffn else 2 * F))
+        vit_block = per_token * vit_tokens
         pixels = n_images * 3 * plan.image_size ** 2 * a    # the patch convolution's input
         if plan.grad_checkpointing:
-            items["vit blocks (inputs kept)"] = blocks * 4 * v.hidden_size * vit_tokens + pixels
+            items["vit blocks (inputs kept)"] = blocks * 4 * D * vit_tokens + pixels
             items["vit recompute (one block)"] = vit_block
         else:
             items["vit blocks"] = blocks * vit_block + pixels
@@ -269,7 +254,19 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
 # The GPU estimate
 
 def estimate(plan: Plan) -> Estimate:
-    _check(plan)
+    if not plan.train or not set(plan.train) <= set(llava.PARTS):
+        raise LlavaMinError(f"--train {','.join(plan.train)}: use a comma list of {', '.join(llava.PARTS)}, or all")
+    if plan.image_size % plan.vit.patch_size:
+        raise LlavaMinError(f"--image-size {plan.image_size} is not a multiple of the ViT patch size "
+                            f"{plan.vit.patch_size}")
+    need = plan.images_per_sample * plan.image_tokens
+    if plan.max_length <= need:
+        raise LlavaMinError(f"--max-length {plan.max_length} leaves no room for text after {need} image tokens "
+                            f"({plan.image_size} px / {plan.vit.patch_size} px patches)")
+    if plan.lora_r and "llm" not in plan.train:
+        raise LlavaMinError("--lora-r trains the LLM through adapters: add llm to --train")
+    if plan.batch_size < 1 or plan.world_size < 1:
+        raise LlavaMinError(f"--batch-size ({plan.batch_size}) and the world size ({plan.world_size}) must be >= 1")
     p, world, a, v = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit
     fsdp = plan.fsdp and world > 1
     weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]     # fp32 master weights for what trains
@@ -309,22 +306,6 @@ def estimate(plan: Plan) -> Estimate:
     e.total = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
                + e.fsdp_gathered + max(e.activation_total + e.logits, e.vit_transient))
     return e
-
-
-def _check(plan: Plan) -> None:
-    if not plan.train or not set(plan.train) <= set(llava.PARTS):
-        raise LlavaMinError(f"--train {','.join(plan.train)}: use a comma list of {', '.join(llava.PARTS)}, or all")
-    if plan.image_size % plan.vit.patch_size:
-        raise LlavaMinError(f"--image-size {plan.image_size} is not a multiple of the ViT patch size "
-                            f"{plan.vit.patch_size}")
-    need = plan.images_per_sample * plan.image_tokens
-    if plan.max_length <= need:
-        raise LlavaMinError(f"--max-length {plan.max_length} leaves no room for text after {need} image tokens "
-                            f"({plan.image_size} px / {plan.vit.patch_size} px patches)")
-    if plan.lora_r and "llm" not in plan.train:
-        raise LlavaMinError("--lora-r trains the LLM through adapters: add llm to --train")
-    if plan.batch_size < 1 or plan.world_size < 1:
-        raise LlavaMinError(f"--batch-size ({plan.batch_size}) and the world size ({plan.world_size}) must be >= 1")
 
 
 # Host RAM of one node
@@ -599,9 +580,9 @@ def main(argv=None) -> int:
                                else 24.0)
     if args.json:
         e = estimate(plan)
+        est = dataclasses.asdict(e) | {"saved_activations": e.saved_activations, "activation_total": e.activation_total}
         out = {"plan": dict(dataclasses.asdict(plan), llm=plan.llm.to_dict(), vit=plan.vit.to_dict()),
-               "estimate": e.as_dict(), "gib": {k: round(v / GiB, 3) for k, v in e.as_dict().items()
-                                                if isinstance(v, int) and k != "params"},
+               "estimate": est, "gib": {k: round(v / GiB, 3) for k, v in est.items() if isinstance(v, int)},
                "gpu_gib": gpu_gib, "fits": fits(plan, gpu_gib), "largest_batch": largest_batch(plan, gpu_gib),
                "largest_max_length": largest_length(plan, gpu_gib), "suggest_fit": suggest_fit(plan, gpu_gib),
                "host": host_bytes(plan), "host_ram_gib": args.host_ram_gib,
