@@ -267,18 +267,18 @@ def estimate(plan: Plan) -> Estimate:
         raise LlavaMinError("--lora-r trains the LLM through adapters: add llm to --train")
     if plan.batch_size < 1 or plan.world_size < 1:
         raise LlavaMinError(f"--batch-size ({plan.batch_size}) and the world size ({plan.world_size}) must be >= 1")
-    p, world, a, v = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit
+    p, world, a, v, c = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit, plan.llm
     fsdp = plan.fsdp and world > 1
     weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]     # fp32 master weights for what trains
     optimizer = 8 * p["trained"]                                    # AdamW's exp_avg and exp_avg_sq in fp32
     outside = p["vit"] * a if "vit" not in plan.train else 0        # FSDP: a frozen ViT stays whole on each rank
-    supervised = max(1, plan.batch_size * (plan.max_length - plan.images_per_sample * plan.image_tokens))
+    held = (weights - outside) // world + outside if fsdp else weights
+    supervised = max(1, plan.batch_size * (plan.max_length - need))
     vit_tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
-    acts = activation_bytes(plan)
     other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
     e = Estimate(
         params=p,
-        weights=(weights - outside) // world + outside if fsdp else weights,
+        weights=held,
         gradients=4 * p["trained"] // world if fsdp else 4 * p["trained"],
         # gradient_as_bucket_view=True: gradients live in DDP's flat all-reduce buckets, not beside them
         ddp_buckets=4 * p["trained"] if world > 1 and not plan.ddp_bucket_view else 0,
@@ -287,22 +287,20 @@ def estimate(plan: Plan) -> Estimate:
         # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward; under FSDP
         # the bf16 all-gathers are the compute copies
         autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" and not fsdp else 0,
-        activations=acts,
+        activations=activation_bytes(plan),
         activations_other_mode=sum(other.values()),
         # a frozen ViT's no_grad forward, before the LLM runs: at its peak a few live tensors of one block
         vit_transient=0 if "vit" in plan.train else int(vit_tokens * a * (6 * v.hidden_size + 2 * v.ffn_hidden_size)),
         # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus the logits
-        logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + a)),
+        logits=int(min(plan.loss_chunk, supervised) * c.vocab_size * (12 + a)),
         cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
         fsdp_gathered=fsdp_gathered_bytes(plan) if fsdp else 0,
+        # every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives whole
+        # from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight
+        load_peak=held + max(c.vocab_size, c.intermediate_size) * c.hidden_size * (4 if plan.llm_mode == "full" else a)
+        if fsdp else 0,
         load_host_rank0=weights if fsdp else 0,                     # rank 0 alone reads the model, on the CPU
     )
-    if fsdp:
-        # Every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives whole
-        # from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight.
-        c = plan.llm
-        e.load_peak = e.weights + max(c.vocab_size, c.intermediate_size) * c.hidden_size * (
-            4 if plan.llm_mode == "full" else a)
     e.total = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
                + e.fsdp_gathered + max(e.activation_total + e.logits, e.vit_transient))
     return e
@@ -404,12 +402,11 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
     def build(chosen, **more) -> Plan:       # later levers override earlier ones (--lora-r 32 after 128)
         return plan.replace(**{k: v for _, change in chosen for k, v in change.items()} | more)
 
-    applied, batch, length = [], 0, plan.max_length
-    for i in range(len(levers) + 1):
+    applied, length = [], plan.max_length
+    batch = min(largest_batch(plan, gpu_gib), plan.batch_size)
+    while not batch and len(applied) < len(levers):
+        applied.append(levers[len(applied)])
         batch = min(largest_batch(build(applied), gpu_gib), plan.batch_size)
-        if batch or i == len(levers):
-            break
-        applied.append(levers[i])
     if not batch:
         batch, length = 1, largest_length(build(applied, batch_size=1), gpu_gib)
         if not length:
@@ -434,36 +431,33 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
 
 def plan_from_args(args, world_size: int | None = None, device: str | None = None) -> Plan:
     """A Plan from an argparse namespace with finetune.py's names (missing ones take the defaults)."""
-    def get(name, default=None):
-        value = getattr(args, name, None)
-        return default if value is None else value
-
-    init = Path(get("init_from")) if get("init_from") else None
-    llm_source = get("llm") or get("llm_config") or (init / "llm" if init else None)
-    vit_source = get("vit") or get("vit_config") or (init / "vit" if init else None)
+    given = {name: value for name, value in vars(args).items() if value is not None}   # absent or None: the default
+    init = Path(given.get("init_from")) if given.get("init_from") else None
+    llm_source = given.get("llm") or given.get("llm_config") or (init / "llm" if init else None)
+    vit_source = given.get("vit") or given.get("vit_config") or (init / "vit" if init else None)
     if llm_source is None or vit_source is None:
         raise LlavaMinError("give --llm DIR or --llm-config NAME_OR_JSON, and --vit DIR or --vit-config "
                             "NAME_OR_JSON (or --init-from DIR)")
-    image_size = get("image_size")
+    image_size = given.get("image_size")
     if image_size is None and init is not None and (init / "llava_config.json").exists():
         image_size = json.loads((init / "llava_config.json").read_text()).get("image_size")
-    parts = llava.parse_parts(get("train", "projector,llm"))
+    parts = llava.parse_parts(given.get("train", "projector,llm"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    data = [Path(f) for f in get("data", [])]
-    sources = [Path(s) for s in (get("llm"), get("vit"), init and init / "llm", init and init / "vit") if s]
+    sources = [Path(s) for s in (given.get("llm"), given.get("vit"), init and init / "llm", init and init / "vit") if s]
     shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
     same_names = ("lora_r", "lora_dropout", "batch_size", "max_length", "grad_checkpointing", "zero", "fsdp",
-                  "num_workers")                                    # absent or None: Plan's default
+                  "num_workers")
     plan = Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
                 train=tuple(p for p in llava.PARTS if p in parts), image_size=image_size or 336,
-                dtype=get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
-                world_size=world_size or get("world_size", 1), device=device,
-                nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                data_bytes=sum(f.stat().st_size for f in data if f.is_file()), shard_bytes=max(shards, default=0),
-                **{name: get(name) for name in same_names if get(name) is not None})
+                dtype=given.get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
+                world_size=world_size or given.get("world_size") or int(os.environ.get("WORLD_SIZE", 1)), device=device,
+                nproc_per_node=given.get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                data_bytes=sum(Path(f).stat().st_size for f in given.get("data", []) if Path(f).is_file()),
+                shard_bytes=max(shards, default=0),
+                **{name: given[name] for name in same_names if name in given})
     # --pack N: a row of whole samples, each with at most one image, booked as N positions with as many images as
     # fit (each with a text token at least): an upper bound for the ViT's share
-    pack = get("pack")
+    pack = given.get("pack")
     return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
 
 
@@ -473,11 +467,9 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
     """The table train.py prints at start-up. host_gib: the node's RAM (default: this machine's MemTotal)."""
     e, world, ckpt = estimate(plan), plan.world_size, "on" if plan.grad_checkpointing else "off"
     p, fsdp, unsharded = e.params, plan.fsdp and world > 1, e.optimizer_unsharded / GiB
-    if e.optimizer != e.optimizer_unsharded:
-        optimizer_note = f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
-    else:
-        zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
-        optimizer_note = "trained x 8 B" + zero
+    zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
+    optimizer_note = (f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
+                      if e.optimizer != e.optimizer_unsharded else "trained x 8 B" + zero)
     rows = [("weights", e.weights, f"trained x 4 B + frozen x {plan.act_bytes} B"
              + (f", / {world} (a frozen ViT whole)" if fsdp else "")),
             ("gradients", e.gradients, "trained x 4 B" + (f" / {world}" if fsdp else "")),
@@ -519,26 +511,17 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
                   f"  largest --max-length at batch {plan.batch_size}: {largest_length(plan, gpu_gib)}"]
         if not ok:
             lines += ["  to fit: " + "; ".join(suggest_fit(plan, gpu_gib))]
-    return "\n".join(lines + [""] + host_report(plan, host_gib))
-
-
-def host_report(plan: Plan, host_gib: float | None = None) -> list[str]:
-    """The host RAM lines of `report`, and the warning when the node's RAM is exceeded."""
     h, n, w = host_bytes(plan), plan.nproc_per_node, plan.num_workers
     host_gib = host_ram()[0] / GiB if host_gib is None else host_gib
-
-    def items(phase: str) -> str:
-        return ", ".join(f"{k} {v / GiB:.2f}" for k, v in h[f"rank_{phase}"].items() if v)
-
     worker = f"; + {w} worker{'s' if w > 1 else ''} x {sum(h['worker'].values()) / GiB:.2f}" if w else ""
-    lines = [f"host RAM per node: {n} rank{'s' if n > 1 else ''}, {w} loader worker{'s' if w != 1 else ''} each"
-             "         GiB",
-             f"  reading the data {h['start'] / GiB:8.2f}   {n} x ({items('start')})",
-             f"  loading          {h['load'] / GiB:8.2f}   {n} x ({items('load')})",
-             f"  training         {h['training'] / GiB:8.2f}   {n} x ({items('training')}{worker})"]
+    lines += ["", f"host RAM per node: {n} rank{'s' if n > 1 else ''}, {w} loader worker{'s' if w != 1 else ''} each"
+                  "         GiB"]
+    for label, phase in (("reading the data", "start"), ("loading", "load"), ("training", "training")):
+        items = ", ".join(f"{k} {v / GiB:.2f}" for k, v in h[f"rank_{phase}"].items() if v)
+        lines.append(f"  {label:17s}{h[phase] / GiB:8.2f}   {n} x ({items}{worker if phase == 'training' else ''})")
     if host_gib:
         lines.append(host_warning(plan, host_gib) or f"  fits this node's {host_gib:.1f} GiB")
-    return lines
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -559,12 +542,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--zero", action="store_true", help="ZeRO-1: shard the optimizer state over the ranks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
-    p.add_argument("--world-size", "--nproc", dest="world_size", type=int,
-                   default=int(os.environ.get("WORLD_SIZE", 1)), help="processes (GPUs) in the job")
+    p.add_argument("--world-size", "--nproc", dest="world_size", type=int, help="processes (GPUs) in the job")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where training runs")
     p.add_argument("--data", nargs="+", default=[], help="the data files (their size: each rank's sample table)")
     p.add_argument("--num-workers", type=int, default=4, help="loader worker processes per rank")
-    p.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+    p.add_argument("--nproc-per-node", type=int,
                    help="ranks per node, for host RAM (default: LOCAL_WORLD_SIZE, else 1)")
     p.add_argument("--gpu-mem", type=float, default=None,
                    help="GiB per GPU for the fit search (default: this machine's GPU, else 24)")
@@ -573,7 +555,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args, ignored = p.parse_known_args(argv)
     try:
-        plan = plan_from_args(args, world_size=args.world_size, device=args.device)
+        plan = plan_from_args(args, device=args.device)
     except ValueError as e:
         p.error(str(e))
     gpu_gib = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available()
