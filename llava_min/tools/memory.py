@@ -146,14 +146,15 @@ def param_counts(plan: Plan) -> dict[str, int]:
 # (4 when the LLM trains in fp32 master weights, else a); h hidden, kv = kv_heads x head_dim, i intermediate,
 # nh heads, hd head_dim; N = batch x max_length LLM positions, image tokens included.
 
-def llm_block_bytes_per_token(plan: Plan) -> float:
-    """Bytes one InternLM2 block saves for backward, per token."""
-    c, a, mode = plan.llm, plan.act_bytes, plan.llm_mode
-    h, i, nh, hd = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim
-    kv = c.num_key_value_heads * hd
-    r = 4 if mode == "full" else a
-    # the rotated q|k buffer (q is a view of it; k and v are copied out so the fused qkv buffer is freed), v,
-    # the attention output (= wo's input), the log-sum-exp, and the per-block bf16 rotary tables
+def activation_bytes(plan: Plan) -> dict[str, int]:
+    """Itemised activation bytes at the peak (the start of backward)."""
+    c, v, a, mode = plan.llm, plan.vit, plan.act_bytes, plan.llm_mode
+    h, i, nh, hd, L = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim, c.num_hidden_layers
+    kv, r = c.num_key_value_heads * hd, 4 if mode == "full" else a
+    N = plan.batch_size * plan.max_length
+    n_images = plan.batch_size * plan.images_per_sample
+    # What one InternLM2 block saves per token. Attention: the rotated q|k buffer (q is a view of it; k and v are
+    # copied out so the fused qkv buffer is freed), v, the output (= wo's input), the lse, the bf16 rotary tables
     attention = a * (2 * h + 2 * kv) + 4 * nh + (a * hd if r != a else 0)
     if mode == "full":
         # each RMSNorm's fp32 input and its normalised output (for the weight's gradient), and the bf16 copy
@@ -163,28 +164,18 @@ def llm_block_bytes_per_token(plan: Plan) -> float:
     else:
         norms = 2 * (4 * h + 4)                             # frozen linears save nothing: no weight gradient
         mlp = 3 * a * i
-    total = norms + attention + mlp
+    block = norms + attention + mlp
     if mode == "lora":
         # per adapted linear (inputs summed: 4h + i): the dropout mask (1 byte from CUDA's fused dropout, a on
         # the CPU) and the adapter's input, plus the r-wide middle of each of wqkv, wo, w1, w2, w3
         mask = (1 if plan.device == "cuda" else a) if plan.lora_dropout > 0 else 0
-        total += (4 * h + i) * (mask + a) + 5 * plan.lora_r * a
+        block += (4 * h + i) * (mask + a) + 5 * plan.lora_r * a
     if plan.batch_size > 1 and plan.device == "cuda":
         # the padded-batch attention path repeats k and v to all heads and saves a float mask per block
-        total += 2 * a * (h - kv) + a * plan.max_length
-    return total
-
-
-def activation_bytes(plan: Plan) -> dict[str, int]:
-    """Itemised activation bytes at the peak (the start of backward)."""
-    c, v, a = plan.llm, plan.vit, plan.act_bytes
-    h, L = c.hidden_size, c.num_hidden_layers
-    N = plan.batch_size * plan.max_length
-    n_images = plan.batch_size * plan.images_per_sample
-    r = 4 if plan.llm_mode == "full" else a
+        block += 2 * a * (h - kv) + a * plan.max_length
     # The last block is booked in full, an upper bound: its output projection and MLP run on the supervised
     # tokens only (at most 1/L of the blocks' total less).
-    block = llm_block_bytes_per_token(plan) * N
+    block *= N
     items = {}
     if plan.grad_checkpointing:
         items["llm blocks (inputs kept)"] = L * r * h * N   # each block keeps its input ...
@@ -193,7 +184,7 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
         items["llm blocks"] = L * block
     # ids and splice indices, the final norm, and each supervised token's gathered hidden state
     supervised = max(0, N - n_images * plan.image_tokens)
-    final_norm = (4 * h + r * h + 4) if plan.llm_mode == "full" else (4 * h + 4)
+    final_norm = (4 * h + r * h + 4) if mode == "full" else (4 * h + 4)
     items["llm outside blocks"] = 16 * N + final_norm * N + (r * h + 24) * supervised
     vit_tokens = n_images * (1 + v.num_register_tokens + plan.image_tokens)      # cls, registers, patches
     if "projector" in plan.train:
