@@ -45,7 +45,7 @@ class Plan:
     grad_checkpointing: bool = False
     dtype: str = "bfloat16"
     zero: bool = False
-    fsdp: bool = False                  # FSDP2: parameters, gradients and AdamW state sharded over the ranks
+    fsdp: bool = False
     world_size: int = 1
     images_per_sample: int = 1
     select_layer: int = -2
@@ -53,7 +53,7 @@ class Plan:
     device: str = "cuda"                # "cpu": no CUDA context, dropout masks in a, the model in host RAM
     ddp_bucket_view: bool = True        # train.py builds DDP(gradient_as_bucket_view=True): no bucket copy
     nproc_per_node: int = 1             # ranks sharing one node's host RAM
-    num_workers: int = 4                # loader worker processes per rank
+    num_workers: int = 4
     prefetch: int = 2                   # loader.Loader's batches in flight per worker
     data_bytes: int = 0                 # size of the --data files (the sample table each rank holds)
     shard_bytes: int = 0                # largest safetensors file of the sources (0: not at hand)
@@ -224,10 +224,9 @@ def saved_activation_bytes(model, fn):
 
 
 def fsdp_gathered_bytes(plan: Plan) -> int:
-    """Under FSDP, what is whole besides the shards, in the compute dtype: the root unit (embedding, final norm,
-    head, projector, a trained ViT's embeddings) from forward to the end of backward and two decoder layers (the
-    one running, the one prefetched); and the unsharded gradients of the root and of one layer. ViT blocks are
-    smaller than LLM layers; the root's fp32 gradient copy comes when the activations are gone."""
+    """Under FSDP, what is whole besides the shards, in the compute dtype: the root unit (embedding, final norm, head,
+    projector, a trained ViT's embeddings) until backward ends, two decoder layers (running, prefetched; ViT blocks
+    are smaller), the unsharded gradients of root and one layer (the root's fp32 copy comes after the activations)."""
     c, v, a = plan.llm, plan.vit, plan.act_bytes
     layer = (internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2))
              - internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=1)))
@@ -376,9 +375,8 @@ def largest_length(plan: Plan, gpu_gib: float) -> int:
 
 
 def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
-    """Flags that make `plan` fit a card of `gpu_gib` GiB: a smaller micro-batch (the same global batch through
-    --grad-accum); if batch 1 does not fit, levers one by one (bf16, checkpointing, ZeRO-1, FSDP, LoRA, a smaller
-    rank), then a shorter --max-length; then the levers not needed are dropped. Last line: the estimate, or why not."""
+    """Flags that make `plan` fit a `gpu_gib` GiB card: a smaller micro-batch (--grad-accum keeps the global batch),
+    else the levers in turn, then a shorter --max-length; unneeded levers are dropped. Last: the estimate or why not."""
     if fits(plan, gpu_gib):
         return [f"already fits: {estimate(plan).total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
     shardable = plan.world_size > 1 and not plan.fsdp
