@@ -515,17 +515,17 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llm", default=None, help="InternLM2 folder (its config.json is read)")
-    p.add_argument("--llm-config", default=None, help="preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
-    p.add_argument("--vit", default=None, help="DINOv2 folder (its config.json is read)")
-    p.add_argument("--vit-config", default=None, help="preset (dinov2-small/-base/-large/-giant[-reg]) or config.json")
-    p.add_argument("--init-from", default=None, help="a folder written by train.py: its llm/ and vit/ configs")
+    p.add_argument("--llm", help="InternLM2 folder (its config.json is read)")
+    p.add_argument("--llm-config", help="preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
+    p.add_argument("--vit", help="DINOv2 folder (its config.json is read)")
+    p.add_argument("--vit-config", help="preset (dinov2-small/-base/-large/-giant[-reg]) or config.json")
+    p.add_argument("--init-from", help="a folder written by train.py: its llm/ and vit/ configs")
     p.add_argument("--train", default="projector,llm", help="comma list of projector,llm,vit, or all")
     p.add_argument("--lora-r", type=int, default=0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch per process")
     p.add_argument("--max-length", type=int, default=2048, help="LLM sequence, image tokens included")
-    p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336)")
+    p.add_argument("--image-size", type=int, help="square ViT input (default 336)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--pack", type=int, default=0, help="packed rows of this many positions (--batch-size rows)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
@@ -535,10 +535,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where training runs")
     p.add_argument("--data", nargs="+", default=[], help="the data files (their size: each rank's sample table)")
     p.add_argument("--num-workers", type=int, default=4, help="loader worker processes per rank")
-    p.add_argument("--nproc-per-node", type=int,
-                   help="ranks per node, for host RAM (default: LOCAL_WORLD_SIZE, else 1)")
-    p.add_argument("--gpu-mem", type=float, default=None,
-                   help="GiB per GPU for the fit search (default: this machine's GPU, else 24)")
+    p.add_argument("--nproc-per-node", type=int, help="ranks per node for host RAM (default: LOCAL_WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-mem", type=float, help="GiB per GPU to fit in (default: this machine's GPU, else 24)")
     p.add_argument("--host-ram-gib", type=float, default=host_ram()[0] / GiB,
                    help="RAM of one node in GiB (default: this machine's MemTotal)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
