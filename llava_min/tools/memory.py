@@ -192,10 +192,11 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
     if "vit" in plan.train:                                 # a frozen ViT runs under no_grad: nothing saved
         blocks = v.blocks_run(plan.select_layer)
         D, F = v.hidden_size, v.ffn_hidden_size
-        # per token and block: two norms on the fp32 residual stream, the q/k/v inputs (a bf16 copy each) and fc1's,
-        # q, k, v, the attention output (= dense input) and its lse, the two layer scales' inputs, the MLP
-        per_token = (2 * (4 * D + 8) + (3 * a * D if a == 2 else a * D) + a * D + 4 * a * D + 4 * v.num_attention_heads
-                     + 2 * a * D + a * (4 * F if v.use_swiglu_ffn else 2 * F))
+        per_token = (2 * (4 * D + 8)                                   # two norms: the residual stream is fp32
+                     + (3 * a * D if a == 2 else a * D) + a * D        # q/k/v inputs (a bf16 copy each), fc1's
+                     + 4 * a * D + 4 * v.num_attention_heads           # q, k, v, output (= dense input), lse
+                     + 2 * a * D                                       # the two layer scales' inputs
+                     + a * (4 * F if v.use_swiglu_ffn else 2 * F))     # the MLP
         vit_block = per_token * vit_tokens
         pixels = n_images * 3 * plan.image_size ** 2 * a    # the patch convolution's input
         if plan.grad_checkpointing:
@@ -266,6 +267,9 @@ def estimate(plan: Plan) -> Estimate:
     supervised = max(1, plan.batch_size * (plan.max_length - need))
     vit_tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
     other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
+    # FSDP load: every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives
+    # whole from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight
+    in_flight = max(c.vocab_size, c.intermediate_size) * c.hidden_size * (4 if plan.llm_mode == "full" else a)
     e = Estimate(
         params=p,
         weights=held,
@@ -285,10 +289,7 @@ def estimate(plan: Plan) -> Estimate:
         logits=int(min(plan.loss_chunk, supervised) * c.vocab_size * (12 + a)),
         cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
         fsdp_gathered=fsdp_gathered_bytes(plan) if fsdp else 0,
-        # every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives whole
-        # from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight
-        load_peak=held + max(c.vocab_size, c.intermediate_size) * c.hidden_size * (4 if plan.llm_mode == "full" else a)
-        if fsdp else 0,
+        load_peak=held + in_flight if fsdp else 0,
         load_host_rank0=weights if fsdp else 0,                     # rank 0 alone reads the model, on the CPU
     )
     e.total = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
