@@ -1,13 +1,11 @@
 """GPU memory per process and host RAM per node for a training configuration, from the model configs alone.
 
-    python -m llava_min.memory --llm-config internlm2-7b --vit-config dinov2-large --batch-size 1 \\
-        --max-length 2048 --nproc 4 --gpu-mem 24
+    python -m llava_min.memory --llm-config internlm2-7b --vit-config dinov2-large --batch-size 1 --nproc 4 --gpu-mem 24
     python -m llava_min.memory --llm internlm2-7b/ --vit dinov2-large/ --lora-r 128 --grad-checkpointing --json
 
-finetune.py's flags and defaults (its other flags are accepted and ignored). Start at `estimate` (one GPU) and
-`host_bytes` (one node). tests/test_memory.py checks the activation model within 3% against the tensors autograd
-saves in real CPU forwards (`saved_activation_bytes`); CUDA's padded attention, the logits chunk and the context
-are modelled from the kernels' buffers (bench/gpu.py compares the total with a GPU's peak).
+finetune.py's flags and defaults (others are ignored). Start at `estimate` (one GPU) and `host_bytes` (one node).
+tests/test_memory.py checks the activation model within 3% against what autograd saves (`saved_activation_bytes`);
+bench/gpu.py compares the total with a GPU's peak.
 """
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ GiB = 2**30
 CUDA_CONTEXT = 0.75 * GiB               # context and cuBLAS workspaces
 NCCL_BUFFERS = 0.5 * GiB                # when world size > 1
 FIT_FRACTION = 0.95                     # a card fits at most 95% full (the rest is allocator slack)
-LOSS_CHUNK = 1024                       # llava.LLaVA.forward's loss_chunk
 PROCESS_BASE = 1.5 * GiB                # a rank's Python, torch and (on CUDA) CUDA libraries, before any tensor
 WORKER_BASE = 0.3 * GiB                 # a forked loader worker's own pages: its heap, image decoding
 MAX_SHARD = 5 * 10**9                   # transformers' default shard size, for a checkpoint not at hand
@@ -48,15 +45,15 @@ class Plan:
     grad_checkpointing: bool = False
     dtype: str = "bfloat16"
     zero: bool = False
-    fsdp: bool = False                  # FSDP2: parameters, gradients and AdamW state sharded over the ranks
+    fsdp: bool = False
     world_size: int = 1
     images_per_sample: int = 1
     select_layer: int = -2
-    loss_chunk: int = LOSS_CHUNK
+    loss_chunk: int = 1024              # as llava.LLaVA.forward's
     device: str = "cuda"                # "cpu": no CUDA context, dropout masks in a, the model in host RAM
     ddp_bucket_view: bool = True        # train.py builds DDP(gradient_as_bucket_view=True): no bucket copy
     nproc_per_node: int = 1             # ranks sharing one node's host RAM
-    num_workers: int = 4                # loader worker processes per rank
+    num_workers: int = 4
     prefetch: int = 2                   # loader.Loader's batches in flight per worker
     data_bytes: int = 0                 # size of the --data files (the sample table each rank holds)
     shard_bytes: int = 0                # largest safetensors file of the sources (0: not at hand)
@@ -105,11 +102,6 @@ class Estimate:
     def activation_total(self) -> int:
         return sum(self.activations.values())
 
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["saved_activations"], d["activation_total"] = self.saved_activations, self.activation_total
-        return d
-
 
 # Parameters
 
@@ -154,14 +146,15 @@ def param_counts(plan: Plan) -> dict[str, int]:
 # (4 when the LLM trains in fp32 master weights, else a); h hidden, kv = kv_heads x head_dim, i intermediate,
 # nh heads, hd head_dim; N = batch x max_length LLM positions, image tokens included.
 
-def llm_block_bytes_per_token(plan: Plan) -> float:
-    """Bytes one InternLM2 block saves for backward, per token."""
-    c, a, mode = plan.llm, plan.act_bytes, plan.llm_mode
-    h, i, nh, hd = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim
-    kv = c.num_key_value_heads * hd
-    r = 4 if mode == "full" else a
-    # the rotated q|k buffer (q is a view of it; k and v are copied out so the fused qkv buffer is freed), v,
-    # the attention output (= wo's input), the log-sum-exp, and the per-block bf16 rotary tables
+def activation_bytes(plan: Plan) -> dict[str, int]:
+    """Itemised activation bytes at the peak (the start of backward)."""
+    c, v, a, mode = plan.llm, plan.vit, plan.act_bytes, plan.llm_mode
+    h, i, nh, hd, L = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim, c.num_hidden_layers
+    kv, r = c.num_key_value_heads * hd, 4 if mode == "full" else a
+    N = plan.batch_size * plan.max_length
+    n_images = plan.batch_size * plan.images_per_sample
+    # What one InternLM2 block saves per token. Attention: the rotated q|k buffer (q is a view of it; k and v are
+    # copied out so the fused qkv buffer is freed), v, the output (= wo's input), the lse, the bf16 rotary tables
     attention = a * (2 * h + 2 * kv) + 4 * nh + (a * hd if r != a else 0)
     if mode == "full":
         # each RMSNorm's fp32 input and its normalised output (for the weight's gradient), and the bf16 copy
@@ -171,40 +164,18 @@ def llm_block_bytes_per_token(plan: Plan) -> float:
     else:
         norms = 2 * (4 * h + 4)                             # frozen linears save nothing: no weight gradient
         mlp = 3 * a * i
-    total = norms + attention + mlp
+    block = norms + attention + mlp
     if mode == "lora":
         # per adapted linear (inputs summed: 4h + i): the dropout mask (1 byte from CUDA's fused dropout, a on
         # the CPU) and the adapter's input, plus the r-wide middle of each of wqkv, wo, w1, w2, w3
         mask = (1 if plan.device == "cuda" else a) if plan.lora_dropout > 0 else 0
-        total += (4 * h + i) * (mask + a) + 5 * plan.lora_r * a
+        block += (4 * h + i) * (mask + a) + 5 * plan.lora_r * a
     if plan.batch_size > 1 and plan.device == "cuda":
         # the padded-batch attention path repeats k and v to all heads and saves a float mask per block
-        total += 2 * a * (h - kv) + a * plan.max_length
-    return total
-
-
-def vit_block_bytes_per_token(plan: Plan) -> float:
-    """Bytes one DINOv2 block saves for backward per ViT token (1 + registers + patches), when the ViT trains."""
-    v, a = plan.vit, plan.act_bytes
-    D, F = v.hidden_size, v.ffn_hidden_size
-    norms = 2 * (4 * D + 8)                                            # the residual stream is fp32
-    linear_inputs = (3 * a * D if a == 2 else a * D) + a * D          # q/k/v inputs (one bf16 copy each), fc1 input
-    attention = 3 * a * D + a * D + 4 * v.num_attention_heads          # q, k, v, output (= dense input), lse
-    layer_scale = 2 * a * D
-    mlp = a * (4 * F if v.use_swiglu_ffn else 2 * F)
-    return norms + linear_inputs + attention + layer_scale + mlp
-
-
-def activation_bytes(plan: Plan) -> dict[str, int]:
-    """Itemised activation bytes at the peak (the start of backward)."""
-    c, v, a = plan.llm, plan.vit, plan.act_bytes
-    h, L = c.hidden_size, c.num_hidden_layers
-    N = plan.batch_size * plan.max_length
-    n_images = plan.batch_size * plan.images_per_sample
-    r = 4 if plan.llm_mode == "full" else a
+        block += 2 * a * (h - kv) + a * plan.max_length
     # The last block is booked in full, an upper bound: its output projection and MLP run on the supervised
     # tokens only (at most 1/L of the blocks' total less).
-    block = llm_block_bytes_per_token(plan) * N
+    block *= N
     items = {}
     if plan.grad_checkpointing:
         items["llm blocks (inputs kept)"] = L * r * h * N   # each block keeps its input ...
@@ -213,17 +184,23 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
         items["llm blocks"] = L * block
     # ids and splice indices, the final norm, and each supervised token's gathered hidden state
     supervised = max(0, N - n_images * plan.image_tokens)
-    final_norm = (4 * h + r * h + 4) if plan.llm_mode == "full" else (4 * h + 4)
+    final_norm = (4 * h + r * h + 4) if mode == "full" else (4 * h + 4)
     items["llm outside blocks"] = 16 * N + final_norm * N + (r * h + 24) * supervised
-    vit_tokens = n_images * (1 + v.num_register_tokens + plan.image_tokens)
+    vit_tokens = n_images * (1 + v.num_register_tokens + plan.image_tokens)      # cls, registers, patches
     if "projector" in plan.train:
         items["projector"] = n_images * plan.image_tokens * a * (v.hidden_size + 2 * h)
     if "vit" in plan.train:                                 # a frozen ViT runs under no_grad: nothing saved
         blocks = v.blocks_run(plan.select_layer)
-        vit_block = vit_block_bytes_per_token(plan) * vit_tokens
+        D, F = v.hidden_size, v.ffn_hidden_size
+        per_token = (2 * (4 * D + 8)                                   # two norms: the residual stream is fp32
+                     + (3 * a * D if a == 2 else a * D) + a * D        # q/k/v inputs (a bf16 copy each), fc1's
+                     + 4 * a * D + 4 * v.num_attention_heads           # q, k, v, output (= dense input), lse
+                     + 2 * a * D                                       # the two layer scales' inputs
+                     + a * (4 * F if v.use_swiglu_ffn else 2 * F))     # the MLP
+        vit_block = per_token * vit_tokens
         pixels = n_images * 3 * plan.image_size ** 2 * a    # the patch convolution's input
         if plan.grad_checkpointing:
-            items["vit blocks (inputs kept)"] = blocks * 4 * v.hidden_size * vit_tokens + pixels
+            items["vit blocks (inputs kept)"] = blocks * 4 * D * vit_tokens + pixels
             items["vit recompute (one block)"] = vit_block
         else:
             items["vit blocks"] = blocks * vit_block + pixels
@@ -248,10 +225,9 @@ def saved_activation_bytes(model, fn):
 
 
 def fsdp_gathered_bytes(plan: Plan) -> int:
-    """Under FSDP, what is whole besides the shards, in the compute dtype: the root unit (embedding, final norm,
-    head, projector, a trained ViT's embeddings) from forward to the end of backward and two decoder layers (the
-    one running, the one prefetched); and the unsharded gradients of the root and of one layer. ViT blocks are
-    smaller than LLM layers; the root's fp32 gradient copy comes when the activations are gone."""
+    """Under FSDP, what is whole besides the shards, in the compute dtype: the root unit (embedding, final norm, head,
+    projector, a trained ViT's embeddings) until backward ends, two decoder layers (running, prefetched; ViT blocks
+    are smaller), the unsharded gradients of root and one layer (the root's fp32 copy comes after the activations)."""
     c, v, a = plan.llm, plan.vit, plan.act_bytes
     layer = (internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2))
              - internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=1)))
@@ -269,49 +245,6 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
 # The GPU estimate
 
 def estimate(plan: Plan) -> Estimate:
-    _check(plan)
-    p, world, a, v = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit
-    fsdp = plan.fsdp and world > 1
-    weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]     # fp32 master weights for what trains
-    optimizer = 8 * p["trained"]                                    # AdamW's exp_avg and exp_avg_sq in fp32
-    outside = p["vit"] * a if "vit" not in plan.train else 0        # FSDP: a frozen ViT stays whole on each rank
-    supervised = max(1, plan.batch_size * (plan.max_length - plan.images_per_sample * plan.image_tokens))
-    vit_tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
-    acts = activation_bytes(plan)
-    other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
-    e = Estimate(
-        params=p,
-        weights=(weights - outside) // world + outside if fsdp else weights,
-        gradients=4 * p["trained"] // world if fsdp else 4 * p["trained"],
-        # gradient_as_bucket_view=True: gradients live in DDP's flat all-reduce buckets, not beside them
-        ddp_buckets=4 * p["trained"] if world > 1 and not plan.ddp_bucket_view else 0,
-        optimizer=optimizer // world if (plan.zero or plan.fsdp) and world > 1 else optimizer,   # ZeRO-1, FSDP
-        optimizer_unsharded=optimizer,
-        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward; under FSDP
-        # the bf16 all-gathers are the compute copies
-        autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" and not fsdp else 0,
-        activations=acts,
-        activations_other_mode=sum(other.values()),
-        # a frozen ViT's no_grad forward, before the LLM runs: at its peak a few live tensors of one block
-        vit_transient=0 if "vit" in plan.train else int(vit_tokens * a * (6 * v.hidden_size + 2 * v.ffn_hidden_size)),
-        # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus the logits
-        logits=int(min(plan.loss_chunk, supervised) * plan.llm.vocab_size * (12 + a)),
-        cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
-        fsdp_gathered=fsdp_gathered_bytes(plan) if fsdp else 0,
-        load_host_rank0=weights if fsdp else 0,                     # rank 0 alone reads the model, on the CPU
-    )
-    if fsdp:
-        # Every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives whole
-        # from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight.
-        c = plan.llm
-        e.load_peak = e.weights + max(c.vocab_size, c.intermediate_size) * c.hidden_size * (
-            4 if plan.llm_mode == "full" else a)
-    e.total = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
-               + e.fsdp_gathered + max(e.activation_total + e.logits, e.vit_transient))
-    return e
-
-
-def _check(plan: Plan) -> None:
     if not plan.train or not set(plan.train) <= set(llava.PARTS):
         raise LlavaMinError(f"--train {','.join(plan.train)}: use a comma list of {', '.join(llava.PARTS)}, or all")
     if plan.image_size % plan.vit.patch_size:
@@ -325,6 +258,43 @@ def _check(plan: Plan) -> None:
         raise LlavaMinError("--lora-r trains the LLM through adapters: add llm to --train")
     if plan.batch_size < 1 or plan.world_size < 1:
         raise LlavaMinError(f"--batch-size ({plan.batch_size}) and the world size ({plan.world_size}) must be >= 1")
+    p, world, a, v, c = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit, plan.llm
+    fsdp = plan.fsdp and world > 1
+    weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]     # fp32 master weights for what trains
+    optimizer = 8 * p["trained"]                                    # AdamW's exp_avg and exp_avg_sq in fp32
+    outside = p["vit"] * a if "vit" not in plan.train else 0        # FSDP: a frozen ViT stays whole on each rank
+    held = (weights - outside) // world + outside if fsdp else weights
+    supervised = max(1, plan.batch_size * (plan.max_length - need))
+    vit_tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
+    other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
+    # FSDP load: every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives
+    # whole from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight
+    in_flight = max(c.vocab_size, c.intermediate_size) * c.hidden_size * (4 if plan.llm_mode == "full" else a)
+    e = Estimate(
+        params=p,
+        weights=held,
+        gradients=4 * p["trained"] // world if fsdp else 4 * p["trained"],
+        # gradient_as_bucket_view=True: gradients live in DDP's flat all-reduce buckets, not beside them
+        ddp_buckets=4 * p["trained"] if world > 1 and not plan.ddp_bucket_view else 0,
+        optimizer=optimizer // world if (plan.zero or plan.fsdp) and world > 1 else optimizer,   # ZeRO-1, FSDP
+        optimizer_unsharded=optimizer,
+        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward; under FSDP
+        # the bf16 all-gathers are the compute copies
+        autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" and not fsdp else 0,
+        activations=activation_bytes(plan),
+        activations_other_mode=sum(other.values()),
+        # a frozen ViT's no_grad forward, before the LLM runs: at its peak a few live tensors of one block
+        vit_transient=0 if "vit" in plan.train else int(vit_tokens * a * (6 * v.hidden_size + 2 * v.ffn_hidden_size)),
+        # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus the logits
+        logits=int(min(plan.loss_chunk, supervised) * c.vocab_size * (12 + a)),
+        cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
+        fsdp_gathered=fsdp_gathered_bytes(plan) if fsdp else 0,
+        load_peak=held + in_flight if fsdp else 0,
+        load_host_rank0=weights if fsdp else 0,                     # rank 0 alone reads the model, on the CPU
+    )
+    e.total = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
+               + e.fsdp_gathered + max(e.activation_total + e.logits, e.vit_transient))
+    return e
 
 
 # Host RAM of one node
@@ -406,9 +376,8 @@ def largest_length(plan: Plan, gpu_gib: float) -> int:
 
 
 def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
-    """Flags that make `plan` fit a card of `gpu_gib` GiB: a smaller micro-batch (the same global batch through
-    --grad-accum); if batch 1 does not fit, levers one by one (bf16, checkpointing, ZeRO-1, FSDP, LoRA, a smaller
-    rank), then a shorter --max-length; then the levers not needed are dropped. Last line: the estimate, or why not."""
+    """Flags that make `plan` fit a `gpu_gib` GiB card: a smaller micro-batch (--grad-accum keeps the global batch),
+    else the levers in turn, then a shorter --max-length; unneeded levers are dropped. Last: the estimate or why not."""
     if fits(plan, gpu_gib):
         return [f"already fits: {estimate(plan).total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
     shardable = plan.world_size > 1 and not plan.fsdp
@@ -423,12 +392,11 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
     def build(chosen, **more) -> Plan:       # later levers override earlier ones (--lora-r 32 after 128)
         return plan.replace(**{k: v for _, change in chosen for k, v in change.items()} | more)
 
-    applied, batch, length = [], 0, plan.max_length
-    for i in range(len(levers) + 1):
+    applied, length = [], plan.max_length
+    batch = min(largest_batch(plan, gpu_gib), plan.batch_size)
+    while not batch and len(applied) < len(levers):
+        applied.append(levers[len(applied)])
         batch = min(largest_batch(build(applied), gpu_gib), plan.batch_size)
-        if batch or i == len(levers):
-            break
-        applied.append(levers[i])
     if not batch:
         batch, length = 1, largest_length(build(applied, batch_size=1), gpu_gib)
         if not length:
@@ -453,36 +421,33 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
 
 def plan_from_args(args, world_size: int | None = None, device: str | None = None) -> Plan:
     """A Plan from an argparse namespace with finetune.py's names (missing ones take the defaults)."""
-    def get(name, default=None):
-        value = getattr(args, name, None)
-        return default if value is None else value
-
-    init = Path(get("init_from")) if get("init_from") else None
-    llm_source = get("llm") or get("llm_config") or (init / "llm" if init else None)
-    vit_source = get("vit") or get("vit_config") or (init / "vit" if init else None)
+    given = {name: value for name, value in vars(args).items() if value is not None}   # absent or None: the default
+    init = Path(given.get("init_from")) if given.get("init_from") else None
+    llm_source = given.get("llm") or given.get("llm_config") or (init / "llm" if init else None)
+    vit_source = given.get("vit") or given.get("vit_config") or (init / "vit" if init else None)
     if llm_source is None or vit_source is None:
         raise LlavaMinError("give --llm DIR or --llm-config NAME_OR_JSON, and --vit DIR or --vit-config "
                             "NAME_OR_JSON (or --init-from DIR)")
-    image_size = get("image_size")
+    image_size = given.get("image_size")
     if image_size is None and init is not None and (init / "llava_config.json").exists():
         image_size = json.loads((init / "llava_config.json").read_text()).get("image_size")
-    parts = llava.parse_parts(get("train", "projector,llm"))
+    parts = llava.parse_parts(given.get("train", "projector,llm"))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    data = [Path(f) for f in get("data", [])]
-    sources = [Path(s) for s in (get("llm"), get("vit"), init and init / "llm", init and init / "vit") if s]
+    sources = [Path(s) for s in (given.get("llm"), given.get("vit"), init and init / "llm", init and init / "vit") if s]
     shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
     same_names = ("lora_r", "lora_dropout", "batch_size", "max_length", "grad_checkpointing", "zero", "fsdp",
-                  "num_workers")                                    # absent or None: Plan's default
+                  "num_workers")
     plan = Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
                 train=tuple(p for p in llava.PARTS if p in parts), image_size=image_size or 336,
-                dtype=get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
-                world_size=world_size or get("world_size", 1), device=device,
-                nproc_per_node=get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                data_bytes=sum(f.stat().st_size for f in data if f.is_file()), shard_bytes=max(shards, default=0),
-                **{name: get(name) for name in same_names if get(name) is not None})
+                dtype=given.get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
+                world_size=world_size or given.get("world_size") or int(os.environ.get("WORLD_SIZE", 1)), device=device,
+                nproc_per_node=given.get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                data_bytes=sum(Path(f).stat().st_size for f in given.get("data", []) if Path(f).is_file()),
+                shard_bytes=max(shards, default=0),
+                **{name: given[name] for name in same_names if name in given})
     # --pack N: a row of whole samples, each with at most one image, booked as N positions with as many images as
     # fit (each with a text token at least): an upper bound for the ViT's share
-    pack = get("pack")
+    pack = given.get("pack")
     return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
 
 
@@ -492,11 +457,9 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
     """The table train.py prints at start-up. host_gib: the node's RAM (default: this machine's MemTotal)."""
     e, world, ckpt = estimate(plan), plan.world_size, "on" if plan.grad_checkpointing else "off"
     p, fsdp, unsharded = e.params, plan.fsdp and world > 1, e.optimizer_unsharded / GiB
-    if e.optimizer != e.optimizer_unsharded:
-        optimizer_note = f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
-    else:
-        zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
-        optimizer_note = "trained x 8 B" + zero
+    zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
+    optimizer_note = (f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
+                      if e.optimizer != e.optimizer_unsharded else "trained x 8 B" + zero)
     rows = [("weights", e.weights, f"trained x 4 B + frozen x {plan.act_bytes} B"
              + (f", / {world} (a frozen ViT whole)" if fsdp else "")),
             ("gradients", e.gradients, "trained x 4 B" + (f" / {world}" if fsdp else "")),
@@ -538,70 +501,58 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
                   f"  largest --max-length at batch {plan.batch_size}: {largest_length(plan, gpu_gib)}"]
         if not ok:
             lines += ["  to fit: " + "; ".join(suggest_fit(plan, gpu_gib))]
-    return "\n".join(lines + [""] + host_report(plan, host_gib))
-
-
-def host_report(plan: Plan, host_gib: float | None = None) -> list[str]:
-    """The host RAM lines of `report`, and the warning when the node's RAM is exceeded."""
     h, n, w = host_bytes(plan), plan.nproc_per_node, plan.num_workers
     host_gib = host_ram()[0] / GiB if host_gib is None else host_gib
-
-    def items(phase: str) -> str:
-        return ", ".join(f"{k} {v / GiB:.2f}" for k, v in h[f"rank_{phase}"].items() if v)
-
     worker = f"; + {w} worker{'s' if w > 1 else ''} x {sum(h['worker'].values()) / GiB:.2f}" if w else ""
-    lines = [f"host RAM per node: {n} rank{'s' if n > 1 else ''}, {w} loader worker{'s' if w != 1 else ''} each"
-             "         GiB",
-             f"  reading the data {h['start'] / GiB:8.2f}   {n} x ({items('start')})",
-             f"  loading          {h['load'] / GiB:8.2f}   {n} x ({items('load')})",
-             f"  training         {h['training'] / GiB:8.2f}   {n} x ({items('training')}{worker})"]
+    lines += ["", f"host RAM per node: {n} rank{'s' if n > 1 else ''}, {w} loader worker{'s' if w != 1 else ''} each"
+                  "         GiB"]
+    for label, phase in (("reading the data", "start"), ("loading", "load"), ("training", "training")):
+        items = ", ".join(f"{k} {v / GiB:.2f}" for k, v in h[f"rank_{phase}"].items() if v)
+        lines.append(f"  {label:17s}{h[phase] / GiB:8.2f}   {n} x ({items}{worker if phase == 'training' else ''})")
     if host_gib:
         lines.append(host_warning(plan, host_gib) or f"  fits this node's {host_gib:.1f} GiB")
-    return lines
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llm", default=None, help="InternLM2 folder (its config.json is read)")
-    p.add_argument("--llm-config", default=None, help="preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
-    p.add_argument("--vit", default=None, help="DINOv2 folder (its config.json is read)")
-    p.add_argument("--vit-config", default=None, help="preset (dinov2-small/-base/-large/-giant[-reg]) or config.json")
-    p.add_argument("--init-from", default=None, help="a folder written by train.py: its llm/ and vit/ configs")
+    p.add_argument("--llm", help="InternLM2 folder (its config.json is read)")
+    p.add_argument("--llm-config", help="preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
+    p.add_argument("--vit", help="DINOv2 folder (its config.json is read)")
+    p.add_argument("--vit-config", help="preset (dinov2-small/-base/-large/-giant[-reg]) or config.json")
+    p.add_argument("--init-from", help="a folder written by train.py: its llm/ and vit/ configs")
     p.add_argument("--train", default="projector,llm", help="comma list of projector,llm,vit, or all")
     p.add_argument("--lora-r", type=int, default=0)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=16, help="micro-batch per process")
     p.add_argument("--max-length", type=int, default=2048, help="LLM sequence, image tokens included")
-    p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336)")
+    p.add_argument("--image-size", type=int, help="square ViT input (default 336)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--pack", type=int, default=0, help="packed rows of this many positions (--batch-size rows)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--zero", action="store_true", help="ZeRO-1: shard the optimizer state over the ranks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
-    p.add_argument("--world-size", "--nproc", dest="world_size", type=int,
-                   default=int(os.environ.get("WORLD_SIZE", 1)), help="processes (GPUs) in the job")
+    p.add_argument("--world-size", "--nproc", dest="world_size", type=int, help="processes (GPUs) in the job")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where training runs")
     p.add_argument("--data", nargs="+", default=[], help="the data files (their size: each rank's sample table)")
     p.add_argument("--num-workers", type=int, default=4, help="loader worker processes per rank")
-    p.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-                   help="ranks per node, for host RAM (default: LOCAL_WORLD_SIZE, else 1)")
-    p.add_argument("--gpu-mem", type=float, default=None,
-                   help="GiB per GPU for the fit search (default: this machine's GPU, else 24)")
+    p.add_argument("--nproc-per-node", type=int, help="ranks per node for host RAM (default: LOCAL_WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-mem", type=float, help="GiB per GPU to fit in (default: this machine's GPU, else 24)")
     p.add_argument("--host-ram-gib", type=float, default=host_ram()[0] / GiB,
                    help="RAM of one node in GiB (default: this machine's MemTotal)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args, ignored = p.parse_known_args(argv)
     try:
-        plan = plan_from_args(args, world_size=args.world_size, device=args.device)
+        plan = plan_from_args(args, device=args.device)
     except ValueError as e:
         p.error(str(e))
     gpu_gib = args.gpu_mem or (torch.cuda.get_device_properties(0).total_memory / GiB if torch.cuda.is_available()
                                else 24.0)
     if args.json:
         e = estimate(plan)
+        est = dataclasses.asdict(e) | {"saved_activations": e.saved_activations, "activation_total": e.activation_total}
         out = {"plan": dict(dataclasses.asdict(plan), llm=plan.llm.to_dict(), vit=plan.vit.to_dict()),
-               "estimate": e.as_dict(), "gib": {k: round(v / GiB, 3) for k, v in e.as_dict().items()
-                                                if isinstance(v, int) and k != "params"},
+               "estimate": est, "gib": {k: round(v / GiB, 3) for k, v in est.items() if isinstance(v, int)},
                "gpu_gib": gpu_gib, "fits": fits(plan, gpu_gib), "largest_batch": largest_batch(plan, gpu_gib),
                "largest_max_length": largest_length(plan, gpu_gib), "suggest_fit": suggest_fit(plan, gpu_gib),
                "host": host_bytes(plan), "host_ram_gib": args.host_ram_gib,
