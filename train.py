@@ -309,7 +309,8 @@ def load_data(args, d: "dist.Dist") -> Data:
     # ("truncated").
     long = sum(1 for n in dataset.lengths if abs(n) > args.max_length)
     d.print0(f"truncated: about {long} of {len(dataset)} samples are longer than --max-length "
-             f"{args.max_length} by the length estimate and will be cut at the end")
+             f"{args.max_length} by the length estimate (4 characters a token) and will be cut at the "
+             "end; metrics.jsonl counts the cut ones of each step exactly")
     global_batch = args.batch_size * d.world_size * args.grad_accum
     sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed, pack=args.pack)
     if args.pack:
