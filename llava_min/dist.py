@@ -72,6 +72,9 @@ class Dist:
 def setup(timeout_s: float = 600.0) -> Dist:
     """Join the job torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or return a one-process Dist."""
     env = os.environ
+    # Less fragmentation on long runs (the allocator reads it at the first CUDA allocation, after this).
+    # Only a default: an exported value wins.
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return Dist(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"),
                     timeout_s=timeout_s)
@@ -89,7 +92,6 @@ def setup(timeout_s: float = 600.0) -> Dist:
         # process down for errors nobody waits on. Only defaults: an exported value wins. Before CUDA starts.
         env.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if local_rank >= torch.cuda.device_count():
             raise LlavaMinError(f"rank {rank}: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) "
                                 f"are visible (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
