@@ -59,7 +59,8 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    """fsync every file, then every folder bottom-up, so the data is on disk before the rename publishes it."""
+    """fsync every file, then every folder bottom-up, so the data is on disk before the rename
+    publishes it."""
     for root, _dirs, files in os.walk(folder, topdown=False):
         for name in files:
             _fsync_path(Path(root) / name)
@@ -107,8 +108,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_leftovers(out_dir: str | os.PathLike) -> list[str]:
-    """Remove what killed saves left in OUT/checkpoints, but not what live processes write; rename back a complete
-    `.old-` checkpoint whose `step-` folder is missing. Every save calls it; call it at start-up on rank 0."""
+    """Remove what killed saves left in OUT/checkpoints, but not what live processes write;
+    rename back a complete `.old-` checkpoint whose `step-` folder is missing. Every save calls
+    it; call it at start-up on rank 0."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     done = []
     for p in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else ():
@@ -132,14 +134,16 @@ def clean_leftovers(out_dir: str | os.PathLike) -> list[str]:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict, keep: int | None = 2,
                     write_fn: Callable[[Path], None] | None = None) -> Path:
-    """Write OUT/checkpoints/step-NNNNNN (replacing one of the same step) atomically on one rank, with the files
-    write_fn(folder) adds; point `latest` at it, keep the newest `keep` (None: all); returns its path."""
+    """Write OUT/checkpoints/step-NNNNNN (replacing one of the same step) atomically on one
+    rank, with the files write_fn(folder) adds; point `latest` at it, keep the newest `keep`
+    (None: all); returns its path."""
     return publish_checkpoint(out_dir, step, begin_checkpoint(out_dir, step), training_state, keep, write_fn)
 
 
 def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
-    """The first half of `save_checkpoint` for saves that several ranks write: the empty `.tmp-` folder. One
-    rank calls it, all may write into it, then that rank calls `publish_checkpoint` (llava_min/fsdp.py)."""
+    """The first half of `save_checkpoint` for saves that several ranks write: the empty `.tmp-`
+    folder. One rank calls it, all may write into it, then that rank calls `publish_checkpoint`
+    (llava_min/fsdp.py)."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out_dir)
@@ -150,8 +154,9 @@ def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
 
 def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, training_state: dict,
                        keep: int | None = 2, write_fn: Callable[[Path], None] | None = None) -> Path:
-    """The second half: write_fn's files, training_state.pt and COMPLETE (listing every file in `tmp`, the other
-    writers' included) into `tmp`, fsync, rename to step-NNNNNN, point `latest` at it, prune."""
+    """The second half: write_fn's files, training_state.pt and COMPLETE (listing every file in
+    `tmp`, the other writers' included) into `tmp`, fsync, rename to step-NNNNNN, point `latest`
+    at it, prune."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     final = ckpt_dir / step_name(step)
     try:
@@ -188,8 +193,8 @@ def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, trainin
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: the one `latest` names if it is complete, else (saying why on stderr) the
-    newest complete one; None when there is none."""
+    """The checkpoint to resume from: the one `latest` names if it is complete, else (saying why
+    on stderr) the newest complete one; None when there is none."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     if not ckpt_dir.is_dir():
         return None
@@ -204,7 +209,8 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     else:
         return ckpt_dir / named
     found = _complete_steps(ckpt_dir)
-    # An interrupted replacement leaves the complete old checkpoint under `.old-` until the next clean-up.
+    # An interrupted replacement leaves the complete old checkpoint under `.old-` until the next
+    # clean-up.
     for p in ckpt_dir.iterdir():
         m = LEFTOVER.match(p.name)
         if m and m["kind"] == "old" and int(m["step"]) not in found and checkpoint_problem(p) is None:
@@ -221,7 +227,8 @@ def load_training_state(folder: str | os.PathLike, map_location: str | torch.dev
     folder = Path(folder)
     if problem := checkpoint_problem(folder):
         raise LlavaMinError(f"{folder}: not a complete checkpoint: {problem}; resume from latest_checkpoint(OUT)")
-    # weights_only=True: a checkpoint from elsewhere cannot run code. Plain values only (see capture_rng_state).
+    # weights_only=True: a checkpoint from elsewhere cannot run code. Plain values only (see
+    # capture_rng_state).
     try:
         return torch.load(folder / TRAINING_STATE, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -250,9 +257,10 @@ def _safetensors_header(file: Path) -> bytes:
 
 
 def source_fingerprint(folder: str | os.PathLike) -> dict:
-    """What identifies a frozen part's weights without storing them, read in milliseconds: each weight file's
-    size and a hash of its safetensors header (names, dtypes, shapes, offsets) and of 16 blocks of 64 KiB spread
-    over its data (another model of the same shapes differs there)."""
+    """What identifies a frozen part's weights without storing them, read in milliseconds: each
+    weight file's size and a hash of its safetensors header (names, dtypes, shapes, offsets) and
+    of 16 blocks of 64 KiB spread over its data (another model of the same shapes differs
+    there)."""
     folder, files = Path(folder), {}
     for file in sorted(folder.iterdir()):
         if not file.is_file() or not (file.name.endswith((".safetensors", ".safetensors.index.json"))
@@ -274,7 +282,8 @@ def source_fingerprint(folder: str | os.PathLike) -> dict:
 
 
 def check_sources(saved: dict, now: dict, ckpt: Path) -> None:
-    """Refuse to resume when a frozen part's source is not the one the checkpoint was trained against."""
+    """Refuse to resume when a frozen part's source is not the one the checkpoint was trained
+    against."""
     for part, then in saved.items():
         current = now.get(part)
         if current is None:
@@ -295,7 +304,8 @@ def check_sources(saved: dict, now: dict, ckpt: Path) -> None:
 
 
 def stored_dtype(folder: str | os.PathLike) -> torch.dtype:
-    """The floating dtype most tensors of a checkpoint folder are stored in (bf16 for the released models)."""
+    """The floating dtype most tensors of a checkpoint folder are stored in (bf16 for the
+    released models)."""
     counts = Counter()
     for file in sorted(Path(folder).glob("*.safetensors")):
         header = json.loads(_safetensors_header(file))
@@ -304,9 +314,10 @@ def stored_dtype(folder: str | os.PathLike) -> torch.dtype:
 
 
 def publish_frozen(source: str | os.PathLike, dest: str | os.PathLike, mode: str = "link") -> str:
-    """Put a frozen part's files into the output folder without re-encoding them; returns what it did. "link":
-    hard links (a copy where the file system refuses), "copy": byte-for-byte copies (both outlive the source),
-    "ref": `dest` becomes a symbolic link to the source folder (nothing written; breaks if the source moves)."""
+    """Put a frozen part's files into the output folder without re-encoding them; returns what
+    it did. "link": hard links (a copy where the file system refuses), "copy": byte-for-byte
+    copies (both outlive the source), "ref": `dest` becomes a symbolic link to the source folder
+    (nothing written; breaks if the source moves)."""
     source, dest = Path(source).resolve(), Path(dest)
     if dest.resolve() == source:
         return "kept"                               # the output folder is the source already
@@ -339,8 +350,8 @@ def publish_frozen(source: str | os.PathLike, dest: str | os.PathLike, mode: str
 # Random number generators
 
 def capture_rng_state() -> dict:
-    """This process's Python, NumPy, torch CPU and (if in use) CUDA generator states, as plain lists and tensors
-    (so it loads with weights_only=True). Under torchrun, gather every rank's."""
+    """This process's Python, NumPy, torch CPU and (if in use) CUDA generator states, as plain
+    lists and tensors (so it loads with weights_only=True). Under torchrun, gather every rank's."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
