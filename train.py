@@ -202,26 +202,22 @@ def main(stage: int = 1, argv=None) -> None:
 
 
 def run(args, out: Path, d: "dist.Dist") -> None:
-    """The whole training run; each line below is one stage, a function of this file, in this
-    order."""
-    # Settings: what --init-from hands on, and flag combinations refused before anything is loaded.
+    """The whole training run: each line below is one stage, a function of this file, in order."""
+    # Settings: what --init-from hands on; flag combinations refused before anything is loaded.
     parts, compute_dtype = settings(args, d)
     # Data: cheap checks of every sample on every rank now, so a bad one is reported in seconds;
     # tokenization later, per sample, in the loader's workers.
     data = load_data(args, d)
-    # Model: each part read once, in its final dtype; frozen where it does not train; LoRA as
-    # asked.
+    # Model: each part read once, in its final dtype; frozen where it does not train; LoRA.
     model, frozen = prepare_model(args, data, parts, compute_dtype, d)
-    # Parallelism: one process, DDP, DDP + ZeRO-1 or FSDP2, behind one object
-    # (llava_min/parallel.py).
+    # Parallelism: one process, DDP, DDP + ZeRO-1 or FSDP2, behind one object (parallel.py).
     par = parallel.Parallel(model, d, want_fsdp=args.fsdp, want_zero=args.zero,
                             compute_dtype=compute_dtype)
-    # Optimiser: AdamW over the trained tensors; a learning rate warmed up, then cosine-decayed.
+    # Optimiser: AdamW over the trained tensors; the learning rate warmed up, then cosine-decayed.
     schedule = make_optimiser(args, par, data.max_steps)
     # Resume: the latest complete checkpoint in OUT, when --resume asks for it.
     start_step = resume(args, out, par, schedule, frozen, data, d)
-    # The loop: each step forward and backward over its micro-batches, then one update; saves on
-    # the way.
+    # The loop: per step, forward and backward over its micro-batches, one update; saves between.
     train_loop(args, out, par, schedule, frozen, data, start_step, compute_dtype, d)
     d.print0(f"done: {data.max_steps} steps; model in {out}")
 
