@@ -76,15 +76,13 @@ def shard(model: LLaVA, d: "dist.Dist", compute_dtype: torch.dtype) -> None:
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     layers = model.llm.model.layers
     for i, layer in enumerate(layers):
-        # The last layer's backward comes right after its forward: keeping it gathered saves one
-        # all-gather.
+        # The last layer's backward comes right after its forward: keeping it gathered saves one all-gather.
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
     vit_trains = any(p.requires_grad for p in model.vit.parameters())
     if vit_trains:
         for block in model.vit.encoder.layer:
             fully_shard(block, mesh=mesh, mp_policy=mp)
-    # The root: everything not in a unit above (the LLaVA forward is what runs, so its hooks gather
-    # these first).
+    # The root: everything not in a unit above (the LLaVA forward is what runs, so its hooks gather these first).
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=None if vit_trains else set(model.vit.parameters()))
     # This rank's shards, the ignored ViT and the buffers: allocated, not filled.
     model.to_empty(device=d.device)
@@ -182,8 +180,7 @@ def load_sharded(model: torch.nn.Module, optimizer, ckpt: Path, d: "dist.Dist") 
 # The final output: whole tensors, once
 
 def _unsharded_like(part: str, module: torch.nn.Module) -> torch.nn.Module:
-    """An empty (meta) module of the same class, config and LoRA layers as `module`, frozen
-    where it is."""
+    """An empty (meta) module of the same class, config and LoRA layers as `module`, frozen where it is."""
     clone = weights.build_on_meta({"llm": lambda: InternLM2(module.config), "vit": lambda: DINOv2(module.config),
                           "projector": lambda: Projector(module.vision_hidden, module.llm_hidden, module.depth,
                                                          module.bias)}[part])
