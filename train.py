@@ -3,12 +3,15 @@
 One process:
     python train.py --data data/shapes/pretrain.json --image-folder data/shapes \\
         --tokenizer data/shapes/tok.model --llm-config tiny --vit-config tiny --out out/stage1
-Several GPUs / nodes (every rank reads and tokenizes its own samples lazily; nothing is preprocessed up front):
-    torchrun --nproc_per_node 4 train.py --data blip_laion_cc_sbu_558k.json --image-folder LLaVA-Pretrain/images \\
-        --tokenizer internlm2/tokenizer.model --llm internlm2-chat-7b --vit dinov2-large --out out/pretrain
+Several GPUs / nodes (every rank reads and tokenizes its own samples lazily, nothing up front):
+    torchrun --nproc_per_node 4 train.py --data blip_laion_cc_sbu_558k.json \\
+        --image-folder LLaVA-Pretrain/images --tokenizer internlm2/tokenizer.model \\
+        --llm internlm2-chat-7b --vit dinov2-large --out out/pretrain
 
-finetune.py (stage 2) runs this same script with its own defaults (`main(stage=2)`). Read it top to bottom:
-arguments, distributed set-up, data, model, optimiser, resume, the loop, saving.
+finetune.py (stage 2) runs this same script with its own defaults (`main(stage=2)`). Read it top
+to bottom: the arguments, then `run`, whose lines are the table of contents: settings, data, model,
+parallelism, optimiser, resume, the loop (one step: `forward_backward`, then `optimizer_step`), and
+saving (`save`).
 """
 from __future__ import annotations
 
@@ -17,123 +20,373 @@ import contextlib
 import functools
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation on long runs
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from llava_min import checkpoint, dist, fsdp  # noqa: E402
-from llava_min.data import LLaVADataset, collate, collate_packed  # noqa: E402
-from llava_min.dinov2 import DINOv2, load_config as vit_config  # noqa: E402
-from llava_min.internlm2 import InternLM2, load_config as llm_config  # noqa: E402
-from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts, trained_positions  # noqa: E402
-from llava_min.loader import Loader  # noqa: E402
-from llava_min.lora import apply_lora  # noqa: E402
-from llava_min.optim import (CosineSchedule, clip_gradients, gather_optimizer_state, make_optimizer,  # noqa: E402
-                             param_groups)
-from llava_min.plot import plot_loss  # noqa: E402
-from llava_min.projector import Projector  # noqa: E402
-from llava_min.sampler import GlobalBatchSampler  # noqa: E402
-from llava_min.tokenizer import Tokenizer  # noqa: E402
-from llava_min.tools import doctor, flops, hang, memory  # noqa: E402
-from llava_min.weights import write_atomic, write_json  # noqa: E402
+from llava_min import checkpoint, dist, fsdp, parallel
+from llava_min.data import LLaVADataset, collate, collate_packed
+from llava_min.dinov2 import DINOv2, load_config as vit_config
+from llava_min.internlm2 import InternLM2, load_config as llm_config
+from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts, trained_positions
+from llava_min.loader import Loader
+from llava_min.lora import apply_lora
+from llava_min.optim import CosineSchedule, param_groups
+from llava_min.plot import plot_loss
+from llava_min.projector import Projector
+from llava_min.sampler import GlobalBatchSampler
+from llava_min.tokenizer import Tokenizer
+from llava_min.tools import doctor, flops, hang, memory
+from llava_min.weights import write_atomic, write_json
 
 # Per-stage defaults (LLaVA-1.5 scripts/v1_5 and XTuner's internlm2_chat LLaVA configs).
 STAGE_DEFAULTS = {1: dict(train="projector", lr=1e-3, batch_size=32),
                   2: dict(train="projector,llm", lr=2e-5, batch_size=16)}
-# Settings a stage-2 run takes from its --init-from folder. Their flags default to None ("not given"), so a
-# flag typed on the command line, abbreviated or not, always wins; without --init-from these defaults apply.
-INHERITED = {"tokenizer": None, "image_size": 336, "image_mode": "pad", "max_length": 2048, "system": None}
-SLOW_DISK_BYTES_PER_S = 20e6   # what a busy shared file system still writes: sizes the wait for rank 0's saves
+# Settings a stage-2 run takes from its --init-from folder. Their flags default to None ("not
+# given"), so a flag typed on the command line, abbreviated or not, always wins; without
+# --init-from these defaults apply.
+INHERITED = {"tokenizer": None, "image_size": 336, "image_mode": "pad", "max_length": 2048,
+             "system": None}
+# What a busy shared file system still writes: sizes the wait for rank 0's saves.
+SLOW_DISK_BYTES_PER_S = 20e6
 
+
+# Arguments
 
 def parse_args(stage: int, argv=None) -> argparse.Namespace:
-    d = STAGE_DEFAULTS[stage]
-    p = argparse.ArgumentParser(description=__doc__ if stage == 1 else sys.modules["__main__"].__doc__,
+    description = __doc__
+    if stage != 1:
+        description = sys.modules["__main__"].__doc__
+    p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", required=True, help="LLaVA-format JSON (a list) or JSONL files")
-    p.add_argument("--image-folder", default=".", help="image paths in the data are relative to it")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model (inherited with --init-from)")
-    p.add_argument("--llm", default=None, help="pretrained InternLM2 folder")
-    p.add_argument("--llm-config", default=None,
-                   help="fresh weights: preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
-    p.add_argument("--vit", default=None, help="pretrained DINOv2 folder")
-    p.add_argument("--vit-config", default=None,
-                   help="fresh weights: preset (tiny, dinov2-small/-base/-large/-giant[-reg]) or config.json")
-    p.add_argument("--projector", default=None, help="pretrained projector folder (XTuner or HF LLaVA names)")
-    p.add_argument("--init-from", default=None, help="a folder written by train.py (stage 1 output)")
-    p.add_argument("--train", default=d["train"], help="comma list of projector,llm,vit, or all")
-    p.add_argument("--lora-r", type=int, default=0, help="train the LLM through LoRA adapters of this rank")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 * r)")
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (warm-up then cosine)")
-    p.add_argument("--projector-lr", type=float, default=None, help="separate peak lr for the projector")
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
-    p.add_argument("--max-length", type=int, default=None, help="cap on the LLM's sequence (default 2048; inherited)")
-    p.add_argument("--image-size", type=int, default=None, help="square ViT input (default 336; inherited)")
-    p.add_argument("--image-mode", choices=["pad", "crop"], default=None,
-                   help="pad to square (LLaVA-1.5, the default) or centre crop; inherited")
-    p.add_argument("--system", default=None, help="system prompt for every sample (inherited)")
-    p.add_argument("--skip-bad-samples", action="store_true", help="drop (and count) bad samples instead of stopping")
-    p.add_argument("--num-workers", type=int, default=4, help="loader worker processes; 0 = in the main process")
-    p.add_argument("--loader-timeout", type=float, default=600, help="seconds a loader worker may be silent")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept in OUT/checkpoints")
-    p.add_argument("--save-frozen", choices=["link", "copy", "ref"], default="link", help="frozen parts in OUT: "
-                   "hard links to the source files (else copies), copies, or a symbolic link to the source folder")
-    p.add_argument("--save-dtype", choices=["source", "float32", "bfloat16"], default="source",
-                   help="dtype of the trained parts in OUT (default: their source checkpoint's; fp32 if fresh)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
-    p.add_argument("--dist-timeout", type=float, default=600, help="timeout (s) of every collective")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block's activations in backward")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="compute dtype (default bfloat16 on CUDA, float32 on CPU); trained weights stay fp32")
-    p.add_argument("--pack", type=int, default=0, metavar="N", help="pack whole samples into rows of at most N "
-                   "LLM positions (N >= --max-length), attention isolated per sample; --batch-size counts rows")
-    p.add_argument("--zero", action="store_true", help="shard optimizer state across ranks (ZeRO-1)")
-    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state across "
-                   "ranks (FSDP2 fully_shard, ZeRO-3's layout) instead of replicating them (DDP)")
-    p.add_argument("--nan", choices=["stop", "skip"], default="stop", help="on a NaN/inf loss: stop, or skip the step")
+    _what_to_train(p, STAGE_DEFAULTS[stage])
+    _how_to_train(p, STAGE_DEFAULTS[stage])
+    _how_to_run(p)
     args = p.parse_args(argv)
     args.stage = stage
     return args
 
 
+def _what_to_train(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """The data and the parts of the model."""
+    p.add_argument("--data", nargs="+", required=True,
+                   help="LLaVA-format JSON (a list) or JSONL files")
+    p.add_argument("--image-folder", default=".",
+                   help="image paths in the data are relative to it")
+    p.add_argument("--tokenizer", default=None,
+                   help="sentencepiece model (inherited with --init-from)")
+    p.add_argument("--llm", default=None, help="pretrained InternLM2 folder")
+    p.add_argument("--llm-config", default=None,
+                   help="fresh weights: preset (tiny, internlm2-1_8b, internlm2-7b) "
+                        "or config.json")
+    p.add_argument("--vit", default=None, help="pretrained DINOv2 folder")
+    p.add_argument("--vit-config", default=None,
+                   help="fresh weights: preset (tiny, dinov2-small/-base/-large/-giant[-reg]) "
+                        "or config.json")
+    p.add_argument("--projector", default=None,
+                   help="pretrained projector folder (XTuner or HF LLaVA names)")
+    p.add_argument("--init-from", default=None,
+                   help="a folder written by train.py (stage 1 output)")
+    p.add_argument("--train", default=defaults["train"],
+                   help="comma list of projector,llm,vit, or all")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="train the LLM through LoRA adapters of this rank")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="LoRA scale numerator (default 2 * r)")
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="cap on the LLM's sequence (default 2048; inherited)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square ViT input (default 336; inherited)")
+    p.add_argument("--image-mode", choices=["pad", "crop"], default=None,
+                   help="pad to square (LLaVA-1.5, the default) or centre crop; inherited")
+    p.add_argument("--system", default=None, help="system prompt for every sample (inherited)")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="drop (and count) bad samples instead of stopping")
+
+
+def _how_to_train(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """Length, batch, optimiser, precision."""
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="length in optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                   help="micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=defaults["lr"],
+                   help="peak learning rate (warm-up then cosine)")
+    p.add_argument("--projector-lr", type=float, default=None,
+                   help="separate peak lr for the projector")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--nan", choices=["stop", "skip"], default="stop",
+                   help="on a NaN/inf loss or gradient norm: stop, or skip the step")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default bfloat16 on CUDA, float32 on CPU); "
+                        "trained weights stay fp32")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward")
+    p.add_argument("--pack", type=int, default=0, metavar="N",
+                   help="pack whole samples into rows of at most N LLM positions "
+                        "(N >= --max-length), attention isolated per sample; --batch-size counts rows")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _how_to_run(p: argparse.ArgumentParser) -> None:
+    """Output, checkpoints, processes."""
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N optimizer steps")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept in OUT/checkpoints")
+    p.add_argument("--save-frozen", choices=["link", "copy", "ref"], default="link",
+                   help="frozen parts in OUT: hard links to the source files (else copies), "
+                        "copies, or a symbolic link to the source folder")
+    p.add_argument("--save-dtype", choices=["source", "float32", "bfloat16"], default="source",
+                   help="dtype of the trained parts in OUT (default: their source checkpoint's; "
+                        "fp32 if fresh)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in --out")
+    p.add_argument("--num-workers", type=int, default=4,
+                   help="loader worker processes; 0 = in the main process")
+    p.add_argument("--loader-timeout", type=float, default=600,
+                   help="seconds a loader worker may be silent")
+    p.add_argument("--dist-timeout", type=float, default=600,
+                   help="timeout (s) of every collective")
+    p.add_argument("--zero", action="store_true",
+                   help="shard optimizer state across ranks (ZeRO-1)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state across ranks "
+                        "(FSDP2 fully_shard, ZeRO-3's layout) instead of replicating them (DDP)")
+
+
 def inherit(args, init_dir: Path | None) -> list[str]:
-    """Fill the INHERITED settings left at None: from the stage-1 folder's args.json, else the defaults."""
-    saved = json.loads((init_dir / "args.json").read_text()) if init_dir and (init_dir / "args.json").exists() else {}
+    """Fill the INHERITED settings left at None: from the stage-1 folder's args.json, else the
+    defaults."""
+    saved = {}
+    if init_dir and (init_dir / "args.json").exists():
+        saved = json.loads((init_dir / "args.json").read_text())
     if init_dir:
         saved["tokenizer"] = str(init_dir / "tokenizer.model")
     said = []
     for key, default in INHERITED.items():
-        if getattr(args, key) is None:
-            value = saved.get(key)
-            if value is not None:
-                said.append(f"{key}={value}")
-            setattr(args, key, default if value is None else value)
+        if getattr(args, key) is not None:
+            continue
+        value = saved.get(key)
+        if value is None:
+            value = default
+        else:
+            said.append(f"{key}={value}")
+        setattr(args, key, value)
     return said
 
 
+# The run, stage by stage
+
+def main(stage: int = 1, argv=None) -> None:
+    args = parse_args(stage, argv)
+    out = Path(args.out)
+    d = dist.setup(timeout_s=args.dist_timeout)
+    # Heartbeats and stack dumps under OUT (kill -USR1 <pid> writes every rank's).
+    hang.attach(d, out)
+    try:
+        # Under torchrun: every rank joined, no shared GPU, a correct all-reduce.
+        doctor.quick_check(d)
+        run(args, out, d)
+    finally:
+        dist.teardown(d)
+
+
+def run(args, out: Path, d: "dist.Dist") -> None:
+    """The whole training run: each line below is one stage, a function of this file, in order."""
+    # Settings: what --init-from hands on; flag combinations refused before anything is loaded.
+    parts, compute_dtype = settings(args, d)
+    # Data: cheap checks of every sample on every rank now, so a bad one is reported in seconds;
+    # tokenization later, per sample, in the loader's workers.
+    data = load_data(args, d)
+    # Model: each part read once, in its final dtype; frozen where it does not train; LoRA.
+    model, frozen = prepare_model(args, data, parts, compute_dtype, d)
+    # Parallelism: one process, DDP, DDP + ZeRO-1 or FSDP2, behind one object (parallel.py).
+    par = parallel.Parallel(model, d, want_fsdp=args.fsdp, want_zero=args.zero,
+                            compute_dtype=compute_dtype)
+    # Optimiser: AdamW over the trained tensors; the learning rate warmed up, then cosine-decayed.
+    schedule = make_optimiser(args, par, data.max_steps)
+    # Resume: the latest complete checkpoint in OUT, when --resume asks for it.
+    start_step = resume(args, out, par, schedule, frozen, data, d)
+    # The loop: per step, forward and backward over its micro-batches, one update; saves between.
+    train_loop(args, out, par, schedule, frozen, data, start_step, compute_dtype, d)
+    d.print0(f"done: {data.max_steps} steps; model in {out}")
+
+
+def settings(args, d: "dist.Dist") -> tuple[set[str], torch.dtype]:
+    """Fill the inherited settings, refuse contradictory flags; returns the trained parts and
+    compute dtype."""
+    init = None
+    if args.init_from:
+        init = Path(args.init_from)
+    said = inherit(args, init)
+    if init:
+        listed = ", ".join(said) or "nothing"
+        d.print0(f"stage {args.stage}: from {args.init_from}, inherited {listed}")
+    if not args.tokenizer:
+        raise SystemExit("give --tokenizer FILE (or --init-from a stage-1 folder, which holds "
+                         "one)")
+    for part in ("llm", "vit"):
+        if not (getattr(args, part) or getattr(args, f"{part}_config") or args.init_from):
+            raise SystemExit(f"give --{part} DIR, --{part}-config NAME_OR_JSON, "
+                             "or --init-from DIR")
+    try:
+        parts = parse_parts(args.train)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.lora_r and "llm" not in parts:
+        raise SystemExit("--lora-r trains the LLM through adapters: add llm to --train")
+    if args.fsdp and args.zero:
+        raise SystemExit("--fsdp shards the optimizer state already (and the parameters and "
+                         "gradients): drop --zero")
+    if args.pack and args.pack < args.max_length:
+        raise SystemExit(f"--pack {args.pack} is shorter than --max-length {args.max_length}: a "
+                         "sample cut at --max-length must fit in one packed row; use "
+                         "--pack >= --max-length")
+    if args.fsdp and d.world_size == 1:
+        d.print0("--fsdp with one process: nothing to shard, training unsharded")
+    # bfloat16 on a GPU, float32 on the CPU, unless --dtype says.
+    dtype_name = args.dtype
+    if dtype_name is None:
+        dtype_name = "float32"
+        if d.device.type == "cuda":
+            dtype_name = "bfloat16"
+    return parts, getattr(torch, dtype_name)
+
+
+@dataclass
+class Data:
+    """What the data stage hands on: the samples, their order, and the sizes that follow from
+    them."""
+    tok: Tokenizer
+    src: dict                  # part -> the checkpoint folder it loads from; None = fresh weights
+    vit_config: object         # the ViT's config: patch size, blocks run for the feature layer
+    image_tokens: int          # LLM positions per image
+    dataset: LLaVADataset
+    sampler: GlobalBatchSampler
+    global_batch: int          # samples (or packed rows) per optimizer step, all ranks together
+    max_steps: int
+
+
+def load_data(args, d: "dist.Dist") -> Data:
+    """The samples checked and measured (not tokenized), the global batch order, and the run's
+    length."""
+    d.print0(f"reading data from {', '.join(map(str, args.data))}")
+    tok = Tokenizer(args.tokenizer)
+    # The checkpoint folder each part loads from; None = fresh weights from --llm-config /
+    # --vit-config.
+    src = {}
+    for part in PARTS:
+        src[part] = None
+        if getattr(args, part):
+            src[part] = Path(getattr(args, part))
+        elif args.init_from:
+            src[part] = Path(args.init_from) / part
+    vit_cfg = vit_config(src["vit"] or args.vit_config)
+    if args.image_size % vit_cfg.patch_size:
+        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size "
+                         f"{vit_cfg.patch_size}")
+    image_tokens = vit_cfg.image_tokens(args.image_size)
+    dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size,
+                           image_mode=args.image_mode, max_length=args.max_length,
+                           image_tokens=image_tokens, system=args.system,
+                           skip_bad=args.skip_bad_samples)
+    d.print0(dataset.report())
+    # Samples are cut at the end when longer than --max-length; the loop counts them exactly
+    # ("truncated").
+    long = sum(1 for n in dataset.lengths if abs(n) > args.max_length)
+    d.print0(f"truncated: about {long} of {len(dataset)} samples are longer than --max-length "
+             f"{args.max_length} by the length estimate (4 characters a token) and will be cut at the "
+             "end; metrics.jsonl counts the cut ones of each step exactly")
+    global_batch = args.batch_size * d.world_size * args.grad_accum
+    sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed, pack=args.pack)
+    if args.pack:
+        d.print0(f"packing: {len(sampler.packs)} rows of <= {args.pack} positions per epoch "
+                 "(by the length estimates)")
+    max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
+    return Data(tok, src, vit_cfg, image_tokens, dataset, sampler, global_batch, max_steps)
+
+
+def prepare_model(args, data: Data, parts: set[str], compute_dtype: torch.dtype,
+                  d: "dist.Dist") -> tuple[LLaVA, dict]:
+    """The model on this rank's device (under --fsdp: rank 0's on the CPU, the others' on meta),
+    frozen where it does not train; returns it and the `frozen` record a checkpoint keeps of the
+    frozen parts' sources."""
+    on = d.device
+    if args.fsdp and d.world_size > 1:
+        # Under --fsdp only rank 0 reads the weights (on the CPU), the others build on meta.
+        on = fsdp.load_device(d)
+    # On meta, the fresh parts are built there too (no storage).
+    where = contextlib.nullcontext()
+    if on.type == "meta":
+        where = torch.device("meta")
+    with where:
+        model = build_model(args, data.tok, data.src, parts, compute_dtype, on)
+    model.requires_grad_(False)
+    for name in parts:
+        getattr(model, name).requires_grad_(True)
+    if "vit" in parts:
+        # Blocks after the selected layer and the final LayerNorm never reach the loss: freeze
+        # them, or DDP waits forever for their gradients.
+        run_blocks = data.vit_config.blocks_run(model.config.select_layer)
+        for block in model.vit.encoder.layer[run_blocks:]:
+            block.requires_grad_(False)
+        model.vit.layernorm.requires_grad_(False)
+    if args.lora_r:
+        model.llm.requires_grad_(False)
+        replaced = apply_lora(model.llm, r=args.lora_r, alpha=args.lora_alpha or 2 * args.lora_r,
+                              dropout=args.lora_dropout)
+        d.print0(f"LoRA r={args.lora_r} on {len(replaced)} linear layers of the LLM")
+    if args.grad_checkpointing:
+        model.set_gradient_checkpointing(True)
+    frozen = frozen_sources(args, model, data.src)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = ""
+    if args.lora_r:
+        lora = ", LoRA"
+    n_all = sum(p.numel() for p in model.parameters())
+    d.print0(f"parameters: {n_all:,} total, {n_train:,} trained ({', '.join(sorted(parts))}{lora})")
+    # All ranks must agree on what they are about to do: a mismatch would hang DDP later; it is
+    # loud here.
+    fingerprint = dist.config_hash({k: v for k, v in vars(args).items() if k != "resume"})
+    dist.check_consistent(d, {"samples": len(data.dataset), "max_steps": data.max_steps,
+                              "trainable_params": n_train, "config_hash": fingerprint})
+    return model, frozen
+
+
+def frozen_sources(args, model: LLaVA, src: dict) -> dict:
+    """A part with any frozen tensor is rebuilt on resume: the checkpoint records from which
+    source (its fingerprint) or which recipe (config and seed), and resume checks it is the
+    same."""
+    recipe = {"llm": args.llm_config, "vit": args.vit_config, "projector": "default"}
+    frozen = {}
+    for part in PARTS:
+        if all(p.requires_grad for p in getattr(model, part).parameters()):
+            continue
+        if src[part]:
+            frozen[part] = checkpoint.source_fingerprint(src[part])
+        else:
+            frozen[part] = {"fresh": {"config": str(recipe[part]), "seed": args.seed}}
+    return frozen
+
+
 def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.dtype, device) -> LLaVA:
-    """Each part read once, straight to the device, in its final dtype: fp32 for what trains (the optimizer's
-    master weights), the compute dtype for what stays frozen (the LLM under LoRA included)."""
+    """Each part read once, straight to the device, in its final dtype: fp32 for what trains
+    (the optimizer's master weights), the compute dtype for what stays frozen (the LLM under
+    LoRA included)."""
     def dtype_of(part: str) -> torch.dtype:
-        return torch.float32 if part in parts and not (part == "llm" and args.lora_r) else dtype
+        if part in parts and not (part == "llm" and args.lora_r):
+            return torch.float32
+        return dtype
 
     torch.manual_seed(args.seed)  # fresh weights identical on every rank and on resume
     llm = (InternLM2.from_pretrained(src["llm"], dtype=dtype_of("llm"), device=device) if src["llm"]
@@ -143,9 +396,12 @@ def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.d
     projector = (Projector.from_pretrained(src["projector"], dtype=dtype_of("projector"), device=device)
                  if src["projector"] else
                  Projector(vit.config.hidden_size, llm.config.hidden_size).to(device, dtype_of("projector")))
-    config = LLaVAConfig.read(args.init_from) if args.init_from else LLaVAConfig()
+    config = LLaVAConfig()
+    if args.init_from:
+        config = LLaVAConfig.read(args.init_from)
     model = LLaVA(llm, vit, projector, config)
-    config.image_size, config.image_mode = args.image_size, args.image_mode
+    config.image_size = args.image_size
+    config.image_mode = args.image_mode
     config.stop_ids = [tok.im_end_id, tok.eos_id]
     config.text_vocab_size = tok.vocab_size
     if tok.vocab_size > llm.config.vocab_size:
@@ -155,315 +411,288 @@ def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.d
     return model
 
 
-def main(stage: int = 1, argv=None) -> None:
-    args = parse_args(stage, argv)
-    out = Path(args.out)
-    d = dist.setup(timeout_s=args.dist_timeout)
-    hang.attach(d, out)              # heartbeats and stack dumps under OUT (kill -USR1 <pid> writes every rank's)
-    try:
-        doctor.quick_check(d)        # under torchrun: every rank joined, no shared GPU, a correct all-reduce
-        run(args, out, d)
-    finally:
-        dist.teardown(d)
+def make_optimiser(args, par: "parallel.Parallel", max_steps: int) -> CosineSchedule:
+    """AdamW (held by `par`: its state sharded under ZeRO-1 / FSDP) and its warm-up + cosine
+    schedule."""
+    groups = param_groups(par.model, args.lr, args.weight_decay, projector_lr=args.projector_lr)
+    optimizer = par.make_optimizer(groups, args.lr)
+    # Warm-up then cosine, per group; the learning rate is a function of the step alone.
+    return CosineSchedule(optimizer, max_steps, args.warmup_ratio)
 
 
-def run(args, out: Path, d: "dist.Dist") -> None:
-    log, print0 = d.log, d.print0
-
-    # ---- settings -------------------------------------------------------------------------------
-    init = Path(args.init_from) if args.init_from else None
-    said = inherit(args, init)
-    if init:
-        print0(f"stage {args.stage}: from {args.init_from}, inherited " + (", ".join(said) or "nothing"))
-    if not args.tokenizer:
-        raise SystemExit("give --tokenizer FILE (or --init-from a stage-1 folder, which holds one)")
-    for part in ("llm", "vit"):
-        if not (getattr(args, part) or getattr(args, f"{part}_config") or args.init_from):
-            raise SystemExit(f"give --{part} DIR, --{part}-config NAME_OR_JSON, or --init-from DIR")
-    try:
-        parts = parse_parts(args.train)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    if args.lora_r and "llm" not in parts:
-        raise SystemExit("--lora-r trains the LLM through adapters: add llm to --train")
-    if args.fsdp and args.zero:
-        raise SystemExit("--fsdp shards the optimizer state already (and the parameters and gradients): drop --zero")
-    device = d.device
-    compute_dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-
-    # ---- data: cheap checks on every rank, tokenization later, per sample, in loader workers ------
-    # Before the model is loaded, so a bad sample is reported in seconds, not after minutes of loading.
-    print0(f"reading data from {', '.join(map(str, args.data))}")
-    tok = Tokenizer(args.tokenizer)
-    # The checkpoint folder each part loads from; None = fresh weights from --llm-config / --vit-config.
-    src = {part: Path(getattr(args, part)) if getattr(args, part) else (init / part if init else None)
-           for part in PARTS}
-    vit_cfg = vit_config(src["vit"] or args.vit_config)
-    if args.image_size % vit_cfg.patch_size:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size {vit_cfg.patch_size}")
-    image_tokens = vit_cfg.image_tokens(args.image_size)     # LLM positions per image
-    dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
-                           max_length=args.max_length, image_tokens=image_tokens, system=args.system,
-                           skip_bad=args.skip_bad_samples)
-    print0(dataset.report())
-    global_batch = args.batch_size * d.world_size * args.grad_accum     # samples, or packed rows with --pack
-    if args.pack and args.pack < args.max_length:
-        raise SystemExit(f"--pack {args.pack} is shorter than --max-length {args.max_length}: a sample cut at "
-                         "--max-length must fit in one packed row; use --pack >= --max-length")
-    sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed, pack=args.pack)
-    if args.pack:
-        print0(f"packing: {len(sampler.packs)} rows of <= {args.pack} positions per epoch (by the length estimates)")
-    max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
-
-    # ---- model ----------------------------------------------------------------------------------
-    sharded = args.fsdp and d.world_size > 1
-    on = fsdp.load_device(d) if sharded else device      # under --fsdp only rank 0 reads the weights (on the CPU)
-    with torch.device(on) if on.type == "meta" else contextlib.nullcontext():   # fresh parts built on meta too
-        model = build_model(args, tok, src, parts, compute_dtype, on)
-    model.requires_grad_(False)
-    for name in parts:
-        getattr(model, name).requires_grad_(True)
-    if "vit" in parts:
-        # Blocks after the selected layer and the final LayerNorm never reach the loss: freeze them, or DDP
-        # waits forever for their gradients.
-        for block in model.vit.encoder.layer[vit_cfg.blocks_run(model.config.select_layer):]:
-            block.requires_grad_(False)
-        model.vit.layernorm.requires_grad_(False)
-    if args.lora_r:
-        model.llm.requires_grad_(False)
-        replaced = apply_lora(model.llm, r=args.lora_r, alpha=args.lora_alpha or 2 * args.lora_r,
-                              dropout=args.lora_dropout)
-        print0(f"LoRA r={args.lora_r} on {len(replaced)} linear layers of the LLM")
-    if args.grad_checkpointing:
-        model.set_gradient_checkpointing(True)
-    # A part with any frozen tensor is rebuilt on resume: the checkpoint records from which source, or recipe.
-    recipe = {"llm": args.llm_config, "vit": args.vit_config, "projector": "default"}
-    frozen = {part: checkpoint.source_fingerprint(src[part]) if src[part] else
-              {"fresh": {"config": str(recipe[part]), "seed": args.seed}}
-              for part in PARTS if not all(p.requires_grad for p in getattr(model, part).parameters())}
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"parameters: {sum(p.numel() for p in model.parameters()):,} total, {n_train:,} trained "
-           f"({', '.join(sorted(parts))}{', LoRA' if args.lora_r else ''})")
-
-    if sharded:
-        # Before the optimizer, which then holds fp32 state for this rank's shards only (llava_min/fsdp.py).
-        with dist.collective(d, "FSDP set-up (device mesh)"):
-            fsdp.shard(model, d, compute_dtype)
-    elif args.fsdp:
-        print0("--fsdp with one process: nothing to shard, training unsharded")
-
-    # ---- optimiser ------------------------------------------------------------------------------
-    groups = param_groups(model, args.lr, args.weight_decay, projector_lr=args.projector_lr)
-    optimizer = make_optimizer(groups, args.lr, zero=args.zero and d.world_size > 1)
-    schedule = CosineSchedule(optimizer, max_steps, args.warmup_ratio)   # warm-up then cosine, per group
-
-    # ---- resume ---------------------------------------------------------------------------------
-    start_step = 0
+def resume(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedule, frozen: dict,
+           data: Data, d: "dist.Dist") -> int:
+    """The step to start from: 0, or (--resume) that of the latest complete checkpoint in OUT,
+    after loading its trained tensors, optimizer and schedule state and this rank's RNG states."""
     if d.rank == 0:
-        checkpoint.clean_leftovers(out)                       # half-written checkpoints of a killed run
+        # Half-written checkpoints of a killed run.
+        checkpoint.clean_leftovers(out)
     ckpt = checkpoint.latest_checkpoint(out)
     if ckpt is not None and not args.resume:
-        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
-                         "another --out")
-    if args.resume and ckpt is None:
-        print0(f"--resume: no complete checkpoint in {out}/checkpoints, starting from step 0")
+        raise SystemExit(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                         "or choose another --out")
+    start_step = 0
+    if ckpt is None and args.resume:
+        d.print0(f"--resume: no complete checkpoint in {out}/checkpoints, starting from step 0")
     if ckpt is not None:
-        state = checkpoint.load_training_state(ckpt, map_location=device)
-        checkpoint.check_sources(state["frozen"], frozen, ckpt)      # the frozen weights are the same ones
-        if "sharded" in state:                                       # saved under --fsdp: any world size, any mode
-            if args.zero:
-                raise SystemExit(f"{ckpt} was saved under --fsdp: resume with --fsdp, or without --zero")
-            fsdp.load_sharded(model, optimizer, ckpt, d)
-        elif fsdp.is_sharded(model):
-            raise SystemExit(f"{ckpt} was saved without --fsdp: resume it without --fsdp (a checkpoint saved "
-                             "with --fsdp resumes with or without it)")
-        else:
-            checkpoint.check_trained(set(state["trainable"]), model, ckpt)
-            model.load_state_dict(state["trainable"], strict=False)     # the frozen tensors come from their sources
-            optimizer.load_state_dict(state["optimizer"])
+        state = checkpoint.load_training_state(ckpt, map_location=d.device)
+        check_same_run(state, args, data, ckpt)
+        # The frozen weights are the same ones.
+        checkpoint.check_sources(state["frozen"], frozen, ckpt)
+        par.load_checkpoint(ckpt, state)
         schedule.load_state_dict(state["schedule"])
-        rng = state["rng"]   # one per rank; a different world size continues from rank 0's stream
-        checkpoint.restore_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
+        # One RNG state per rank; on another world size the new ranks continue from rank 0's
+        # stream.
+        rng = state["rng"]
+        mine = rng[0]
+        if d.rank < len(rng):
+            mine = rng[d.rank]
+        checkpoint.restore_rng_state(mine)
         start_step = state["step"]
-        if state["args"].get("pack", 0) != args.pack:
-            raise SystemExit(f"{ckpt}: saved with --pack {state['args'].get('pack', 0)}, now {args.pack}; "
-                             "keep --pack to continue the same data order")
-        if state.get("global_batch") != global_batch:
-            raise SystemExit(f"{ckpt}: saved with global batch {state.get('global_batch')}, now {global_batch}; "
-                             "keep batch x processes x accumulation equal to continue the same data order")
-        print0(f"resumed from {ckpt} at step {start_step} (saved by {state.get('world_size')} processes, "
-               f"now {d.world_size})")
+        d.print0(f"resumed from {ckpt} at step {start_step} (saved by {state.get('world_size')} "
+                 f"processes, now {d.world_size})")
+    # Every rank must start at the same step (each found the same checkpoint).
+    dist.check_consistent(d, {"start_step": start_step})
+    return start_step
 
-    # All ranks must agree on what they are about to do (a mismatch hangs DDP later, loudly here).
-    fingerprint = dist.config_hash({k: v for k, v in vars(args).items() if k != "resume"})
-    dist.check_consistent(d, {"samples": len(dataset), "max_steps": max_steps, "start_step": start_step,
-                              "trainable_params": n_train, "config_hash": fingerprint})
-    # DDP's constructor is a collective (shapes compared, rank 0's weights broadcast). gradient_as_bucket_view:
-    # gradients live in DDP's all-reduce buckets, not beside them (one copy of the trained parameters saved).
-    # broadcast_buffers=False: the only buffer (the ViT's mask token) never changes; the default would broadcast
-    # it in every forward, one more collective per step, outside any name.
-    replicate = d.world_size > 1 and not fsdp.is_sharded(model)
-    with dist.collective(d, "DDP set-up (parameter check and broadcast from rank 0)"):
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        gradient_as_bucket_view=True, broadcast_buffers=False) if replicate else model
+
+def check_same_run(state: dict, args, data: Data, ckpt: Path) -> None:
+    """Refuse a resume that would not continue the same data order."""
+    saved_pack = state["args"].get("pack", 0)
+    if saved_pack != args.pack:
+        raise SystemExit(f"{ckpt}: saved with --pack {saved_pack}, now {args.pack}; keep --pack "
+                         "to continue the same data order")
+    if state.get("global_batch") != data.global_batch:
+        raise SystemExit(f"{ckpt}: saved with global batch {state.get('global_batch')}, now "
+                         f"{data.global_batch}; keep batch x processes x accumulation equal to "
+                         "continue the same data order")
+
+
+# The loop
+
+def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedule, frozen: dict,
+               data: Data, start_step: int, compute_dtype: torch.dtype, d: "dist.Dist") -> None:
+    """Steps start_step + 1 .. max_steps, each: the micro-batches' forward and backward, one
+    update (or a skip, --nan), a metrics line; between two steps the checkpoints."""
+    device = d.device
     plan = memory.plan_from_args(args, world_size=d.world_size)
-    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    print0(memory.report(plan, gpu_gib))
-    if d.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_file = out / "metrics.jsonl"
-        if metrics_file.exists():   # a resumed run rewrites the steps after its checkpoint
-            kept = [ln for ln in metrics_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-            metrics_file.write_text("".join(ln + "\n" for ln in kept))
-        write_json(vars(args), out / "args.json")
-        print0("configuration:\n" + "\n".join(f"  {k:18s} {v}" for k, v in sorted(vars(args).items())))
-
-    # ---- the loop -------------------------------------------------------------------------------
-    batches = sampler.batches_for_rank(d.rank, d.world_size, args.grad_accum, start_step, max_steps)
-    shared = args.num_workers > 0    # workers collate straight into shared memory: handing a batch over copies nothing
-    collate_fn = (functools.partial(collate_packed, capacity=args.pack, shared=shared, image_tokens=image_tokens)
-                  if args.pack else functools.partial(collate, shared=shared))
-    loader = Loader(dataset, batches, collate_fn, num_workers=args.num_workers, timeout=args.loader_timeout,
-                    pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
-    metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
-    peak = flops.peak_flops(device)          # MFU on a known GPU: FLOPs counted as tools/flops.py says
-    count_flops = flops.StepFlops(model, image_tokens) if peak else None
-    bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0,
-               disable=d.rank != 0)
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    batch_iter = iter(loader)
-    ddp_model.train()
+    gpu_gib = None
+    if device.type == "cuda":
+        gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    d.print0(memory.report(plan, gpu_gib))
+    metrics = open_metrics(args, out, start_step, d)
+    loader = make_loader(args, data, start_step, d)
+    # MFU on a known GPU: FLOPs counted as tools/flops.py says.
+    peak = flops.peak_flops(device)
+    count_flops = None
+    if peak:
+        count_flops = flops.StepFlops(par.model, data.image_tokens)
+    bar = tqdm(total=data.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+               mininterval=1.0, disable=d.rank != 0)
+    autocast = torch.autocast(device.type, dtype=compute_dtype,
+                              enabled=compute_dtype != torch.float32)
+    batches = iter(loader)
+    par.module.train()
     try:
-        for step in range(start_step, max_steps):
+        for step in range(start_step, data.max_steps):
             t0 = time.time()
             d.heartbeat(step + 1, "waiting for data")
-            micro = [next(batch_iter) for _ in range(args.grad_accum)]
-            loss, seen, positions, step_flops = forward_backward(ddp_model, micro, autocast, device, d, step,
-                                                                 count_flops)
-            if not math.isfinite(loss):        # every rank sees the same all-reduced loss: all act alike
-                ids = [i for b in micro for i in b["ids"]]
-                msg = (f"step {step + 1}: loss is {loss} (NaN/inf). Samples of this rank's batches: {ids[:32]}. "
-                       "Try a lower --lr or --dtype float32")
-                if args.nan == "stop":
-                    raise FloatingPointError(msg + ", or --nan skip to skip such steps")
-                log(msg + " -- skipping this step")
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                lr = schedule.lr
-                grad_norm = (fsdp.clip_gradients(model, args.clip, d, step + 1) if fsdp.is_sharded(model)
-                             else clip_gradients(model.parameters(), args.clip))
-                # Under ZeRO each rank updates its shard and broadcasts it: a collective, named if it times out.
-                with (dist.collective(d, f"optimizer step {step + 1} (ZeRO shard broadcast)") if args.zero
-                      else contextlib.nullcontext()):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-                dt = time.time() - t0
-                record = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                          "tokens_per_s": round(seen / dt, 1), "padding": round(1 - seen / positions, 4),
-                          "seconds": round(dt, 3)}
-                if peak:
-                    record["mfu"] = round(step_flops / (dt * d.world_size * peak), 4)
-                if device.type == "cuda":
-                    record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                pad=f"{record['padding']:.1%}")
+            micro = [next(batches) for _ in range(args.grad_accum)]
+            sums = forward_backward(par, micro, autocast, device, d, step, count_flops)
+            lr = schedule.lr
+            grad_norm = optimizer_step(par, schedule, args, sums["loss"], micro, step, d)
+            if grad_norm is not None:
+                record = step_record(step, sums, lr, grad_norm, time.time() - t0, peak, d)
+                write_record(record, metrics, bar)
             bar.update(1)
             d.heartbeat(step + 1, "step done")
-            last = step + 1 == max_steps
+            # Between two steps: a checkpoint every --save-every steps and at the end.
+            last = step + 1 == data.max_steps
             if (step + 1) % args.save_every == 0 or last:
-                save(model, tok, optimizer, schedule, args, out, step + 1, global_batch, d, src, frozen, final=last)
+                save(par, schedule, args, out, step + 1, data, frozen, d, final=last)
     except torch.cuda.OutOfMemoryError:
         # Say what would fit before the traceback: the estimate and the flags that change it.
-        log("CUDA out of memory. " + memory.report(plan, gpu_gib) + "\nflags that would fit: "
-            + " ".join(memory.suggest_fit(plan, gpu_gib or 0.0)))
+        d.log("CUDA out of memory. " + memory.report(plan, gpu_gib) + "\nflags that would fit: "
+              + " ".join(memory.suggest_fit(plan, gpu_gib or 0.0)))
         raise
     finally:
         loader.close()
         bar.close()
         if metrics:
             metrics.close()
-    print0(f"done: {max_steps} steps; model in {out}")
 
 
-def forward_backward(ddp_model, micro: list[dict], autocast, device, d, step: int,
-                     count_flops=None) -> tuple[float, int, int, float]:
-    """Forward and backward over one optimizer step's micro-batches; returns the global mean loss, the number of
-    real LLM positions the whole job processed, that number with the padding, and the FLOPs (count_flops).
-    The loss is normalised by the supervised-token count of the whole global batch (all ranks, all micro-batches),
-    so any split of it over processes and accumulation gives the same loss and gradients."""
-    # The positions the model trains on (llava.trained_positions: the splice leaves their count unchanged).
-    local_tokens = sum(int(trained_positions(b["labels"], b["attention_mask"]).sum()) for b in micro)
+def open_metrics(args, out: Path, start_step: int, d: "dist.Dist"):
+    """Rank 0: OUT/args.json, the configuration printed, and OUT/metrics.jsonl open for
+    appending (a resumed run first drops the lines after its checkpoint). Other ranks: None."""
+    if d.rank != 0:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / "metrics.jsonl"
+    if metrics_file.exists():
+        lines = metrics_file.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= start_step]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+    write_json(vars(args), out / "args.json")
+    listed = "\n".join(f"  {k:18s} {v}" for k, v in sorted(vars(args).items()))
+    print("configuration:\n" + listed, flush=True)
+    return open(metrics_file, "a")
+
+
+def make_loader(args, data: Data, start_step: int, d: "dist.Dist") -> Loader:
+    """This rank's batches from start_step on, loaded by worker processes."""
+    batches = data.sampler.batches_for_rank(d.rank, d.world_size, args.grad_accum, start_step,
+                                            data.max_steps)
+    # Workers collate straight into shared memory: handing a batch over copies nothing.
+    shared = args.num_workers > 0
+    collate_fn = functools.partial(collate, shared=shared)
+    if args.pack:
+        collate_fn = functools.partial(collate_packed, capacity=args.pack, shared=shared,
+                                       image_tokens=data.image_tokens)
+    return Loader(data.dataset, batches, collate_fn, num_workers=args.num_workers,
+                  timeout=args.loader_timeout, pin_memory=d.device.type == "cuda", seed=args.seed,
+                  first_batch=start_step * args.grad_accum)
+
+
+def forward_backward(par: "parallel.Parallel", micro: list[dict], autocast, device, d: "dist.Dist",
+                     step: int, count_flops=None) -> dict:
+    """Forward and backward over one optimizer step's micro-batches. Returns, summed over the
+    whole job: "loss" (the global mean), "tokens" (real LLM positions), "positions" (with the
+    padding), "flops" (count_flops), "truncated" (samples cut at --max-length). The loss is
+    normalised by the supervised-token count of the whole global batch (all ranks, all
+    micro-batches), so any split of it over processes and accumulation gives the same loss and
+    gradients."""
+    # The positions the model trains on (llava.trained_positions: the splice leaves their count
+    # unchanged).
+    local_tokens = 0
+    for b in micro:
+        local_tokens += int(trained_positions(b["labels"], b["attention_mask"]).sum())
     counts = torch.tensor([float(local_tokens)], device=device)
     dist.all_reduce(d, counts, what=f"supervised-token count at step {step + 1}")
     global_tokens = max(counts.item(), 1.0)
-    stats = torch.zeros(4, device=device, dtype=torch.float64)   # loss sum, real positions, all positions, FLOPs
-    sharded = fsdp.is_sharded(ddp_model)
+    # loss sum, real positions, all positions, FLOPs, truncated samples
+    stats = torch.zeros(5, device=device, dtype=torch.float64)
     for m, batch in enumerate(micro):
-        last = m == len(micro) - 1
         where = f"{m + 1}/{len(micro)} at step {step + 1}"
-        # Gradients are all-reduced only on the last micro-batch (DDP's no_sync on the others); FSDP keeps them
-        # unsharded and reduce-scatters them once, likewise. FSDP also all-gathers each layer in forward and
-        # backward: both run inside one named collective.
-        sync = contextlib.nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
-        if sharded:
-            ddp_model.set_requires_gradient_sync(last)
-            sync = dist.collective(d, f"forward/backward (FSDP all-gather / reduce-scatter) {where}")
         d.heartbeat(step + 1, f"forward {m + 1}/{len(micro)}")
-        with sync:
+        pixels = batch["pixel_values"]
+        if pixels is not None:
+            pixels = pixels.to(device, non_blocking=True)
+        with par.sync(last=m == len(micro) - 1, where=where):
             with autocast:
-                pixels = batch["pixel_values"]
-                o = ddp_model(batch["input_ids"].to(device, non_blocking=True),
-                              None if pixels is None else pixels.to(device, non_blocking=True),
-                              labels=batch["labels"].to(device, non_blocking=True),
-                              attention_mask=batch["attention_mask"].to(device, non_blocking=True))
-            # DDP and FSDP average gradients over ranks; multiplying by world_size makes it the global-batch sum.
-            with (contextlib.nullcontext() if sharded else
-                  dist.collective(d, f"backward (DDP gradient all-reduce) {where}")):
-                (o.loss_sum * (d.world_size / global_tokens)).backward()
+                input_ids = batch["input_ids"].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True)
+                mask = batch["attention_mask"].to(device, non_blocking=True)
+                o = par.module(input_ids, pixels, labels=labels, attention_mask=mask)
+            # DDP and FSDP average gradients over ranks; multiplying by world_size makes it the
+            # global-batch sum.
+            (o.loss_sum * (d.world_size / global_tokens)).backward()
         stats[0] += o.loss_sum.detach()
-        stats[1] += (o.attention_mask > 0).sum()     # packed rows number their samples 1, 2, ...
+        # Packed rows number their samples 1, 2, ...: every position > 0 is real.
+        stats[1] += (o.attention_mask > 0).sum()
         stats[2] += o.attention_mask.numel()
-        stats[3] += count_flops(o, 0 if pixels is None else pixels.shape[0]) if count_flops else 0.0
+        if count_flops:
+            images = 0
+            if pixels is not None:
+                images = pixels.shape[0]
+            stats[3] += count_flops(o, images)
+        stats[4] += batch["num_truncated"]
     dist.all_reduce(d, stats, what=f"loss sum at step {step + 1}")
-    return stats[0].item() / global_tokens, int(stats[1]), int(stats[2]), float(stats[3])
+    return {"loss": stats[0].item() / global_tokens, "tokens": int(stats[1]),
+            "positions": int(stats[2]), "flops": float(stats[3]), "truncated": int(stats[4])}
 
 
-def save(model: LLaVA, tok: Tokenizer, optimizer, schedule, args, out: Path, step: int, global_batch: int, d,
-         src: dict, frozen: dict, final: bool) -> None:
-    """A checkpoint of what resume needs (atomic) and, at the end, the model itself in OUT. The barrier's timeout
-    adds what a slow disk needs for rank 0's bytes: a long save cannot trip --dist-timeout."""
-    sharded = fsdp.is_sharded(model)
-    with dist.collective(d, f"gathering the ZeRO optimizer shards on rank 0 for the checkpoint at step {step}"):
-        optimizer_state = None if sharded else gather_optimizer_state(optimizer)   # collective under ZeRO
-    rng = dist.all_gather_object(d, checkpoint.capture_rng_state(), what=f"RNG states for checkpoint {step}")
-    what = f"{out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(step)}{f' and the model in {out}' if final else ''}"
+def optimizer_step(par: "parallel.Parallel", schedule: CosineSchedule, args, loss: float,
+                   micro: list[dict], step: int, d: "dist.Dist") -> float | None:
+    """Clip and apply the gradients; returns the gradient norm. A non-finite loss or gradient
+    norm (the same on every rank: both are global) is never stepped into the weights: --nan stop
+    raises, --nan skip drops the gradients and returns None. The schedule steps either way, so
+    the learning rate stays that of the step."""
+    grad_norm = math.nan
+    if math.isfinite(loss):
+        grad_norm = par.clip(args.clip, step + 1)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        par.step(step + 1)
+    else:
+        ids = [i for b in micro for i in b["ids"]]
+        what = f"loss is {loss} (NaN/inf)"
+        if math.isfinite(loss):
+            what = f"the gradient norm is {grad_norm} (NaN/inf) with a finite loss {loss:.6g}"
+        msg = (f"step {step + 1}: {what}. Samples of this rank's batches: {ids[:32]}. "
+               "Try a lower --lr or --dtype float32")
+        if args.nan == "stop":
+            raise FloatingPointError(msg + ", or --nan skip to skip such steps")
+        d.log(msg + " -- skipping this step")
+        par.zero_grad()
+    schedule.step()
+    if finite:
+        return grad_norm
+    return None
+
+
+def step_record(step: int, sums: dict, lr: float, grad_norm: float, seconds: float,
+                peak: float | None, d: "dist.Dist") -> dict:
+    """One line of OUT/metrics.jsonl."""
+    record = {"step": step + 1, "loss": round(sums["loss"], 6), "lr": lr,
+              "grad_norm": round(grad_norm, 4),
+              "tokens_per_s": round(sums["tokens"] / seconds, 1),
+              "padding": round(1 - sums["tokens"] / sums["positions"], 4),
+              "truncated": sums["truncated"], "seconds": round(seconds, 3)}
+    if peak:
+        record["mfu"] = round(sums["flops"] / (seconds * d.world_size * peak), 4)
+    if d.device.type == "cuda":
+        record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(d.device) / 2**30, 2)
+    return record
+
+
+def write_record(record: dict, metrics, bar) -> None:
+    if metrics:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}", pad=f"{record['padding']:.1%}")
+
+
+# Saving
+
+def save(par: "parallel.Parallel", schedule: CosineSchedule, args, out: Path, step: int, data: Data,
+         frozen: dict, d: "dist.Dist", final: bool) -> None:
+    """A checkpoint of what resume needs (atomic) and, at the end (`final`), the model itself in
+    OUT. A collective: every rank calls it. The closing barrier's timeout adds what a slow disk
+    needs for rank 0's bytes: a long save cannot trip --dist-timeout."""
+    rng = dist.all_gather_object(d, checkpoint.capture_rng_state(),
+                                 what=f"RNG states for checkpoint {step}")
+    what = f"{out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(step)}"
+    if final:
+        what += f" and the model in {out}"
     t0 = time.time()
-    # Trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical. Frozen tensors
-    # are not saved: `frozen` names their sources, and resume checks that they are unchanged.
+    # Trained tensors in full precision (LoRA adapters unmerged) make resume bit-identical. Frozen
+    # tensors are not saved: `frozen` names their sources, and resume checks that they are
+    # unchanged.
     state = {"schedule": schedule.state_dict(), "step": step, "rng": rng, "frozen": frozen,
-             "global_batch": global_batch, "world_size": d.world_size, "args": vars(args)}
-    if sharded:   # every rank writes its shards of the trained tensors and AdamW state; whole parts at the end
-        fsdp.save_sharded(model, optimizer, out, step, state, keep=args.keep, d=d)
-        output = fsdp.consolidated(model, _rewritten(model, src), d) if final else None
+             "global_batch": data.global_batch, "world_size": d.world_size, "args": vars(args)}
+    par.save_checkpoint(out, step, state, keep=args.keep)
+    rewritten = _rewritten(par.model, data.src)
+    output = None
+    if final:
+        # Under FSDP the parts OUT rewrites are gathered whole on rank 0 first (a collective).
+        output = par.consolidated(rewritten)
     if d.rank == 0:
-        if not sharded:
-            state.update(optimizer=optimizer_state,
-                         trainable={n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
-            checkpoint.save_checkpoint(out, step, state, keep=args.keep)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         if final:
-            write_output(output if sharded else model, tok, args, out, src)
+            write_output(output, data.tok, args, out, data.src)
         d.log(f"saved {what} in {time.time() - t0:.1f} s")
-    # Bytes rank 0 writes: fp32 trained weights and AdamW's two moments; at the end the parts it writes or copies.
-    size = 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Bytes rank 0 writes: fp32 trained weights and AdamW's two moments; at the end the parts it
+    # writes or copies.
+    size = 12 * sum(p.numel() for p in par.model.parameters() if p.requires_grad)
     if final:
-        copied = PARTS if args.save_frozen == "copy" else _rewritten(model, src)
-        size += sum(4 * p.numel() for part in copied for p in getattr(model, part).parameters())
-    dist.barrier(d, what=f"rank 0's save of {what}", timeout_s=d.timeout_s + size / SLOW_DISK_BYTES_PER_S)
+        copied = rewritten
+        if args.save_frozen == "copy":
+            copied = PARTS
+        size += sum(4 * p.numel() for part in copied for p in getattr(par.model, part).parameters())
+    timeout_s = d.timeout_s + size / SLOW_DISK_BYTES_PER_S
+    dist.barrier(d, what=f"rank 0's save of {what}", timeout_s=timeout_s)
 
 
 def _trains(module: torch.nn.Module) -> bool:
@@ -471,13 +700,15 @@ def _trains(module: torch.nn.Module) -> bool:
 
 
 def _rewritten(model: LLaVA, src: dict) -> set[str]:
-    """The parts the output writes: trained ones, and frozen ones without a source; the rest are linked."""
+    """The parts the output writes: trained ones, and frozen ones without a source; the rest are
+    linked."""
     return {part for part in PARTS if src[part] is None or _trains(getattr(model, part))}
 
 
 def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> None:
-    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json. A frozen
-    part with a source is linked, copied or referenced (--save-frozen); save_pretrained folds LoRA adapters in."""
+    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model,
+    llava_config.json. A frozen part with a source is linked, copied or referenced
+    (--save-frozen); save_pretrained folds LoRA adapters in."""
     rewritten = _rewritten(model, src)
     for part in PARTS:
         module = getattr(model, part)
@@ -487,8 +718,10 @@ def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> No
             continue
         if not _trains(module):
             dtype = None                   # frozen and freshly initialised: written as it was used
+        elif args.save_dtype == "source" and src[part]:
+            dtype = checkpoint.stored_dtype(src[part])
         elif args.save_dtype == "source":
-            dtype = checkpoint.stored_dtype(src[part]) if src[part] else torch.float32
+            dtype = torch.float32
         else:
             dtype = getattr(torch, args.save_dtype)
         module.save_pretrained(out / part, dtype=dtype)

@@ -1,16 +1,20 @@
-"""Training checkpoints that a kill at any instant cannot break, the RNG states for an exact resume, and the
-frozen parts of the output folder (linked or copied from their sources, never re-encoded).
+"""Training checkpoints that a kill at any instant cannot break, the RNG states for an exact resume,
+and the frozen parts of the output folder (linked or copied from their sources, never re-encoded).
 
-    OUT/checkpoints/step-000100/training_state.pt   trained tensors, optimizer, schedule, RNG, step, and each
-                                                    frozen part's source fingerprint instead of its weights
-    OUT/checkpoints/step-000100/COMPLETE            the step and the size of every file (shards/ under --fsdp)
-    OUT/checkpoints/latest                          the name of the newest checkpoint ("step-000100")
-    OUT/checkpoints/.tmp-step-000200-PID            a save in progress (or killed); .old-: one being replaced by
-                                                    a save of the same step; .del-: a pruned one being deleted
+    OUT/checkpoints/step-000100/training_state.pt
+        trained tensors, optimizer, schedule, RNG, step, and each frozen part's source
+        fingerprint instead of its weights
+    OUT/checkpoints/step-000100/COMPLETE
+        the step and the size of every file (shards/ under --fsdp)
+    OUT/checkpoints/latest
+        the name of the newest checkpoint ("step-000100")
+    OUT/checkpoints/.tmp-step-000200-PID
+        a save in progress (or killed); .old-: one being replaced by a save of the same step;
+        .del-: a pruned one being deleted
 
-A save fills `.tmp-`, fsyncs it, renames it to `step-NNNNNN` (atomic on POSIX), then rewrites `latest` and
-prunes: at every instant the previous complete checkpoint is there, whole. Under FSDP every rank writes its
-shards into `.tmp-` first (llava_min/fsdp.py).
+A save fills `.tmp-`, fsyncs it, renames it to `step-NNNNNN` (atomic on POSIX), then rewrites
+`latest` and prunes: at every instant the previous complete checkpoint is there, whole. Under FSDP
+every rank writes its shards into `.tmp-` first (llava_min/fsdp.py).
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ COMPLETE = "COMPLETE"
 TRAINING_STATE = "training_state.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Leftovers of an interrupted save: the folders above, and the temporary file of `latest`.
-LEFTOVER = re.compile(r"^\.(?:(?P<kind>tmp|old|del)-step-(?P<step>\d+)-|latest\.)(?P<pid>\d+)(?:\.tmp)?$")
+LEFTOVER = re.compile(r"^\.(?:(?P<kind>tmp|old|del)-step-(?P<step>\d+)-|latest\.)"
+                      r"(?P<pid>\d+)(?:\.tmp)?$")
 
 
 def step_name(step: int) -> str:
@@ -51,7 +56,8 @@ def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder; the data files were synced already
+    except OSError:
+        # Some file systems refuse fsync on a folder; the data files were synced already.
         if not path.is_dir():
             raise
     finally:
@@ -59,7 +65,8 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    """fsync every file, then every folder bottom-up, so the data is on disk before the rename publishes it."""
+    """fsync every file, then every folder bottom-up, so the data is on disk before the rename
+    publishes it."""
     for root, _dirs, files in os.walk(folder, topdown=False):
         for name in files:
             _fsync_path(Path(root) / name)
@@ -83,13 +90,16 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {COMPLETE} says {size} (truncated or replaced)"
+            return (f"{name} has {path.stat().st_size} bytes, {COMPLETE} says {size} (truncated or "
+                    "replaced)")
     return None
 
 
 def _complete_steps(ckpt_dir: Path) -> dict[int, Path]:
     found = {}
-    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else ():
+    if not ckpt_dir.is_dir():
+        return found
+    for p in ckpt_dir.iterdir():
         m = STEP_DIR.match(p.name)
         if m and p.is_dir() and checkpoint_problem(p) is None:
             found[int(m.group(1))] = p
@@ -107,16 +117,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_leftovers(out_dir: str | os.PathLike) -> list[str]:
-    """Remove what killed saves left in OUT/checkpoints, but not what live processes write; rename back a complete
-    `.old-` checkpoint whose `step-` folder is missing. Every save calls it; call it at start-up on rank 0."""
+    """Remove what killed saves left in OUT/checkpoints, but not what live processes write;
+    rename back a complete `.old-` checkpoint whose `step-` folder is missing. Every save calls
+    it; call it at start-up on rank 0."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     done = []
-    for p in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else ():
+    if not ckpt_dir.is_dir():
+        return done
+    for p in sorted(ckpt_dir.iterdir()):
         m = LEFTOVER.match(p.name)
         if not m or (int(m["pid"]) != os.getpid() and _pid_alive(int(m["pid"]))):
             continue
-        final = ckpt_dir / step_name(int(m["step"])) if m["step"] else None
-        if m["kind"] == "old" and not final.exists() and checkpoint_problem(p) is None:
+        # A complete `.old-` checkpoint whose replacement never arrived goes back under its name.
+        final = None
+        if m["kind"] == "old":
+            final = ckpt_dir / step_name(int(m["step"]))
+        if final is not None and not final.exists() and checkpoint_problem(p) is None:
             os.rename(p, final)
             done.append(f"restored {final.name} from {p.name}")
             continue
@@ -130,16 +146,19 @@ def clean_leftovers(out_dir: str | os.PathLike) -> list[str]:
 
 # Save and find
 
-def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict, keep: int | None = 2,
-                    write_fn: Callable[[Path], None] | None = None) -> Path:
-    """Write OUT/checkpoints/step-NNNNNN (replacing one of the same step) atomically on one rank, with the files
-    write_fn(folder) adds; point `latest` at it, keep the newest `keep` (None: all); returns its path."""
-    return publish_checkpoint(out_dir, step, begin_checkpoint(out_dir, step), training_state, keep, write_fn)
+def save_checkpoint(out_dir: str | os.PathLike, step: int, training_state: dict,
+                    keep: int | None = 2, write_fn: Callable[[Path], None] | None = None) -> Path:
+    """Write OUT/checkpoints/step-NNNNNN (replacing one of the same step) atomically on one
+    rank, with the files write_fn(folder) adds; point `latest` at it, keep the newest `keep`
+    (None: all); returns its path."""
+    tmp = begin_checkpoint(out_dir, step)
+    return publish_checkpoint(out_dir, step, tmp, training_state, keep, write_fn)
 
 
 def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
-    """The first half of `save_checkpoint` for saves that several ranks write: the empty `.tmp-` folder. One
-    rank calls it, all may write into it, then that rank calls `publish_checkpoint` (llava_min/fsdp.py)."""
+    """The first half of `save_checkpoint` for saves that several ranks write: the empty `.tmp-`
+    folder. One rank calls it, all may write into it, then that rank calls `publish_checkpoint`
+    (llava_min/fsdp.py)."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out_dir)
@@ -149,19 +168,23 @@ def begin_checkpoint(out_dir: str | os.PathLike, step: int) -> Path:
 
 
 def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, training_state: dict,
-                       keep: int | None = 2, write_fn: Callable[[Path], None] | None = None) -> Path:
-    """The second half: write_fn's files, training_state.pt and COMPLETE (listing every file in `tmp`, the other
-    writers' included) into `tmp`, fsync, rename to step-NNNNNN, point `latest` at it, prune."""
+                       keep: int | None = 2,
+                       write_fn: Callable[[Path], None] | None = None) -> Path:
+    """The second half: write_fn's files, training_state.pt and COMPLETE (listing every file in
+    `tmp`, the other writers' included) into `tmp`, fsync, rename to step-NNNNNN, point `latest`
+    at it, prune."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     final = ckpt_dir / step_name(step)
     try:
         if keep is not None and keep < 1:
-            raise LlavaMinError(f"keep={keep}: a save must keep at least the checkpoint it writes (or None for all)")
+            raise LlavaMinError(f"keep={keep}: a save must keep at least the checkpoint it writes "
+                                "(or None for all)")
         if write_fn is not None:
             write_fn(tmp)
         with open(tmp / TRAINING_STATE, "wb") as f:
             torch.save(training_state, f)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in written}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
         _fsync_tree(tmp)
     except BaseException:
@@ -169,7 +192,8 @@ def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, trainin
         raise
 
     aside = ckpt_dir / f".old-{final.name}-{os.getpid()}"
-    if final.exists():  # a save of the same step: move the old one aside, never delete before replacing
+    # A save of the same step: move the old one aside, never delete before replacing.
+    if final.exists():
         os.rename(final, aside)
     os.rename(tmp, final)
     _fsync_path(ckpt_dir)
@@ -182,19 +206,22 @@ def publish_checkpoint(out_dir: str | os.PathLike, step: int, tmp: Path, trainin
         older = sorted(s for s in _complete_steps(ckpt_dir) if s < step)
         for s in older[:max(0, len(older) - (keep - 1))]:
             doomed = ckpt_dir / f".del-{step_name(s)}-{os.getpid()}"
-            os.rename(ckpt_dir / step_name(s), doomed)     # gone at once; the contents are deleted after
+            # Gone at once; the contents are deleted after.
+            os.rename(ckpt_dir / step_name(s), doomed)
             shutil.rmtree(doomed)
     return final
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: the one `latest` names if it is complete, else (saying why on stderr) the
-    newest complete one; None when there is none."""
+    """The checkpoint to resume from: the one `latest` names if it is complete, else (saying why
+    on stderr) the newest complete one; None when there is none."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS
     if not ckpt_dir.is_dir():
         return None
     pointer = ckpt_dir / LATEST
-    named = pointer.read_text().strip() if pointer.is_file() else ""
+    named = ""
+    if pointer.is_file():
+        named = pointer.read_text().strip()
     if not STEP_DIR.match(named):
         why = f"{pointer} is missing or names no step folder ({named[:40]!r})"
     elif not (ckpt_dir / named).is_dir():
@@ -204,29 +231,38 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     else:
         return ckpt_dir / named
     found = _complete_steps(ckpt_dir)
-    # An interrupted replacement leaves the complete old checkpoint under `.old-` until the next clean-up.
+    # An interrupted replacement leaves the complete old checkpoint under `.old-` until the next
+    # clean-up.
     for p in ckpt_dir.iterdir():
         m = LEFTOVER.match(p.name)
-        if m and m["kind"] == "old" and int(m["step"]) not in found and checkpoint_problem(p) is None:
+        if not m or m["kind"] != "old" or int(m["step"]) in found:
+            continue
+        if checkpoint_problem(p) is None:
             found[int(m["step"])] = p
-    best = found[max(found)] if found else None
-    if best or pointer.exists():
-        print(f"[checkpoint] {why}; " + (f"using {best}, the newest complete checkpoint" if best else
-                                         "no other complete checkpoint either"), file=sys.stderr, flush=True)
+    if not found:
+        if pointer.exists():
+            print(f"[checkpoint] {why}; no other complete checkpoint either", file=sys.stderr, flush=True)
+        return None
+    best = found[max(found)]
+    print(f"[checkpoint] {why}; using {best}, the newest complete checkpoint", file=sys.stderr, flush=True)
     return best
 
 
-def load_training_state(folder: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
+def load_training_state(folder: str | os.PathLike,
+                        map_location: str | torch.device | None = "cpu") -> dict:
     """The training_state dict of a complete checkpoint folder (tensors mapped to map_location)."""
     folder = Path(folder)
     if problem := checkpoint_problem(folder):
-        raise LlavaMinError(f"{folder}: not a complete checkpoint: {problem}; resume from latest_checkpoint(OUT)")
-    # weights_only=True: a checkpoint from elsewhere cannot run code. Plain values only (see capture_rng_state).
+        raise LlavaMinError(f"{folder}: not a complete checkpoint: {problem}; resume from "
+                            "latest_checkpoint(OUT)")
+    # weights_only=True: a checkpoint from elsewhere cannot run code. Plain values only (see
+    # capture_rng_state).
     try:
         return torch.load(folder / TRAINING_STATE, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise LlavaMinError(f"{folder / TRAINING_STATE}: holds an object other than tensors, numbers, "
-                            f"strings, lists and dicts ({e}); save plain values in training_state") from e
+        raise LlavaMinError(f"{folder / TRAINING_STATE}: holds an object other than tensors, "
+                            f"numbers, strings, lists and dicts ({e}); save plain values in "
+                            "training_state") from e
 
 
 def check_trained(saved: set[str], model: torch.nn.Module, ckpt: Path) -> None:
@@ -240,7 +276,9 @@ def check_trained(saved: set[str], model: torch.nn.Module, ckpt: Path) -> None:
 
 # Frozen sources: a checkpoint names them instead of holding their weights
 
-SAMPLED_BLOCKS, BLOCK_BYTES = 16, 1 << 16   # blocks of each safetensors file's data hashed into its fingerprint
+# Blocks of each safetensors file's data hashed into its fingerprint: 16 of 64 KiB.
+SAMPLED_BLOCKS = 16
+BLOCK_BYTES = 1 << 16
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -250,22 +288,26 @@ def _safetensors_header(file: Path) -> bytes:
 
 
 def source_fingerprint(folder: str | os.PathLike) -> dict:
-    """What identifies a frozen part's weights without storing them, read in milliseconds: each weight file's
-    size and a hash of its safetensors header (names, dtypes, shapes, offsets) and of 16 blocks of 64 KiB spread
-    over its data (another model of the same shapes differs there)."""
-    folder, files = Path(folder), {}
+    """What identifies a frozen part's weights without storing them, read in milliseconds: each
+    weight file's size and a hash of its safetensors header (names, dtypes, shapes, offsets) and
+    of 16 blocks of 64 KiB spread over its data (another model of the same shapes differs
+    there)."""
+    folder = Path(folder)
+    files = {}
     for file in sorted(folder.iterdir()):
-        if not file.is_file() or not (file.name.endswith((".safetensors", ".safetensors.index.json"))
-                                      or file.name == CONFIG_FILE):
+        weights = file.name.endswith((".safetensors", ".safetensors.index.json"))
+        if not file.is_file() or not (weights or file.name == CONFIG_FILE):
             continue
-        h, size = hashlib.sha256(), file.stat().st_size
+        h = hashlib.sha256()
+        size = file.stat().st_size
         with open(file, "rb") as f:
             if file.suffix != ".safetensors":
                 h.update(f.read())
             else:
                 header = _safetensors_header(file)
                 h.update(header)
-                start, span = 8 + len(header), max(0, size - 8 - len(header) - BLOCK_BYTES)
+                start = 8 + len(header)
+                span = max(0, size - start - BLOCK_BYTES)
                 for i in range(SAMPLED_BLOCKS):
                     f.seek(start + span * i // (SAMPLED_BLOCKS - 1))
                     h.update(f.read(BLOCK_BYTES))
@@ -274,46 +316,65 @@ def source_fingerprint(folder: str | os.PathLike) -> dict:
 
 
 def check_sources(saved: dict, now: dict, ckpt: Path) -> None:
-    """Refuse to resume when a frozen part's source is not the one the checkpoint was trained against."""
+    """Refuse to resume when a frozen part's source is not the one the checkpoint was trained
+    against."""
     for part, then in saved.items():
         current = now.get(part)
         if current is None:
-            raise SystemExit(f"{ckpt}: {part} was frozen when this checkpoint was saved and trains now; resume "
-                             "with the same --train / --lora-r")
+            raise SystemExit(f"{ckpt}: {part} was frozen when this checkpoint was saved and trains "
+                             "now; resume with the same --train / --lora-r")
         if ("fresh" in then or "fresh" in current) and then != current:
-            raise SystemExit(f"{ckpt}: the frozen {part} was built from {then}, now from {current}; resume "
-                             "with the same --llm/--vit/--*-config and --seed as the run that saved it")
+            raise SystemExit(f"{ckpt}: the frozen {part} was built from {then}, now from {current}; "
+                             "resume with the same --llm/--vit/--*-config and --seed as the run that "
+                             "saved it")
         for name in sorted(set(then.get("files", ())) | set(current.get("files", ()))):
-            a, b = then["files"].get(name), current["files"].get(name)
-            if a != b:
-                what = ("is missing now" if b is None else "is new" if a is None else
-                        f"changed ({a[0]} -> {b[0]} bytes)" if a[0] != b[0] else "changed (other contents)")
-                raise SystemExit(f"{ckpt}: the frozen {part} differs from the one this checkpoint was trained "
-                                 f"with: {Path(current['path']) / name} {what} (it was {Path(then['path']) / name}). "
-                                 "Resume needs the same frozen weights: restore that file, or start a new run "
-                                 "in another --out")
+            was = then["files"].get(name)
+            now_is = current["files"].get(name)
+            if was == now_is:
+                continue
+            if now_is is None:
+                what = "is missing now"
+            elif was is None:
+                what = "is new"
+            elif was[0] != now_is[0]:
+                what = f"changed ({was[0]} -> {now_is[0]} bytes)"
+            else:
+                what = "changed (other contents)"
+            raise SystemExit(f"{ckpt}: the frozen {part} differs from the one this checkpoint was "
+                             f"trained with: {Path(current['path']) / name} {what} (it was "
+                             f"{Path(then['path']) / name}). Resume needs the same frozen weights: "
+                             "restore that file, or start a new run in another --out")
 
 
 def stored_dtype(folder: str | os.PathLike) -> torch.dtype:
-    """The floating dtype most tensors of a checkpoint folder are stored in (bf16 for the released models)."""
+    """The floating dtype most tensors of a checkpoint folder are stored in (bf16 for the
+    released models)."""
     counts = Counter()
     for file in sorted(Path(folder).glob("*.safetensors")):
         header = json.loads(_safetensors_header(file))
-        counts.update(v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"] in _DTYPES)
-    return _DTYPES[counts.most_common(1)[0][0]] if counts else torch.float32
+        for key, entry in header.items():
+            if key != "__metadata__" and entry["dtype"] in _DTYPES:
+                counts[entry["dtype"]] += 1
+    if not counts:
+        return torch.float32
+    return _DTYPES[counts.most_common(1)[0][0]]
 
 
 def publish_frozen(source: str | os.PathLike, dest: str | os.PathLike, mode: str = "link") -> str:
-    """Put a frozen part's files into the output folder without re-encoding them; returns what it did. "link":
-    hard links (a copy where the file system refuses), "copy": byte-for-byte copies (both outlive the source),
-    "ref": `dest` becomes a symbolic link to the source folder (nothing written; breaks if the source moves)."""
-    source, dest = Path(source).resolve(), Path(dest)
+    """Put a frozen part's files into the output folder without re-encoding them; returns what
+    it did. "link": hard links (a copy where the file system refuses), "copy": byte-for-byte
+    copies (both outlive the source), "ref": `dest` becomes a symbolic link to the source folder
+    (nothing written; breaks if the source moves)."""
+    source = Path(source).resolve()
+    dest = Path(dest)
+    # The output folder is the source already.
     if dest.resolve() == source:
-        return "kept"                               # the output folder is the source already
+        return "kept"
     if dest.is_symlink() or dest.is_file():
         dest.unlink()
     elif dest.is_dir():
-        shutil.rmtree(dest)                         # an earlier output; removing links never touches the source
+        # An earlier output; removing links never touches the source.
+        shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if mode == "ref":
         dest.symlink_to(source, target_is_directory=True)
@@ -328,19 +389,24 @@ def publish_frozen(source: str | os.PathLike, dest: str | os.PathLike, mode: str
                 os.link(file, tmp / file.name)
                 continue
             except OSError:
-                pass                                # e.g. EXDEV (another file system): copy instead
+                # E.g. EXDEV (another file system): copy instead.
+                pass
         shutil.copyfile(file, tmp / file.name)      # new files take their mode from the umask
         copied += 1
     _fsync_tree(tmp)
     os.rename(tmp, dest)
-    return "hard-linked from" if not copied else "copied from" if mode == "copy" else "copied (no hard links) from"
+    if not copied:
+        return "hard-linked from"
+    if mode == "copy":
+        return "copied from"
+    return "copied (no hard links) from"
 
 
 # Random number generators
 
 def capture_rng_state() -> dict:
-    """This process's Python, NumPy, torch CPU and (if in use) CUDA generator states, as plain lists and tensors
-    (so it loads with weights_only=True). Under torchrun, gather every rank's."""
+    """This process's Python, NumPy, torch CPU and (if in use) CUDA generator states, as plain
+    lists and tensors (so it loads with weights_only=True). Under torchrun, gather every rank's."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),

@@ -149,20 +149,33 @@ class Packing:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """Causal attention inside each packed piece: q (B, n_heads, T, hd), k, v (B, n_kv, T, hd) -> (B * T, n_heads, hd).
-    CUDA: one variable-length flash-attention call. Elsewhere: one SDPA call per piece, exact; a dense
-    block-diagonal mask computes every cross-sample score only to mask it (measured 7x slower on a CPU)."""
+    """Causal attention inside each packed piece:
+    q (B, n_heads, T, hd), k, v (B, n_kv, T, hd) -> (B * T, n_heads, hd).
+    CUDA in bf16 / fp16: one variable-length flash-attention call. Elsewhere (the CPU, or fp32 on
+    CUDA, which varlen_attn refuses): one SDPA call per piece, exact; a dense block-diagonal mask
+    computes every cross-sample score only to mask it (measured 7x slower on a CPU)."""
     B, H, T, hd = q.shape
     q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))   # (B * T, heads, hd)
-    if q.is_cuda:
-        return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len,
-                           window_size=(-1, 0), enable_gqa=H != k.shape[1])      # (-1, 0): causal
+    groups = H // k.shape[1]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # window_size (-1, 0): causal.
+        return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len,
+                           packing.max_len, window_size=(-1, 0), enable_gqa=groups > 1)
+    if q.is_cuda and groups > 1:
+        # fp32 on CUDA has no flash kernel, and the memory-efficient one takes no enable_gqa
+        # (SDPA would fall back to the math kernel, O(L^2) memory a piece): repeat each KV
+        # head for its query heads.
+        k = k.repeat_interleave(groups, dim=1)                            # (B * T, n_heads, hd)
+        v = v.repeat_interleave(groups, dim=1)                            # (B * T, n_heads, hd)
     bounds = packing.cu_seqlens.tolist()
-    piece = lambda t, s, e: t[s:e].transpose(0, 1)[None]      # noqa: E731  (1, heads, L, hd): the fused kernel's
-    out = [F.scaled_dot_product_attention(piece(q, s, e), piece(k, s, e), piece(v, s, e), is_causal=True,
-                                          enable_gqa=H != k.shape[1])[0].transpose(0, 1)           # (L, H, hd)
-           for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(out)                                                         # (B * T, n_heads, hd)
+    out = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        # One piece as a batch of one: (1, heads, L, hd), the layout of the fused kernels.
+        piece = [t[s:e].transpose(0, 1)[None] for t in (q, k, v)]
+        gqa = piece[1].shape[1] != H
+        o = F.scaled_dot_product_attention(*piece, is_causal=True, enable_gqa=gqa)
+        out.append(o[0].transpose(0, 1))                                  # (L, n_heads, hd)
+    return torch.cat(out)                                                 # (B * T, n_heads, hd)
 
 
 class Attention(nn.Module):
@@ -195,20 +208,25 @@ class Attention(nn.Module):
 
         if isinstance(mask, Packing):
             return self.wo(packed_attention(q, k, v, mask).reshape(B, T, self.n_heads * hd))
+        # CUDA's flash kernel takes enable_gqa, but no mask and no fp32.
+        flash = mask is None and q.dtype in (torch.float16, torch.bfloat16)
         if T == 1:
             # One new token: the G query heads of a group share one key/value head, so they are G query rows
             # against that head; no KV repeat, no GQA path needed.
             out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, hd), k, v, attn_mask=mask)
             out = out.reshape(B, self.n_heads, 1, hd)             # (B, n_kv, G, hd) -> (B, n_heads, 1, hd)
-        elif mask is None or q.device.type == "cpu":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
+        elif q.device.type == "cpu" or G == 1 or flash:
+            # The CPU kernels take enable_gqa, with or without a mask.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=G > 1)
         else:
-            # On CUDA only the flash and math kernels take enable_gqa, and flash takes no mask: repeat each KV head
-            # G times (query head i uses KV head i // G) so that the memory-efficient kernel runs.
+            # On CUDA only the flash and math kernels take enable_gqa, and the math kernel holds
+            # the (B, n_heads, T, S) scores: repeat each KV head G times (query head i uses KV
+            # head i // G) so that the memory-efficient kernel runs, masked or not, in fp32 too.
             S = k.shape[2]
             k = k[:, :, None].expand(B, self.n_kv, G, S, hd).reshape(B, self.n_heads, S, hd)
             v = v[:, :, None].expand(B, self.n_kv, G, S, hd).reshape(B, self.n_heads, S, hd)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))   # heads back to (B, T, hidden)
 
 

@@ -15,7 +15,8 @@ whose command line holds the test's private folder):
     collective after that; the 4-GPU story);
   * SIGKILL of the trainer while a checkpoint is being written leaves the previous checkpoint complete and
     no loader worker behind, and --resume continues from it to the last step;
-  * --nan skip logs each skipped step with its sample ids and the run goes on, and still saves the model;
+  * --nan skip logs each skipped step with its sample ids and the run goes on, its schedule in step, and
+    still saves the model;
   * a rank that raises (a garbage image that only rank 1 reads at step 1, as the sampler assigns samples)
     ends every rank long before --dist-timeout, non-zero, with the error printed by rank 1.
 
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from _procs import finish, freeze_inside, kill_session, start as _start, wait_for
 from llava_min.tools.hang import read_heartbeat
@@ -384,3 +386,6 @@ def test_nan_skip_still_saves_the_model(nan_skip_run):
     rc, log, out = nan_skip_run
     assert rc == 0 and "done: 3 steps" in log
     assert (out / "llava_config.json").exists() and (out / "checkpoints" / "latest").exists()
+    # The skipped steps moved the schedule too: the learning rate stays that of the step.
+    state = torch.load(out / "checkpoints" / "step-000003" / "training_state.pt", weights_only=True)
+    assert state["schedule"]["step"] == 3

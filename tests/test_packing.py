@@ -7,10 +7,13 @@ collate_packed keeps rows within N by the real lengths (an estimate too low make
 names a sample longer than N. The packed sampler: a step's packs split over any world size x accumulation into
 the same samples, jumping to a step gives what iterating gives, the fullest pack comes first, packs hold whole
 samples within N by the estimates. The FLOP count of tools/flops.py is the same packed or padded and follows
-its formula. Real processes: 2 ranks (torchrun, gloo) give 1 rank's losses and weights
-with --pack, and a run SIGKILLed after a checkpoint resumes bit-identically with --pack.
+its formula. On CUDA (skipped elsewhere), fp32 packed, padded and unpadded grouped-query attention
+runs with the math kernel disallowed, the packed logits equal to the padded ones. Real processes: 2 ranks
+(torchrun, gloo) give 1 rank's losses and weights with --pack, and a run SIGKILLed after a checkpoint
+resumes bit-identically with --pack.
 """
 import argparse
+import copy
 import os
 import signal
 import subprocess
@@ -223,3 +226,33 @@ def test_the_memory_estimate_books_a_packed_row_of_n_positions():
     assert (plain.max_length, packed.max_length) == (64, 256)
     assert packed.images_per_sample == 256 // (N_PATCHES + 1)
     assert memory.estimate(packed).total > memory.estimate(plain).total
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="which SDPA kernel runs is a question of CUDA")
+def test_fp32_on_cuda_packs_and_runs_grouped_query_attention_without_the_math_kernel(model):
+    """fp32 on CUDA has no flash kernel (varlen_attn refuses it) and the memory-efficient kernel takes
+    no enable_gqa: packed rows, padded rows and unpadded rows of the GQA model (4 query heads, 2 KV
+    heads) must all run with the math kernel (which holds every (T, S) score) disallowed, and the
+    packed samples' logits equal their padded ones."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    gpu = copy.deepcopy(model).cuda().eval()
+    items = samples()
+
+    def on_gpu(batch):
+        return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    packed = on_gpu(collate_packed(items, capacity=32, image_tokens=N_PATCHES))
+    padded = on_gpu(collate(items))
+    with torch.no_grad(), sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        out = gpu(packed["input_ids"], packed["pixel_values"], labels=packed["labels"],
+                  attention_mask=packed["attention_mask"])
+        ref = gpu(padded["input_ids"], padded["pixel_values"], labels=padded["labels"],
+                  attention_mask=padded["attention_mask"])
+        # No padding: the unmasked grouped-query path.
+        logits = gpu.llm(torch.randint(3, 96, (2, 40), device="cuda"))
+    assert torch.isfinite(logits).all()
+    alone = {s["id"]: ref.logits[row][ref.attention_mask[row] > 0] for row, s in enumerate(items)}
+    order = iter(packed["ids"])
+    for r in range(packed["input_ids"].shape[0]):
+        for k in range(1, int(packed["attention_mask"][r].max()) + 1):
+            assert (sample_logits(out, r, k) - alone[next(order)]).abs().max().item() < 1e-4
