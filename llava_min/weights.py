@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
@@ -195,26 +197,93 @@ def save_state(state: dict[str, torch.Tensor], folder: str | os.PathLike, *, dty
     """Write tensors as model.safetensors, or as shards plus an index past max_shard_bytes, each file atomically;
     floating tensors are cast to `dtype` (None: as they are) one shard at a time."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cast = {k: dtype if dtype is not None and t.is_floating_point() else t.dtype for k, t in state.items()}
+    cast = {}
+    for k, t in state.items():
+        cast[k] = t.dtype
+        if dtype is not None and t.is_floating_point():
+            cast[k] = dtype
     nbytes = {k: t.numel() * cast[k].itemsize for k, t in state.items()}
-    shards: list[list[str]] = [[]]
-    size = 0
-    for k in state:
-        if shards[-1] and size + nbytes[k] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += nbytes[k]
-    names = [SINGLE_FILE] if len(shards) == 1 else \
-        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    (folder / INDEX_FILE).unlink(missing_ok=True)   # the index is written last: until then no reader follows it
-    for name, keys in zip(names, shards):
+    shards = _shards(nbytes, max_shard_bytes)
+    _start_writing(folder, shards)
+    for name, keys in shards.items():
         tensors = {k: state[k].detach().to("cpu", dtype=cast[k]).contiguous() for k in keys}
         with atomic_path(folder / name) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
-    for stale in set(folder.glob("model*.safetensors")) - {folder / n for n in names}:
+    _finish_writing(folder, shards, nbytes)
+
+
+def save_streamed(plan: dict[str, tuple[tuple[int, ...], torch.dtype]], make: Callable[[str], torch.Tensor],
+                  folder: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> int:
+    """Write tensors that exist one at a time, in save_state's layout: plan maps each key to its (shape, dtype),
+    which gives every file's header before any tensor exists; make(key) then returns each tensor in plan order and
+    its bytes go straight to the file. The peak memory is one tensor, whatever the model's size. Returns the bytes
+    of tensor data written."""
+    folder = Path(folder)
+    nbytes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype) in plan.items()}
+    shards = _shards(nbytes, max_shard_bytes)
+    _start_writing(folder, shards)
+    for name, keys in shards.items():
+        _write_safetensors(folder / name, {k: plan[k] for k in keys}, make)
+    _finish_writing(folder, shards, nbytes)
+    return sum(nbytes.values())
+
+
+def _shards(nbytes: dict[str, int], max_shard_bytes: int) -> dict[str, list[str]]:
+    """File name -> its keys, in order: a new shard when the next tensor would pass max_shard_bytes."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k, n in nbytes.items():
+        if groups[-1] and size + n > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    if len(groups) == 1:
+        return {SINGLE_FILE: groups[0]}
+    return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": keys for i, keys in enumerate(groups, 1)}
+
+
+def _start_writing(folder: Path, shards: dict[str, list[str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    # The index is written last: until then no reader follows it.
+    (folder / INDEX_FILE).unlink(missing_ok=True)
+
+
+def _finish_writing(folder: Path, shards: dict[str, list[str]], nbytes: dict[str, int]) -> None:
+    """Remove the shards of an earlier save that this one did not write; write the index of a sharded save."""
+    for stale in set(folder.glob("model*.safetensors")) - {folder / name for name in shards}:
         stale.unlink()
     if len(shards) > 1:
-        weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
-        write_json({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}, folder / INDEX_FILE)
+        weight_map = {k: name for name, keys in shards.items() for k in keys}
+        index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+        write_json(index, folder / INDEX_FILE)
+
+
+# The safetensors header's names of the dtypes (github.com/huggingface/safetensors, format.md)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(path: Path, plan: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                       make: Callable[[str], torch.Tensor]) -> None:
+    """One safetensors file, atomically: an 8-byte little-endian header length, the JSON header (each tensor's
+    dtype, shape and byte range), then the tensors' bytes in plan order, each written as make(key) returns it."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, (shape, dtype) in plan.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    # Spaces pad the header so that the data starts 8-byte aligned, as safetensors' own writer does.
+    text += b" " * (-len(text) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for key, (shape, dtype) in plan.items():
+            t = make(key)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise AssertionError(f"{key}: made {tuple(t.shape)} {t.dtype}, planned {tuple(shape)} {dtype}")
+            # (numel,) bytes of the tensor as it lies in memory: safetensors stores little-endian, as x86 and ARM do
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
