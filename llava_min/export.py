@@ -179,6 +179,15 @@ def check_projector(source: Source) -> None:
                             "mlp2x_gelu)")
 
 
+def check_widths(plan: dict, vision: dict, llm: InternLM2Config, model: Path) -> None:
+    """The projector maps the tower's width to the LLM's, or Llava would re-initialise it."""
+    shape = plan["model.multi_modal_projector.linear_1.weight"].shape
+    widths = (llm.hidden_size, vision.get("hidden_size"))
+    if tuple(shape) != widths:
+        raise LlavaMinError(f"{model / 'projector'}: the projector maps {shape[1]} -> {shape[0]}, but "
+                            f"the ViT width is {widths[1]} and the LLM width {widths[0]}")
+
+
 def image_token_id(tok: Tokenizer, vocab_size: int) -> int:
     """An id for <image> that the LLM's embedding holds and no text uses: the first id past the
     tokenizer's pieces where the LLM's vocabulary is padded (the tiny preset); else InternLM2's first
@@ -456,6 +465,7 @@ def export(model: str | Path, out: str | Path, dtype: str = "source",
     plan = plan_part("llm", sources["llm"], KEY_MAPS["llm"], INTERNLM2_IGNORE, cast, llm)
     plan |= plan_part("vit", sources["vit"], tower.key_map, tower.ignore, cast, llm)
     plan |= plan_part("projector", sources["projector"], KEY_MAPS["projector"], [], cast, llm)
+    check_widths(plan, vision, llm, model)
     config = llava_config(plan, llm, vision, tower, llava, image_id)
     check_out_folder(out, model)
 
