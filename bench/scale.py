@@ -22,13 +22,14 @@ checkpoint at each, --dtype bfloat16. Prints peak RSS against the checkpoint's b
 (hard links to the source write nothing and are not counted), and whether OUT/llm is the source, bit for bit.
 Goals (issue 11): peak RSS at most 1.5x the checkpoint's bytes, at most 1 GB written.
 
-    python bench/scale.py export                     # python -m llava_min.export of a 1.8B-shaped model
+    python bench/scale.py export                     # python -m llava_min.export at the 1.8B shape
     python bench/scale.py export --layers 4
 
-`export`: the same cached checkpoint as llm/ of a llava-min folder (a symbolic link, as --save-frozen ref
-leaves it; tiny ViT, fresh projector, the real tokenizer), exported in a fresh process: peak RSS against the
-largest source shard, wall time, bytes written; then, for comparison, the time a fresh process takes to copy
-the same checkpoint files (read, write, fsync): the time of just writing the bytes.
+`export`: the same cached checkpoint as llm/ of a llava-min folder (a symbolic link, as
+--save-frozen ref leaves it; tiny ViT, fresh projector, the real tokenizer), exported in a fresh
+process: peak RSS against the largest source shard, wall time, bytes written. Then, for comparison,
+the time a fresh process takes to copy the same checkpoint files (read, write, fsync): the time of
+just writing the bytes.
 Goals (issue 20): peak RSS at most the largest shard + 1 GB, the time that of writing the bytes.
 """
 from __future__ import annotations
@@ -283,7 +284,8 @@ def stage1(args) -> None:
 
 
 def llava_folder(folder: Path, llm: Path) -> None:
-    """A llava-min model folder around the checkpoint `llm`: tiny DINOv2, fresh projector, the real tokenizer."""
+    """A llava-min model folder around the checkpoint `llm`: tiny DINOv2, fresh projector, the real
+    tokenizer."""
     import torch
 
     from llava_min.dinov2 import DINOv2
@@ -304,7 +306,7 @@ def llava_folder(folder: Path, llm: Path) -> None:
                 "text_vocab_size": 92544}, folder / "llava_config.json")
 
 
-# A fresh interpreter that copies the files argv[2:] into the folder argv[1], each synced to the disk.
+# A fresh interpreter that copies the files argv[2:] into the folder argv[1], each synced to disk.
 _COPY = ("import os, shutil, sys; from pathlib import Path\n"
          "for f in sys.argv[2:]:\n"
          "    out = Path(sys.argv[1]) / Path(f).name\n"
@@ -314,7 +316,8 @@ _COPY = ("import os, shutil, sys; from pathlib import Path\n"
 
 def export(args) -> None:
     if not REAL_TOKENIZER.exists():
-        raise SystemExit(f"the real tokenizer is not at {REAL_TOKENIZER}: it is needed for the 92,544 vocabulary")
+        raise SystemExit(f"the real tokenizer is not at {REAL_TOKENIZER}: it is needed for the "
+                         "92,544 vocabulary")
     work = Path(args.work)
     ckpt = work / f"internlm2-1_8b-{args.layers}l"
     size = build_checkpoint(ckpt, args.layers)
@@ -330,7 +333,7 @@ def export(args) -> None:
     wrote = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(p.stdout.strip())
     goal = (largest + 1e9) / 1e9
-    print(f"export: {export_s:.1f} s, peak RSS {export_rss / 1e9:.2f} GB (goal <= the largest shard "
+    print(f"export: {export_s:.1f} s, peak RSS {export_rss / 1e9:.2f} GB (goal <= largest shard "
           f"+ 1 GB = {goal:.2f} GB), {wrote / 1e9:.2f} GB written")
 
     copy = work / "copy"
@@ -339,7 +342,8 @@ def export(args) -> None:
     _, copy_s, copy_rss = measured([sys.executable, "-c", _COPY, copy, *shards], cwd=ROOT, env=env)
     copied = sum(f.stat().st_size for f in copy.iterdir())
     shutil.rmtree(copy)
-    print(f"copying the checkpoint's files ({copied / 1e9:.2f} GB): {copy_s:.1f} s, peak RSS {copy_rss / 1e9:.2f} GB")
+    print(f"copying the checkpoint's files ({copied / 1e9:.2f} GB): {copy_s:.1f} s, peak RSS "
+          f"{copy_rss / 1e9:.2f} GB")
     print(f"export / copy: time {export_s / copy_s:.2f}x")
 
 
@@ -353,7 +357,8 @@ def main(argv=None) -> None:
     s = sub.add_parser("stage1", help="stage 1 at InternLM2-1.8B width: peak RSS, bytes written, load time")
     s.add_argument("--layers", type=int, default=24, help="decoder layers (24 = full depth)")
     s.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llava-min-scale"))
-    s = sub.add_parser("export", help="python -m llava_min.export at InternLM2-1.8B size: peak RSS, time, bytes")
+    s = sub.add_parser("export", help="python -m llava_min.export at InternLM2-1.8B size: RSS, "
+                                      "time, bytes")
     s.add_argument("--layers", type=int, default=24, help="decoder layers (24 = full depth)")
     s.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llava-min-scale"))
     args = parser.parse_args(argv)
