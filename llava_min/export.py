@@ -478,7 +478,7 @@ def export(model: str | Path, out: str | Path, dtype: str = "source",
     weights.write_json(config, partial / weights.CONFIG_FILE)
     write_processor(partial, tok, image_id, tower, llava, config, llm)
     write_generation_config(partial, tok, llava, llm)
-    weights.write_atomic(partial / "README.md", model_card(model, out, config))
+    weights.write_atomic(partial / "README.md", model_card(model, out, config, llava))
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)
@@ -560,7 +560,7 @@ print(processor.decode(new, skip_special_tokens=True))
 ```'''
 
 
-def model_card(model: Path, out: Path, config: dict) -> str:
+def model_card(model: Path, out: Path, config: dict, llava: LLaVAConfig) -> str:
     """README.md of the folder: what the model is, how it was trained (args.json), how to load it."""
     args = {}
     if (model / "args.json").exists():
@@ -569,12 +569,17 @@ def model_card(model: Path, out: Path, config: dict) -> str:
     vision = config["vision_config"]
     flags = [f"| `--{k.replace('_', '-')}` | `{v}` |" for k, v in args.items()
              if v not in (None, False, [])]
+    if not flags:
+        flags = ["| (no args.json in the model folder) | |"]
     about = (
         f"A LLaVA model trained with llava-min: a {vision['model_type']} vision tower "
         f"({vision.get('num_hidden_layers')} layers, width {vision.get('hidden_size')}), LLaVA-1.5's "
         f"two-layer GELU projector and an InternLM2 language model ({text['num_hidden_layers']} "
         f"layers, width {text['hidden_size']}, vocabulary {text['vocab_size']}) stored as a Llama "
-        "(InternLM2's fused wqkv split into q/k/v). It loads with transformers alone, no remote code.")
+        "(InternLM2's fused wqkv split into q/k/v), trained on images of "
+        f"{llava.image_size} x {llava.image_size} pixels ({llava.image_mode} mode) with the features of "
+        f"the tower's hidden state {llava.select_layer}. It loads with transformers alone, no remote "
+        "code.")
     notes = (
         "Prompts: XTuner's internlm2_chat, `<s><|im_start|>user\\n<image>\\n...<|im_end|>\\n"
         "<|im_start|>assistant\\n` (chat_template.jinja; the template renders `<s>`, the tokenizer "

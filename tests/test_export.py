@@ -18,6 +18,7 @@ that is not an earlier export.
 """
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,7 @@ IMAGE_SIZE = 28
 
 
 def run(args, timeout=240):
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([PY, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=env)
     assert p.returncode == 0, f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
