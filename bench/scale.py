@@ -21,6 +21,16 @@ weight; runs train.py stage 1 (projector only, tiny ViT at 28 px, the real token
 checkpoint at each, --dtype bfloat16. Prints peak RSS against the checkpoint's bytes, bytes written in OUT
 (hard links to the source write nothing and are not counted), and whether OUT/llm is the source, bit for bit.
 Goals (issue 11): peak RSS at most 1.5x the checkpoint's bytes, at most 1 GB written.
+
+    python bench/scale.py export                     # python -m llava_min.export at the 1.8B shape
+    python bench/scale.py export --layers 4
+
+`export`: the same cached checkpoint as llm/ of a llava-min folder (a symbolic link, as
+--save-frozen ref leaves it; tiny ViT, fresh projector, the real tokenizer), exported in a fresh
+process: peak RSS against the largest source shard, wall time, bytes written. Then, for comparison,
+the time a fresh process takes to copy the same checkpoint files (read, write, fsync): the time of
+just writing the bytes.
+Goals (issue 20): peak RSS at most the largest shard + 1 GB, the time that of writing the bytes.
 """
 from __future__ import annotations
 
@@ -273,6 +283,70 @@ def stage1(args) -> None:
     print("\n".join(line for line in p.stdout.splitlines() if line.startswith(("saved", "llm:", "vit:"))))
 
 
+def llava_folder(folder: Path, llm: Path) -> None:
+    """A llava-min model folder around the checkpoint `llm`: tiny DINOv2, fresh projector, the real
+    tokenizer."""
+    import torch
+
+    from llava_min.dinov2 import DINOv2
+    from llava_min.dinov2 import PRESETS as VIT_PRESETS
+    from llava_min.projector import Projector
+    from llava_min.weights import write_json
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "llm").symlink_to(llm.resolve())
+    torch.manual_seed(0)
+    vit = DINOv2(VIT_PRESETS["tiny"])
+    vit.save_pretrained(folder / "vit")
+    llm_width = json.loads((llm / "config.json").read_text())["hidden_size"]
+    Projector(vit.config.hidden_size, llm_width).save_pretrained(folder / "projector")
+    shutil.copy(REAL_TOKENIZER, folder / "tokenizer.model")
+    write_json({"select_layer": -2, "image_size": 28, "image_mode": "pad", "stop_ids": [92542, 2],
+                "text_vocab_size": 92544}, folder / "llava_config.json")
+
+
+# A fresh interpreter that copies the files argv[2:] into the folder argv[1], each synced to disk.
+_COPY = ("import os, shutil, sys; from pathlib import Path\n"
+         "for f in sys.argv[2:]:\n"
+         "    out = Path(sys.argv[1]) / Path(f).name\n"
+         "    shutil.copyfile(f, out)\n"
+         "    fd = os.open(out, os.O_RDONLY); os.fsync(fd); os.close(fd)\n")
+
+
+def export(args) -> None:
+    if not REAL_TOKENIZER.exists():
+        raise SystemExit(f"the real tokenizer is not at {REAL_TOKENIZER}: it is needed for the "
+                         "92,544 vocabulary")
+    work = Path(args.work)
+    ckpt = work / f"internlm2-1_8b-{args.layers}l"
+    size = build_checkpoint(ckpt, args.layers)
+    shards = sorted(ckpt.glob("*.safetensors"))
+    largest = max(f.stat().st_size for f in shards)
+    print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB bf16, largest shard {largest / 1e9:.2f} GB")
+    model = work / "llava"
+    llava_folder(model, ckpt)
+    out = work / "llava-hf"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "llava_min.export", "--model", model, "--out", out]
+    p, export_s, export_rss = measured(cmd, cwd=ROOT, env=env)
+    wrote = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(p.stdout.strip())
+    goal = (largest + 1e9) / 1e9
+    print(f"export: {export_s:.1f} s, peak RSS {export_rss / 1e9:.2f} GB (goal <= largest shard "
+          f"+ 1 GB = {goal:.2f} GB), {wrote / 1e9:.2f} GB written")
+
+    copy = work / "copy"
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir()
+    _, copy_s, copy_rss = measured([sys.executable, "-c", _COPY, copy, *shards], cwd=ROOT, env=env)
+    copied = sum(f.stat().st_size for f in copy.iterdir())
+    shutil.rmtree(copy)
+    print(f"copying the checkpoint's files ({copied / 1e9:.2f} GB): {copy_s:.1f} s, peak RSS "
+          f"{copy_rss / 1e9:.2f} GB")
+    print(f"export / copy: time {export_s / copy_s:.2f}x")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -283,8 +357,12 @@ def main(argv=None) -> None:
     s = sub.add_parser("stage1", help="stage 1 at InternLM2-1.8B width: peak RSS, bytes written, load time")
     s.add_argument("--layers", type=int, default=24, help="decoder layers (24 = full depth)")
     s.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llava-min-scale"))
+    s = sub.add_parser("export", help="python -m llava_min.export at InternLM2-1.8B size: RSS, "
+                                      "time, bytes")
+    s.add_argument("--layers", type=int, default=24, help="decoder layers (24 = full depth)")
+    s.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llava-min-scale"))
     args = parser.parse_args(argv)
-    {"startup": startup, "stage1": stage1}[args.part](args)
+    {"startup": startup, "stage1": stage1, "export": export}[args.part](args)
 
 
 if __name__ == "__main__":
