@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from llava_min import checkpoint, dist, fsdp  # noqa: E402
+from llava_min import heldout, preflight, stop  # noqa: E402
 from llava_min.data import LLaVADataset, collate, collate_packed  # noqa: E402
 from llava_min.dinov2 import DINOv2, load_config as vit_config  # noqa: E402
 from llava_min.internlm2 import InternLM2, load_config as llm_config  # noqa: E402
@@ -56,8 +57,8 @@ SLOW_DISK_BYTES_PER_S = 20e6   # what a busy shared file system still writes: si
 
 def parse_args(stage: int, argv=None) -> argparse.Namespace:
     d = STAGE_DEFAULTS[stage]
-    p = argparse.ArgumentParser(description=__doc__ if stage == 1 else sys.modules["__main__"].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # A mistyped flag is named with the closest real one; --help shows every default (llava_min/preflight.py).
+    p = preflight.ArgumentParser(description=__doc__ if stage == 1 else sys.modules["__main__"].__doc__)
     p.add_argument("--data", nargs="+", required=True, help="LLaVA-format JSON (a list) or JSONL files")
     p.add_argument("--image-folder", default=".", help="image paths in the data are relative to it")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (inherited with --init-from)")
@@ -109,6 +110,11 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state across "
                    "ranks (FSDP2 fully_shard, ZeRO-3's layout) instead of replicating them (DDP)")
     p.add_argument("--nan", choices=["stop", "skip"], default="stop", help="on a NaN/inf loss: stop, or skip the step")
+    p.add_argument("--stop-grace", type=float, default=30, help="seconds between SIGTERM and SIGKILL the run "
+                   "can count on to finish its step and save (torchrun's --shutdown-timeout, SLURM's KillWait)")
+    p.add_argument("--new-tokenizer", action="store_true", help="allow a --tokenizer other than --init-from's")
+    p.add_argument("--eval-data", default=None, help="held-out LLaVA-format file: its loss as eval_loss")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out loss every N steps (default: --save-every)")
     args = p.parse_args(argv)
     args.stage = stage
     return args
@@ -157,9 +163,11 @@ def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.d
 
 def main(stage: int = 1, argv=None) -> None:
     args = parse_args(stage, argv)
+    preflight.check(args, INHERITED)   # every path and flag combination, before any data is read: exit 2 if wrong
     out = Path(args.out)
     d = dist.setup(timeout_s=args.dist_timeout)
-    hang.attach(d, out)              # heartbeats and stack dumps under OUT (kill -USR1 <pid> writes every rank's)
+    stop.install(d, args.stop_grace)   # SIGTERM / SIGINT / SIGUSR1: finish the step, save, exit (llava_min/stop.py)
+    hang.attach(d, out)              # heartbeats and stack dumps under OUT (kill -USR2 <pid> writes every rank's)
     try:
         doctor.quick_check(d)        # under torchrun: every rank joined, no shared GPU, a correct all-reduce
         run(args, out, d)
@@ -175,6 +183,7 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     said = inherit(args, init)
     if init:
         print0(f"stage {args.stage}: from {args.init_from}, inherited " + (", ".join(said) or "nothing"))
+        print0(preflight.changes(args, init, INHERITED))
     if not args.tokenizer:
         raise SystemExit("give --tokenizer FILE (or --init-from a stage-1 folder, which holds one)")
     for part in ("llm", "vit"):
@@ -206,6 +215,7 @@ def run(args, out: Path, d: "dist.Dist") -> None:
                            max_length=args.max_length, image_tokens=image_tokens, system=args.system,
                            skip_bad=args.skip_bad_samples)
     print0(dataset.report())
+    held_out = heldout.from_args(args, tok, image_tokens, d)    # --eval-data: None without it
     global_batch = args.batch_size * d.world_size * args.grad_accum     # samples, or packed rows with --pack
     if args.pack and args.pack < args.max_length:
         raise SystemExit(f"--pack {args.pack} is shorter than --max-length {args.max_length}: a sample cut at "
@@ -301,11 +311,12 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     # DDP's constructor is a collective (shapes compared, rank 0's weights broadcast). gradient_as_bucket_view:
     # gradients live in DDP's all-reduce buckets, not beside them (one copy of the trained parameters saved).
     # broadcast_buffers=False: the only buffer (the ViT's mask token) never changes; the default would broadcast
-    # it in every forward, one more collective per step, outside any name.
+    # it in every forward, one more collective per step, outside any name (forward_sync_buffers, as torch 2.13
+    # renamed broadcast_buffers).
     replicate = d.world_size > 1 and not fsdp.is_sharded(model)
     with dist.collective(d, "DDP set-up (parameter check and broadcast from rank 0)"):
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        gradient_as_bucket_view=True, broadcast_buffers=False) if replicate else model
+                        gradient_as_bucket_view=True, forward_sync_buffers=False) if replicate else model
     plan = memory.plan_from_args(args, world_size=d.world_size)
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     print0(memory.report(plan, gpu_gib))
@@ -333,6 +344,7 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     batch_iter = iter(loader)
     ddp_model.train()
+    stop.arm()                           # from here a signal means: finish the step, save, stop
     try:
         for step in range(start_step, max_steps):
             t0 = time.time()
@@ -366,6 +378,9 @@ def run(args, out: Path, d: "dist.Dist") -> None:
                     record["mfu"] = round(step_flops / (dt * d.world_size * peak), 4)
                 if device.type == "cuda":
                     record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if held_out and ((step + 1) % (args.eval_every or args.save_every) == 0 or step + 1 == max_steps):
+                    record["eval_loss"] = round(held_out.loss(model, autocast, step + 1), 6)
+                    bar.set_description(f"train (eval_loss {record['eval_loss']:.4f} at step {step + 1})")
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -374,8 +389,11 @@ def run(args, out: Path, d: "dist.Dist") -> None:
             bar.update(1)
             d.heartbeat(step + 1, "step done")
             last = step + 1 == max_steps
-            if (step + 1) % args.save_every == 0 or last:
+            stopping = stop.agreed(step + 1) and not last    # a signal on any rank: every rank saves and stops here
+            if (step + 1) % args.save_every == 0 or last or stopping:
                 save(model, tok, optimizer, schedule, args, out, step + 1, global_batch, d, src, frozen, final=last)
+            if stopping:
+                stop.finish(step + 1, out)       # the step, the checkpoint, the command to continue; exit 143/130/138
     except torch.cuda.OutOfMemoryError:
         # Say what would fit before the traceback: the estimate and the flags that change it.
         log("CUDA out of memory. " + memory.report(plan, gpu_gib) + "\nflags that would fit: "

@@ -200,7 +200,7 @@ def resume_command() -> list[str]:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         command = _parent_command()
     if command is None:
-        command = ["python", *sys.argv]
+        command = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     if "--resume" not in command:
         command.append("--resume")
     return command
