@@ -150,7 +150,7 @@ def test_barrier_with_its_own_timeout_waits_for_a_save_and_names_it(tmp_path):
     assert "rank 0 (pid" in log and "saving again" in log
 
 
-def test_usr1_dumps_every_rank_without_stopping(tmp_path):
+def test_usr2_dumps_every_rank_without_stopping(tmp_path):
     out = tmp_path / "out"
     proc = launch("steps", out, 30)
     try:
