@@ -50,6 +50,12 @@ class HeldOut:
 
     def loss(self, model: torch.nn.Module, autocast, step: int) -> float:
         """The held-out loss of `model` (the module, not its DDP wrapper) after step `step`."""
+        stats = self.sums(model, autocast, step)
+        dist.all_reduce(self.d, stats, what=f"held-out loss at step {step}")
+        return stats[0].item() / max(stats[1].item(), 1.0)
+
+    def sums(self, model: torch.nn.Module, autocast, step: int) -> torch.Tensor:
+        """This rank's (summed loss, supervised tokens), float64."""
         d = self.d
         device = d.device
         was_training = model.training
@@ -73,10 +79,9 @@ class HeldOut:
                 if i < self.real:
                     stats[0] += o.loss_sum.detach().double()
                     stats[1] += trained_positions(batch["labels"], batch["attention_mask"]).sum().item()
-        dist.all_reduce(d, stats, what=f"held-out loss at step {step}")
         model.train(was_training)
         checkpoint.restore_rng_state(rng)
-        return stats[0].item() / max(stats[1].item(), 1.0)
+        return stats
 
 
 def _pixels(batch: dict, device) -> torch.Tensor | None:
