@@ -310,9 +310,9 @@ def run(args, out: Path, d: "dist.Dist") -> None:
                               "trainable_params": n_train, "config_hash": fingerprint})
     # DDP's constructor is a collective (shapes compared, rank 0's weights broadcast). gradient_as_bucket_view:
     # gradients live in DDP's all-reduce buckets, not beside them (one copy of the trained parameters saved).
-    # broadcast_buffers=False: the only buffer (the ViT's mask token) never changes; the default would broadcast
-    # it in every forward, one more collective per step, outside any name (forward_sync_buffers, as torch 2.13
-    # renamed broadcast_buffers).
+    # forward_sync_buffers=False (torch 2.13's name for broadcast_buffers, which now warns on every rank): the only
+    # buffer (the ViT's mask token) never changes; the default would broadcast it in every forward, one more
+    # collective per step, outside any name.
     replicate = d.world_size > 1 and not fsdp.is_sharded(model)
     with dist.collective(d, "DDP set-up (parameter check and broadcast from rank 0)"):
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
