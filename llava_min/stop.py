@@ -38,6 +38,11 @@ api.py, SubprocessContext._close). The rest of the step and the save must fit in
 `--stop-grace` is the time the run assumes it has: it says so when a measured step and save
 would not fit, and at start-up when torchrun's own wait is shorter.
 
+A stop signal is also what torchrun sends the other ranks when one rank fails, and a rank may be
+waiting in a collective that can then never finish. When a failed collective (DistTimeout) ends
+the process after a stop signal, it says so in one line instead of a traceback, and exits as the
+signal asks (`excepthook`): the last complete checkpoint is the one to resume from.
+
 Loader workers are forked from the main process and inherit its handler; in them it does nothing.
 A signal sent to a whole process group (torchrun's killpg, a terminal's Ctrl-C) thus leaves the
 workers to the main process, which needs them to finish its step and then stops them itself.
@@ -77,6 +82,7 @@ class Stopper:
         # When the ranks last agreed: the time between two agreements is a step (and its save).
         self.last_agreed = None
         self.warned = False
+        self.previous_hook = sys.excepthook
 
     # ---- the handler (runs in the main thread, between two bytecodes of whatever it was doing) ----
 
@@ -138,6 +144,19 @@ class Stopper:
                       f"continue with: {command}")
         raise SystemExit(128 + self.signum)
 
+    def excepthook(self, kind, error, tb) -> None:
+        """After a stop signal, a failed collective means a peer has gone: one line, no traceback."""
+        if not self.signum or not issubclass(kind, dist.DistTimeout):
+            self.previous_hook(kind, error, tb)
+            return
+        name = signal.Signals(self.signum).name
+        first = str(error).splitlines()[0]
+        _say(self.d, f"stopped by {name} in step {self.d.step}, which the ranks could not finish "
+                     f"together ({first}); nothing saved: --resume continues from the last "
+                     "complete checkpoint")
+        _flush()
+        os._exit(128 + self.signum)
+
 
 _stopper: Stopper | None = None
 
@@ -149,6 +168,7 @@ def install(d: dist.Dist, grace_s: float = 30.0) -> Stopper:
     _stopper = Stopper(d, grace_s)
     for signum in SIGNALS:
         signal.signal(signum, _stopper.on_signal)
+    sys.excepthook = _stopper.excepthook
     given = torchrun_grace()
     if given is not None and given < grace_s:
         d.print0(f"warning: torchrun gives its workers {given:g} s between SIGTERM and SIGKILL "
