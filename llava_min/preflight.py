@@ -22,6 +22,10 @@ import sys
 from pathlib import Path
 
 from . import LlavaMinError, checkpoint, weights
+from .dinov2 import load_config as vit_config
+from .internlm2 import load_config as llm_config
+from .llava import CONFIG_FILE, parse_parts
+from .tokenizer import Tokenizer
 
 # argparse's exit status for a bad command line; ours for every user error found here.
 USAGE_ERROR = 2
@@ -142,7 +146,6 @@ def _check_init_from(args, problems: _Problems) -> dict:
     init = Path(args.init_from)
     if not problems.path("--init-from", init, "folder"):
         return {}
-    from .llava import CONFIG_FILE
     if not (init / CONFIG_FILE).is_file():
         latest = checkpoint.latest_checkpoint(init)
         if latest is not None:
@@ -178,8 +181,6 @@ def _check_paths(args, problems: _Problems) -> None:
         problems.path("--eval-data", args.eval_data, "file")
     if args.tokenizer:
         problems.path("--tokenizer", args.tokenizer, "file")
-    from .dinov2 import load_config as vit_config
-    from .internlm2 import load_config as llm_config
     for part, load in (("llm", llm_config), ("vit", vit_config)):
         folder = getattr(args, part)
         preset = getattr(args, f"{part}_config")
@@ -232,7 +233,6 @@ def _check_numbers(args, problems: _Problems, effective) -> None:
 
 
 def _check_combinations(args, problems: _Problems, effective) -> None:
-    from .llava import parse_parts
     try:
         parts = parse_parts(args.train)
     except ValueError as e:
@@ -270,7 +270,6 @@ def _source(args, part: str):
 
 def _patch_size(args) -> int | None:
     """The ViT's patch size (None if its source is broken or missing: said already)."""
-    from .dinov2 import load_config as vit_config
     source = _source(args, "vit")
     try:
         return vit_config(source).patch_size
@@ -280,7 +279,6 @@ def _patch_size(args) -> int | None:
 
 def _llm_vocab(args) -> int | None:
     """The LLM's vocab_size (None if its source is broken or missing: said already)."""
-    from .internlm2 import load_config as llm_config
     source = _source(args, "llm")
     try:
         return llm_config(source).vocab_size
@@ -312,7 +310,6 @@ def _check_tokenizer(args, problems: _Problems) -> None:
                          f"({init_tok}: the files differ): its ids would mean other words to the "
                          "model. Leave --tokenizer out to inherit stage 1's, or add "
                          "--new-tokenizer if a new one is meant")
-    from .tokenizer import Tokenizer
     try:
         vocab = Tokenizer(tok_file).vocab_size
     except (LlavaMinError, OSError, RuntimeError) as e:
