@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llava_min import checkpoint, dist, fsdp, parallel
+from llava_min import checkpoint, dist, fsdp, heldout, parallel, preflight, stop
 from llava_min.data import LLaVADataset, collate, collate_packed
 from llava_min.dinov2 import DINOv2, load_config as vit_config
 from llava_min.internlm2 import InternLM2, load_config as llm_config
@@ -61,8 +61,9 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     description = __doc__
     if stage != 1:
         description = sys.modules["__main__"].__doc__
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # A mistyped flag is named with the closest real one; --help shows every default
+    # (llava_min/preflight.py).
+    p = preflight.ArgumentParser(description=description)
     _what_to_train(p, STAGE_DEFAULTS[stage])
     _how_to_train(p, STAGE_DEFAULTS[stage])
     _how_to_run(p)
@@ -162,6 +163,15 @@ def _how_to_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state across ranks "
                         "(FSDP2 fully_shard, ZeRO-3's layout) instead of replicating them (DDP)")
+    p.add_argument("--stop-grace", type=float, default=30,
+                   help="seconds between SIGTERM and SIGKILL the run can count on to finish its step "
+                        "and save (torchrun's --shutdown-timeout, SLURM's KillWait)")
+    p.add_argument("--new-tokenizer", action="store_true",
+                   help="allow a --tokenizer other than --init-from's")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out LLaVA-format file: its loss as eval_loss")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out loss every N steps (default: --save-every)")
 
 
 def inherit(args, init_dir: Path | None) -> list[str]:
@@ -189,9 +199,13 @@ def inherit(args, init_dir: Path | None) -> list[str]:
 
 def main(stage: int = 1, argv=None) -> None:
     args = parse_args(stage, argv)
+    # Every path and flag combination, before any data is read: one message and exit 2 if wrong.
+    preflight.check(args, INHERITED)
     out = Path(args.out)
     d = dist.setup(timeout_s=args.dist_timeout)
-    # Heartbeats and stack dumps under OUT (kill -USR1 <pid> writes every rank's).
+    # SIGTERM / SIGINT / SIGUSR1: finish the step, save, exit (llava_min/stop.py).
+    stop.install(d, args.stop_grace)
+    # Heartbeats and stack dumps under OUT (kill -USR2 <pid> writes every rank's).
     hang.attach(d, out)
     try:
         # Under torchrun: every rank joined, no shared GPU, a correct all-reduce.
@@ -232,26 +246,9 @@ def settings(args, d: "dist.Dist") -> tuple[set[str], torch.dtype]:
     if init:
         listed = ", ".join(said) or "nothing"
         d.print0(f"stage {args.stage}: from {args.init_from}, inherited {listed}")
-    if not args.tokenizer:
-        raise SystemExit("give --tokenizer FILE (or --init-from a stage-1 folder, which holds "
-                         "one)")
-    for part in ("llm", "vit"):
-        if not (getattr(args, part) or getattr(args, f"{part}_config") or args.init_from):
-            raise SystemExit(f"give --{part} DIR, --{part}-config NAME_OR_JSON, "
-                             "or --init-from DIR")
-    try:
-        parts = parse_parts(args.train)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    if args.lora_r and "llm" not in parts:
-        raise SystemExit("--lora-r trains the LLM through adapters: add llm to --train")
-    if args.fsdp and args.zero:
-        raise SystemExit("--fsdp shards the optimizer state already (and the parameters and "
-                         "gradients): drop --zero")
-    if args.pack and args.pack < args.max_length:
-        raise SystemExit(f"--pack {args.pack} is shorter than --max-length {args.max_length}: a "
-                         "sample cut at --max-length must fit in one packed row; use "
-                         "--pack >= --max-length")
+        d.print0(preflight.changes(args, init, INHERITED))
+    # Contradictory flags were refused before this (preflight.check); this one the run needs.
+    parts = parse_parts(args.train)
     if args.fsdp and d.world_size == 1:
         d.print0("--fsdp with one process: nothing to shard, training unsharded")
     # bfloat16 on a GPU, float32 on the CPU, unless --dtype says.
@@ -275,6 +272,7 @@ class Data:
     sampler: GlobalBatchSampler
     global_batch: int          # samples (or packed rows) per optimizer step, all ranks together
     max_steps: int
+    held_out: heldout.HeldOut | None   # --eval-data: the held-out set in its fixed order; None without
 
 
 def load_data(args, d: "dist.Dist") -> Data:
@@ -313,7 +311,8 @@ def load_data(args, d: "dist.Dist") -> Data:
         d.print0(f"packing: {len(sampler.packs)} rows of <= {args.pack} positions per epoch "
                  "(by the length estimates)")
     max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
-    return Data(tok, src, vit_cfg, image_tokens, dataset, sampler, global_batch, max_steps)
+    held_out = heldout.from_args(args, tok, image_tokens, d)
+    return Data(tok, src, vit_cfg, image_tokens, dataset, sampler, global_batch, max_steps, held_out)
 
 
 def prepare_model(args, data: Data, parts: set[str], compute_dtype: torch.dtype,
@@ -493,6 +492,8 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
                               enabled=compute_dtype != torch.float32)
     batches = iter(loader)
     par.module.train()
+    # From here a signal means: finish the step, save, stop.
+    stop.arm()
     try:
         for step in range(start_step, data.max_steps):
             t0 = time.time()
@@ -501,15 +502,25 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
             sums = forward_backward(par, micro, autocast, device, d, step, count_flops)
             lr = schedule.lr
             grad_norm = optimizer_step(par, schedule, args, sums["loss"], micro, step, d)
+            last = step + 1 == data.max_steps
+            eval_loss = held_out_loss(args, data, par, autocast, step + 1, last)
             if grad_norm is not None:
                 record = step_record(step, sums, lr, grad_norm, time.time() - t0, peak, d)
+                if eval_loss is not None:
+                    record["eval_loss"] = eval_loss
                 write_record(record, metrics, bar)
+            if eval_loss is not None:
+                bar.set_description(f"train (eval_loss {eval_loss:.4f} at step {step + 1})")
             bar.update(1)
             d.heartbeat(step + 1, "step done")
-            # Between two steps: a checkpoint every --save-every steps and at the end.
-            last = step + 1 == data.max_steps
-            if (step + 1) % args.save_every == 0 or last:
+            # Between two steps: a checkpoint every --save-every steps, at the end, and when a signal
+            # reached any rank (every rank agrees here, then all save together and stop).
+            stopping = stop.agreed(step + 1) and not last
+            if (step + 1) % args.save_every == 0 or last or stopping:
                 save(par, schedule, args, out, step + 1, data, frozen, d, final=last)
+            if stopping:
+                # The step, the checkpoint and the command to continue; exit 143 / 130 / 138.
+                stop.finish(step + 1, out)
     except torch.cuda.OutOfMemoryError:
         # Say what would fit before the traceback: the estimate and the flags that change it.
         d.log("CUDA out of memory. " + memory.report(plan, gpu_gib) + "\nflags that would fit: "
@@ -520,6 +531,18 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
         bar.close()
         if metrics:
             metrics.close()
+
+
+def held_out_loss(args, data: Data, par: "parallel.Parallel", autocast, step: int,
+                  last: bool) -> float | None:
+    """The --eval-data loss every --eval-every steps (default --save-every) and at the end; None
+    between those steps or without --eval-data."""
+    if data.held_out is None:
+        return None
+    every = args.eval_every or args.save_every
+    if step % every and not last:
+        return None
+    return round(data.held_out.loss(par.model, autocast, step), 6)
 
 
 def open_metrics(args, out: Path, start_step: int, d: "dist.Dist"):

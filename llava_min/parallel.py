@@ -21,6 +21,7 @@ Every collective runs inside `dist.collective`, so a timeout names it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -59,15 +60,18 @@ class Parallel:
     def _replicate(self) -> None:
         # DDP's constructor is a collective (shapes compared, rank 0's weights broadcast).
         # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets, not beside them.
-        # broadcast_buffers=False: the only buffer (the ViT's mask token) never changes; the
+        # No buffer sync in forward: the only buffer (the ViT's mask token) never changes; the
         # default would broadcast it in every forward, one more collective per step, outside any
-        # name.
+        # name. torch 2.13 calls this forward_sync_buffers (broadcast_buffers warns on every rank).
+        no_buffer_sync = {"forward_sync_buffers": False}
+        if "forward_sync_buffers" not in inspect.signature(DDP).parameters:
+            no_buffer_sync = {"broadcast_buffers": False}
         device_ids = None
         if self.d.device.type == "cuda":
             device_ids = [self.d.device.index]
         with dist.collective(self.d, "DDP set-up (parameter check and broadcast from rank 0)"):
             self.module = DDP(self.model, device_ids=device_ids, gradient_as_bucket_view=True,
-                              broadcast_buffers=False)
+                              **no_buffer_sync)
 
     @property
     def sharded(self) -> bool:

@@ -8,7 +8,7 @@ Proves, each with two real worker processes (this file is also the worker script
   * check_consistent names the field and the differing rank, on every rank;
   * a barrier that one rank never reaches names that rank; a barrier given its own, longer timeout (a
     checkpoint save) waits past --dist-timeout, and when that runs out too its message names the barrier;
-  * `kill -USR1` on a rank blocked inside a collective dumps every rank's stack and the run goes on;
+  * `kill -USR2` on a rank blocked inside a collective dumps every rank's stack and the run goes on;
 and, in one process: the collectives are identities, heartbeats land in OUT/heartbeats, and
 `collective()` turns a peer failure inside a block (gloo's RuntimeError, a DistError) into a named DistTimeout
 while other errors pass, with the hang tool attached or not.
@@ -150,17 +150,17 @@ def test_barrier_with_its_own_timeout_waits_for_a_save_and_names_it(tmp_path):
     assert "rank 0 (pid" in log and "saving again" in log
 
 
-def test_usr1_dumps_every_rank_without_stopping(tmp_path):
+def test_usr2_dumps_every_rank_without_stopping(tmp_path):
     out = tmp_path / "out"
     proc = launch("steps", out, 30)
     try:
         beat = wait_for(lambda: reached(out, 0, 2), 40, "rank 0 to reach step 2", proc)
-        os.kill(beat["pid"], signal.SIGUSR1)    # rank 0 spends most of its time blocked in all_reduce
+        os.kill(beat["pid"], signal.SIGUSR2)    # rank 0 spends most of its time blocked in all_reduce
         stacks = [out / "stacks" / f"rank-{r}.txt" for r in (0, 1)]
         wait_for(lambda: all(f.exists() for f in stacks), 10, "both stack files", proc)
         for f in stacks:
             text = f.read_text()
-            assert "SIGUSR1 to rank 0" in text and "in worker" in text and "Thread MainThread" in text
+            assert "SIGUSR2 to rank 0" in text and "in worker" in text and "Thread MainThread" in text
         step = hang.read_heartbeat(out, 1)["step"]
         wait_for(lambda: reached(out, 1, step + 2), 20, "steps after the dump", proc)
         (out / "stop").touch()

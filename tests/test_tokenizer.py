@@ -276,3 +276,17 @@ def test_train_cli_and_small_vocab_error(tmp_path):
     assert Tokenizer(out).special_ids == TRAINED_IDS
     with pytest.raises(LlavaMinError, match=r"--vocab-size 200.*256 byte pieces"):
         train([data], vocab_size=200, out=tmp_path / "small.model", threads=1)
+
+
+def test_fewer_pieces_than_asked_are_explained(tmp_path, capsys):
+    from llava_min.tools.tokenizer_train import main
+    data = _write_corpus(tmp_path / "train.json", n=40)
+    main(["train", "--data", str(data), "--vocab-size", "5000", "--out", str(tmp_path / "tok.model"),
+          "--threads", "1"])
+    said = capsys.readouterr().out
+    n = Tokenizer(tmp_path / "tok.model").vocab_size
+    assert n < 5000
+    assert f"note: {n} pieces, fewer than the 5000 asked for: 3 control pieces, 6 chat tokens, 256 byte pieces" in said
+    assert "the text has no pair left to merge" in said
+    main(["train", "--data", str(data), "--vocab-size", "300", "--out", str(tmp_path / "t2.model"), "--threads", "1"])
+    assert "fewer than" not in capsys.readouterr().out      # as many as asked: nothing to explain

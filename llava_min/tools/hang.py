@@ -5,7 +5,7 @@
 OUT/heartbeats/rank-N.json: where rank N was last seen ("time") and when its process last showed life ("alive",
 refreshed every second by a watcher thread: a rank stuck in Python looks alive, a stopped or frozen one does not).
 OUT/stacks/rank-N.txt: every thread's stack, written on a request in OUT/stacks/request.json that every watcher
-polls; a failed collective (`report`) and `kill -USR1 <pid>` on any rank make one, the run goes on. Ranks on other
+polls; a failed collective (`report`) and `kill -USR2 <pid>` on any rank make one, the run goes on. Ranks on other
 nodes see it only if OUT is on a shared file system. The fields: docs/TROUBLESHOOTING.md, "First, the tools".
 """
 from __future__ import annotations
@@ -65,13 +65,15 @@ class Forensics:
         self.answered = _read_json(self.request_file).get("id", "")   # an old run's request is not ours to answer
         self.stop = threading.Event()
         self.wakeup = None                 # (read fd, write fd, old handler, old wakeup fd)
-        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+        # SIGUSR2, not SIGUSR1: SIGUSR1 is the warning schedulers send before a job's end, and a run stops and
+        # saves on it (llava_min/stop.py).
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR2"):
             read_fd, write_fd = os.pipe()
             os.set_blocking(read_fd, False)
             os.set_blocking(write_fd, False)
             # The Python-level handler does nothing; what matters is that the C-level handler writes the signal
             # number to the wake-up fd at once, whatever the main thread is blocked in.
-            old_handler = signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+            old_handler = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
             self.wakeup = (read_fd, write_fd, old_handler, signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False))
         self.write_heartbeat()
         self.watcher = threading.Thread(target=self._watch, name=WATCHER, daemon=True)
@@ -122,14 +124,14 @@ class Forensics:
         return "\n".join(lines)
 
     def close(self) -> None:
-        """Final heartbeat, stop the watcher, give SIGUSR1 back (dist.teardown calls this)."""
+        """Final heartbeat, stop the watcher, give SIGUSR2 back (dist.teardown calls this)."""
         self.write_heartbeat()
         self.stop.set()
         self.watcher.join(timeout=2 * POLL_S + 1)
         if self.wakeup is not None:
             read_fd, write_fd, old_handler, old_wakeup = self.wakeup
             signal.set_wakeup_fd(old_wakeup)
-            signal.signal(signal.SIGUSR1, old_handler)
+            signal.signal(signal.SIGUSR2, old_handler)
             os.close(read_fd)
             os.close(write_fd)
             self.wakeup = None
@@ -180,10 +182,10 @@ class Forensics:
             if read_fd is None:
                 self.stop.wait(POLL_S)
             elif select.select([read_fd], [], [], POLL_S)[0]:
-                signalled = signal.SIGUSR1 in os.read(read_fd, 512)   # ready, so it does not block
+                signalled = signal.SIGUSR2 in os.read(read_fd, 512)   # ready, so it does not block
             self.write_heartbeat(force=time.monotonic() - self.written >= HEARTBEAT_EVERY_S)
             if signalled:
-                self.request_stacks(f"SIGUSR1 to rank {self.d.rank} (pid {os.getpid()})")
+                self.request_stacks(f"SIGUSR2 to rank {self.d.rank} (pid {os.getpid()})")
             request = _read_json(self.request_file)
             if request and request.get("id") != self.answered:
                 self.answered = request.get("id")
@@ -191,6 +193,6 @@ class Forensics:
 
 
 def attach(d: Dist, out_dir) -> Forensics:
-    """Heartbeats, stack requests and SIGUSR1 for this rank, under OUT (see the module docstring)."""
+    """Heartbeats, stack requests and SIGUSR2 for this rank, under OUT (see the module docstring)."""
     d.forensics = Forensics(d, out_dir)
     return d.forensics
