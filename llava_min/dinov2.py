@@ -7,6 +7,7 @@ References: facebookresearch/dinov2; Oquab et al. 2023; Darcet et al. 2023 (regi
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import LlavaMinError, weights
+from .image import IMAGENET, Preprocessing, check_image_size
 
 # Checkpoint key -> module key. The image-classification checkpoints (Dinov2ForImageClassification) nest the
 # backbone under "dinov2." beside a classifier head that nobody here reads.
@@ -53,6 +55,16 @@ class DINOv2Config:
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS and the registers."""
+        return 1 + self.num_register_tokens
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """ImageNet statistics; the processor's "crop": shortest edge to 256 / 224 of the size, centre crop."""
+        return IMAGENET
 
     def image_tokens(self, image_size: int) -> int:
         """Patch tokens (= LLM positions) of one square image_size x image_size input."""
@@ -115,10 +127,7 @@ class Embeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B, _, H, W = pixel_values.shape
-        p = self.config.patch_size
-        if H % p or W % p:
-            raise LlavaMinError(f"image height {H} and width {W} must both be multiples of the patch size {p}; "
-                                f"resize or crop the image (e.g. to {H // p * p or p} x {W // p * p or p})")
+        check_image_size(H, W, self.config.patch_size)
         conv = self.patch_embeddings.projection
         x = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)   # (B, D, H/p, W/p) -> (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)           # (B, 1 + N, D)
@@ -196,6 +205,8 @@ class Block(nn.Module):
 class DINOv2(nn.Module):
     """forward -> final-normed tokens; hidden_states -> every block's output; features -> LLaVA's input."""
 
+    config_class = DINOv2Config
+
     def __init__(self, config: DINOv2Config):
         super().__init__()
         self.config = config
@@ -223,12 +234,24 @@ class DINOv2(nn.Module):
         if self.config.num_register_tokens:
             nn.init.zeros_(self.embeddings.register_tokens)
 
+    @staticmethod
+    def load_config(name_or_path) -> DINOv2Config:
+        return load_config(name_or_path)
+
+    @staticmethod
+    def presets() -> dict[str, DINOv2Config]:
+        return PRESETS
+
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "DINOv2":
-        """A hub folder, in eval mode: built on meta, each tensor read once, memory-mapped, to `device` in `dtype`."""
+        """A hub folder, in eval mode: built on meta, each tensor read once, memory-mapped, to `device` in `dtype`.
+        Says what an image-classification checkpoint left unread (its classifier)."""
         config = load_config(Path(path))
         model = weights.build_on_meta(lambda: cls(config))
-        weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
+        unread = weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
+        if unread:
+            print(f"{path}: read the DINOv2 backbone; left unread: {weights.summarise_keys(unread)}",
+                  file=sys.stderr, flush=True)
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -240,27 +263,41 @@ class DINOv2(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches: CLS and the registers."""
-        return 1 + self.config.num_register_tokens
+        return self.config.prefix_tokens
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks in order: the units of checkpointing, FSDP, FLOP and memory counts."""
+        return self.encoder.layer
+
+    def freeze_unused(self, layer: int) -> None:
+        """Freeze what `features(layer=...)` never runs (later blocks, the final norm): no gradient reaches it."""
+        for block in self.blocks[self.config.blocks_run(layer):]:
+            block.requires_grad_(False)
+        self.layernorm.requires_grad_(False)
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
         self.gradient_checkpointing = bool(flag)
 
-    def _blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, blocks) -> torch.Tensor:
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """num_layers + 1 tensors (B, 1 + R + N, D): the embeddings, then each block's output (none normed)."""
         states = [self.embeddings(pixel_values)]
-        for block in self.encoder.layer:
-            states.append(self._blocks(states[-1], [block]))
+        for block in self.blocks:
+            states.append(self._run(states[-1], [block]))
         return states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + R + N, D) after the final LayerNorm (transformers' last_hidden_state)."""
-        return self.layernorm(self._blocks(self.embeddings(pixel_values), self.encoder.layer))
+        return self.layernorm(self._run(self.embeddings(pixel_values), self.blocks))
 
     def features(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
         """hidden_states(pixel_values)[layer] without the CLS and register tokens: (B, N, D). Runs only the blocks
@@ -269,8 +306,8 @@ class DINOv2(nn.Module):
         if not -(n + 1) <= layer <= n:
             raise LlavaMinError(f"layer {layer} is out of range for a ViT with {n} blocks (hidden states are "
                                 f"indexed {-(n + 1)}..{n})")
-        blocks = self.encoder.layer[:self.config.blocks_run(layer)]
-        return self._blocks(self.embeddings(pixel_values), blocks)[:, self.num_prefix_tokens:]
+        blocks = self.blocks[:self.config.blocks_run(layer)]
+        return self._run(self.embeddings(pixel_values), blocks)[:, self.config.prefix_tokens:]
 
 
 # Config files and presets

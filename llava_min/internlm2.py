@@ -279,6 +279,11 @@ class InternLM2(nn.Module):
         dtype = str(dtype or self.output.weight.dtype).removeprefix("torch.")
         weights.write_json(self.config.to_dict() | {"torch_dtype": dtype}, Path(path) / weights.CONFIG_FILE)
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers in order: the units of checkpointing, FSDP and FLOP counts."""
+        return self.model.layers
+
     def set_gradient_checkpointing(self, flag: bool) -> None:
         """Recompute each decoder layer's activations in backward (only while training, without a cache)."""
         self.gradient_checkpointing = bool(flag)

@@ -1,7 +1,13 @@
-"""LLaVA: DINOv2 features -> MLP projector -> spliced into InternLM2's input embeddings. Start at `LLaVA.forward`.
+"""LLaVA: vision-tower features -> MLP projector -> spliced into InternLM2's input embeddings. Start at `LLaVA.forward`.
 
 LLaVA-1.5 / XTuner's composition (`xtuner/model/llava.py`), equal to transformers' `LlavaForConditionalGeneration`
-to 1e-4 (tests/test_llava.py).
+to 1e-4 (tests/test_llava.py; tests/test_clip.py and test_siglip.py on those towers).
+
+The vision tower is any class of `VISION_TOWERS` (dinov2.py, clip.py, siglip.py), used through the members they
+share: `config` (hidden_size, patch_size, prefix_tokens, image_tokens(size), blocks_run(layer), preprocessing),
+`blocks`, `features(pixels, layer)`, `freeze_unused(layer)`, `set_gradient_checkpointing`, `from_pretrained` /
+`save_pretrained`, and the static `load_config` / `presets`. The LLM likewise through InternLM2's `embed`,
+`forward_hidden`, `output`, `new_cache`, `layers`. Nothing here reaches into their modules (tests/test_imports.py).
 """
 from __future__ import annotations
 
@@ -16,15 +22,51 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
+from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError, weights
+from .clip import CLIP
 from .dinov2 import DINOv2
 from .image import normalize
 from .internlm2 import InternLM2
 from .projector import Projector
+from .siglip import SigLIP
 from .weights import write_json
 
 CONFIG_FILE = "llava_config.json"
 PARTS = ("projector", "llm", "vit")   # what --train can name, and the sub-folders of a saved model
+
+# config.json's model_type -> the vision tower class that reads the folder. A fork adds its tower's file and a row.
+VISION_TOWERS = {"dinov2": DINOv2, "dinov2_with_registers": DINOv2, "clip": CLIP, "clip_vision_model": CLIP,
+                 "siglip": SigLIP, "siglip_vision_model": SigLIP}
+
+
+def vision_tower(name_or_path: str | os.PathLike) -> type[nn.Module]:
+    """The tower class of a preset name (of any tower) or of a folder / config.json, by its model_type."""
+    towers = list(dict.fromkeys(VISION_TOWERS.values()))
+    for tower in towers:
+        if str(name_or_path) in tower.presets():
+            return tower
+    path = Path(name_or_path)
+    if not path.exists():
+        names = [name for tower in towers for name in tower.presets()]
+        raise LlavaMinError(f"{path}: neither a vision tower preset ({', '.join(names)}) nor an existing "
+                            "config.json file or model folder")
+    file = path / weights.CONFIG_FILE if path.is_dir() else path
+    # A config.json without a model_type is read as DINOv2's, this project's first tower.
+    model_type = weights.read_config(file).get("model_type", "dinov2")
+    if model_type not in VISION_TOWERS:
+        raise LlavaMinError(f"{file}: model_type {model_type!r} is no vision tower known here "
+                            f"({', '.join(VISION_TOWERS)}); add its tower to llava.VISION_TOWERS")
+    return VISION_TOWERS[model_type]
+
+
+def vision_config(name_or_path: str | os.PathLike):
+    """The config of a tower preset, folder or config.json, read by the tower it names."""
+    return vision_tower(name_or_path).load_config(name_or_path)
+
+
+def tower_of(config) -> type[nn.Module]:
+    """The tower class that builds a tower config (a DINOv2Config -> DINOv2, ...)."""
+    return next(tower for tower in VISION_TOWERS.values() if isinstance(config, tower.config_class))
 
 
 def parse_parts(spec: str) -> set[str]:
@@ -39,7 +81,7 @@ def parse_parts(spec: str) -> set[str]:
 class LLaVAConfig:
     select_layer: int = -2          # ViT hidden state fed to the projector (LLaVA / XTuner default)
     image_size: int = 224           # square input size the model was trained with
-    image_mode: str = "pad"         # "pad" (LLaVA-1.5 expand-to-square) or "crop" (DINOv2 centre crop)
+    image_mode: str = "pad"         # "pad" (LLaVA-1.5 expand-to-square) or "crop" (the tower's own processor)
     stop_ids: list[int] = field(default_factory=lambda: [92542, 2])  # <|im_end|>, </s>
     pad_id: int = 0                 # input_ids padding (XTuner's DEFAULT_PAD_TOKEN_INDEX)
     text_vocab_size: int | None = None  # the tokenizer's size; generation never picks the LLM's padding ids
@@ -68,9 +110,9 @@ class LLaVAOutput:
 
 
 class LLaVA(nn.Module):
-    """DINOv2 -> Projector -> InternLM2. Reference: transformers `models/llava/modeling_llava.py`."""
+    """Vision tower -> Projector -> InternLM2. Reference: transformers `models/llava/modeling_llava.py`."""
 
-    def __init__(self, llm: InternLM2, vit: DINOv2, projector: Projector, config: LLaVAConfig | None = None):
+    def __init__(self, llm: InternLM2, vit: nn.Module, projector: Projector, config: LLaVAConfig | None = None):
         super().__init__()
         self.llm, self.vit, self.projector = llm, vit, projector
         self.config = config or LLaVAConfig()
@@ -149,22 +191,23 @@ class LLaVA(nn.Module):
         """(n_images, 3, H, W) normalised floats, or the uint8 pixels of the training data (normalised here, on the
         device) -> (n_images, N, D_llm) projected patch features."""
         if pixel_values.dtype == torch.uint8:
-            pixel_values = normalize(pixel_values)
+            pixel_values = normalize(pixel_values, self.vit.config.preprocessing)
         # A frozen ViT runs without autograd, so it keeps no activations for backward.
         vit_trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vit.parameters())
         with torch.set_grad_enabled(vit_trains):
             feats = self.vit.features(pixel_values, layer=self.config.select_layer)   # stops at select_layer
-        return self.projector(feats.to(self.projector.model[0].weight.dtype))
+        return self.projector(feats.to(self.projector.dtype))
 
     def _no_image_features(self) -> torch.Tensor:
         """Features for a batch without images: none, (0, 1, D); but while the projector (or ViT) trains, those of
         one tiny dummy image with its patches sliced away, (1, 0, D), so that every rank uses the same parameters
         every step (XTuner's zero-image trick; nanoVLM skips such batches instead)."""
-        w = self.projector.model[0].weight
-        if torch.is_grad_enabled() and any(p.requires_grad for m in (self.projector, self.vit) for p in m.parameters()):
+        w = next(self.projector.parameters())
+        trained = [p.requires_grad for m in (self.projector, self.vit) for p in m.parameters()]
+        if torch.is_grad_enabled() and any(trained):
             p = self.vit.config.patch_size
             return self.image_features(w.new_zeros(1, 3, p, p))[:, :0]
-        return w.new_zeros(0, 1, self.projector.model[-1].out_features)
+        return w.new_zeros(0, 1, self.projector.llm_hidden)
 
     # Generation
 
@@ -229,7 +272,7 @@ class LLaVA(nn.Module):
         if llm is None or vit is None:
             raise LlavaMinError("LLaVA.from_pretrained needs a LLaVA folder, or both llm= and vit= folders")
         llm_model = InternLM2.from_pretrained(llm, dtype=dtype, device=device)
-        vit_model = DINOv2.from_pretrained(vit, dtype=dtype, device=device)
+        vit_model = vision_tower(vit).from_pretrained(vit, dtype=dtype, device=device)
         widths = (vit_model.config.hidden_size, llm_model.config.hidden_size)
         if projector is None:   # drawn on the CPU, as train.py does: the same fresh projector on any device
             proj = Projector(*widths).to(device, dtype)
@@ -241,7 +284,7 @@ class LLaVA(nn.Module):
         return cls(llm_model, vit_model, proj, config)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """llm/ (InternLM2, LoRA merged), vit/ (DINOv2), projector/ (XTuner) and llava_config.json."""
+        """llm/ (InternLM2, LoRA merged), vit/ (the tower's hub format), projector/ (XTuner), llava_config.json."""
         path = Path(path)
         for part in PARTS:
             getattr(self, part).save_pretrained(path / part, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -37,6 +37,11 @@ class Projector(nn.Module):
             layers += [nn.GELU(), nn.Linear(llm_hidden, llm_hidden, bias=bias)]
         self.model = nn.Sequential(*layers)   # index 1, 3, ... are the GELUs, as in XTuner's keys
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its input is cast to (the first layer's weight's)."""
+        return self.model[0].weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
