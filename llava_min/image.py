@@ -135,8 +135,8 @@ def check_image_size(height: int, width: int, patch_size: int) -> None:
     """The one check of an input size against a tower's patch size (train.py's --image-size, the towers' inputs)."""
     if height < patch_size or width < patch_size or height % patch_size or width % patch_size:
         side = max(1, round(max(height, width) / patch_size)) * patch_size
-        raise LlavaMinError(f"image size {height} x {width} is not a positive multiple of the ViT patch size "
-                            f"{patch_size}; use e.g. --image-size {side}, or resize the image to a multiple")
+        raise LlavaMinError(f"image height {height} and width {width} must both be positive multiples of the ViT "
+                            f"patch size {patch_size}; use e.g. --image-size {side}, or resize the image to one")
 
 
 def to_pixels(image: Image.Image, size: int, mode: str = "pad", preprocessing: Preprocessing = IMAGENET
