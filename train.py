@@ -31,11 +31,12 @@ from tqdm import tqdm  # noqa: E402
 
 from llava_min import checkpoint, dist, fsdp  # noqa: E402
 from llava_min.data import LLaVADataset, collate, collate_packed  # noqa: E402
-from llava_min.dinov2 import DINOv2, load_config as vit_config  # noqa: E402
 from llava_min.internlm2 import InternLM2, load_config as llm_config  # noqa: E402
-from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts, trained_positions  # noqa: E402
+from llava_min.image import check_image_size  # noqa: E402
+from llava_min.llava import (CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts, trained_positions,  # noqa: E402
+                             vision_config, vision_tower)
 from llava_min.loader import Loader  # noqa: E402
-from llava_min.lora import apply_lora  # noqa: E402
+from llava_min.lora import ALPHA_PER_RANK, apply_lora  # noqa: E402
 from llava_min.optim import (CosineSchedule, clip_gradients, gather_optimizer_state, make_optimizer,  # noqa: E402
                              param_groups)
 from llava_min.plot import plot_loss  # noqa: E402
@@ -64,14 +65,17 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
     p.add_argument("--llm", default=None, help="pretrained InternLM2 folder")
     p.add_argument("--llm-config", default=None,
                    help="fresh weights: preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
-    p.add_argument("--vit", default=None, help="pretrained DINOv2 folder")
+    p.add_argument("--vit", default=None, help="pretrained vision tower folder (DINOv2, CLIP or SigLIP, by model_type)")
     p.add_argument("--vit-config", default=None,
-                   help="fresh weights: preset (tiny, dinov2-small/-base/-large/-giant[-reg]) or config.json")
+                   help="fresh weights: preset (tiny, dinov2-small/-base/-large/-giant[-reg], tiny-clip, "
+                        "clip-vit-large-patch14-336, tiny-siglip, siglip-so400m-patch14-384, siglip-base-patch16-224) "
+                        "or config.json")
     p.add_argument("--projector", default=None, help="pretrained projector folder (XTuner or HF LLaVA names)")
     p.add_argument("--init-from", default=None, help="a folder written by train.py (stage 1 output)")
     p.add_argument("--train", default=d["train"], help="comma list of projector,llm,vit, or all")
     p.add_argument("--lora-r", type=int, default=0, help="train the LLM through LoRA adapters of this rank")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 * r)")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help=f"LoRA scale numerator (default {ALPHA_PER_RANK} * r)")
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
@@ -138,8 +142,9 @@ def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.d
     torch.manual_seed(args.seed)  # fresh weights identical on every rank and on resume
     llm = (InternLM2.from_pretrained(src["llm"], dtype=dtype_of("llm"), device=device) if src["llm"]
            else InternLM2(llm_config(args.llm_config)).to(device, dtype_of("llm")))
-    vit = (DINOv2.from_pretrained(src["vit"], dtype=dtype_of("vit"), device=device) if src["vit"]
-           else DINOv2(vit_config(args.vit_config)).to(device, dtype_of("vit")))
+    tower = vision_tower(src["vit"] or args.vit_config)     # DINOv2, CLIP or SigLIP: config.json's model_type
+    vit = (tower.from_pretrained(src["vit"], dtype=dtype_of("vit"), device=device) if src["vit"]
+           else tower(vision_config(args.vit_config)).to(device, dtype_of("vit")))
     projector = (Projector.from_pretrained(src["projector"], dtype=dtype_of("projector"), device=device)
                  if src["projector"] else
                  Projector(vit.config.hidden_size, llm.config.hidden_size).to(device, dtype_of("projector")))
@@ -198,13 +203,15 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     # The checkpoint folder each part loads from; None = fresh weights from --llm-config / --vit-config.
     src = {part: Path(getattr(args, part)) if getattr(args, part) else (init / part if init else None)
            for part in PARTS}
-    vit_cfg = vit_config(src["vit"] or args.vit_config)
-    if args.image_size % vit_cfg.patch_size:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size {vit_cfg.patch_size}")
+    vit_cfg = vision_config(src["vit"] or args.vit_config)
+    try:
+        check_image_size(args.image_size, args.image_size, vit_cfg.patch_size)
+    except ValueError as e:
+        raise SystemExit(f"--image-size: {e}") from None
     image_tokens = vit_cfg.image_tokens(args.image_size)     # LLM positions per image
     dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
                            max_length=args.max_length, image_tokens=image_tokens, system=args.system,
-                           skip_bad=args.skip_bad_samples)
+                           skip_bad=args.skip_bad_samples, preprocessing=vit_cfg.preprocessing)
     print0(dataset.report())
     global_batch = args.batch_size * d.world_size * args.grad_accum     # samples, or packed rows with --pack
     if args.pack and args.pack < args.max_length:
@@ -224,14 +231,12 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     for name in parts:
         getattr(model, name).requires_grad_(True)
     if "vit" in parts:
-        # Blocks after the selected layer and the final LayerNorm never reach the loss: freeze them, or DDP
-        # waits forever for their gradients.
-        for block in model.vit.encoder.layer[vit_cfg.blocks_run(model.config.select_layer):]:
-            block.requires_grad_(False)
-        model.vit.layernorm.requires_grad_(False)
+        # Blocks after the selected layer and the final norm never reach the loss: freeze them, or DDP waits
+        # forever for their gradients.
+        model.vit.freeze_unused(model.config.select_layer)
     if args.lora_r:
         model.llm.requires_grad_(False)
-        replaced = apply_lora(model.llm, r=args.lora_r, alpha=args.lora_alpha or 2 * args.lora_r,
+        replaced = apply_lora(model.llm, r=args.lora_r, alpha=args.lora_alpha,
                               dropout=args.lora_dropout)
         print0(f"LoRA r={args.lora_r} on {len(replaced)} linear layers of the LLM")
     if args.grad_checkpointing:
@@ -326,7 +331,7 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     loader = Loader(dataset, batches, collate_fn, num_workers=args.num_workers, timeout=args.loader_timeout,
                     pin_memory=device.type == "cuda", seed=args.seed, first_batch=start_step * args.grad_accum)
     metrics = open(out / "metrics.jsonl", "a") if d.rank == 0 else None
-    peak = flops.peak_flops(device)          # MFU on a known GPU: FLOPs counted as tools/flops.py says
+    peak = flops.peak_flops(device, compute_dtype)   # MFU on a known GPU: FLOPs counted as tools/flops.py says
     count_flops = flops.StepFlops(model, image_tokens) if peak else None
     bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0,
                disable=d.rank != 0)
@@ -476,8 +481,8 @@ def _rewritten(model: LLaVA, src: dict) -> set[str]:
 
 
 def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> None:
-    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json. A frozen
-    part with a source is linked, copied or referenced (--save-frozen); save_pretrained folds LoRA adapters in."""
+    """OUT/llm (InternLM2), OUT/vit (the tower's format), OUT/projector (XTuner), tokenizer.model, llava_config.json.
+    A frozen part with a source is linked, copied or referenced (--save-frozen); save_pretrained folds LoRA adapters in."""
     rewritten = _rewritten(model, src)
     for part in PARTS:
         module = getattr(model, part)

@@ -18,6 +18,8 @@ from . import LlavaMinError
 # the SwiGLU. The head (`output`) never gets one: its adapter would be large, and the references do not train it.
 DEFAULT_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 LORA_KEYS = ("lora_A", "lora_B")
+# alpha = 2 r unless given: LLaVA-1.5's scale (r 128, alpha 256).
+ALPHA_PER_RANK = 2
 
 
 class LoRALinear(nn.Module):
@@ -55,11 +57,12 @@ class LoRALinear(nn.Module):
 def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.05,
                targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> list[str]:
     """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place, and freeze all else.
-    Returns the replaced names. alpha defaults to 2 * r, LLaVA-1.5's scale (r 128, alpha 256); XTuner's
-    InternLM2-7B QLoRA uses r 512, alpha 256: pass alpha to match it."""
+    Returns the replaced names. alpha defaults to ALPHA_PER_RANK * r; XTuner's InternLM2-7B QLoRA uses r 512,
+    alpha 256: pass alpha to match it."""
     if type(r) is not int or r < 1:
         raise LlavaMinError(f"LoRA rank must be a positive integer, got r={r!r} (e.g. --lora-r 64)")
-    alpha = 2 * r if alpha is None else alpha
+    if alpha is None:
+        alpha = ALPHA_PER_RANK * r
     if alpha <= 0 or not 0 <= dropout < 1:
         raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, dropout={dropout}")
     refused = [t for t in targets if t.split(".")[-1] == "output"]

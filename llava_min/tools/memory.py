@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .. import LlavaMinError, dinov2, internlm2, llava
+from .. import LlavaMinError, dinov2, internlm2, llava, weights
+from ..image import check_image_size
 
 GiB = 2**30
 CUDA_CONTEXT = 0.75 * GiB               # context and cuBLAS workspaces
@@ -35,7 +37,7 @@ JSON_PEAK = 3.5                         # json.load's peak RSS / file size for L
 class Plan:
     """One training configuration, as finetune.py's flags describe it."""
     llm: internlm2.InternLM2Config
-    vit: dinov2.DINOv2Config
+    vit: object                         # a vision tower's config (DINOv2Config, CLIPConfig, SigLIPConfig, ...)
     train: tuple[str, ...] = ("projector", "llm")
     lora_r: int = 0
     lora_dropout: float = 0.05
@@ -113,33 +115,76 @@ def lora_parameters(c: internlm2.InternLM2Config, r: int) -> int:
     return c.num_hidden_layers * r * in_plus_out
 
 
+_VIT_COUNTS: dict[tuple[str, int], dict[str, int]] = {}
+
+
+def vit_counts(v, select_layer: int) -> dict[str, int]:
+    """A vision tower's tensor counts, from the tower itself built on meta (through its contract: `blocks`,
+    `freeze_unused`), cached, as the fit search asks hundreds of times. "all": every tensor of its state dict
+    (buffers such as DINOv2's mask_token included); "parameters"; "block": one block's; "run": the parameters
+    features(select_layer) uses, what a trained ViT trains; "run_matmul": those of its linear and convolution
+    layers (what autocast casts); "embeddings": the run parameters outside the blocks (an FSDP root's)."""
+    key = (repr(v), select_layer)
+    if key not in _VIT_COUNTS:
+        tower = weights.build_on_meta(lambda: llava.tower_of(v)(v))
+        tower.freeze_unused(select_layer)
+        size = {id(p): p.numel() for p in tower.parameters()}
+        run = {id(p) for p in tower.parameters() if p.requires_grad}
+        in_blocks = {id(p) for p in tower.blocks.parameters()}
+        matmul = {id(p) for m in tower.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) for p in m.parameters()}
+        _VIT_COUNTS[key] = {
+            "all": sum(t.numel() for t in tower.state_dict().values()),
+            "parameters": sum(size.values()),
+            "block": sum(p.numel() for p in tower.blocks[0].parameters()),
+            "run": sum(size[i] for i in run),
+            "run_matmul": sum(size[i] for i in run & matmul),
+            "embeddings": sum(size[i] for i in run - in_blocks),
+        }
+    return _VIT_COUNTS[key]
+
+
 def param_counts(plan: Plan) -> dict[str, int]:
     """The checkpoints' tensor counts (DINOv2's mask_token buffer included). "trained": what gets gradients and
     AdamW state; "unused": a trained ViT's blocks after select_layer and its final norm (fp32, never run)."""
-    c, v = plan.llm, plan.vit
-    h, D = c.hidden_size, v.hidden_size
-    blocks_run = v.blocks_run(plan.select_layer)
-    vit_block = (dinov2.num_parameters(dataclasses.replace(v, num_hidden_layers=2))
-                 - dinov2.num_parameters(dataclasses.replace(v, num_hidden_layers=1)))
-    counts = {"llm": internlm2.num_parameters(c), "vit": dinov2.num_parameters(v),
-              "projector": D * h + h + h * h + h,           # Linear(D, h), GELU, Linear(h, h), with biases
+    c = plan.llm
+    h = c.hidden_size
+    vit = vit_counts(plan.vit, plan.select_layer)
+    vit_trains = "vit" in plan.train
+    counts = {"llm": internlm2.num_parameters(c), "vit": vit["all"],
+              # Linear(D, h), GELU, Linear(h, h), with biases
+              "projector": plan.vit.hidden_size * h + h + h * h + h,
               "lora": lora_parameters(c, plan.lora_r) if plan.lora_r else 0}
-    vit_unused = (v.num_hidden_layers - blocks_run) * vit_block + 2 * D      # + the final LayerNorm
     trained = {"projector": counts["projector"] if "projector" in plan.train else 0,
-               "llm": (counts["lora"] if plan.lora_r else counts["llm"]) if "llm" in plan.train else 0,
-               "vit": counts["vit"] - vit_unused - D * v.use_mask_token if "vit" in plan.train else 0}
+               "llm": 0,
+               "vit": vit["run"] if vit_trains else 0}
+    if "llm" in plan.train:
+        trained["llm"] = counts["lora"] if plan.lora_r else counts["llm"]
     counts["trained"] = sum(trained.values())
-    counts["unused"] = vit_unused if "vit" in plan.train else 0
+    counts["unused"] = vit["parameters"] - vit["run"] if vit_trains else 0
     counts["frozen"] = (counts["llm"] + counts["vit"] + counts["projector"] + counts["lora"]
                         - counts["trained"] - counts["unused"])
     # The trained parameters that autocast casts to bf16: matrices of linear / conv layers (and their biases,
     # the output head included), not the embedding, norms, position tables, cls / registers or layer scales.
     llm_matmul = counts["llm"] - c.vocab_size * h - (2 * c.num_hidden_layers + 1) * h
-    vit_tables = (v.grid_size ** 2 + 2 + v.num_register_tokens) * D + blocks_run * 6 * D   # + per-block norms, scales
-    counts["trained_matmul"] = (trained["projector"]
-                                + (counts["lora"] if plan.lora_r else llm_matmul) * ("llm" in plan.train)
-                                + (trained["vit"] - vit_tables) * ("vit" in plan.train))
+    if plan.lora_r:
+        llm_matmul = counts["lora"]
+    counts["trained_matmul"] = (trained["projector"] + llm_matmul * ("llm" in plan.train)
+                                + vit["run_matmul"] * vit_trains)
     return counts
+
+
+def vit_mlp_saves(v, a: int) -> int:
+    """Bytes one token of a trained ViT block's MLP (and DINOv2's layer scales) saves for backward."""
+    F = v.ffn_hidden_size
+    if isinstance(v, dinov2.DINOv2Config):
+        # the two LayerScales save their inputs; giant's SwiGLU saves gate, up, their silu and the product
+        scales = 2 * a * v.hidden_size
+        return scales + a * (4 * F if v.use_swiglu_ffn else 2 * F)
+    if v.hidden_act == "quick_gelu":
+        # CLIP: x * sigmoid(1.702 x) keeps fc1's output, the sigmoid and the product (fc2's input)
+        return 3 * a * F
+    # erf or tanh GELU: fc1's output and fc2's input
+    return 2 * a * F
 
 
 # Activations: bytes autograd saves for backward. a = 2 in bf16 (4 in fp32); r = the residual stream's bytes
@@ -186,17 +231,17 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
     supervised = max(0, N - n_images * plan.image_tokens)
     final_norm = (4 * h + r * h + 4) if mode == "full" else (4 * h + 4)
     items["llm outside blocks"] = 16 * N + final_norm * N + (r * h + 24) * supervised
-    vit_tokens = n_images * (1 + v.num_register_tokens + plan.image_tokens)      # cls, registers, patches
+    # the prefix (CLS, registers) and the patches
+    vit_tokens = n_images * (v.prefix_tokens + plan.image_tokens)
     if "projector" in plan.train:
         items["projector"] = n_images * plan.image_tokens * a * (v.hidden_size + 2 * h)
     if "vit" in plan.train:                                 # a frozen ViT runs under no_grad: nothing saved
         blocks = v.blocks_run(plan.select_layer)
-        D, F = v.hidden_size, v.ffn_hidden_size
+        D = v.hidden_size
         per_token = (2 * (4 * D + 8)                                   # two norms: the residual stream is fp32
                      + (3 * a * D if a == 2 else a * D) + a * D        # q/k/v inputs (a bf16 copy each), fc1's
                      + 4 * a * D + 4 * v.num_attention_heads           # q, k, v, output (= dense input), lse
-                     + 2 * a * D                                       # the two layer scales' inputs
-                     + a * (4 * F if v.use_swiglu_ffn else 2 * F))     # the MLP
+                     + vit_mlp_saves(v, a))
         vit_block = per_token * vit_tokens
         pixels = n_images * 3 * plan.image_size ** 2 * a    # the patch convolution's input
         if plan.grad_checkpointing:
@@ -234,7 +279,7 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
     lora = lora_parameters(c, plan.lora_r) // c.num_hidden_layers if plan.lora_r else 0
     projector = param_counts(plan)["projector"]
     llm_root = internlm2.num_parameters(c) - c.num_hidden_layers * layer
-    vit_root = (v.grid_size ** 2 + 1 + v.num_register_tokens) * v.hidden_size if "vit" in plan.train else 0
+    vit_root = vit_counts(v, plan.select_layer)["embeddings"] if "vit" in plan.train else 0
     trained_layer = {"full": layer, "lora": lora, "frozen": 0}[plan.llm_mode]
     trained_root = llm_root * (plan.llm_mode == "full") + vit_root + projector * ("projector" in plan.train)
     fp32_copy = 4 * trained_layer if a == 2 else 0           # a layer's gradients cast for the reduce-scatter
@@ -247,9 +292,7 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
 def estimate(plan: Plan) -> Estimate:
     if not plan.train or not set(plan.train) <= set(llava.PARTS):
         raise LlavaMinError(f"--train {','.join(plan.train)}: use a comma list of {', '.join(llava.PARTS)}, or all")
-    if plan.image_size % plan.vit.patch_size:
-        raise LlavaMinError(f"--image-size {plan.image_size} is not a multiple of the ViT patch size "
-                            f"{plan.vit.patch_size}")
+    check_image_size(plan.image_size, plan.image_size, plan.vit.patch_size)
     need = plan.images_per_sample * plan.image_tokens
     if plan.max_length <= need:
         raise LlavaMinError(f"--max-length {plan.max_length} leaves no room for text after {need} image tokens "
@@ -265,7 +308,7 @@ def estimate(plan: Plan) -> Estimate:
     outside = p["vit"] * a if "vit" not in plan.train else 0        # FSDP: a frozen ViT stays whole on each rank
     held = (weights - outside) // world + outside if fsdp else weights
     supervised = max(1, plan.batch_size * (plan.max_length - need))
-    vit_tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
+    vit_tokens = plan.batch_size * plan.images_per_sample * (v.prefix_tokens + plan.image_tokens)
     other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
     # FSDP load: every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives
     # whole from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight
@@ -437,7 +480,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
     same_names = ("lora_r", "lora_dropout", "batch_size", "max_length", "grad_checkpointing", "zero", "fsdp",
                   "num_workers")
-    plan = Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
+    plan = Plan(llm=internlm2.load_config(llm_source), vit=llava.vision_config(vit_source),
                 train=tuple(p for p in llava.PARTS if p in parts), image_size=image_size or 336,
                 dtype=given.get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
                 world_size=world_size or given.get("world_size") or int(os.environ.get("WORLD_SIZE", 1)), device=device,
@@ -518,8 +561,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llm", help="InternLM2 folder (its config.json is read)")
     p.add_argument("--llm-config", help="preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
-    p.add_argument("--vit", help="DINOv2 folder (its config.json is read)")
-    p.add_argument("--vit-config", help="preset (dinov2-small/-base/-large/-giant[-reg]) or config.json")
+    p.add_argument("--vit", help="vision tower folder: DINOv2, CLIP or SigLIP (its config.json is read)")
+    p.add_argument("--vit-config", help="preset (dinov2-small/-base/-large/-giant[-reg], clip-vit-large-patch14-336, "
+                                        "siglip-so400m-patch14-384, siglip-base-patch16-224, ...) or config.json")
     p.add_argument("--init-from", help="a folder written by train.py: its llm/ and vit/ configs")
     p.add_argument("--train", default="projector,llm", help="comma list of projector,llm,vit, or all")
     p.add_argument("--lora-r", type=int, default=0)
