@@ -7,7 +7,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llava_min"
-READING_PATH = ["internlm2", "dinov2", "projector", "llava", "lora", "weights", "tokenizer", "data", "image",
+READING_PATH = ["internlm2", "dinov2", "clip", "siglip", "projector", "llava", "lora", "weights", "tokenizer", "data", "image",
                 "sampler", "loader", "dist", "optim", "checkpoint", "fsdp", "__init__"]
 LOCAL_ALLOWED = {("__init__", "importlib"), ("optim", "torch.distributed.optim")}
 
