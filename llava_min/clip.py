@@ -22,13 +22,16 @@ from torch.utils.checkpoint import checkpoint
 from . import LlavaMinError, weights
 from .image import Preprocessing, check_image_size
 
-# Checkpoint key -> module key. The hub ships the whole CLIP model (vision_model.*, text_model.*, the two
-# projections and logit_scale); transformers 5 saves a CLIPVisionModel without the "vision_model." prefix.
+# Checkpoint key -> module key. The hub ships the whole CLIP model (vision_model.*, text_model.*,
+# the two projections and logit_scale); transformers 5 saves a CLIPVisionModel without the
+# "vision_model." prefix.
 KEY_MAP = [(r"^vision_model\.", "")]
-# What a full CLIP checkpoint holds besides the vision tower; `from_pretrained` names what it left unread.
+# What a full CLIP checkpoint holds besides the vision tower; `from_pretrained` names what it left
+# unread.
 IGNORE = [r"^text_model\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$", r"position_ids$"]
 
-# OpenAI's image statistics; the processor resizes the shortest edge (bicubic) and crops the centre square.
+# OpenAI's image statistics; the processor resizes the shortest edge (bicubic) and crops the centre
+# square.
 PREPROCESSING = Preprocessing(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
                               crop_ratio=1.0)
 
@@ -41,11 +44,13 @@ class CLIPConfig:
     num_hidden_layers: int
     num_attention_heads: int
     patch_size: int = 32
-    image_size: int = 224             # the position table covers (image_size // patch_size) ** 2 patches + CLS
+    # The position table covers (image_size // patch_size) ** 2 patches + CLS
+    image_size: int = 224
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     num_channels: int = 3
-    projection_dim: int = 512         # of the full model's visual projection; kept for the saved config only
+    # Of the full model's visual projection; kept for the saved config only
+    projection_dim: int = 512
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -96,7 +101,8 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-# transformers' ACT2FN entries that a CLIP or SigLIP config may name ("gelu" is the exact erf form).
+# transformers' ACT2FN entries that a CLIP or SigLIP config may name ("gelu" is the exact erf
+# form).
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
@@ -155,8 +161,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v)                        # no mask: every token sees every token
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))           # (B, T, heads * head_dim)
+        # No mask: every token sees every token
+        y = F.scaled_dot_product_attention(q, k, v)
+        # (B, T, heads * head_dim)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
 class MLP(nn.Module):
@@ -291,7 +299,8 @@ def check_layer(layer: int, n: int) -> None:
 
 # Config files and presets
 
-# CLIPVisionConfig's defaults, for fields a hub config.json may omit (older saves list only what differs).
+# CLIPVisionConfig's defaults, for fields a hub config.json may omit (older saves list only what
+# differs).
 HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 
 

@@ -20,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from . import LlavaMinError, weights
 from .image import IMAGENET, Preprocessing, check_image_size
 
-# Checkpoint key -> module key. The image-classification checkpoints (Dinov2ForImageClassification) nest the
-# backbone under "dinov2." beside a classifier head that nobody here reads.
+# Checkpoint key -> module key. The image-classification checkpoints (Dinov2ForImageClassification)
+# nest the backbone under "dinov2." beside a classifier head that nobody here reads.
 KEY_MAP = [(r"^dinov2\.", "")]
 IGNORE = [r"^classifier\."]
 
@@ -34,15 +34,18 @@ class DINOv2Config:
     num_attention_heads: int
     mlp_ratio: float = 4
     patch_size: int = 14
-    image_size: int = 518             # the position table covers (image_size // patch_size) ** 2 patches
+    # The position table covers (image_size // patch_size) ** 2 patches
+    image_size: int = 518
     layer_norm_eps: float = 1e-6
     layerscale_value: float = 1.0
-    use_swiglu_ffn: bool = False      # dinov2-giant: SwiGLU FFN (weights_in / weights_out) instead of fc1 / fc2
+    # dinov2-giant: SwiGLU FFN (weights_in / weights_out) instead of fc1 / fc2
+    use_swiglu_ffn: bool = False
     num_register_tokens: int = 0      # > 0: the with-registers variant
     qkv_bias: bool = True
     hidden_act: str = "gelu"          # of the fc1/fc2 MLP; the SwiGLU FFN always uses SiLU
     num_channels: int = 3
-    use_mask_token: bool = True       # the checkpoints carry embeddings.mask_token (used in DINOv2 pretraining only)
+    # The checkpoints carry embeddings.mask_token (used in DINOv2 pretraining only)
+    use_mask_token: bool = True
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -77,7 +80,8 @@ class DINOv2Config:
     @property
     def ffn_hidden_size(self) -> int:
         hidden = int(self.hidden_size * self.mlp_ratio)
-        if self.use_swiglu_ffn:   # SwiGLU keeps 2/3 of the width, rounded up to a multiple of 8 (giant: 4096)
+        # SwiGLU keeps 2/3 of the width, rounded up to a multiple of 8 (giant: 4096)
+        if self.use_swiglu_ffn:
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
         return hidden
 
@@ -103,7 +107,8 @@ class Embeddings(nn.Module):
         self.config = config
         self.cls_token = nn.Parameter(torch.empty(1, 1, D))
         if config.use_mask_token:
-            # A buffer: it round-trips through checkpoints but is never trained (a gradient-less parameter upsets DDP).
+            # A buffer: it round-trips through checkpoints but is never trained (a gradient-less
+            # parameter upsets DDP).
             self.register_buffer("mask_token", torch.zeros(1, D))
         self.position_embeddings = nn.Parameter(torch.empty(1, config.grid_size ** 2 + 1, D))
         self.patch_embeddings = nn.ModuleDict({"projection": nn.Conv2d(
@@ -118,8 +123,8 @@ class Embeddings(nn.Module):
         if rows * cols == side ** 2 and height == width:
             return pos
         grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
-        # Bicubic in fp32 to a target size (a scale factor would move the sample points); only transformers'
-        # registers class antialiases.
+        # Bicubic in fp32 to a target size (a scale factor would move the sample points); only
+        # transformers' registers class antialiases.
         grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False,
                              antialias=self.config.num_register_tokens > 0).to(pos.dtype)
         grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)      # (1, N, D)
@@ -129,11 +134,13 @@ class Embeddings(nn.Module):
         B, _, H, W = pixel_values.shape
         check_image_size(H, W, self.config.patch_size)
         conv = self.patch_embeddings.projection
-        x = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)   # (B, D, H/p, W/p) -> (B, N, D)
+        # (B, D, H/p, W/p) -> (B, N, D)
+        x = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)           # (B, 1 + N, D)
         x = x + self.interpolate_pos_encoding(H, W)
         if self.config.num_register_tokens:   # after the CLS token, without a position embedding
-            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)  # (B, 1 + R + N, D)
+            # (B, 1 + R + N, D)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         return x
 
 
@@ -142,7 +149,8 @@ class Attention(nn.Module):
         super().__init__()
         D = config.hidden_size
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        # The hub nests the projections one level deeper (attention.attention.query, attention.output.dense).
+        # The hub nests the projections one level deeper (attention.attention.query,
+        # attention.output.dense).
         self.attention = nn.ModuleDict({name: nn.Linear(D, D, bias=config.qkv_bias)
                                         for name in ("query", "key", "value")})
         self.output = nn.ModuleDict({"dense": nn.Linear(D, D)})
@@ -152,7 +160,8 @@ class Attention(nn.Module):
         q, k, v = (self.attention[name](x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for name in ("query", "key", "value"))                  # each (B, heads, T, head_dim)
         y = F.scaled_dot_product_attention(q, k, v)                        # bidirectional: no mask
-        return self.output["dense"](y.transpose(1, 2).reshape(B, T, D))   # (B, T, heads * head_dim)
+        # (B, T, heads * head_dim)
+        return self.output["dense"](y.transpose(1, 2).reshape(B, T, D))
 
 
 class LayerScale(nn.Module):
@@ -182,7 +191,8 @@ class SwiGLUFFN(nn.Module):
         self.weights_out = nn.Linear(config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.weights_in(x).chunk(2, dim=-1)    # dinov2-giant: gate and up stacked, each (B, T, ffn_hidden)
+        # Dinov2-giant: gate and up stacked, each (B, T, ffn_hidden)
+        gate, up = self.weights_in(x).chunk(2, dim=-1)
         return self.weights_out(F.silu(gate) * up)
 
 
@@ -316,7 +326,8 @@ class DINOv2(nn.Module):
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
-# transformers' class defaults where they differ from this dataclass's, for fields a hub config.json may omit.
+# transformers' class defaults where they differ from this dataclass's, for fields a hub
+# config.json may omit.
 HF_DEFAULTS = {"dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224),
                "dinov2_with_registers": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                              image_size=224, patch_size=16, num_register_tokens=4)}
@@ -330,12 +341,14 @@ def _fields_of(d: dict) -> dict:
     fields = dataclasses.fields(DINOv2Config)
     values = HF_DEFAULTS.get(model_type, {}) | {k: v for k, v in d.items() if k in {f.name for f in fields}}
     if model_type == "dinov2":
-        values["num_register_tokens"] = 0      # not a field of Dinov2Config: transformers ignores it
+        # Not a field of Dinov2Config: transformers ignores it
+        values["num_register_tokens"] = 0
     if model_type == "dinov2_with_registers":
         values["use_mask_token"] = True        # not a field of the registers config: always there
         if values["num_register_tokens"] == 0:
             raise LlavaMinError("model_type dinov2_with_registers needs num_register_tokens > 0; use model_type dinov2")
-    for field in ("image_size", "patch_size"):   # transformers accepts [h, w]; the stored grid is square
+    # Transformers accepts [h, w]; the stored grid is square
+    for field in ("image_size", "patch_size"):
         if isinstance(values.get(field), (list, tuple)):
             if len(values[field]) != 2 or values[field][0] != values[field][1]:
                 raise LlavaMinError(f"{field} = {values[field]!r}: only square sizes are supported")

@@ -24,8 +24,8 @@ class Preprocessing:
     """A vision tower's image convention, as its hub preprocessor_config.json gives it."""
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    # "crop" mode: the shortest edge resized (bicubic) to round(size * crop_ratio), then the centre size x size;
-    # None: the whole image resized to size x size (SigLIP)
+    # "crop" mode: the shortest edge resized (bicubic) to round(size * crop_ratio), then the centre
+    # size x size; None: the whole image resized to size x size (SigLIP)
     crop_ratio: float | None
 
     @property
@@ -34,7 +34,8 @@ class Preprocessing:
         return tuple(int(m * 255) for m in self.mean)
 
 
-# DINOv2's processor (facebook/dinov2-*): ImageNet statistics, the shortest edge to 256 before a 224 centre crop.
+# DINOv2's processor (facebook/dinov2-*): ImageNet statistics, the shortest edge to 256 before a
+# 224 centre crop.
 IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_ratio=256 / 224)
 
 
@@ -44,8 +45,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode `path` fully; EXIF orientation applied (a phone photo taken upright is upright), RGB."""
     path = os.fspath(path)
     try:
-        # Image.open refuses more than 2x MAX_IMAGE_PIXELS and only warns above 1x: make the warning an error
-        # too, so that a crafted file cannot exhaust a loader worker's memory.
+        # Image.open refuses more than 2x MAX_IMAGE_PIXELS and only warns above 1x: make the
+        # warning an error too, so that a crafted file cannot exhaust a loader worker's memory.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
@@ -59,8 +60,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise LlavaMinError(f"{path}: image not found; check --image-folder and the sample's \"image\" path") from e
     except LlavaMinError:  # from to_rgb: already says what is wrong
         raise
-    except (OSError, SyntaxError, ValueError) as e:  # SyntaxError, ValueError: from some plugins' header parsers
-        # Pillow: a truncated or corrupt stream is an OSError, a file that is no image its UnidentifiedImageError.
+    # SyntaxError, ValueError: from some plugins' header parsers
+    except (OSError, SyntaxError, ValueError) as e:
+        # Pillow: a truncated or corrupt stream is an OSError, a file that is no image its
+        # UnidentifiedImageError.
         hint = ("the file is truncated; re-download or re-extract it" if "truncated" in str(e) else
                 "it is not a readable image; re-download it, or remove the sample from the data")
         raise LlavaMinError(f"{path}: cannot decode image ({type(e).__name__}: {e}); {hint}") from e
@@ -69,24 +72,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
     """Any Pillow mode -> RGB: palette (with its transparency), RGBA/LA/PA composited on white (as
     transformers' convert_to_rgb), grayscale, CMYK, 16/32-bit integers scaled from their full range."""
-    if image.mode == "P":  # a palette may mark one index (or several, via a tRNS table) transparent
+    # A palette may mark one index (or several, via a tRNS table) transparent
+    if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")  # RGBa/La (premultiplied) are un-premultiplied by convert
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # white, as transformers' convert_to_rgb
+        # White, as transformers' convert_to_rgb
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I":
-        # Pillow's convert("RGB") clips these to 0..255, turning a 16-bit scan white. 'I' (32-bit) is how Pillow
-        # widens 16-bit data, so both are read on the 0..65535 scale.
+        # Pillow's convert("RGB") clips these to 0..255, turning a 16-bit scan white. 'I' (32-bit)
+        # is how Pillow widens 16-bit data, so both are read on the 0..65535 scale.
         values = np.asarray(image.convert("I"), dtype=np.float64)  # (H, W)
-        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)  # 65535 / 257 = 255 exactly
+        # 65535 / 257 = 255 exactly
+        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), "RGB")
     if mode == "F":
-        # Float images have no fixed range; follow transformers (to_pil_image): values in [0, 1] are
-        # scaled by 255, integer-valued data in [0, 255] is taken as is, anything else is an error.
+        # Float images have no fixed range; follow transformers (to_pil_image): values in [0, 1]
+        # are scaled by 255, integer-valued data in [0, 255] is taken as is, anything else is an
+        # error.
         values = np.asarray(image, dtype=np.float64)
         if values.size and values.min() >= 0 and values.max() <= 1:
             values = values * 255.0
@@ -120,13 +127,15 @@ def resize_shortest_edge(image: Image.Image, shortest: int) -> Image.Image:
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(shortest * long / short)
-    new_size = (shortest, new_long) if width <= height else (new_long, shortest)  # PIL: (width, height)
+    # PIL: (width, height)
+    new_size = (shortest, new_long) if width <= height else (new_long, shortest)
     return image.resize(new_size, Image.Resampling.BICUBIC)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     """Crop size x size from the centre; offsets floored as transformers' center_crop does."""
-    width, height = image.size  # >= size: resize_shortest_edge made the short side round(size * crop_ratio)
+    # >= size: resize_shortest_edge made the short side round(size * crop_ratio)
+    width, height = image.size
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
 

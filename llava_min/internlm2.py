@@ -20,8 +20,10 @@ from torch.utils.checkpoint import checkpoint
 from . import LlavaMinError, weights
 from .lora import merged_state_dict
 
-KEY_MAP: list[tuple[str, str]] = []      # checkpoint key -> module key: none, the modules carry the checkpoint names
-IGNORE = [r"rotary_emb\.inv_freq$"]     # some exporters save rotary tables; they are recomputed from the config
+# Checkpoint key -> module key: none, the modules carry the checkpoint names
+KEY_MAP: list[tuple[str, str]] = []
+# Some exporters save rotary tables; they are recomputed from the config
+IGNORE = [r"rotary_emb\.inv_freq$"]
 
 
 @dataclass
@@ -35,9 +37,11 @@ class InternLM2Config:
     num_key_value_heads: int
     max_position_embeddings: int = 32768
     rope_theta: float = 1e6
-    rope_scaling: dict | None = None    # {"type": "linear" | "dynamic", "factor": float >= 1} or None
+    # {"type": "linear" | "dynamic", "factor": float >= 1} or None
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-5
-    bias: bool = False                  # biases on wqkv and wo (False in every released checkpoint)
+    # Biases on wqkv and wo (False in every released checkpoint)
+    bias: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = 2
@@ -74,8 +78,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32, cast back to the input dtype, THEN scale: the released code multiplies the weight
-        # with the input-dtype value (InternLM2RMSNorm / LlamaRMSNorm), which is visible in bf16.
+        # Normalise in fp32, cast back to the input dtype, THEN scale: the released code multiplies
+        # the weight with the input-dtype value (InternLM2RMSNorm / LlamaRMSNorm), which is visible
+        # in bf16.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -93,8 +98,9 @@ def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: to
         factor, L = scaling["factor"], config.max_position_embeddings      # L: the trained context
         seq_len = position_ids.max() + 1     # a tensor: no host sync in the decoding loop
         base = config.rope_theta * ((factor * seq_len / L) - (factor - 1)) ** (d / (d - 2))
-        # transformers keeps an enlarged base for later, shorter calls until one is shorter than L; here each
-        # call depends on its own positions only (the same for one forward and for a growing decode).
+        # transformers keeps an enlarged base for later, shorter calls until one is shorter than L;
+        # here each call depends on its own positions only (the same for one forward and for a
+        # growing decode).
         inv_freq = torch.where(seq_len > L, 1.0 / (base ** exponent), inv_freq)
     with torch.autocast(device.type, enabled=False):
         freqs = position_ids[..., None].float() * inv_freq            # (B or 1, T, d/2)
@@ -115,7 +121,8 @@ class KVCache:
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
-        self.length = 0        # tokens stored (padding included); the model advances it once per forward
+        # Tokens stored (padding included); the model advances it once per forward
+        self.length = 0
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -129,7 +136,8 @@ class KVCache:
 @dataclass
 class Packing:
     """Where the samples of packed rows lie in the flattened (B * T) positions: attention stays inside each."""
-    cu_seqlens: torch.Tensor    # (n + 1,) int32 start offsets and the end; every row start is a boundary
+    # (n + 1,) int32 start offsets and the end; every row start is a boundary
+    cu_seqlens: torch.Tensor
     max_len: int                # the longest piece (a sample, or a row's trailing padding)
 
     @classmethod
@@ -140,7 +148,8 @@ class Packing:
         seg = attention_mask.flatten()                                           # (B * T,)
         start = torch.ones_like(seg, dtype=torch.bool)
         start[1:] = seg[1:] != seg[:-1]
-        start[::T] = True                                                        # a sample never crosses rows
+        # A sample never crosses rows
+        start[::T] = True
         starts = start.nonzero().squeeze(1)                                      # (n,)
         cu = torch.cat([starts, starts.new_tensor([B * T])])                     # (n + 1,)
         lengths = cu.diff()
@@ -153,7 +162,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
     CUDA: one variable-length flash-attention call. Elsewhere: one SDPA call per piece, exact; a dense
     block-diagonal mask computes every cross-sample score only to mask it (measured 7x slower on a CPU)."""
     B, H, T, hd = q.shape
-    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))   # (B * T, heads, hd)
+    # (B * T, heads, hd)
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))
     if q.is_cuda:
         return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len,
                            window_size=(-1, 0), enable_gqa=H != k.shape[1])      # (-1, 0): causal
@@ -162,7 +172,8 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
     out = [F.scaled_dot_product_attention(piece(q, s, e), piece(k, s, e), piece(v, s, e), is_causal=True,
                                           enable_gqa=H != k.shape[1])[0].transpose(0, 1)           # (L, H, hd)
            for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(out)                                                         # (B * T, n_heads, hd)
+    # (B * T, n_heads, hd)
+    return torch.cat(out)
 
 
 class Attention(nn.Module):
@@ -177,39 +188,45 @@ class Attention(nn.Module):
         """mask: a boolean (B, 1, T, S) mask, the Packing of packed rows, or None: causal (none for one token)."""
         B, T, _ = x.shape
         G, hd = self.groups, self.head_dim
-        # One matmul for q, k and v. Its output features are laid out per KV group: for each of the n_kv groups,
-        # its G query heads, then its key head, then its value head (InternLM's tools/convert2llama.py), so the
-        # first n_heads * head_dim features are not q.
+        # One matmul for q, k and v. Its output features are laid out per KV group: for each of the
+        # n_kv groups, its G query heads, then its key head, then its value head (InternLM's
+        # tools/convert2llama.py), so the first n_heads * head_dim features are not q.
         qkv = self.wqkv(x).view(B, T, self.n_kv, G + 2, hd)       # (B, T, n_kv, G + 2, head_dim)
-        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)           # no-op unless autocast runs the matmul in bf16
+        # No-op unless autocast runs the matmul in bf16
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
         # Rotate the G query heads and the key head of every group in one pass; v is not rotated.
         qk = apply_rotary(qkv[:, :, :, :G + 1], cos[:, :, None, None], sin[:, :, None, None])
-        q = qk[:, :, :, :G].reshape(B, T, self.n_heads, hd).transpose(1, 2)   # (B, n_heads, T, hd); head g*G + s
-        # k and v are copied out, not kept as views: attention saves them for backward, and a view would keep
-        # the whole fused qkv and rotated q|k buffers alive until then.
+        # (B, n_heads, T, hd); head g*G + s
+        q = qk[:, :, :, :G].reshape(B, T, self.n_heads, hd).transpose(1, 2)
+        # k and v are copied out, not kept as views: attention saves them for backward, and a view
+        # would keep the whole fused qkv and rotated q|k buffers alive until then.
         k = qk[:, :, :, G].transpose(1, 2).contiguous()           # (B, n_kv, T, head_dim)
         v = qkv[:, :, :, G + 1].transpose(1, 2).contiguous()      # (B, n_kv, T, head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)                      # (B, n_kv, past + T, head_dim)
-            k, v = k.to(q.dtype), v.to(q.dtype)                   # no-op unless autocast changed the dtype
+            # No-op unless autocast changed the dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
 
         if isinstance(mask, Packing):
             return self.wo(packed_attention(q, k, v, mask).reshape(B, T, self.n_heads * hd))
         if T == 1:
-            # One new token: the G query heads of a group share one key/value head, so they are G query rows
-            # against that head; no KV repeat, no GQA path needed.
+            # One new token: the G query heads of a group share one key/value head, so they are G
+            # query rows against that head; no KV repeat, no GQA path needed.
             out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, hd), k, v, attn_mask=mask)
-            out = out.reshape(B, self.n_heads, 1, hd)             # (B, n_kv, G, hd) -> (B, n_heads, 1, hd)
+            # (B, n_kv, G, hd) -> (B, n_heads, 1, hd)
+            out = out.reshape(B, self.n_heads, 1, hd)
         elif mask is None or q.device.type == "cpu":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
         else:
-            # On CUDA only the flash and math kernels take enable_gqa, and flash takes no mask: repeat each KV head
-            # G times (query head i uses KV head i // G) so that the memory-efficient kernel runs.
+            # On CUDA only the flash and math kernels take enable_gqa, and flash takes no mask:
+            # repeat each KV head G times (query head i uses KV head i // G) so that the
+            # memory-efficient kernel runs.
             S = k.shape[2]
             k = k[:, :, None].expand(B, self.n_kv, G, S, hd).reshape(B, self.n_heads, S, hd)
             v = v[:, :, None].expand(B, self.n_kv, G, S, hd).reshape(B, self.n_heads, S, hd)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))   # heads back to (B, T, hidden)
+        # Heads back to (B, T, hidden)
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
 
 
 class FeedForward(nn.Module):
@@ -247,7 +264,8 @@ class InternLM2(nn.Module):
             tok_embeddings=nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id),
             layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)   # not tied to the embedding
+        # Not tied to the embedding
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
 
@@ -343,12 +361,15 @@ def _attention_mask(attention_mask, B, T, past, device):
     if attention_mask is not None and attention_mask.shape != (B, S):
         raise LlavaMinError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + "
                             f"new tokens) = ({B}, {S})")
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)   # query t sees keys <= past + t
+    # Query t sees keys <= past + t
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
     real = (torch.ones(B, S, device=device) if attention_mask is None else attention_mask).to(device).bool()  # (B, S)
-    # Padding queries (whose outputs nobody reads) keep the plain causal row, so no row is empty: some kernels
-    # give NaN for an all-masked row, and a NaN value times a zero weight is NaN in the next layer.
+    # Padding queries (whose outputs nobody reads) keep the plain causal row, so no row is empty:
+    # some kernels give NaN for an all-masked row, and a NaN value times a zero weight is NaN in
+    # the next layer.
     allowed = causal & (real[:, None, :] | ~real[:, past:, None])                    # (B, T, S)
-    return allowed[:, None]                                                           # (B, 1, T, S)
+    # (B, 1, T, S)
+    return allowed[:, None]
 
 
 # Config files and presets
@@ -360,16 +381,19 @@ HF_ONLY_FIELDS = {"architectures", "auto_map", "torch_dtype", "dtype", "attn_imp
 
 def _fields_of(d: dict) -> dict:
     """A released config.json dict -> InternLM2Config's keyword arguments (what the released class reads)."""
-    if d.get("model_type", "internlm2") not in ("internlm2", "internlm"):  # very early revisions say "internlm"
+    # Very early revisions say "internlm"
+    if d.get("model_type", "internlm2") not in ("internlm2", "internlm"):
         raise LlavaMinError(f"model_type is {d['model_type']!r}, not an InternLM2 config ('internlm2')")
     if d.pop("hidden_act", "silu") != "silu":
         raise LlavaMinError("hidden_act must be 'silu' (InternLM2's SwiGLU)")
     if d.pop("tie_word_embeddings", False):
         raise LlavaMinError("tie_word_embeddings must be false (InternLM2's `output` is its own weight)")
     if d.get("num_key_value_heads") is None and "num_attention_heads" in d:
-        d["num_key_value_heads"] = d["num_attention_heads"]   # the released class's default: no GQA
+        # The released class's default: no GQA
+        d["num_key_value_heads"] = d["num_attention_heads"]
     s = d.get("rope_scaling")
-    if isinstance(s, dict) and "rope_type" in s and "type" not in s:   # newer transformers' spelling
+    # Newer transformers' spelling
+    if isinstance(s, dict) and "rope_type" in s and "type" not in s:
         d["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in s.items()}
     fields = dataclasses.fields(InternLM2Config)
     unknown = sorted(set(d) - {f.name for f in fields} - HF_ONLY_FIELDS)
@@ -393,7 +417,8 @@ def _validate(c: InternLM2Config) -> None:
     for field in ("rope_theta", "rms_norm_eps", "initializer_range"):
         if type(getattr(c, field)) not in (int, float) or not getattr(c, field) > 0:
             bad(field, "must be a positive number")
-    if c.hidden_size % c.num_attention_heads or c.head_dim % 2:   # rotary embeddings rotate pairs of dimensions
+    # Rotary embeddings rotate pairs of dimensions
+    if c.hidden_size % c.num_attention_heads or c.head_dim % 2:
         bad("hidden_size", f"must be divisible by num_attention_heads = {c.num_attention_heads} into an even head_dim")
     if c.num_attention_heads % c.num_key_value_heads:
         bad("num_attention_heads", f"must be divisible by num_key_value_heads = {c.num_key_value_heads}")

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from . import LlavaMinError
 
-# Every linear layer of the blocks: the fused wqkv (one adapter for q, k and v, as PEFT does on InternLM2), wo and
-# the SwiGLU. The head (`output`) never gets one: its adapter would be large, and the references do not train it.
+# Every linear layer of the blocks: the fused wqkv (one adapter for q, k and v, as PEFT does on
+# InternLM2), wo and the SwiGLU. The head (`output`) never gets one: its adapter would be large,
+# and the references do not train it.
 DEFAULT_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 LORA_KEYS = ("lora_A", "lora_B")
 # alpha = 2 r unless given: LLaVA-1.5's scale (r 128, alpha 256).
@@ -29,22 +30,27 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        # The base tensors themselves (no copy), frozen, under their names: the state dict only gains *.lora_A / B.
+        # The base tensors themselves (no copy), frozen, under their names: the state dict only
+        # gains *.lora_A / B.
         self.weight = base.weight.requires_grad_(False)
         self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
-        # fp32 adapters whatever the base dtype, so that AdamW updates small values exactly. A starts as nn.Linear's
-        # default, B at zero: the adapted layer equals the base at init (PEFT's `reset_lora_parameters`).
-        # A is drawn on the CPU whatever the device: the same starting adapters on CPU and GPU, sharded or not.
+        # fp32 adapters whatever the base dtype, so that AdamW updates small values exactly. A
+        # starts as nn.Linear's default, B at zero: the adapted layer equals the base at init
+        # (PEFT's `reset_lora_parameters`). A is drawn on the CPU whatever the device: the same
+        # starting adapters on CPU and GPU, sharded or not.
         lora_a = nn.init.kaiming_uniform_(torch.empty(r, self.in_features, device="cpu"), a=math.sqrt(5))
         self.lora_A = nn.Parameter(lora_a.to(base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device, dtype=torch.float32))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()   # on A's input only, as PEFT
+        # On A's input only, as PEFT
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        # The adapter runs in the adapters' dtype (fp32) unless autocast picks bf16 for both matmuls.
+        # The adapter runs in the adapters' dtype (fp32) unless autocast picks bf16 for both
+        # matmuls.
         h = self.lora_dropout(x).to(self.lora_A.dtype)
-        update = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., in) -> (..., r) -> (..., out)
+        # (..., in) -> (..., r) -> (..., out)
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B)
         return y + (self.scaling * update).to(y.dtype)
 
     @torch.no_grad()
@@ -98,7 +104,8 @@ def merge_lora(module: nn.Module) -> list[str]:
         raise LlavaMinError("merge_lora needs the model that holds the LoRALinear layers, not a layer itself")
     layers = _lora_layers(module)
     for name, _, m in layers:
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")  # no init
+        # No init
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)

@@ -83,7 +83,8 @@ def _sizes_from_config(file: Path) -> tuple[int, int, int, bool]:
     if config.get("model_type", "projector") != "projector":
         raise LlavaMinError(f"{file}: model_type {config.get('model_type')!r} is not an XTuner projector config "
                             "(model_type 'projector'); delete it to infer the sizes from the weights")
-    config = {"depth": 2, "bias": True, "hidden_act": "gelu"} | config   # XTuner's ProjectorConfig defaults
+    # XTuner's ProjectorConfig defaults
+    config = {"depth": 2, "bias": True, "hidden_act": "gelu"} | config
     for field in ("visual_hidden_size", "llm_hidden_size", "depth"):
         if type(config.get(field)) is not int or config[field] < 1:
             raise LlavaMinError(f"{file}: {field} must be a positive integer, got {config.get(field)!r}")

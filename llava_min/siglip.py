@@ -23,10 +23,12 @@ from . import LlavaMinError, weights
 from .clip import ACTIVATIONS, Block, check_layer
 from .image import Preprocessing, check_image_size
 
-# Checkpoint key -> module key. The hub ships the whole SigLIP model (vision_model.*, text_model.*, logit_scale,
-# logit_bias); transformers 5 saves a SiglipVisionModel without the "vision_model." prefix.
+# Checkpoint key -> module key. The hub ships the whole SigLIP model (vision_model.*, text_model.*,
+# logit_scale, logit_bias); transformers 5 saves a SiglipVisionModel without the "vision_model."
+# prefix.
 KEY_MAP = [(r"^vision_model\.", "")]
-# What a full checkpoint holds besides the tower, and the pooling head; `from_pretrained` names what it left unread.
+# What a full checkpoint holds besides the tower, and the pooling head; `from_pretrained` names
+# what it left unread.
 IGNORE = [r"^text_model\.", r"^logit_scale$", r"^logit_bias$", r"^(vision_model\.)?head\.", r"position_ids$"]
 
 # SigLIP's processor: mean and std 0.5, the image resized to the square input (bicubic), no crop.
@@ -41,7 +43,8 @@ class SigLIPConfig:
     num_hidden_layers: int
     num_attention_heads: int
     patch_size: int = 16
-    image_size: int = 224             # the position table covers (image_size // patch_size) ** 2 patches
+    # The position table covers (image_size // patch_size) ** 2 patches
+    image_size: int = 224
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
     num_channels: int = 3

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-# Dense peaks (no sparsity), TFLOP/s, by a substring of the device name (as bench/gpu.py): bf16 / fp16 tensor
-# cores, TF32 tensor cores (fp32 matmuls when torch allows TF32), and plain fp32 (torch's default for fp32).
+# Dense peaks (no sparsity), TFLOP/s, by a substring of the device name (as bench/gpu.py): bf16 /
+# fp16 tensor cores, TF32 tensor cores (fp32 matmuls when torch allows TF32), and plain fp32
+# (torch's default for fp32).
 PEAK_TFLOPS = {
     "H200": (989.0, 494.7, 66.9),
     "H100 SXM": (989.0, 494.7, 66.9),
@@ -76,8 +77,8 @@ class StepFlops:
     def __init__(self, model, image_tokens: int):
         llm, vit, v = model.llm, model.vit, model.vit.config
         vit_trains = _trains(vit)
-        # Gradients run back through the whole LLM when anything in it or before it trains (LoRA adapters
-        # included: their frozen base weights pass the gradient on).
+        # Gradients run back through the whole LLM when anything in it or before it trains (LoRA
+        # adapters included: their frozen base weights pass the gradient on).
         flows = vit_trains or _trains(model.projector) or _trains(llm)
         blocks = v.blocks_run(model.config.select_layer)
         # embedding lookups cost nothing
