@@ -1,10 +1,12 @@
-"""CLIP's vision tower, as LLaVA-1.5 and XTuner use it: openai/clip-vit-large-patch14-336. Start at `CLIP`.
+"""CLIP's vision tower, as LLaVA-1.5 and XTuner use it: openai/clip-vit-large-patch14-336. Start at
+`CLIP`.
 
-transformers' `CLIPVisionModel` in plain PyTorch (matched to 1e-4 by tests/test_clip.py), its modules named like the
-keys of a vision-only save. Hidden states are [CLS, N patches], patches row-major; LLaVA reads hidden state -2
-without the CLS token. What sets CLIP apart from DINOv2: a LayerNorm before the first block (`pre_layrnorm`, the
-hub's spelling), quick-GELU, a bias-free patch convolution and a learned position table (`nn.Embedding`).
-References: Radford et al. 2021; transformers `models/clip/modeling_clip.py`.
+transformers' `CLIPVisionModel` in plain PyTorch (matched to 1e-4 by tests/test_clip.py), its
+modules named like the keys of a vision-only save. Hidden states are [CLS, N patches], patches
+row-major; LLaVA reads hidden state -2 without the CLS token. What sets CLIP apart from DINOv2: a
+LayerNorm before the first block (`pre_layrnorm`, the hub's spelling), quick-GELU, a bias-free
+patch convolution and a learned position table (`nn.Embedding`). References: Radford et al. 2021;
+transformers `models/clip/modeling_clip.py`.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ PREPROCESSING = Preprocessing(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.2
 
 @dataclass
 class CLIPConfig:
-    """The fields of a CLIPVisionConfig (config.json, or a full model's "vision_config") that shape the tower."""
+    """The fields of a CLIPVisionConfig (config.json, or a full model's "vision_config") that shape
+    the tower."""
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -82,7 +85,8 @@ class CLIPConfig:
         return (image_size // self.patch_size) ** 2
 
     def blocks_run(self, layer: int) -> int:
-        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's output)."""
+        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's
+        output)."""
         return layer % (self.num_hidden_layers + 1)
 
     @classmethod
@@ -119,7 +123,8 @@ class Embeddings(nn.Module):
 
     def positions(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings (1, 1 + N, D) for a height x width image; resized as transformers'
-        `interpolate_pos_encoding` does (bicubic to the target grid, no antialiasing) when the grid differs."""
+        `interpolate_pos_encoding` does (bicubic to the target grid, no antialiasing) when the grid
+        differs."""
         table = self.position_embedding.weight[None]                        # (1, 1 + side^2, D)
         side = self.config.grid_size
         rows = height // self.config.patch_size
@@ -143,7 +148,8 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head attention with q_proj / k_proj / v_proj / out_proj (CLIP's and SigLIP's names)."""
+    """Bidirectional multi-head attention with q_proj / k_proj / v_proj / out_proj (CLIP's and
+    SigLIP's names)."""
 
     def __init__(self, config):
         super().__init__()
@@ -194,8 +200,9 @@ class Block(nn.Module):
 
 
 class CLIP(nn.Module):
-    """forward -> the last block's tokens (transformers' last_hidden_state, not normed); hidden_states -> every
-    state; features -> LLaVA's input. `post_layernorm` normalises CLIP's pooled CLS only; it is kept for saving."""
+    """forward -> the last block's tokens (transformers' last_hidden_state, not normed);
+    hidden_states -> every state; features -> LLaVA's input. `post_layernorm` normalises CLIP's
+    pooled CLS only; it is kept for saving."""
 
     config_class = CLIPConfig
 
@@ -211,7 +218,8 @@ class CLIP(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit norms (transformers scales a few by depth)."""
+        """Normal(0, initializer_range) weights, zero biases, unit norms (transformers scales a few
+        by depth)."""
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
@@ -232,8 +240,9 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "CLIP":
-        """A hub folder (a vision-only save, or the full CLIP model: its vision tower), in eval mode: built on meta,
-        each tensor read once, memory-mapped, to `device` in `dtype`. Says what a full checkpoint left unread."""
+        """A hub folder (a vision-only save, or the full CLIP model: its vision tower), in eval
+        mode: built on meta, each tensor read once, memory-mapped, to `device` in `dtype`. Says
+        what a full checkpoint left unread."""
         config = load_config(Path(path))
         model = weights.build_on_meta(lambda: cls(config))
         unread = weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
@@ -243,18 +252,21 @@ class CLIP(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """A vision-only save (CLIPVisionModel's keys and config.json), cast to `dtype` on the way."""
+        """A vision-only save (CLIPVisionModel's keys and config.json), cast to `dtype` on the
+        way."""
         weights.save_state(self.state_dict(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         dtype = str(dtype or self.post_layernorm.weight.dtype).removeprefix("torch.")
         weights.write_json(self.config.to_dict() | {"torch_dtype": dtype}, Path(path) / weights.CONFIG_FILE)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        """The transformer blocks in order: the units of checkpointing, FSDP, FLOP and memory counts."""
+        """The transformer blocks in order: the units of checkpointing, FSDP, FLOP and memory
+        counts."""
         return self.encoder.layers
 
     def freeze_unused(self, layer: int) -> None:
-        """Freeze what `features(layer=...)` never runs (later blocks, the final norm): no gradient reaches it."""
+        """Freeze what `features(layer=...)` never runs (later blocks, the final norm): no gradient
+        reaches it."""
         for block in self.blocks[self.config.blocks_run(layer):]:
             block.requires_grad_(False)
         self.post_layernorm.requires_grad_(False)
@@ -272,18 +284,21 @@ class CLIP(nn.Module):
         return x
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """num_layers + 1 tensors (B, 1 + N, D): the pre-normed embeddings, then each block's output."""
+        """num_layers + 1 tensors (B, 1 + N, D): the pre-normed embeddings, then each block's
+        output."""
         states = [self.pre_layrnorm(self.embeddings(pixel_values))]
         for block in self.blocks:
             states.append(self._run(states[-1], [block]))
         return states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + N, D), the last block's output (transformers' last_hidden_state)."""
+        """(B, 3, H, W) -> (B, 1 + N, D), the last block's output (transformers'
+        last_hidden_state)."""
         return self._run(self.pre_layrnorm(self.embeddings(pixel_values)), self.blocks)
 
     def features(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
-        """hidden_states(pixel_values)[layer] without the CLS token: (B, N, D). Runs only the blocks it needs."""
+        """hidden_states(pixel_values)[layer] without the CLS token: (B, N, D). Runs only the
+        blocks it needs."""
         check_layer(layer, self.config.num_hidden_layers)
         blocks = self.blocks[:self.config.blocks_run(layer)]
         x = self.pre_layrnorm(self.embeddings(pixel_values))
@@ -305,7 +320,8 @@ HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12
 
 
 def _fields_of(d: dict) -> dict:
-    """A config.json dict (vision-only, or a full CLIP model's with "vision_config") -> CLIPConfig's arguments."""
+    """A config.json dict (vision-only, or a full CLIP model's with "vision_config") ->
+    CLIPConfig's arguments."""
     if d.get("model_type") == "clip":
         d = dict(d.get("vision_config") or {})
         d["model_type"] = "clip_vision_model"
@@ -349,5 +365,6 @@ def load_config(name_or_path) -> CLIPConfig:
 
 
 def num_parameters(config: CLIPConfig) -> int:
-    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta device."""
+    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta
+    device."""
     return weights.numel_on_meta(lambda: CLIP(config), repr(config))

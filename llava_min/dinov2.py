@@ -1,8 +1,10 @@
-"""DINOv2, the vision tower: facebook/dinov2-{small,base,large,giant} and the -reg variants. Start at `DINOv2`.
+"""DINOv2, the vision tower: facebook/dinov2-{small,base,large,giant} and the -reg variants. Start
+at `DINOv2`.
 
-transformers' `Dinov2Model` / `Dinov2WithRegistersModel` in plain PyTorch (matched to 1e-4 by tests/test_dinov2.py),
-its modules named like the hub keys. Hidden states are [CLS, R registers, N patches], patches row-major.
-References: facebookresearch/dinov2; Oquab et al. 2023; Darcet et al. 2023 (registers).
+transformers' `Dinov2Model` / `Dinov2WithRegistersModel` in plain PyTorch (matched to 1e-4 by
+tests/test_dinov2.py), its modules named like the hub keys. Hidden states are [CLS, R registers, N
+patches], patches row-major. References: facebookresearch/dinov2; Oquab et al. 2023; Darcet et al.
+2023 (registers).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ IGNORE = [r"^classifier\."]
 
 @dataclass
 class DINOv2Config:
-    """The fields of the hub config.json that shape the model; others are ignored (dropout: 0 in every release)."""
+    """The fields of the hub config.json that shape the model; others are ignored (dropout: 0 in
+    every release)."""
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -66,7 +69,8 @@ class DINOv2Config:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """ImageNet statistics; the processor's "crop": shortest edge to 256 / 224 of the size, centre crop."""
+        """ImageNet statistics; the processor's "crop": shortest edge to 256 / 224 of the size,
+        centre crop."""
         return IMAGENET
 
     def image_tokens(self, image_size: int) -> int:
@@ -74,7 +78,8 @@ class DINOv2Config:
         return (image_size // self.patch_size) ** 2
 
     def blocks_run(self, layer: int) -> int:
-        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's output)."""
+        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's
+        output)."""
         return layer % (self.num_hidden_layers + 1)
 
     @property
@@ -90,7 +95,8 @@ class DINOv2Config:
         return cls(**_fields_of(dict(d)))
 
     def to_dict(self) -> dict:
-        """The hub config.json form that transformers reads (Dinov2Model or Dinov2WithRegistersModel)."""
+        """The hub config.json form that transformers reads (Dinov2Model or
+        Dinov2WithRegistersModel)."""
         registers = self.num_register_tokens > 0
         d = {"architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
              "model_type": "dinov2_with_registers" if registers else "dinov2", **dataclasses.asdict(self)}
@@ -117,7 +123,8 @@ class Embeddings(nn.Module):
             self.register_tokens = nn.Parameter(torch.empty(1, config.num_register_tokens, D))
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
-        """Position embeddings (1, 1 + N, D) for a height x width image, as transformers 5.x computes them."""
+        """Position embeddings (1, 1 + N, D) for a height x width image, as transformers 5.x
+        computes them."""
         pos, side = self.position_embeddings, self.config.grid_size
         rows, cols = height // self.config.patch_size, width // self.config.patch_size
         if rows * cols == side ** 2 and height == width:
@@ -213,7 +220,8 @@ class Block(nn.Module):
 
 
 class DINOv2(nn.Module):
-    """forward -> final-normed tokens; hidden_states -> every block's output; features -> LLaVA's input."""
+    """forward -> final-normed tokens; hidden_states -> every block's output; features -> LLaVA's
+    input."""
 
     config_class = DINOv2Config
 
@@ -228,7 +236,8 @@ class DINOv2(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """transformers' init: truncated-normal weights, zero biases, LayerScale at layerscale_value."""
+        """transformers' init: truncated-normal weights, zero biases, LayerScale at
+        layerscale_value."""
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -254,8 +263,9 @@ class DINOv2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "DINOv2":
-        """A hub folder, in eval mode: built on meta, each tensor read once, memory-mapped, to `device` in `dtype`.
-        Says what an image-classification checkpoint left unread (its classifier)."""
+        """A hub folder, in eval mode: built on meta, each tensor read once, memory-mapped, to
+        `device` in `dtype`. Says what an image-classification checkpoint left unread (its
+        classifier)."""
         config = load_config(Path(path))
         model = weights.build_on_meta(lambda: cls(config))
         unread = weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
@@ -277,11 +287,13 @@ class DINOv2(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        """The transformer blocks in order: the units of checkpointing, FSDP, FLOP and memory counts."""
+        """The transformer blocks in order: the units of checkpointing, FSDP, FLOP and memory
+        counts."""
         return self.encoder.layer
 
     def freeze_unused(self, layer: int) -> None:
-        """Freeze what `features(layer=...)` never runs (later blocks, the final norm): no gradient reaches it."""
+        """Freeze what `features(layer=...)` never runs (later blocks, the final norm): no gradient
+        reaches it."""
         for block in self.blocks[self.config.blocks_run(layer):]:
             block.requires_grad_(False)
         self.layernorm.requires_grad_(False)
@@ -299,19 +311,21 @@ class DINOv2(nn.Module):
         return x
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """num_layers + 1 tensors (B, 1 + R + N, D): the embeddings, then each block's output (none normed)."""
+        """num_layers + 1 tensors (B, 1 + R + N, D): the embeddings, then each block's output (none
+        normed)."""
         states = [self.embeddings(pixel_values)]
         for block in self.blocks:
             states.append(self._run(states[-1], [block]))
         return states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + R + N, D) after the final LayerNorm (transformers' last_hidden_state)."""
+        """(B, 3, H, W) -> (B, 1 + R + N, D) after the final LayerNorm (transformers'
+        last_hidden_state)."""
         return self.layernorm(self._run(self.embeddings(pixel_values), self.blocks))
 
     def features(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
-        """hidden_states(pixel_values)[layer] without the CLS and register tokens: (B, N, D). Runs only the blocks
-        that layer needs (-2 skips the last block and the final LayerNorm)."""
+        """hidden_states(pixel_values)[layer] without the CLS and register tokens: (B, N, D). Runs
+        only the blocks that layer needs (-2 skips the last block and the final LayerNorm)."""
         n = self.config.num_hidden_layers
         if not -(n + 1) <= layer <= n:
             raise LlavaMinError(f"layer {layer} is out of range for a ViT with {n} blocks (hidden states are "
@@ -334,7 +348,8 @@ HF_DEFAULTS = {"dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attenti
 
 
 def _fields_of(d: dict) -> dict:
-    """A hub config.json dict -> DINOv2Config's arguments; omitted fields take transformers' defaults."""
+    """A hub config.json dict -> DINOv2Config's arguments; omitted fields take transformers'
+    defaults."""
     model_type = d.get("model_type")
     if model_type not in (None, *HF_DEFAULTS):
         raise LlavaMinError(f"model_type {model_type!r} is not a DINOv2 config (expected one of {sorted(HF_DEFAULTS)})")
@@ -393,5 +408,6 @@ def load_config(name_or_path) -> DINOv2Config:
 
 
 def num_parameters(config: DINOv2Config) -> int:
-    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta device."""
+    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta
+    device."""
     return weights.numel_on_meta(lambda: DINOv2(config), repr(config))

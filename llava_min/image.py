@@ -1,10 +1,12 @@
-"""Images: any file decoded to upright RGB (`load_image`), and the two ways LLaVA turns it into ViT input.
+"""Images: any file decoded to upright RGB (`load_image`), and the two ways LLaVA turns it into ViT
+input.
 
-`to_pixels` gives uint8 (3, size, size), as the data set hands it out (a quarter of float32's bytes through
-shared memory and to the GPU); the model calls `normalize` on its device; `preprocess` does both. Modes: "pad" is
-LLaVA-1.5 / XTuner's expand2square (filled with the tower's mean colour), then a bicubic resize; "crop" is the
-tower's own processor (DINOv2: 256 edge, 224 crop, scaled; CLIP: shortest edge, centre crop; SigLIP: a plain
-resize). Each tower says its statistics and crop in a `Preprocessing` (its config's `preprocessing`).
+`to_pixels` gives uint8 (3, size, size), as the data set hands it out (a quarter of float32's bytes
+through shared memory and to the GPU); the model calls `normalize` on its device; `preprocess` does
+both. Modes: "pad" is LLaVA-1.5 / XTuner's expand2square (filled with the tower's mean colour),
+then a bicubic resize; "crop" is the tower's own processor (DINOv2: 256 edge, 224 crop, scaled;
+CLIP: shortest edge, centre crop; SigLIP: a plain resize). Each tower says its statistics and crop
+in a `Preprocessing` (its config's `preprocessing`).
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), 
 # Decoding
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully; EXIF orientation applied (a phone photo taken upright is upright), RGB."""
+    """Decode `path` fully; EXIF orientation applied (a phone photo taken upright is upright),
+    RGB."""
     path = os.fspath(path)
     try:
         # Image.open refuses more than 2x MAX_IMAGE_PIXELS and only warns above 1x: make the
@@ -71,7 +74,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
     """Any Pillow mode -> RGB: palette (with its transparency), RGBA/LA/PA composited on white (as
-    transformers' convert_to_rgb), grayscale, CMYK, 16/32-bit integers scaled from their full range."""
+    transformers' convert_to_rgb), grayscale, CMYK, 16/32-bit integers scaled from their full
+    range."""
     # A palette may mark one index (or several, via a tRNS table) transparent
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -112,7 +116,8 @@ def to_rgb(image: Image.Image, name: str = "<image>") -> Image.Image:
 # ViT input
 
 def expand2square(image: Image.Image, background: tuple[int, int, int] = IMAGENET.pad_color) -> Image.Image:
-    """Pad to a square of side max(w, h) filled with `background`, the image centred (LLaVA / XTuner)."""
+    """Pad to a square of side max(w, h) filled with `background`, the image centred (LLaVA /
+    XTuner)."""
     width, height = image.size
     if width == height:
         return image
@@ -123,7 +128,8 @@ def expand2square(image: Image.Image, background: tuple[int, int, int] = IMAGENE
 
 
 def resize_shortest_edge(image: Image.Image, shortest: int) -> Image.Image:
-    """Bicubic resize so the shorter side is `shortest`, the long side floored (transformers' rounding)."""
+    """Bicubic resize so the shorter side is `shortest`, the long side floored (transformers'
+    rounding)."""
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(shortest * long / short)
@@ -141,7 +147,8 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def check_image_size(height: int, width: int, patch_size: int) -> None:
-    """The one check of an input size against a tower's patch size (train.py's --image-size, the towers' inputs)."""
+    """The one check of an input size against a tower's patch size (train.py's --image-size, the
+    towers' inputs)."""
     if height < patch_size or width < patch_size or height % patch_size or width % patch_size:
         side = max(1, round(max(height, width) / patch_size)) * patch_size
         raise LlavaMinError(f"image height {height} and width {width} must both be positive multiples of the ViT "
@@ -150,7 +157,8 @@ def check_image_size(height: int, width: int, patch_size: int) -> None:
 
 def to_pixels(image: Image.Image, size: int, mode: str = "pad", preprocessing: Preprocessing = IMAGENET
               ) -> torch.Tensor:
-    """An image -> uint8 tensor (3, size, size): RGB, padded ("pad") or the tower's crop ("crop"), resized."""
+    """An image -> uint8 tensor (3, size, size): RGB, padded ("pad") or the tower's crop ("crop"),
+    resized."""
     if size <= 0:
         raise LlavaMinError(f"image size {size} must be positive")
     image = to_rgb(image)
@@ -168,7 +176,8 @@ def to_pixels(image: Image.Image, size: int, mode: str = "pad", preprocessing: P
 
 
 def normalize(pixels: torch.Tensor, preprocessing: Preprocessing = IMAGENET) -> torch.Tensor:
-    """uint8 pixels (..., 3, H, W) -> float32 ViT input: scaled to [0, 1], then the tower's mean and std."""
+    """uint8 pixels (..., 3, H, W) -> float32 ViT input: scaled to [0, 1], then the tower's mean
+    and std."""
     if pixels.dtype != torch.uint8:
         raise LlavaMinError(f"normalize takes uint8 pixels (0..255), got {pixels.dtype}")
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)

@@ -1,8 +1,9 @@
 """InternLM2, the language model of LLaVA-InternLM2, in one file: start at `InternLM2`.
 
-Llama's architecture (pre-norm, rotary, grouped-query attention, SwiGLU) with InternLM2's fused `wqkv`, its modules
-named like the keys of the released checkpoints (internlm/internlm2-chat-1_8b, -7b). References: the released
-`modeling_internlm2.py`; transformers' `modeling_llama.py`, which tests/test_internlm2.py matches to 1e-4.
+Llama's architecture (pre-norm, rotary, grouped-query attention, SwiGLU) with InternLM2's fused
+`wqkv`, its modules named like the keys of the released checkpoints (internlm/internlm2-chat-1_8b,
+-7b). References: the released `modeling_internlm2.py`; transformers' `modeling_llama.py`, which
+tests/test_internlm2.py matches to 1e-4.
 """
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ class RMSNorm(nn.Module):
 
 
 def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of position * inv_freq, each (B or 1, T, head_dim / 2): half the released cat(freqs, freqs).
-    Scaled as transformers' Llama: linear divides inv_freq; dynamic (NTK-aware) enlarges the base past L."""
+    """cos and sin of position * inv_freq, each (B or 1, T, head_dim / 2): half the released
+    cat(freqs, freqs). Scaled as transformers' Llama: linear divides inv_freq; dynamic (NTK-aware)
+    enlarges the base past L."""
     d = config.head_dim
     device = position_ids.device
     exponent = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d   # (d/2,)
@@ -108,14 +110,16 @@ def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: to
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The released x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1), on halves x1, x2."""
+    """The released x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1), on halves
+    x1, x2."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class KVCache:
-    """Static keys and values for generation: one (B, n_kv, max_len, head_dim) buffer pair per layer, written in
-    place at [length, length + T) by each forward. Nothing is allocated or copied per decoding step."""
+    """Static keys and values for generation: one (B, n_kv, max_len, head_dim) buffer pair per
+    layer, written in place at [length, length + T) by each forward. Nothing is allocated or copied
+    per decoding step."""
 
     def __init__(self, c: InternLM2Config, batch_size: int, max_len: int, dtype: torch.dtype, device):
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
@@ -126,7 +130,8 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, n_kv, T, head_dim) after the stored tokens; return all keys and values so far."""
+        """Store k, v (B, n_kv, T, head_dim) after the stored tokens; return all keys and values so
+        far."""
         start, end = self.length, self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -135,15 +140,17 @@ class KVCache:
 
 @dataclass
 class Packing:
-    """Where the samples of packed rows lie in the flattened (B * T) positions: attention stays inside each."""
+    """Where the samples of packed rows lie in the flattened (B * T) positions: attention stays
+    inside each."""
     # (n + 1,) int32 start offsets and the end; every row start is a boundary
     cu_seqlens: torch.Tensor
     max_len: int                # the longest piece (a sample, or a row's trailing padding)
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> tuple["Packing", torch.Tensor]:
-        """attention_mask (B, T), k > 0 on the k-th sample of a row, 0 on padding -> (Packing, position_ids (B, T)),
-        the positions restarting at 0 on each sample (the trailing padding of a row counts as one more piece)."""
+        """attention_mask (B, T), k > 0 on the k-th sample of a row, 0 on padding -> (Packing,
+        position_ids (B, T)), the positions restarting at 0 on each sample (the trailing padding of
+        a row counts as one more piece)."""
         B, T = attention_mask.shape
         seg = attention_mask.flatten()                                           # (B * T,)
         start = torch.ones_like(seg, dtype=torch.bool)
@@ -162,8 +169,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
     CUDA: one variable-length flash-attention call. Elsewhere: one SDPA call per piece, exact; a dense
     block-diagonal mask computes every cross-sample score only to mask it (measured 7x slower on a CPU)."""
     B, H, T, hd = q.shape
-    # (B * T, heads, hd)
-    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))   # (B * T, heads, hd)
     if q.is_cuda:
         return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len,
                            window_size=(-1, 0), enable_gqa=H != k.shape[1])      # (-1, 0): causal
@@ -172,8 +178,7 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
     out = [F.scaled_dot_product_attention(piece(q, s, e), piece(k, s, e), piece(v, s, e), is_causal=True,
                                           enable_gqa=H != k.shape[1])[0].transpose(0, 1)           # (L, H, hd)
            for s, e in zip(bounds[:-1], bounds[1:])]
-    # (B * T, n_heads, hd)
-    return torch.cat(out)
+    return torch.cat(out)                                                         # (B * T, n_heads, hd)
 
 
 class Attention(nn.Module):
@@ -188,45 +193,39 @@ class Attention(nn.Module):
         """mask: a boolean (B, 1, T, S) mask, the Packing of packed rows, or None: causal (none for one token)."""
         B, T, _ = x.shape
         G, hd = self.groups, self.head_dim
-        # One matmul for q, k and v. Its output features are laid out per KV group: for each of the
-        # n_kv groups, its G query heads, then its key head, then its value head (InternLM's
-        # tools/convert2llama.py), so the first n_heads * head_dim features are not q.
+        # One matmul for q, k and v. Its output features are laid out per KV group: for each of the n_kv groups,
+        # its G query heads, then its key head, then its value head (InternLM's tools/convert2llama.py), so the
+        # first n_heads * head_dim features are not q.
         qkv = self.wqkv(x).view(B, T, self.n_kv, G + 2, hd)       # (B, T, n_kv, G + 2, head_dim)
-        # No-op unless autocast runs the matmul in bf16
-        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)           # no-op unless autocast runs the matmul in bf16
         # Rotate the G query heads and the key head of every group in one pass; v is not rotated.
         qk = apply_rotary(qkv[:, :, :, :G + 1], cos[:, :, None, None], sin[:, :, None, None])
-        # (B, n_heads, T, hd); head g*G + s
-        q = qk[:, :, :, :G].reshape(B, T, self.n_heads, hd).transpose(1, 2)
-        # k and v are copied out, not kept as views: attention saves them for backward, and a view
-        # would keep the whole fused qkv and rotated q|k buffers alive until then.
+        q = qk[:, :, :, :G].reshape(B, T, self.n_heads, hd).transpose(1, 2)   # (B, n_heads, T, hd); head g*G + s
+        # k and v are copied out, not kept as views: attention saves them for backward, and a view would keep
+        # the whole fused qkv and rotated q|k buffers alive until then.
         k = qk[:, :, :, G].transpose(1, 2).contiguous()           # (B, n_kv, T, head_dim)
         v = qkv[:, :, :, G + 1].transpose(1, 2).contiguous()      # (B, n_kv, T, head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)                      # (B, n_kv, past + T, head_dim)
-            # No-op unless autocast changed the dtype
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)                   # no-op unless autocast changed the dtype
 
         if isinstance(mask, Packing):
             return self.wo(packed_attention(q, k, v, mask).reshape(B, T, self.n_heads * hd))
         if T == 1:
-            # One new token: the G query heads of a group share one key/value head, so they are G
-            # query rows against that head; no KV repeat, no GQA path needed.
+            # One new token: the G query heads of a group share one key/value head, so they are G query rows
+            # against that head; no KV repeat, no GQA path needed.
             out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, G, hd), k, v, attn_mask=mask)
-            # (B, n_kv, G, hd) -> (B, n_heads, 1, hd)
-            out = out.reshape(B, self.n_heads, 1, hd)
+            out = out.reshape(B, self.n_heads, 1, hd)             # (B, n_kv, G, hd) -> (B, n_heads, 1, hd)
         elif mask is None or q.device.type == "cpu":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G > 1)
         else:
-            # On CUDA only the flash and math kernels take enable_gqa, and flash takes no mask:
-            # repeat each KV head G times (query head i uses KV head i // G) so that the
-            # memory-efficient kernel runs.
+            # On CUDA only the flash and math kernels take enable_gqa, and flash takes no mask: repeat each KV head
+            # G times (query head i uses KV head i // G) so that the memory-efficient kernel runs.
             S = k.shape[2]
             k = k[:, :, None].expand(B, self.n_kv, G, S, hd).reshape(B, self.n_heads, S, hd)
             v = v[:, :, None].expand(B, self.n_kv, G, S, hd).reshape(B, self.n_heads, S, hd)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        # Heads back to (B, T, hidden)
-        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))
+        return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))   # heads back to (B, T, hidden)
 
 
 class FeedForward(nn.Module):
@@ -254,7 +253,8 @@ class DecoderLayer(nn.Module):
 
 
 class InternLM2(nn.Module):
-    """InternLM2ForCausalLM: a random init from a config, or `from_pretrained(path)` for released weights."""
+    """InternLM2ForCausalLM: a random init from a config, or `from_pretrained(path)` for released
+    weights."""
 
     def __init__(self, config: InternLM2Config):
         super().__init__()
@@ -271,7 +271,8 @@ class InternLM2(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The released init: normal(0, initializer_range) weights, zero biases and padding row, unit norms."""
+        """The released init: normal(0, initializer_range) weights, zero biases and padding row,
+        unit norms."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, self.config.initializer_range)
@@ -284,15 +285,17 @@ class InternLM2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "InternLM2":
-        """A released-format folder, in eval mode. Built on the meta device (no init), then each tensor is read once
-        from the memory-mapped file to `device`, in `dtype` (None: as stored)."""
+        """A released-format folder, in eval mode. Built on the meta device (no init), then each
+        tensor is read once from the memory-mapped file to `device`, in `dtype` (None: as
+        stored)."""
         config = load_config(path)
         model = weights.build_on_meta(lambda: cls(config))
         weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """The released layout, LoRA adapters merged in, cast to `dtype` on the way (None: as the parameters)."""
+        """The released layout, LoRA adapters merged in, cast to `dtype` on the way (None: as the
+        parameters)."""
         weights.save_state(merged_state_dict(self), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         dtype = str(dtype or self.output.weight.dtype).removeprefix("torch.")
         weights.write_json(self.config.to_dict() | {"torch_dtype": dtype}, Path(path) / weights.CONFIG_FILE)
@@ -303,7 +306,8 @@ class InternLM2(nn.Module):
         return self.model.layers
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
-        """Recompute each decoder layer's activations in backward (only while training, without a cache)."""
+        """Recompute each decoder layer's activations in backward (only while training, without a
+        cache)."""
         self.gradient_checkpointing = bool(flag)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
@@ -348,13 +352,15 @@ class InternLM2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32 for input_ids (B, T); the arguments as in `forward_hidden`."""
+        """Logits (B, T, vocab) in float32 for input_ids (B, T); the arguments as in
+        `forward_hidden`."""
         return self.output(self.forward_hidden(self.embed(input_ids), attention_mask, position_ids, cache)).float()
 
 
 def _attention_mask(attention_mask, B, T, past, device):
-    """The mask for scaled_dot_product_attention, once per forward: None without padding (the kernel's own causal
-    masking; one new token needs none), else a boolean (B, 1, T, past + T) mask, True = may attend."""
+    """The mask for scaled_dot_product_attention, once per forward: None without padding (the
+    kernel's own causal masking; one new token needs none), else a boolean (B, 1, T, past + T)
+    mask, True = may attend."""
     S = past + T
     if attention_mask is None and (past == 0 or T == 1):
         return None
@@ -380,7 +386,8 @@ HF_ONLY_FIELDS = {"architectures", "auto_map", "torch_dtype", "dtype", "attn_imp
 
 
 def _fields_of(d: dict) -> dict:
-    """A released config.json dict -> InternLM2Config's keyword arguments (what the released class reads)."""
+    """A released config.json dict -> InternLM2Config's keyword arguments (what the released class
+    reads)."""
     # Very early revisions say "internlm"
     if d.get("model_type", "internlm2") not in ("internlm2", "internlm"):
         raise LlavaMinError(f"model_type is {d['model_type']!r}, not an InternLM2 config ('internlm2')")

@@ -1,13 +1,16 @@
-"""LLaVA: vision-tower features -> MLP projector -> spliced into InternLM2's input embeddings. Start at `LLaVA.forward`.
+"""LLaVA: vision-tower features -> MLP projector -> spliced into InternLM2's input embeddings.
+Start at `LLaVA.forward`.
 
-LLaVA-1.5 / XTuner's composition (`xtuner/model/llava.py`), equal to transformers' `LlavaForConditionalGeneration`
-to 1e-4 (tests/test_llava.py; tests/test_clip.py and test_siglip.py on those towers).
+LLaVA-1.5 / XTuner's composition (`xtuner/model/llava.py`), equal to transformers'
+`LlavaForConditionalGeneration` to 1e-4 (tests/test_llava.py; tests/test_clip.py and test_siglip.py
+on those towers).
 
-The vision tower is any class of `VISION_TOWERS` (dinov2.py, clip.py, siglip.py), used through the members they
-share: `config` (hidden_size, patch_size, prefix_tokens, image_tokens(size), blocks_run(layer), preprocessing),
-`blocks`, `features(pixels, layer)`, `freeze_unused(layer)`, `set_gradient_checkpointing`, `from_pretrained` /
-`save_pretrained`, and the static `load_config` / `presets`. The LLM likewise through InternLM2's `embed`,
-`forward_hidden`, `output`, `new_cache`, `layers`. Nothing here reaches into their modules (tests/test_imports.py).
+The vision tower is any class of `VISION_TOWERS` (dinov2.py, clip.py, siglip.py), used through the
+members they share: `config` (hidden_size, patch_size, prefix_tokens, image_tokens(size),
+blocks_run(layer), preprocessing), `blocks`, `features(pixels, layer)`, `freeze_unused(layer)`,
+`set_gradient_checkpointing`, `from_pretrained` / `save_pretrained`, and the static `load_config` /
+`presets`. The LLM likewise through InternLM2's `embed`, `forward_hidden`, `output`, `new_cache`,
+`layers`. Nothing here reaches into their modules (tests/test_imports.py).
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ VISION_TOWERS = {"dinov2": DINOv2, "dinov2_with_registers": DINOv2, "clip": CLIP
 
 
 def vision_tower(name_or_path: str | os.PathLike) -> type[nn.Module]:
-    """The tower class of a preset name (of any tower) or of a folder / config.json, by its model_type."""
+    """The tower class of a preset name (of any tower) or of a folder / config.json, by its
+    model_type."""
     towers = list(dict.fromkeys(VISION_TOWERS.values()))
     for tower in towers:
         if str(name_or_path) in tower.presets():
@@ -117,7 +121,8 @@ class LLaVAOutput:
 
 
 class LLaVA(nn.Module):
-    """Vision tower -> Projector -> InternLM2. Reference: transformers `models/llava/modeling_llava.py`."""
+    """Vision tower -> Projector -> InternLM2. Reference: transformers
+    `models/llava/modeling_llava.py`."""
 
     def __init__(self, llm: InternLM2, vit: nn.Module, projector: Projector, config: LLaVAConfig | None = None):
         super().__init__()
@@ -127,9 +132,10 @@ class LLaVA(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 loss_chunk: int = 1024) -> LLaVAOutput:
-        """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image; pixel_values (n_images, 3, H, W) in row-major
-        order of the placeholders; labels (B, T), -100 where unsupervised; attention_mask (B, T), 1 = real, 0 =
-        padding, or for packed rows (`collate_packed`) k on a row's k-th sample (sees itself only, from position 0)."""
+        """input_ids (B, T) with one IMAGE_TOKEN_INDEX per image; pixel_values (n_images, 3, H, W)
+        in row-major order of the placeholders; labels (B, T), -100 where unsupervised;
+        attention_mask (B, T), 1 = real, 0 = padding, or for packed rows (`collate_packed`) k on a
+        row's k-th sample (sees itself only, from position 0)."""
         embeds, labels, mask = self.embed(input_ids, pixel_values, labels, attention_mask)
         # Right padding (what `collate` makes) needs no mask: causal attention already keeps the
         # trailing pads away from every real position, and the kernel's causal fast path is quicker
@@ -149,8 +155,9 @@ class LLaVA(nn.Module):
         return out
 
     def _loss_sum(self, h: torch.Tensor, targets: torch.Tensor, chunk: int):
-        """Summed cross-entropy of the supervised states h (n, D) against targets (n,), and n. The head runs `chunk`
-        rows at a time, recomputed in backward: the (B, T, vocab) logits and their fp32 softmax never exist whole."""
+        """Summed cross-entropy of the supervised states h (n, D) against targets (n,), and n. The
+        head runs `chunk` rows at a time, recomputed in backward: the (B, T, vocab) logits and
+        their fp32 softmax never exist whole."""
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], chunk):
             total = total + checkpoint(self._chunk_loss, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
@@ -164,8 +171,9 @@ class LLaVA(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
-        """Splice the image features into the token embeddings: (B, T', D) embeddings, labels (B, T') or None
-        (-100 on image positions), attention_mask (B, T'). Each row keeps its padding where it was."""
+        """Splice the image features into the token embeddings: (B, T', D) embeddings, labels (B,
+        T') or None (-100 on image positions), attention_mask (B, T'). Each row keeps its padding
+        where it was."""
         B, T = input_ids.shape
         is_image = input_ids == IMAGE_TOKEN_INDEX                              # (B, T)
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
@@ -206,8 +214,8 @@ class LLaVA(nn.Module):
         return x, labels, mask
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n_images, 3, H, W) normalised floats, or the uint8 pixels of the training data (normalised here, on the
-        device) -> (n_images, N, D_llm) projected patch features."""
+        """(n_images, 3, H, W) normalised floats, or the uint8 pixels of the training data
+        (normalised here, on the device) -> (n_images, N, D_llm) projected patch features."""
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize(pixel_values, self.vit.config.preprocessing)
         # A frozen ViT runs without autograd, so it keeps no activations for backward.
@@ -218,9 +226,10 @@ class LLaVA(nn.Module):
         return self.projector(feats.to(self.projector.dtype))
 
     def _no_image_features(self) -> torch.Tensor:
-        """Features for a batch without images: none, (0, 1, D); but while the projector (or ViT) trains, those of
-        one tiny dummy image with its patches sliced away, (1, 0, D), so that every rank uses the same parameters
-        every step (XTuner's zero-image trick; nanoVLM skips such batches instead)."""
+        """Features for a batch without images: none, (0, 1, D); but while the projector (or ViT)
+        trains, those of one tiny dummy image with its patches sliced away, (1, 0, D), so that
+        every rank uses the same parameters every step (XTuner's zero-image trick; nanoVLM skips
+        such batches instead)."""
         w = next(self.projector.parameters())
         trained = [p.requires_grad for m in (self.projector, self.vit) for p in m.parameters()]
         if torch.is_grad_enabled() and any(trained):
@@ -235,8 +244,9 @@ class LLaVA(nn.Module):
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  attention_mask: torch.Tensor | None = None, stop_ids: list[int] | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue each row; returns (B, n) new ids only. A row ends at a stop id (kept) and is padded with the
-        first stop id afterwards. temperature 0 = greedy; otherwise sampling with top-p."""
+        """Continue each row; returns (B, n) new ids only. A row ends at a stop id (kept) and is
+        padded with the first stop id afterwards. temperature 0 = greedy; otherwise sampling with
+        top-p."""
         device = input_ids.device
         stop = torch.tensor(stop_ids if stop_ids is not None else self.config.stop_ids, device=device)
         embeds, _, mask = self.embed(input_ids, pixel_values, None, attention_mask)
@@ -279,7 +289,8 @@ class LLaVA(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, llm=None, vit=None, projector=None,
                         dtype: torch.dtype | None = None, device="cpu") -> "LLaVA":
         """`LLaVA.from_pretrained(out_dir)` for a folder written by train.py / finetune.py, or
-        `LLaVA.from_pretrained(llm=dir, vit=dir, projector=dir)`; without a projector it is freshly initialised."""
+        `LLaVA.from_pretrained(llm=dir, vit=dir, projector=dir)`; without a projector it is freshly
+        initialised."""
         config = LLaVAConfig()
         if path is not None:
             path = Path(path)
@@ -311,7 +322,8 @@ class LLaVA(nn.Module):
         return cls(llm_model, vit_model, proj, config)
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """llm/ (InternLM2, LoRA merged), vit/ (the tower's hub format), projector/ (XTuner), llava_config.json."""
+        """llm/ (InternLM2, LoRA merged), vit/ (the tower's hub format), projector/ (XTuner),
+        llava_config.json."""
         path = Path(path)
         for part in PARTS:
             getattr(self, part).save_pretrained(path / part, dtype=dtype, max_shard_bytes=max_shard_bytes)
@@ -323,8 +335,9 @@ class LLaVA(nn.Module):
 
 
 def trained_positions(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the positions t whose next token is a target: supervised, and in the same sample (a packed
-    sample's last position has the next sample's first token after it). train.py counts these to normalise."""
+    """(B, T) bool: the positions t whose next token is a target: supervised, and in the same
+    sample (a packed sample's last position has the next sample's first token after it). train.py
+    counts these to normalise."""
     keep = (labels[:, 1:] != IGNORE_INDEX) & (mask[:, 1:] == mask[:, :-1])          # (B, T - 1)
     # The last predicts nothing
     return F.pad(keep, (0, 1))

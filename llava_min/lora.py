@@ -1,8 +1,11 @@
-"""LoRA: low-rank adapters on the LLM's linear layers (Hu et al. 2021, arXiv:2106.09685), as PEFT builds them.
+"""LoRA: low-rank adapters on the LLM's linear layers (Hu et al. 2021, arXiv:2106.09685), as PEFT
+builds them.
 
-    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W: (out, in) frozen, A: (r, in), B: (out, r) trained
+y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W: (out, in) frozen, A: (r, in), B: (out,
+r) trained
 
-Start at `apply_lora`; saved models hold the adapters merged, training checkpoints the adapters alone.
+Start at `apply_lora`; saved models hold the adapters merged, training checkpoints the adapters
+alone.
 """
 from __future__ import annotations
 
@@ -55,16 +58,17 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A, computed in fp32 and returned in the base weight's dtype (one rounding)."""
+        """W + (alpha / r) B A, computed in fp32 and returned in the base weight's dtype (one
+        rounding)."""
         delta = self.lora_B.float() @ self.lora_A.float()  # (out, r) @ (r, in) -> (out, in)
         return (self.weight.float() + self.scaling * delta).to(self.weight.dtype)
 
 
 def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.05,
                targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> list[str]:
-    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place, and freeze all else.
-    Returns the replaced names. alpha defaults to ALPHA_PER_RANK * r; XTuner's InternLM2-7B QLoRA uses r 512,
-    alpha 256: pass alpha to match it."""
+    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place, and
+    freeze all else. Returns the replaced names. alpha defaults to ALPHA_PER_RANK * r; XTuner's
+    InternLM2-7B QLoRA uses r 512, alpha 256: pass alpha to match it."""
     if type(r) is not int or r < 1:
         raise LlavaMinError(f"LoRA rank must be a positive integer, got r={r!r} (e.g. --lora-r 64)")
     if alpha is None:
@@ -99,7 +103,8 @@ def _lora_layers(module: nn.Module) -> list[tuple[str, str, LoRALinear]]:
 
 
 def merge_lora(module: nn.Module) -> list[str]:
-    """Fold every adapter into its base weight, in place: plain frozen nn.Linear layers again; returns their names."""
+    """Fold every adapter into its base weight, in place: plain frozen nn.Linear layers again;
+    returns their names."""
     if isinstance(module, LoRALinear):
         raise LlavaMinError("merge_lora needs the model that holds the LoRALinear layers, not a layer itself")
     layers = _lora_layers(module)
@@ -114,7 +119,8 @@ def merge_lora(module: nn.Module) -> list[str]:
 
 
 def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` with every adapter folded in; the module is unchanged (training goes on after a save)."""
+    """`module.state_dict()` with every adapter folded in; the module is unchanged (training goes
+    on after a save)."""
     state = module.state_dict()
     for _, prefix, m in _lora_layers(module):
         state[prefix + "weight"] = m.merged_weight()
@@ -124,13 +130,15 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors alone ({'model.layers.0.attention.wqkv.lora_A': ...}), for training checkpoints."""
+    """The adapter tensors alone ({'model.layers.0.attention.wqkv.lora_A': ...}), for training
+    checkpoints."""
     return {prefix + k: getattr(m, k).detach() for _, prefix, m in _lora_layers(module) for k in LORA_KEYS}
 
 
 @torch.no_grad()
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors saved by `lora_state_dict` into a model prepared with the same `apply_lora`."""
+    """Copy adapter tensors saved by `lora_state_dict` into a model prepared with the same
+    `apply_lora`."""
     own = lora_state_dict(module)       # detached, but the parameters' own storage
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:

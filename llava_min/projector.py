@@ -1,9 +1,12 @@
-"""The vision-to-language projector: LLaVA-1.5's `mlp2x_gelu`, as XTuner's ProjectorModel builds it.
+"""The vision-to-language projector: LLaVA-1.5's `mlp2x_gelu`, as XTuner's ProjectorModel builds
+it.
 
-    Linear(vision_hidden -> llm_hidden), then (depth - 1) x [GELU (exact erf), Linear(llm_hidden -> llm_hidden)]
+Linear(vision_hidden -> llm_hidden), then (depth - 1) x [GELU (exact erf), Linear(llm_hidden ->
+llm_hidden)]
 
-depth 2 is LLaVA-1.5; others are XTuner's (`xtuner/model/modules/projector/`). Checkpoints: XTuner's `projector/`
-folder (keys model.0 / model.2 / ...); loading also takes the prefix "projector.", HF LLaVA's names, and no config.json.
+depth 2 is LLaVA-1.5; others are XTuner's (`xtuner/model/modules/projector/`). Checkpoints:
+XTuner's `projector/` folder (keys model.0 / model.2 / ...); loading also takes the prefix
+"projector.", HF LLaVA's names, and no config.json.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ class Projector(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "Projector":
-        """An XTuner projector folder (or HF LLaVA's names), each tensor read once to `device` in `dtype`."""
+        """An XTuner projector folder (or HF LLaVA's names), each tensor read once to `device` in
+        `dtype`."""
         path = Path(path)
         files, file = weights.checkpoint_files(path), path / weights.CONFIG_FILE
         key_map = _key_map_of(files)
@@ -57,7 +61,8 @@ class Projector(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """XTuner's form (model.safetensors + its ProjectorConfig's config.json); cast to `dtype` on the way."""
+        """XTuner's form (model.safetensors + its ProjectorConfig's config.json); cast to `dtype`
+        on the way."""
         weights.save_state(self.state_dict(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         weights.write_json({"architectures": ["ProjectorModel"], "model_type": "projector", "depth": self.depth,
                             "visual_hidden_size": self.vision_hidden, "llm_hidden_size": self.llm_hidden,
@@ -96,7 +101,8 @@ def _sizes_from_config(file: Path) -> tuple[int, int, int, bool]:
 
 
 def _sizes_from_shapes(files: dict[str, Path], key_map) -> tuple[int, int, int, bool]:
-    """(vision_hidden, llm_hidden, depth, bias) read off the tensor shapes: Linear i sits at model.{2i}."""
+    """(vision_hidden, llm_hidden, depth, bias) read off the tensor shapes: Linear i sits at
+    model.{2i}."""
     shapes = {}
     for key, file in files.items():
         with safe_open(str(file), framework="pt") as f:

@@ -1,10 +1,12 @@
-"""SigLIP's vision tower, as LLaVA-OneVision uses it: google/siglip-so400m-patch14-384, siglip-base-patch16-224.
+"""SigLIP's vision tower, as LLaVA-OneVision uses it: google/siglip-so400m-patch14-384,
+siglip-base-patch16-224.
 
-transformers' `SiglipVisionModel` in plain PyTorch (matched to 1e-4 by tests/test_siglip.py), its modules named like
-the keys of a vision-only save. Hidden states are the N patches alone, row-major: no CLS token, so LLaVA-OneVision
-feeds every token of hidden state -2 to its projector. Against CLIP: no pre-LayerNorm, tanh-GELU, a biased patch
-convolution, and a final LayerNorm on every token. The encoder layer is CLIP's (`clip.Block`, the same names and
-math). The attention-pooling head (`head.*`) serves SigLIP's image-text loss only and is not built here.
+transformers' `SiglipVisionModel` in plain PyTorch (matched to 1e-4 by tests/test_siglip.py), its
+modules named like the keys of a vision-only save. Hidden states are the N patches alone,
+row-major: no CLS token, so LLaVA-OneVision feeds every token of hidden state -2 to its projector.
+Against CLIP: no pre-LayerNorm, tanh-GELU, a biased patch convolution, and a final LayerNorm on
+every token. The encoder layer is CLIP's (`clip.Block`, the same names and math). The
+attention-pooling head (`head.*`) serves SigLIP's image-text loss only and is not built here.
 References: Zhai et al. 2023; transformers `models/siglip/modeling_siglip.py`.
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ PREPROCESSING = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_ra
 
 @dataclass
 class SigLIPConfig:
-    """The fields of a SiglipVisionConfig (config.json, or a full model's "vision_config") that shape the tower."""
+    """The fields of a SiglipVisionConfig (config.json, or a full model's "vision_config") that
+    shape the tower."""
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -79,7 +82,8 @@ class SigLIPConfig:
         return (image_size // self.patch_size) ** 2
 
     def blocks_run(self, layer: int) -> int:
-        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's output)."""
+        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's
+        output)."""
         return layer % (self.num_hidden_layers + 1)
 
     @classmethod
@@ -87,7 +91,8 @@ class SigLIPConfig:
         return cls(**_fields_of(dict(d)))
 
     def to_dict(self) -> dict:
-        """The config.json of a vision-only save, which transformers' SiglipVisionModel reads (without the head)."""
+        """The config.json of a vision-only save, which transformers' SiglipVisionModel reads
+        (without the head)."""
         return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
                 **dataclasses.asdict(self), "vision_use_head": False}
 
@@ -105,7 +110,8 @@ class Embeddings(nn.Module):
 
     def positions(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings (1, N, D) for a height x width image; resized as transformers'
-        `interpolate_pos_encoding` does (bicubic to the target grid, no antialiasing) when the grid differs."""
+        `interpolate_pos_encoding` does (bicubic to the target grid, no antialiasing) when the grid
+        differs."""
         table = self.position_embedding.weight[None]                        # (1, side^2, D)
         side = self.config.grid_size
         rows = height // self.config.patch_size
@@ -126,8 +132,8 @@ class Embeddings(nn.Module):
 
 
 class SigLIP(nn.Module):
-    """forward -> final-normed tokens (transformers' last_hidden_state); hidden_states -> every block's output;
-    features -> LLaVA's input."""
+    """forward -> final-normed tokens (transformers' last_hidden_state); hidden_states -> every
+    block's output; features -> LLaVA's input."""
 
     config_class = SigLIPConfig
 
@@ -142,7 +148,8 @@ class SigLIP(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit norms (transformers draws lecun-normal ones)."""
+        """Normal(0, initializer_range) weights, zero biases, unit norms (transformers draws
+        lecun-normal ones)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
                 nn.init.normal_(m.weight, std=self.config.initializer_range)
@@ -161,8 +168,9 @@ class SigLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "SigLIP":
-        """A hub folder (a vision-only save, or the full SigLIP model: its vision tower), in eval mode: built on
-        meta, each tensor read once, memory-mapped, to `device` in `dtype`. Says what it left unread."""
+        """A hub folder (a vision-only save, or the full SigLIP model: its vision tower), in eval
+        mode: built on meta, each tensor read once, memory-mapped, to `device` in `dtype`. Says
+        what it left unread."""
         config = load_config(Path(path))
         model = weights.build_on_meta(lambda: cls(config))
         unread = weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
@@ -172,18 +180,21 @@ class SigLIP(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """A vision-only save (SiglipVisionModel's keys and config.json), cast to `dtype` on the way."""
+        """A vision-only save (SiglipVisionModel's keys and config.json), cast to `dtype` on the
+        way."""
         weights.save_state(self.state_dict(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         dtype = str(dtype or self.post_layernorm.weight.dtype).removeprefix("torch.")
         weights.write_json(self.config.to_dict() | {"torch_dtype": dtype}, Path(path) / weights.CONFIG_FILE)
 
     @property
     def blocks(self) -> nn.ModuleList:
-        """The transformer blocks in order: the units of checkpointing, FSDP, FLOP and memory counts."""
+        """The transformer blocks in order: the units of checkpointing, FSDP, FLOP and memory
+        counts."""
         return self.encoder.layers
 
     def freeze_unused(self, layer: int) -> None:
-        """Freeze what `features(layer=...)` never runs (later blocks, the final norm): no gradient reaches it."""
+        """Freeze what `features(layer=...)` never runs (later blocks, the final norm): no gradient
+        reaches it."""
         for block in self.blocks[self.config.blocks_run(layer):]:
             block.requires_grad_(False)
         self.post_layernorm.requires_grad_(False)
@@ -201,18 +212,21 @@ class SigLIP(nn.Module):
         return x
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """num_layers + 1 tensors (B, N, D): the embeddings, then each block's output (none normed)."""
+        """num_layers + 1 tensors (B, N, D): the embeddings, then each block's output (none
+        normed)."""
         states = [self.embeddings(pixel_values)]
         for block in self.blocks:
             states.append(self._run(states[-1], [block]))
         return states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N, D) after the final LayerNorm (transformers' last_hidden_state)."""
+        """(B, 3, H, W) -> (B, N, D) after the final LayerNorm (transformers'
+        last_hidden_state)."""
         return self.post_layernorm(self._run(self.embeddings(pixel_values), self.blocks))
 
     def features(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
-        """hidden_states(pixel_values)[layer], every token: (B, N, D). Runs only the blocks it needs."""
+        """hidden_states(pixel_values)[layer], every token: (B, N, D). Runs only the blocks it
+        needs."""
         check_layer(layer, self.config.num_hidden_layers)
         blocks = self.blocks[:self.config.blocks_run(layer)]
         return self._run(self.embeddings(pixel_values), blocks)
@@ -225,7 +239,8 @@ HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12
 
 
 def _fields_of(d: dict) -> dict:
-    """A config.json dict (vision-only, or a full SigLIP model's with "vision_config") -> SigLIPConfig's arguments."""
+    """A config.json dict (vision-only, or a full SigLIP model's with "vision_config") ->
+    SigLIPConfig's arguments."""
     if d.get("model_type") == "siglip":
         d = dict(d.get("vision_config") or {})
         d["model_type"] = "siglip_vision_model"
@@ -270,5 +285,6 @@ def load_config(name_or_path) -> SigLIPConfig:
 
 
 def num_parameters(config: SigLIPConfig) -> int:
-    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta device."""
+    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta
+    device."""
     return weights.numel_on_meta(lambda: SigLIP(config), repr(config))

@@ -1,14 +1,15 @@
 """FLOPs of one forward + backward, for the model FLOPs utilisation (MFU) train.py logs on CUDA.
 
-Per token, a weight matrix of N parameters costs 2N FLOPs forward; backward adds 2N for the input's gradient
-(when gradients flow through it to something trained before it, or beside it) and 2N for the weight's own
-gradient (when it trains). Hence: 6N for trained weights (the projector, the LLM in stage 2, LoRA adapters), 4N
-for frozen weights that gradients flow through (the LLM in stage 1, LoRA's frozen base and the frozen head), 2N for
-forward-only parts (a frozen ViT, run under no_grad). The output head counts on supervised positions only
-(llava-min computes no other logits). Attention adds, per layer and per sample of L positions, 2 L^2 d forward
-for the LLM (QK^T and AV, causal: half of 4 L^2 d) and 4 L^2 d for the ViT (not causal), times 3 where backward
-runs; d is the width. Packed samples count their own L: attention never crosses them.
-MFU = FLOPs / (seconds x processes x peak), the peak of the dtype the matrix products really run in.
+Per token, a weight matrix of N parameters costs 2N FLOPs forward; backward adds 2N for the input's
+gradient (when gradients flow through it to something trained before it, or beside it) and 2N for
+the weight's own gradient (when it trains). Hence: 6N for trained weights (the projector, the LLM
+in stage 2, LoRA adapters), 4N for frozen weights that gradients flow through (the LLM in stage 1,
+LoRA's frozen base and the frozen head), 2N for forward-only parts (a frozen ViT, run under
+no_grad). The output head counts on supervised positions only (llava-min computes no other logits).
+Attention adds, per layer and per sample of L positions, 2 L^2 d forward for the LLM (QK^T and AV,
+causal: half of 4 L^2 d) and 4 L^2 d for the ViT (not causal), times 3 where backward runs; d is
+the width. Packed samples count their own L: attention never crosses them. MFU = FLOPs / (seconds x
+processes x peak), the peak of the dtype the matrix products really run in.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ PEAK_TFLOPS = {
 
 
 def peak_for(name: str, dtype: torch.dtype, tf32: bool) -> float | None:
-    """FLOP/s of a device called `name` for matrix products in `dtype` (None: an unknown device)."""
+    """FLOP/s of a device called `name` for matrix products in `dtype` (None: an unknown
+    device)."""
     peaks = next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
     if peaks is None:
         return None
@@ -45,7 +47,8 @@ def peak_for(name: str, dtype: torch.dtype, tf32: bool) -> float | None:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The peak of the dtype train.py computes in (autocast's, or fp32 with or without TF32) on this GPU."""
+    """The peak of the dtype train.py computes in (autocast's, or fp32 with or without TF32) on
+    this GPU."""
     if device.type != "cuda":
         return None
     tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
@@ -72,7 +75,8 @@ def _trains(module: torch.nn.Module) -> bool:
 
 
 class StepFlops:
-    """flops(output, n_images) of one micro-batch of train.py's model; the per-token constants computed once."""
+    """flops(output, n_images) of one micro-batch of train.py's model; the per-token constants
+    computed once."""
 
     def __init__(self, model, image_tokens: int):
         llm, vit, v = model.llm, model.vit, model.vit.config
