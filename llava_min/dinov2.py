@@ -125,8 +125,10 @@ class Embeddings(nn.Module):
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings (1, 1 + N, D) for a height x width image, as transformers 5.x
         computes them."""
-        pos, side = self.position_embeddings, self.config.grid_size
-        rows, cols = height // self.config.patch_size, width // self.config.patch_size
+        pos = self.position_embeddings
+        side = self.config.grid_size
+        rows = height // self.config.patch_size
+        cols = width // self.config.patch_size
         if rows * cols == side ** 2 and height == width:
             return pos
         grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
@@ -155,7 +157,8 @@ class Attention(nn.Module):
     def __init__(self, config: DINOv2Config):
         super().__init__()
         D = config.hidden_size
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
         # The hub nests the projections one level deeper (attention.attention.query,
         # attention.output.dense).
         self.attention = nn.ModuleDict({name: nn.Linear(D, D, bias=config.qkv_bias)
@@ -206,7 +209,8 @@ class SwiGLUFFN(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: DINOv2Config):
         super().__init__()
-        D, eps = config.hidden_size, config.layer_norm_eps
+        D = config.hidden_size
+        eps = config.layer_norm_eps
         self.norm1 = nn.LayerNorm(D, eps=eps)
         self.attention = Attention(config)
         self.layer_scale1 = LayerScale(config)

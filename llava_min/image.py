@@ -131,10 +131,11 @@ def resize_shortest_edge(image: Image.Image, shortest: int) -> Image.Image:
     """Bicubic resize so the shorter side is `shortest`, the long side floored (transformers'
     rounding)."""
     width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(shortest * long / short)
-    # PIL: (width, height)
-    new_size = (shortest, new_long) if width <= height else (new_long, shortest)
+    # PIL sizes are (width, height)
+    if width <= height:
+        new_size = (shortest, int(shortest * height / width))
+    else:
+        new_size = (int(shortest * width / height), shortest)
     return image.resize(new_size, Image.Resampling.BICUBIC)
 
 
@@ -142,7 +143,8 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     """Crop size x size from the centre; offsets floored as transformers' center_crop does."""
     # >= size: resize_shortest_edge made the short side round(size * crop_ratio)
     width, height = image.size
-    left, top = (width - size) // 2, (height - size) // 2
+    left = (width - size) // 2
+    top = (height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 

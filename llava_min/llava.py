@@ -126,7 +126,9 @@ class LLaVA(nn.Module):
 
     def __init__(self, llm: InternLM2, vit: nn.Module, projector: Projector, config: LLaVAConfig | None = None):
         super().__init__()
-        self.llm, self.vit, self.projector = llm, vit, projector
+        self.llm = llm
+        self.vit = vit
+        self.projector = projector
         self.config = config or LLaVAConfig()
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -182,7 +184,10 @@ class LLaVA(nn.Module):
                                 f"(per batch row: {is_image.sum(1).tolist()}) but pixel_values has {n_images} "
                                 "images; each image needs exactly one placeholder, in order")
         # (n, N, D)
-        feats = self.image_features(pixel_values) if n_images else self._no_image_features()
+        if n_images:
+            feats = self.image_features(pixel_values)
+        else:
+            feats = self._no_image_features()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
@@ -248,7 +253,9 @@ class LLaVA(nn.Module):
         padded with the first stop id afterwards. temperature 0 = greedy; otherwise sampling with
         top-p."""
         device = input_ids.device
-        stop = torch.tensor(stop_ids if stop_ids is not None else self.config.stop_ids, device=device)
+        if stop_ids is None:
+            stop_ids = self.config.stop_ids
+        stop = torch.tensor(stop_ids, device=device)
         embeds, _, mask = self.embed(input_ids, pixel_values, None, attention_mask)
         # New tokens are appended on the right
         embeds, mask = _left_align(embeds, mask)
@@ -273,7 +280,8 @@ class LLaVA(nn.Module):
             if self.config.text_vocab_size is not None:
                 logits[:, self.config.text_vocab_size:] = float("-inf")
             token = torch.where(done, stop[0], _pick(logits, temperature, top_p, generator))
-            out[:, step], n = token, step + 1
+            out[:, step] = token
+            n = step + 1
             done |= torch.isin(token, stop)
             if bool(done.all()) or step + 1 == max_new_tokens:
                 break
@@ -305,7 +313,9 @@ class LLaVA(nn.Module):
                     raise LlavaMinError(f"{link} is a symbolic link to {os.readlink(link)}, which no longer exists; "
                                         "restore the source folder, or re-save the model with --save-frozen copy")
             config = LLaVAConfig.read(path)
-            llm, vit, projector = path / "llm", path / "vit", path / "projector"
+            llm = path / "llm"
+            vit = path / "vit"
+            projector = path / "projector"
         if llm is None or vit is None:
             raise LlavaMinError("LLaVA.from_pretrained needs a LLaVA folder, or both llm= and vit= folders")
         llm_model = InternLM2.from_pretrained(llm, dtype=dtype, device=device)

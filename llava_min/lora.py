@@ -31,19 +31,25 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r
         # The base tensors themselves (no copy), frozen, under their names: the state dict only
         # gains *.lora_A / B.
         self.weight = base.weight.requires_grad_(False)
-        self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
+        self.bias = None
+        if base.bias is not None:
+            self.bias = base.bias.requires_grad_(False)
         # fp32 adapters whatever the base dtype, so that AdamW updates small values exactly. A
         # starts as nn.Linear's default, B at zero: the adapted layer equals the base at init
         # (PEFT's `reset_lora_parameters`). A is drawn on the CPU whatever the device: the same
         # starting adapters on CPU and GPU, sharded or not.
+        device = base.weight.device
         lora_a = nn.init.kaiming_uniform_(torch.empty(r, self.in_features, device="cpu"), a=math.sqrt(5))
-        self.lora_A = nn.Parameter(lora_a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device, dtype=torch.float32))
+        self.lora_A = nn.Parameter(lora_a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
         # On A's input only, as PEFT
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -74,7 +80,8 @@ def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: f
     if alpha is None:
         alpha = ALPHA_PER_RANK * r
     if alpha <= 0 or not 0 <= dropout < 1:
-        raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, dropout={dropout}")
+        raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, "
+                            f"dropout={dropout}")
     refused = [t for t in targets if t.split(".")[-1] == "output"]
     if refused:
         raise LlavaMinError(f"LoRA targets {refused} name the output head 'output', which never gets an "
@@ -99,7 +106,13 @@ def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: f
 
 def _lora_layers(module: nn.Module) -> list[tuple[str, str, LoRALinear]]:
     """(name, state-dict prefix, layer) of every LoRALinear in module."""
-    return [(name, f"{name}." if name else "", m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
+    layers = []
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            # the root module itself has the empty name and no prefix
+            prefix = f"{name}." if name else ""
+            layers.append((name, prefix, m))
+    return layers
 
 
 def merge_lora(module: nn.Module) -> list[str]:
@@ -140,10 +153,11 @@ def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> N
     """Copy adapter tensors saved by `lora_state_dict` into a model prepared with the same
     `apply_lora`."""
     own = lora_state_dict(module)       # detached, but the parameters' own storage
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise LlavaMinError(f"LoRA adapters do not match the model: missing {missing[:4]} ({len(missing)} in all), "
-                            f"unexpected {unexpected[:4]} ({len(unexpected)} in all); resume with the same "
+        raise LlavaMinError(f"LoRA adapters do not match the model: missing {missing[:4]} "
+                            f"({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all); resume with the same "
                             "--lora-r and target modules as the run that saved them")
     for key, t in state.items():
         if t.shape != own[key].shape:

@@ -34,7 +34,10 @@ class Projector(nn.Module):
         super().__init__()
         if depth < 1:
             raise LlavaMinError(f"projector depth must be >= 1, got {depth}")
-        self.vision_hidden, self.llm_hidden, self.depth, self.bias = vision_hidden, llm_hidden, depth, bias
+        self.vision_hidden = vision_hidden
+        self.llm_hidden = llm_hidden
+        self.depth = depth
+        self.bias = bias
         layers = [nn.Linear(vision_hidden, llm_hidden, bias=bias)]
         for _ in range(depth - 1):
             layers += [nn.GELU(), nn.Linear(llm_hidden, llm_hidden, bias=bias)]
@@ -53,7 +56,8 @@ class Projector(nn.Module):
         """An XTuner projector folder (or HF LLaVA's names), each tensor read once to `device` in
         `dtype`."""
         path = Path(path)
-        files, file = weights.checkpoint_files(path), path / weights.CONFIG_FILE
+        files = weights.checkpoint_files(path)
+        file = path / weights.CONFIG_FILE
         key_map = _key_map_of(files)
         sizes = _sizes_from_config(file) if file.exists() else _sizes_from_shapes(files, key_map)
         model = weights.build_on_meta(lambda: cls(*sizes))
@@ -64,9 +68,10 @@ class Projector(nn.Module):
         """XTuner's form (model.safetensors + its ProjectorConfig's config.json); cast to `dtype`
         on the way."""
         weights.save_state(self.state_dict(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
-        weights.write_json({"architectures": ["ProjectorModel"], "model_type": "projector", "depth": self.depth,
-                            "visual_hidden_size": self.vision_hidden, "llm_hidden_size": self.llm_hidden,
-                            "hidden_act": "gelu", "bias": self.bias}, Path(path) / weights.CONFIG_FILE)
+        config = {"architectures": ["ProjectorModel"], "model_type": "projector", "depth": self.depth,
+                  "visual_hidden_size": self.vision_hidden, "llm_hidden_size": self.llm_hidden,
+                  "hidden_act": "gelu", "bias": self.bias}
+        weights.write_json(config, Path(path) / weights.CONFIG_FILE)
 
 
 def _key_map_of(files: dict[str, Path]) -> list[tuple[str, str]]:
@@ -96,7 +101,8 @@ def _sizes_from_config(file: Path) -> tuple[int, int, int, bool]:
     if not isinstance(config["bias"], bool):
         raise LlavaMinError(f"{file}: bias must be true or false, got {config['bias']!r}")
     if config["hidden_act"] != "gelu":
-        raise LlavaMinError(f"{file}: hidden_act {config['hidden_act']!r} is not supported (only LLaVA's 'gelu')")
+        raise LlavaMinError(f"{file}: hidden_act {config['hidden_act']!r} is not supported "
+                            "(only LLaVA's 'gelu')")
     return config["visual_hidden_size"], config["llm_hidden_size"], config["depth"], config["bias"]
 
 
@@ -106,7 +112,8 @@ def _sizes_from_shapes(files: dict[str, Path], key_map) -> tuple[int, int, int, 
     shapes = {}
     for key, file in files.items():
         with safe_open(str(file), framework="pt") as f:
-            shapes[weights.rename_key(key, key_map)] = (tuple(f.get_slice(key).get_shape()), key, file)
+            shape = tuple(f.get_slice(key).get_shape())
+            shapes[weights.rename_key(key, key_map)] = (shape, key, file)
     if "model.0.weight" not in shapes:
         where = next(iter(files.values()), "the folder")
         raise LlavaMinError(f"{where}: no first projector layer (model.0.weight, projector.model.0.weight or "
