@@ -66,7 +66,8 @@ class InternLM2Config:
 
     def to_dict(self) -> dict:
         """The config.json form of the released files."""
-        return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", **dataclasses.asdict(self),
+        return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+                **dataclasses.asdict(self),
                 "hidden_act": "silu", "tie_word_embeddings": False}
 
 
@@ -97,7 +98,9 @@ def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: to
     if scaling.get("type") == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif scaling.get("type") == "dynamic":
-        factor, L = scaling["factor"], config.max_position_embeddings      # L: the trained context
+        factor = scaling["factor"]
+        # the trained context
+        L = config.max_position_embeddings
         seq_len = position_ids.max() + 1     # a tensor: no host sync in the decoding loop
         base = config.rope_theta * ((factor * seq_len / L) - (factor - 1)) ** (d / (d - 2))
         # transformers keeps an enlarged base for later, shorter calls until one is shorter than L;
@@ -123,8 +126,9 @@ class KVCache:
 
     def __init__(self, c: InternLM2Config, batch_size: int, max_len: int, dtype: torch.dtype, device):
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
+        layers = range(c.num_hidden_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         # Tokens stored (padding included); the model advances it once per forward
         self.length = 0
         self.max_len = max_len
@@ -132,7 +136,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, n_kv, T, head_dim) after the stored tokens; return all keys and values so
         far."""
-        start, end = self.length, self.length + k.shape[2]
+        start = self.length
+        end = self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -261,7 +266,8 @@ class InternLM2(nn.Module):
         self.config = config
         self.model = nn.ModuleDict(dict(   # the checkpoint's model.* tensors
             # padding_idx as in the released model: that row (pad = </s> = 2) gets no gradient.
-            tok_embeddings=nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id),
+            tok_embeddings=nn.Embedding(config.vocab_size, config.hidden_size,
+                                        padding_idx=config.pad_token_id),
             layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
         # Not tied to the embedding
@@ -296,9 +302,11 @@ class InternLM2(nn.Module):
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
         """The released layout, LoRA adapters merged in, cast to `dtype` on the way (None: as the
         parameters)."""
-        weights.save_state(merged_state_dict(self), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        state = merged_state_dict(self)
+        weights.save_state(state, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         dtype = str(dtype or self.output.weight.dtype).removeprefix("torch.")
-        weights.write_json(self.config.to_dict() | {"torch_dtype": dtype}, Path(path) / weights.CONFIG_FILE)
+        config = self.config.to_dict() | {"torch_dtype": dtype}
+        weights.write_json(config, Path(path) / weights.CONFIG_FILE)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -310,7 +318,8 @@ class InternLM2(nn.Module):
         cache)."""
         self.gradient_checkpointing = bool(flag)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device=None) -> KVCache:
         w = self.output.weight
         return KVCache(self.config, batch_size, max_len, dtype or w.dtype, device or w.device)
 
@@ -321,17 +330,20 @@ class InternLM2(nn.Module):
                        position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, hidden) embeddings -> (B, T, hidden) final-normed states.
 
-        attention_mask: (B, past + T), 1 = real token, 0 = padding, past = cache.length (0 without a cache); or for
-                        packed rows (no cache) k on a row's k-th sample, which then attends to itself only, its
-                        positions restarting at 0 (position_ids ignored).
-        position_ids:   (B or 1, T), default past, past + 1, ...; with left padding cumsum(attention_mask) - 1.
+        attention_mask: (B, past + T), 1 = real token, 0 = padding, past = cache.length (0 without
+                        a cache); or for packed rows (no cache) k on a row's k-th sample, which then
+                        attends to itself only, its positions restarting at 0 (position_ids ignored).
+        position_ids:   (B or 1, T), default past, past + 1, ...; with left padding
+                        cumsum(attention_mask) - 1.
         cache:          a `new_cache(...)`, to which this call appends its T tokens."""
         B, T, _ = inputs_embeds.shape
-        past = cache.length if cache is not None else 0
+        past = 0
+        if cache is not None:
+            past = cache.length
         device = inputs_embeds.device
         if cache is not None and past + T > cache.max_len:
-            raise LlavaMinError(f"KV cache holds {cache.max_len} tokens; {past} stored + {T} new do not fit. "
-                                "Create it with a larger max_len")
+            raise LlavaMinError(f"KV cache holds {cache.max_len} tokens; {past} stored + {T} new do "
+                                "not fit. Create it with a larger max_len")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device)[None]      # (1, T)
         if cache is None and attention_mask is not None and bool(attention_mask.max() > 1):
@@ -340,7 +352,8 @@ class InternLM2(nn.Module):
             mask = _attention_mask(attention_mask, B, T, past, device)
         cos, sin = rotary_tables(self.config, position_ids, inputs_embeds.dtype)
         x = inputs_embeds
-        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        training = self.training and cache is None and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and training
         for i, layer in enumerate(self.model.layers):
             if recompute:
                 x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
@@ -354,7 +367,8 @@ class InternLM2(nn.Module):
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) in float32 for input_ids (B, T); the arguments as in
         `forward_hidden`."""
-        return self.output(self.forward_hidden(self.embed(input_ids), attention_mask, position_ids, cache)).float()
+        hidden = self.forward_hidden(self.embed(input_ids), attention_mask, position_ids, cache)
+        return self.output(hidden).float()
 
 
 def _attention_mask(attention_mask, B, T, past, device):
@@ -365,11 +379,14 @@ def _attention_mask(attention_mask, B, T, past, device):
     if attention_mask is None and (past == 0 or T == 1):
         return None
     if attention_mask is not None and attention_mask.shape != (B, S):
-        raise LlavaMinError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + "
-                            f"new tokens) = ({B}, {S})")
+        raise LlavaMinError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                            f"(batch, past + new tokens) = ({B}, {S})")
     # Query t sees keys <= past + t
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
-    real = (torch.ones(B, S, device=device) if attention_mask is None else attention_mask).to(device).bool()  # (B, S)
+    if attention_mask is None:
+        attention_mask = torch.ones(B, S, device=device)
+    # (B, S)
+    real = attention_mask.to(device).bool()
     # Padding queries (whose outputs nobody reads) keep the plain causal row, so no row is empty:
     # some kernels give NaN for an all-masked row, and a NaN value times a zero weight is NaN in
     # the next layer.
@@ -390,11 +407,13 @@ def _fields_of(d: dict) -> dict:
     reads)."""
     # Very early revisions say "internlm"
     if d.get("model_type", "internlm2") not in ("internlm2", "internlm"):
-        raise LlavaMinError(f"model_type is {d['model_type']!r}, not an InternLM2 config ('internlm2')")
+        raise LlavaMinError(f"model_type is {d['model_type']!r}, not an InternLM2 config "
+                            "('internlm2')")
     if d.pop("hidden_act", "silu") != "silu":
         raise LlavaMinError("hidden_act must be 'silu' (InternLM2's SwiGLU)")
     if d.pop("tie_word_embeddings", False):
-        raise LlavaMinError("tie_word_embeddings must be false (InternLM2's `output` is its own weight)")
+        raise LlavaMinError("tie_word_embeddings must be false (InternLM2's `output` is its own "
+                            "weight)")
     if d.get("num_key_value_heads") is None and "num_attention_heads" in d:
         # The released class's default: no GQA
         d["num_key_value_heads"] = d["num_attention_heads"]
@@ -426,17 +445,21 @@ def _validate(c: InternLM2Config) -> None:
             bad(field, "must be a positive number")
     # Rotary embeddings rotate pairs of dimensions
     if c.hidden_size % c.num_attention_heads or c.head_dim % 2:
-        bad("hidden_size", f"must be divisible by num_attention_heads = {c.num_attention_heads} into an even head_dim")
+        bad("hidden_size", f"must be divisible by num_attention_heads = {c.num_attention_heads} "
+            "into an even head_dim")
     if c.num_attention_heads % c.num_key_value_heads:
         bad("num_attention_heads", f"must be divisible by num_key_value_heads = {c.num_key_value_heads}")
     s = c.rope_scaling
-    if s is not None and (not isinstance(s, dict) or s.get("type") not in ("linear", "dynamic") or len(s) != 2):
+    known = isinstance(s, dict) and s.get("type") in ("linear", "dynamic") and len(s) == 2
+    if s is not None and not known:
         bad("rope_scaling", "must be null or {'type': 'linear' | 'dynamic', 'factor': f}")
     if s is not None and not (type(s.get("factor")) in (int, float) and s["factor"] >= 1):
         bad("rope_scaling", "needs a factor >= 1")
     for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(c, field)
-        if not (value is None and field == "pad_token_id") and not (type(value) is int and 0 <= value < c.vocab_size):
+        # pad_token_id may be null
+        is_id = type(value) is int and 0 <= value < c.vocab_size
+        if not (value is None and field == "pad_token_id") and not is_id:
             bad(field, f"must be a token id in [0, vocab_size = {c.vocab_size})")
 
 

@@ -79,7 +79,9 @@ class StepFlops:
     computed once."""
 
     def __init__(self, model, image_tokens: int):
-        llm, vit, v = model.llm, model.vit, model.vit.config
+        llm = model.llm
+        vit = model.vit
+        v = vit.config
         vit_trains = _trains(vit)
         # Gradients run back through the whole LLM when anything in it or before it trains (LoRA
         # adapters included: their frozen base weights pass the gradient on).
