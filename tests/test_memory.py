@@ -55,8 +55,6 @@ def build(train, dtype, lora_r=0, ckpt=False, vit=VIT) -> LLaVA:
     model.requires_grad_(False)
     for part in train:
         getattr(model, part).requires_grad_(True)
-    if "vit" in train:
-        model.vit.freeze_unused(model.config.select_layer)
     if lora_r:
         apply_lora(model.llm, r=lora_r, dropout=0.05)
     for p in model.parameters():
