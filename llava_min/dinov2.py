@@ -201,7 +201,7 @@ class SwiGLUFFN(nn.Module):
         self.weights_out = nn.Linear(config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Dinov2-giant: gate and up stacked, each (B, T, ffn_hidden)
+        # dinov2-giant: gate and up stacked, each (B, T, ffn_hidden)
         gate, up = self.weights_in(x).chunk(2, dim=-1)
         return self.weights_out(F.silu(gate) * up)
 
@@ -360,13 +360,13 @@ def _fields_of(d: dict) -> dict:
     fields = dataclasses.fields(DINOv2Config)
     values = HF_DEFAULTS.get(model_type, {}) | {k: v for k, v in d.items() if k in {f.name for f in fields}}
     if model_type == "dinov2":
-        # Not a field of Dinov2Config: transformers ignores it
+        # not a field of Dinov2Config: transformers ignores it
         values["num_register_tokens"] = 0
     if model_type == "dinov2_with_registers":
         values["use_mask_token"] = True        # not a field of the registers config: always there
         if values["num_register_tokens"] == 0:
             raise LlavaMinError("model_type dinov2_with_registers needs num_register_tokens > 0; use model_type dinov2")
-    # Transformers accepts [h, w]; the stored grid is square
+    # transformers accepts [h, w]; the stored grid is square
     for field in ("image_size", "patch_size"):
         if isinstance(values.get(field), (list, tuple)):
             if len(values[field]) != 2 or values[field][0] != values[field][1]:

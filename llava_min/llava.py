@@ -306,7 +306,7 @@ class LLaVA(nn.Module):
                 raise LlavaMinError(f"{path}: no {CONFIG_FILE}; a LLaVA folder written by train.py holds "
                                     f"{CONFIG_FILE}, llm/, vit/ and projector/. For separate parts use "
                                     "LLaVA.from_pretrained(llm=..., vit=..., projector=...)")
-            # Train.py may link a frozen part to its source folder instead of copying it
+            # train.py may link a frozen part to its source folder instead of copying it
             for part in PARTS:
                 link = path / part
                 if link.is_symlink() and not link.exists():
