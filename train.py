@@ -481,8 +481,8 @@ def _rewritten(model: LLaVA, src: dict) -> set[str]:
 
 
 def write_output(model: LLaVA, tok: Tokenizer, args, out: Path, src: dict) -> None:
-    """OUT/llm (InternLM2), OUT/vit (the tower's format), OUT/projector (XTuner), tokenizer.model, llava_config.json.
-    A frozen part with a source is linked, copied or referenced (--save-frozen); save_pretrained folds LoRA adapters in."""
+    """OUT/llm (InternLM2), OUT/vit (DINOv2), OUT/projector (XTuner), tokenizer.model, llava_config.json. A frozen
+    part with a source is linked, copied or referenced (--save-frozen); save_pretrained folds LoRA adapters in."""
     rewritten = _rewritten(model, src)
     for part in PARTS:
         module = getattr(model, part)

@@ -401,7 +401,8 @@ class LLaVADataset:
     item, deterministically. Start-up reads the files once, checks each sample as it is parsed and drops those whose
     first answer starts beyond max_length (nothing to learn from); skip_bad drops (and counts) bad samples instead
     of raising an error that lists them; `report()` and `stats` say what was dropped. image_mode: "pad" (LLaVA-1.5)
-    or "crop" (the tower's processor), with the tower's `preprocessing`; an image takes image_tokens positions; a longer sample is cut at the end (item["truncated"])."""
+    or "crop" (the tower's processor), with the tower's `preprocessing`; an image takes image_tokens positions;
+    a longer sample is cut at the end (item["truncated"])."""
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",
                  max_length: int = 2048, image_tokens: int = 1, system: str | None = None, skip_bad: bool = False,
