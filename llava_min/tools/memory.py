@@ -123,7 +123,8 @@ class Estimate:
 def lora_parameters(c: internlm2.InternLM2Config, r: int) -> int:
     """A (r x in) and B (out x r) for wqkv, wo, w1, w3, w2 in every block."""
     qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    h, i = c.hidden_size, c.intermediate_size
+    h = c.hidden_size
+    i = c.intermediate_size
     in_plus_out = (h + qkv) + (h + h) + 2 * (h + i) + (i + h)
     return c.num_hidden_layers * r * in_plus_out
 
@@ -212,9 +213,17 @@ def vit_mlp_saves(v, a: int) -> int:
 
 def activation_bytes(plan: Plan) -> dict[str, int]:
     """Itemised activation bytes at the peak (the start of backward)."""
-    c, v, a, mode = plan.llm, plan.vit, plan.act_bytes, plan.llm_mode
-    h, i, nh, hd, L = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim, c.num_hidden_layers
-    kv, r = c.num_key_value_heads * hd, 4 if mode == "full" else a
+    c = plan.llm
+    v = plan.vit
+    a = plan.act_bytes
+    mode = plan.llm_mode
+    h = c.hidden_size
+    i = c.intermediate_size
+    nh = c.num_attention_heads
+    hd = c.head_dim
+    L = c.num_hidden_layers
+    kv = c.num_key_value_heads * hd
+    r = 4 if mode == "full" else a
     N = plan.batch_size * plan.max_length
     n_images = plan.batch_size * plan.images_per_sample
     # What one InternLM2 block saves per token. Attention: the rotated q|k buffer (q is a view of
@@ -303,7 +312,9 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
     (embedding, final norm, head, projector, a trained ViT's embeddings) until backward ends, two
     decoder layers (running, prefetched; ViT blocks are smaller), the unsharded gradients of root
     and one layer (the root's fp32 copy comes after the activations)."""
-    c, v, a = plan.llm, plan.vit, plan.act_bytes
+    c = plan.llm
+    v = plan.vit
+    a = plan.act_bytes
     layer = (internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2))
              - internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=1)))
     lora = lora_parameters(c, plan.lora_r) // c.num_hidden_layers if plan.lora_r else 0
@@ -332,7 +343,11 @@ def estimate(plan: Plan) -> Estimate:
         raise LlavaMinError("--lora-r trains the LLM through adapters: add llm to --train")
     if plan.batch_size < 1 or plan.world_size < 1:
         raise LlavaMinError(f"--batch-size ({plan.batch_size}) and the world size ({plan.world_size}) must be >= 1")
-    p, world, a, v, c = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit, plan.llm
+    p = param_counts(plan)
+    world = plan.world_size
+    a = plan.act_bytes
+    v = plan.vit
+    c = plan.llm
     fsdp = plan.fsdp and world > 1
     # fp32 master weights for what trains
     weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]
@@ -460,7 +475,8 @@ def largest_batch(plan: Plan, gpu_gib: float) -> int:
 def largest_length(plan: Plan, gpu_gib: float) -> int:
     """The largest --max-length (a multiple of 64, at most max_position_embeddings) that fits; 0 if
     none."""
-    floor, top = plan.images_per_sample * plan.image_tokens // 64, plan.llm.max_position_embeddings // 64
+    floor = plan.images_per_sample * plan.image_tokens // 64
+    top = plan.llm.max_position_embeddings // 64
     # 64 x floor: no text room
     n = _largest(lambda n: fits(plan.replace(max_length=64 * n), gpu_gib), floor, top)
     return 64 * n if n > floor else 0
@@ -485,13 +501,15 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
     def build(chosen, **more) -> Plan:
         return plan.replace(**{k: v for _, change in chosen for k, v in change.items()} | more)
 
-    applied, length = [], plan.max_length
+    applied = []
+    length = plan.max_length
     batch = min(largest_batch(plan, gpu_gib), plan.batch_size)
     while not batch and len(applied) < len(levers):
         applied.append(levers[len(applied)])
         batch = min(largest_batch(build(applied), gpu_gib), plan.batch_size)
     if not batch:
-        batch, length = 1, largest_length(build(applied, batch_size=1), gpu_gib)
+        batch = 1
+        length = largest_length(build(applied, batch_size=1), gpu_gib)
         if not length:
             need = estimate(build(applied, batch_size=1)).total / GiB
             return [flag for flag, _ in applied] + [
@@ -551,8 +569,12 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
 def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = None) -> str:
     """The table train.py prints at start-up. host_gib: the node's RAM (default: this machine's
     MemTotal)."""
-    e, world, ckpt = estimate(plan), plan.world_size, "on" if plan.grad_checkpointing else "off"
-    p, fsdp, unsharded = e.params, plan.fsdp and world > 1, e.optimizer_unsharded / GiB
+    e = estimate(plan)
+    world = plan.world_size
+    ckpt = "on" if plan.grad_checkpointing else "off"
+    p = e.params
+    fsdp = plan.fsdp and world > 1
+    unsharded = e.optimizer_unsharded / GiB
     zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
     optimizer_note = (f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
                       if e.optimizer != e.optimizer_unsharded else "trained x 8 B" + zero)
@@ -597,7 +619,9 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
                   f"  largest --max-length at batch {plan.batch_size}: {largest_length(plan, gpu_gib)}"]
         if not ok:
             lines += ["  to fit: " + "; ".join(suggest_fit(plan, gpu_gib))]
-    h, n, w = host_bytes(plan), plan.nproc_per_node, plan.num_workers
+    h = host_bytes(plan)
+    n = plan.nproc_per_node
+    w = plan.num_workers
     host_gib = host_ram()[0] / GiB if host_gib is None else host_gib
     worker = f"; + {w} worker{'s' if w > 1 else ''} x {sum(h['worker'].values()) / GiB:.2f}" if w else ""
     lines += ["", f"host RAM per node: {n} rank{'s' if n > 1 else ''}, {w} loader worker{'s' if w != 1 else ''} each"
