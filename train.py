@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 from llava_min import checkpoint, dist, fsdp, heldout, parallel, preflight, stop
 from llava_min.data import LLaVADataset, collate, collate_packed
-from llava_min.dinov2 import DINOv2, load_config as vit_config
 from llava_min.internlm2 import InternLM2, load_config as llm_config
+from llava_min.image import check_image_size
 from llava_min.llava import CONFIG_FILE, PARTS, LLaVA, LLaVAConfig, parse_parts, trained_positions
+from llava_min.llava import vision_config, vision_tower
 from llava_min.loader import Loader
-from llava_min.lora import apply_lora
+from llava_min.lora import ALPHA_PER_RANK, apply_lora
 from llava_min.optim import CosineSchedule, param_groups
 from llava_min.plot import plot_loss
 from llava_min.projector import Projector
@@ -84,10 +85,12 @@ def _what_to_train(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--llm-config", default=None,
                    help="fresh weights: preset (tiny, internlm2-1_8b, internlm2-7b) "
                         "or config.json")
-    p.add_argument("--vit", default=None, help="pretrained DINOv2 folder")
+    p.add_argument("--vit", default=None,
+                   help="pretrained vision tower folder (DINOv2, CLIP or SigLIP, by model_type)")
     p.add_argument("--vit-config", default=None,
-                   help="fresh weights: preset (tiny, dinov2-small/-base/-large/-giant[-reg]) "
-                        "or config.json")
+                   help="fresh weights: preset (tiny, dinov2-small/-base/-large/-giant[-reg], "
+                        "tiny-clip, clip-vit-large-patch14-336, tiny-siglip, "
+                        "siglip-so400m-patch14-384, siglip-base-patch16-224) or config.json")
     p.add_argument("--projector", default=None,
                    help="pretrained projector folder (XTuner or HF LLaVA names)")
     p.add_argument("--init-from", default=None,
@@ -97,7 +100,7 @@ def _what_to_train(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--lora-r", type=int, default=0,
                    help="train the LLM through LoRA adapters of this rank")
     p.add_argument("--lora-alpha", type=float, default=None,
-                   help="LoRA scale numerator (default 2 * r)")
+                   help=f"LoRA scale numerator (default {ALPHA_PER_RANK} * r)")
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--max-length", type=int, default=None,
                    help="cap on the LLM's sequence (default 2048; inherited)")
@@ -289,15 +292,16 @@ def load_data(args, d: "dist.Dist") -> Data:
             src[part] = Path(getattr(args, part))
         elif args.init_from:
             src[part] = Path(args.init_from) / part
-    vit_cfg = vit_config(src["vit"] or args.vit_config)
-    if args.image_size % vit_cfg.patch_size:
-        raise SystemExit(f"--image-size {args.image_size} is not a multiple of the ViT patch size "
-                         f"{vit_cfg.patch_size}")
+    vit_cfg = vision_config(src["vit"] or args.vit_config)
+    try:
+        check_image_size(args.image_size, args.image_size, vit_cfg.patch_size)
+    except ValueError as e:
+        raise SystemExit(f"--image-size: {e}") from None
     image_tokens = vit_cfg.image_tokens(args.image_size)
     dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size,
                            image_mode=args.image_mode, max_length=args.max_length,
                            image_tokens=image_tokens, system=args.system,
-                           skip_bad=args.skip_bad_samples)
+                           skip_bad=args.skip_bad_samples, preprocessing=vit_cfg.preprocessing)
     d.print0(dataset.report())
     # Samples are cut at the end when longer than --max-length; the loop counts them exactly
     # ("truncated").
@@ -311,7 +315,7 @@ def load_data(args, d: "dist.Dist") -> Data:
         d.print0(f"packing: {len(sampler.packs)} rows of <= {args.pack} positions per epoch "
                  "(by the length estimates)")
     max_steps = args.max_steps or max(1, int(args.epochs * sampler.steps_per_epoch))
-    held_out = heldout.from_args(args, tok, image_tokens, d)
+    held_out = heldout.from_args(args, tok, image_tokens, vit_cfg.preprocessing, d)
     return Data(tok, src, vit_cfg, image_tokens, dataset, sampler, global_batch, max_steps, held_out)
 
 
@@ -334,15 +338,12 @@ def prepare_model(args, data: Data, parts: set[str], compute_dtype: torch.dtype,
     for name in parts:
         getattr(model, name).requires_grad_(True)
     if "vit" in parts:
-        # Blocks after the selected layer and the final LayerNorm never reach the loss: freeze
-        # them, or DDP waits forever for their gradients.
-        run_blocks = data.vit_config.blocks_run(model.config.select_layer)
-        for block in model.vit.encoder.layer[run_blocks:]:
-            block.requires_grad_(False)
-        model.vit.layernorm.requires_grad_(False)
+        # Blocks after the selected layer and the final norm never reach the loss: freeze them,
+        # or DDP waits forever for their gradients.
+        model.vit.freeze_unused(model.config.select_layer)
     if args.lora_r:
         model.llm.requires_grad_(False)
-        replaced = apply_lora(model.llm, r=args.lora_r, alpha=args.lora_alpha or 2 * args.lora_r,
+        replaced = apply_lora(model.llm, r=args.lora_r, alpha=args.lora_alpha,
                               dropout=args.lora_dropout)
         d.print0(f"LoRA r={args.lora_r} on {len(replaced)} linear layers of the LLM")
     if args.grad_checkpointing:
@@ -388,13 +389,22 @@ def build_model(args, tok: Tokenizer, src: dict, parts: set[str], dtype: torch.d
         return dtype
 
     torch.manual_seed(args.seed)  # fresh weights identical on every rank and on resume
-    llm = (InternLM2.from_pretrained(src["llm"], dtype=dtype_of("llm"), device=device) if src["llm"]
-           else InternLM2(llm_config(args.llm_config)).to(device, dtype_of("llm")))
-    vit = (DINOv2.from_pretrained(src["vit"], dtype=dtype_of("vit"), device=device) if src["vit"]
-           else DINOv2(vit_config(args.vit_config)).to(device, dtype_of("vit")))
-    projector = (Projector.from_pretrained(src["projector"], dtype=dtype_of("projector"), device=device)
-                 if src["projector"] else
-                 Projector(vit.config.hidden_size, llm.config.hidden_size).to(device, dtype_of("projector")))
+    if src["llm"]:
+        llm = InternLM2.from_pretrained(src["llm"], dtype=dtype_of("llm"), device=device)
+    else:
+        llm = InternLM2(llm_config(args.llm_config)).to(device, dtype_of("llm"))
+    # DINOv2, CLIP or SigLIP, by config.json's model_type (or the preset's).
+    tower = vision_tower(src["vit"] or args.vit_config)
+    if src["vit"]:
+        vit = tower.from_pretrained(src["vit"], dtype=dtype_of("vit"), device=device)
+    else:
+        vit = tower(vision_config(args.vit_config)).to(device, dtype_of("vit"))
+    if src["projector"]:
+        projector = Projector.from_pretrained(src["projector"], dtype=dtype_of("projector"),
+                                              device=device)
+    else:
+        projector = Projector(vit.config.hidden_size, llm.config.hidden_size)
+        projector = projector.to(device, dtype_of("projector"))
     config = LLaVAConfig()
     if args.init_from:
         config = LLaVAConfig.read(args.init_from)
@@ -482,7 +492,7 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
     metrics = open_metrics(args, out, start_step, d)
     loader = make_loader(args, data, start_step, d)
     # MFU on a known GPU: FLOPs counted as tools/flops.py says.
-    peak = flops.peak_flops(device)
+    peak = flops.peak_flops(device, compute_dtype)
     count_flops = None
     if peak:
         count_flops = flops.StepFlops(par.model, data.image_tokens)

@@ -1,6 +1,6 @@
-"""llava-min: a minimal, pure-PyTorch LLaVA-InternLM2 (DINOv2 ViT -> MLP projector -> InternLM2).
+"""llava-min: a minimal, pure-PyTorch LLaVA-InternLM2 (a ViT -> MLP projector -> InternLM2).
 
-Reading order: internlm2.py, dinov2.py, projector.py, llava.py, then tokenizer.py, data.py, image.py,
+Reading order: internlm2.py, dinov2.py (clip.py, siglip.py: the other towers), projector.py, llava.py, then tokenizer.py, data.py, image.py,
 loader.py, and the two training scripts at the repository root.
 
 The public classes are imported on first use (PEP 562), so `python -m llava_min.data check` or a loader
@@ -18,6 +18,8 @@ class LlavaMinError(ValueError):
 _EXPORTS = {
     "InternLM2": "internlm2", "InternLM2Config": "internlm2",
     "DINOv2": "dinov2", "DINOv2Config": "dinov2",
+    "CLIP": "clip", "CLIPConfig": "clip",
+    "SigLIP": "siglip", "SigLIPConfig": "siglip",
     "Projector": "projector",
     "LLaVA": "llava",
     "Tokenizer": "tokenizer",

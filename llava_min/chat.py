@@ -46,7 +46,8 @@ def answer(model: LLaVA, tok: Tokenizer, question: str, image_path: str | None, 
     pixels = None
     if image_path is not None:
         image = load_image(image_path)
-        pixels = preprocess(image, model.config.image_size, mode=model.config.image_mode)[None].to(device)
+        pixels = preprocess(image, model.config.image_size, mode=model.config.image_mode,
+                        preprocessing=model.vit.config.preprocessing)[None].to(device)
     ids = torch.tensor([prompt_ids(tok, question, image_path is not None, system)], device=device)
     new = model.generate(ids, pixels, max_new_tokens=max_new_tokens, temperature=temperature)[0].tolist()
     return tok.decode([t for t in new if t not in model.config.stop_ids])

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
-from .image import load_image, to_pixels
+from .image import IMAGENET, Preprocessing, load_image, to_pixels
 from .loader import shared_empty
 from .tokenizer import CHAT_TOKEN_SPLIT, Tokenizer
 
@@ -401,15 +401,18 @@ class LLaVADataset:
     item, deterministically. Start-up reads the files once, checks each sample as it is parsed and drops those whose
     first answer starts beyond max_length (nothing to learn from); skip_bad drops (and counts) bad samples instead
     of raising an error that lists them; `report()` and `stats` say what was dropped. image_mode: "pad" (LLaVA-1.5)
-    or "crop" (DINOv2); an image takes image_tokens positions; a longer sample is cut at the end (item["truncated"])."""
+    or "crop" (the tower's processor), with the tower's `preprocessing`; an image takes image_tokens positions;
+    a longer sample is cut at the end (item["truncated"])."""
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",
-                 max_length: int = 2048, image_tokens: int = 1, system: str | None = None, skip_bad: bool = False):
+                 max_length: int = 2048, image_tokens: int = 1, system: str | None = None, skip_bad: bool = False,
+                 preprocessing: Preprocessing = IMAGENET):
         if max_length <= 0 or image_tokens <= 0:
             raise LlavaMinError(f"max_length ({max_length}) and image_tokens ({image_tokens}) must be positive")
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         self.image_folder = os.fspath(image_folder) if image_folder is not None else None
         self.image_size, self.image_mode = image_size, image_mode
+        self.preprocessing = preprocessing
         self.max_length, self.image_tokens, self.system = max_length, image_tokens, system
 
         samples, files, counter = Samples(data), FileIndex(), TokenCounter(self.tokenizer)
@@ -465,7 +468,7 @@ class LLaVADataset:
             path = image_path(sample, self.image_folder)
             try:
                 # uint8: the model normalises on its device (a quarter of the bytes between processes)
-                pixel_values = to_pixels(load_image(path), self.image_size, self.image_mode)
+                pixel_values = to_pixels(load_image(path), self.image_size, self.image_mode, self.preprocessing)
             except LlavaMinError as e:
                 raise LlavaMinError(f"{self.describe(i)}: {e}") from e
         return {"index": i, "id": sample["id"], "input_ids": torch.tensor(ids, dtype=torch.long),

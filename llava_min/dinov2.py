@@ -1,12 +1,15 @@
-"""DINOv2, the vision tower: facebook/dinov2-{small,base,large,giant} and the -reg variants. Start at `DINOv2`.
+"""DINOv2, the vision tower: facebook/dinov2-{small,base,large,giant} and the -reg variants. Start
+at `DINOv2`.
 
-transformers' `Dinov2Model` / `Dinov2WithRegistersModel` in plain PyTorch (matched to 1e-4 by tests/test_dinov2.py),
-its modules named like the hub keys. Hidden states are [CLS, R registers, N patches], patches row-major.
-References: facebookresearch/dinov2; Oquab et al. 2023; Darcet et al. 2023 (registers).
+transformers' `Dinov2Model` / `Dinov2WithRegistersModel` in plain PyTorch (matched to 1e-4 by
+tests/test_dinov2.py), its modules named like the hub keys. Hidden states are [CLS, R registers, N
+patches], patches row-major. References: facebookresearch/dinov2; Oquab et al. 2023; Darcet et al.
+2023 (registers).
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,30 +20,35 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import LlavaMinError, weights
+from .image import IMAGENET, Preprocessing, check_image_size
 
-# Checkpoint key -> module key. The image-classification checkpoints (Dinov2ForImageClassification) nest the
-# backbone under "dinov2." beside a classifier head that nobody here reads.
+# Checkpoint key -> module key. The image-classification checkpoints (Dinov2ForImageClassification)
+# nest the backbone under "dinov2." beside a classifier head that nobody here reads.
 KEY_MAP = [(r"^dinov2\.", "")]
 IGNORE = [r"^classifier\."]
 
 
 @dataclass
 class DINOv2Config:
-    """The fields of the hub config.json that shape the model; others are ignored (dropout: 0 in every release)."""
+    """The fields of the hub config.json that shape the model; others are ignored (dropout: 0 in
+    every release)."""
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
     mlp_ratio: float = 4
     patch_size: int = 14
-    image_size: int = 518             # the position table covers (image_size // patch_size) ** 2 patches
+    # The position table covers (image_size // patch_size) ** 2 patches
+    image_size: int = 518
     layer_norm_eps: float = 1e-6
     layerscale_value: float = 1.0
-    use_swiglu_ffn: bool = False      # dinov2-giant: SwiGLU FFN (weights_in / weights_out) instead of fc1 / fc2
+    # dinov2-giant: SwiGLU FFN (weights_in / weights_out) instead of fc1 / fc2
+    use_swiglu_ffn: bool = False
     num_register_tokens: int = 0      # > 0: the with-registers variant
     qkv_bias: bool = True
     hidden_act: str = "gelu"          # of the fc1/fc2 MLP; the SwiGLU FFN always uses SiLU
     num_channels: int = 3
-    use_mask_token: bool = True       # the checkpoints carry embeddings.mask_token (used in DINOv2 pretraining only)
+    # The checkpoints carry embeddings.mask_token (used in DINOv2 pretraining only)
+    use_mask_token: bool = True
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -54,18 +62,31 @@ class DINOv2Config:
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS and the registers."""
+        return 1 + self.num_register_tokens
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """ImageNet statistics; the processor's "crop": shortest edge to 256 / 224 of the size,
+        centre crop."""
+        return IMAGENET
+
     def image_tokens(self, image_size: int) -> int:
         """Patch tokens (= LLM positions) of one square image_size x image_size input."""
         return (image_size // self.patch_size) ** 2
 
     def blocks_run(self, layer: int) -> int:
-        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's output)."""
+        """Blocks `features(layer=...)` runs: hidden state `layer` (-2: the penultimate block's
+        output)."""
         return layer % (self.num_hidden_layers + 1)
 
     @property
     def ffn_hidden_size(self) -> int:
         hidden = int(self.hidden_size * self.mlp_ratio)
-        if self.use_swiglu_ffn:   # SwiGLU keeps 2/3 of the width, rounded up to a multiple of 8 (giant: 4096)
+        # SwiGLU keeps 2/3 of the width, rounded up to a multiple of 8 (giant: 4096)
+        if self.use_swiglu_ffn:
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
         return hidden
 
@@ -74,7 +95,8 @@ class DINOv2Config:
         return cls(**_fields_of(dict(d)))
 
     def to_dict(self) -> dict:
-        """The hub config.json form that transformers reads (Dinov2Model or Dinov2WithRegistersModel)."""
+        """The hub config.json form that transformers reads (Dinov2Model or
+        Dinov2WithRegistersModel)."""
         registers = self.num_register_tokens > 0
         d = {"architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
              "model_type": "dinov2_with_registers" if registers else "dinov2", **dataclasses.asdict(self)}
@@ -91,7 +113,8 @@ class Embeddings(nn.Module):
         self.config = config
         self.cls_token = nn.Parameter(torch.empty(1, 1, D))
         if config.use_mask_token:
-            # A buffer: it round-trips through checkpoints but is never trained (a gradient-less parameter upsets DDP).
+            # A buffer: it round-trips through checkpoints but is never trained (a gradient-less
+            # parameter upsets DDP).
             self.register_buffer("mask_token", torch.zeros(1, D))
         self.position_embeddings = nn.Parameter(torch.empty(1, config.grid_size ** 2 + 1, D))
         self.patch_embeddings = nn.ModuleDict({"projection": nn.Conv2d(
@@ -100,14 +123,17 @@ class Embeddings(nn.Module):
             self.register_tokens = nn.Parameter(torch.empty(1, config.num_register_tokens, D))
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
-        """Position embeddings (1, 1 + N, D) for a height x width image, as transformers 5.x computes them."""
-        pos, side = self.position_embeddings, self.config.grid_size
-        rows, cols = height // self.config.patch_size, width // self.config.patch_size
+        """Position embeddings (1, 1 + N, D) for a height x width image, as transformers 5.x
+        computes them."""
+        pos = self.position_embeddings
+        side = self.config.grid_size
+        rows = height // self.config.patch_size
+        cols = width // self.config.patch_size
         if rows * cols == side ** 2 and height == width:
             return pos
         grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
-        # Bicubic in fp32 to a target size (a scale factor would move the sample points); only transformers'
-        # registers class antialiases.
+        # Bicubic in fp32 to a target size (a scale factor would move the sample points); only
+        # transformers' registers class antialiases.
         grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False,
                              antialias=self.config.num_register_tokens > 0).to(pos.dtype)
         grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)      # (1, N, D)
@@ -115,16 +141,15 @@ class Embeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         B, _, H, W = pixel_values.shape
-        p = self.config.patch_size
-        if H % p or W % p:
-            raise LlavaMinError(f"image height {H} and width {W} must both be multiples of the patch size {p}; "
-                                f"resize or crop the image (e.g. to {H // p * p or p} x {W // p * p or p})")
+        check_image_size(H, W, self.config.patch_size)
         conv = self.patch_embeddings.projection
-        x = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)   # (B, D, H/p, W/p) -> (B, N, D)
+        # (B, D, H/p, W/p) -> (B, N, D)
+        x = conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)           # (B, 1 + N, D)
         x = x + self.interpolate_pos_encoding(H, W)
         if self.config.num_register_tokens:   # after the CLS token, without a position embedding
-            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)  # (B, 1 + R + N, D)
+            # (B, 1 + R + N, D)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         return x
 
 
@@ -132,8 +157,10 @@ class Attention(nn.Module):
     def __init__(self, config: DINOv2Config):
         super().__init__()
         D = config.hidden_size
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        # The hub nests the projections one level deeper (attention.attention.query, attention.output.dense).
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        # The hub nests the projections one level deeper (attention.attention.query,
+        # attention.output.dense).
         self.attention = nn.ModuleDict({name: nn.Linear(D, D, bias=config.qkv_bias)
                                         for name in ("query", "key", "value")})
         self.output = nn.ModuleDict({"dense": nn.Linear(D, D)})
@@ -143,7 +170,8 @@ class Attention(nn.Module):
         q, k, v = (self.attention[name](x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
                    for name in ("query", "key", "value"))                  # each (B, heads, T, head_dim)
         y = F.scaled_dot_product_attention(q, k, v)                        # bidirectional: no mask
-        return self.output["dense"](y.transpose(1, 2).reshape(B, T, D))   # (B, T, heads * head_dim)
+        # (B, T, heads * head_dim)
+        return self.output["dense"](y.transpose(1, 2).reshape(B, T, D))
 
 
 class LayerScale(nn.Module):
@@ -173,14 +201,16 @@ class SwiGLUFFN(nn.Module):
         self.weights_out = nn.Linear(config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.weights_in(x).chunk(2, dim=-1)    # dinov2-giant: gate and up stacked, each (B, T, ffn_hidden)
+        # dinov2-giant: gate and up stacked, each (B, T, ffn_hidden)
+        gate, up = self.weights_in(x).chunk(2, dim=-1)
         return self.weights_out(F.silu(gate) * up)
 
 
 class Block(nn.Module):
     def __init__(self, config: DINOv2Config):
         super().__init__()
-        D, eps = config.hidden_size, config.layer_norm_eps
+        D = config.hidden_size
+        eps = config.layer_norm_eps
         self.norm1 = nn.LayerNorm(D, eps=eps)
         self.attention = Attention(config)
         self.layer_scale1 = LayerScale(config)
@@ -194,7 +224,10 @@ class Block(nn.Module):
 
 
 class DINOv2(nn.Module):
-    """forward -> final-normed tokens; hidden_states -> every block's output; features -> LLaVA's input."""
+    """forward -> final-normed tokens; hidden_states -> every block's output; features -> LLaVA's
+    input."""
+
+    config_class = DINOv2Config
 
     def __init__(self, config: DINOv2Config):
         super().__init__()
@@ -207,7 +240,8 @@ class DINOv2(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """transformers' init: truncated-normal weights, zero biases, LayerScale at layerscale_value."""
+        """transformers' init: truncated-normal weights, zero biases, LayerScale at
+        layerscale_value."""
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -223,12 +257,25 @@ class DINOv2(nn.Module):
         if self.config.num_register_tokens:
             nn.init.zeros_(self.embeddings.register_tokens)
 
+    @staticmethod
+    def load_config(name_or_path) -> DINOv2Config:
+        return load_config(name_or_path)
+
+    @staticmethod
+    def presets() -> dict[str, DINOv2Config]:
+        return PRESETS
+
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "DINOv2":
-        """A hub folder, in eval mode: built on meta, each tensor read once, memory-mapped, to `device` in `dtype`."""
+        """A hub folder, in eval mode: built on meta, each tensor read once, memory-mapped, to
+        `device` in `dtype`. Says what an image-classification checkpoint left unread (its
+        classifier)."""
         config = load_config(Path(path))
         model = weights.build_on_meta(lambda: cls(config))
-        weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
+        unread = weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
+        if unread:
+            print(f"{path}: read the DINOv2 backbone; left unread: {weights.summarise_keys(unread)}",
+                  file=sys.stderr, flush=True)
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -240,37 +287,55 @@ class DINOv2(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches: CLS and the registers."""
-        return 1 + self.config.num_register_tokens
+        return self.config.prefix_tokens
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks in order: the units of checkpointing, FSDP, FLOP and memory
+        counts."""
+        return self.encoder.layer
+
+    def freeze_unused(self, layer: int) -> None:
+        """Freeze what `features(layer=...)` never runs (later blocks, the final norm): no gradient
+        reaches it."""
+        for block in self.blocks[self.config.blocks_run(layer):]:
+            block.requires_grad_(False)
+        self.layernorm.requires_grad_(False)
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
         self.gradient_checkpointing = bool(flag)
 
-    def _blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, blocks) -> torch.Tensor:
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            if recompute:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return x
 
     def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """num_layers + 1 tensors (B, 1 + R + N, D): the embeddings, then each block's output (none normed)."""
+        """num_layers + 1 tensors (B, 1 + R + N, D): the embeddings, then each block's output (none
+        normed)."""
         states = [self.embeddings(pixel_values)]
-        for block in self.encoder.layer:
-            states.append(self._blocks(states[-1], [block]))
+        for block in self.blocks:
+            states.append(self._run(states[-1], [block]))
         return states
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + R + N, D) after the final LayerNorm (transformers' last_hidden_state)."""
-        return self.layernorm(self._blocks(self.embeddings(pixel_values), self.encoder.layer))
+        """(B, 3, H, W) -> (B, 1 + R + N, D) after the final LayerNorm (transformers'
+        last_hidden_state)."""
+        return self.layernorm(self._run(self.embeddings(pixel_values), self.blocks))
 
     def features(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
-        """hidden_states(pixel_values)[layer] without the CLS and register tokens: (B, N, D). Runs only the blocks
-        that layer needs (-2 skips the last block and the final LayerNorm)."""
+        """hidden_states(pixel_values)[layer] without the CLS and register tokens: (B, N, D). Runs
+        only the blocks that layer needs (-2 skips the last block and the final LayerNorm)."""
         n = self.config.num_hidden_layers
         if not -(n + 1) <= layer <= n:
             raise LlavaMinError(f"layer {layer} is out of range for a ViT with {n} blocks (hidden states are "
                                 f"indexed {-(n + 1)}..{n})")
-        blocks = self.encoder.layer[:self.config.blocks_run(layer)]
-        return self._blocks(self.embeddings(pixel_values), blocks)[:, self.num_prefix_tokens:]
+        blocks = self.blocks[:self.config.blocks_run(layer)]
+        return self._run(self.embeddings(pixel_values), blocks)[:, self.config.prefix_tokens:]
 
 
 # Config files and presets
@@ -279,26 +344,30 @@ class DINOv2(nn.Module):
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
-# transformers' class defaults where they differ from this dataclass's, for fields a hub config.json may omit.
+# transformers' class defaults where they differ from this dataclass's, for fields a hub
+# config.json may omit.
 HF_DEFAULTS = {"dinov2": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224),
                "dinov2_with_registers": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                              image_size=224, patch_size=16, num_register_tokens=4)}
 
 
 def _fields_of(d: dict) -> dict:
-    """A hub config.json dict -> DINOv2Config's arguments; omitted fields take transformers' defaults."""
+    """A hub config.json dict -> DINOv2Config's arguments; omitted fields take transformers'
+    defaults."""
     model_type = d.get("model_type")
     if model_type not in (None, *HF_DEFAULTS):
         raise LlavaMinError(f"model_type {model_type!r} is not a DINOv2 config (expected one of {sorted(HF_DEFAULTS)})")
     fields = dataclasses.fields(DINOv2Config)
     values = HF_DEFAULTS.get(model_type, {}) | {k: v for k, v in d.items() if k in {f.name for f in fields}}
     if model_type == "dinov2":
-        values["num_register_tokens"] = 0      # not a field of Dinov2Config: transformers ignores it
+        # not a field of Dinov2Config: transformers ignores it
+        values["num_register_tokens"] = 0
     if model_type == "dinov2_with_registers":
         values["use_mask_token"] = True        # not a field of the registers config: always there
         if values["num_register_tokens"] == 0:
             raise LlavaMinError("model_type dinov2_with_registers needs num_register_tokens > 0; use model_type dinov2")
-    for field in ("image_size", "patch_size"):   # transformers accepts [h, w]; the stored grid is square
+    # transformers accepts [h, w]; the stored grid is square
+    for field in ("image_size", "patch_size"):
         if isinstance(values.get(field), (list, tuple)):
             if len(values[field]) != 2 or values[field][0] != values[field][1]:
                 raise LlavaMinError(f"{field} = {values[field]!r}: only square sizes are supported")
@@ -343,5 +412,6 @@ def load_config(name_or_path) -> DINOv2Config:
 
 
 def num_parameters(config: DINOv2Config) -> int:
-    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta device."""
+    """Weights in a checkpoint of this config (every tensor of the state dict), counted on the meta
+    device."""
     return weights.numel_on_meta(lambda: DINOv2(config), repr(config))

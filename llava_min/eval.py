@@ -56,7 +56,8 @@ def evaluate(model, tok, items: list[dict], image_folder: str | Path | None, bat
         for r, p in enumerate(prompts):
             ids[r, T - len(p):] = torch.tensor(p)
             mask[r, T - len(p):] = 1
-        images = [preprocess(load_image(folder / it["image"]), model.config.image_size, mode=model.config.image_mode)
+        images = [preprocess(load_image(folder / it["image"]), model.config.image_size, mode=model.config.image_mode,
+                             preprocessing=model.vit.config.preprocessing)
                   for it in batch if it.get("image")]
         pixels = torch.stack(images).to(device) if images else None
         new = model.generate(ids.to(device), pixels, max_new_tokens=max_new_tokens, attention_mask=mask.to(device))

@@ -30,10 +30,10 @@ import torch
 from safetensors import safe_open
 
 from . import LlavaMinError, weights
-from .image import CROP_RESIZE_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from .image import Preprocessing
 from .internlm2 import IGNORE as INTERNLM2_IGNORE
 from .internlm2 import InternLM2Config, load_config
-from .llava import CONFIG_FILE, PARTS, LLaVAConfig
+from .llava import CONFIG_FILE, PARTS, LLaVAConfig, vision_config
 from .tokenizer import INTERNLM2_PIECES, Tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -77,32 +77,24 @@ class Tower:
     model_type: str         # the vision_config's model_type: transformers' vision-only class
     select_strategy: str    # "default": drop the one class token; "full": keep every token
     prefix_tokens: int      # tokens before the patches (the processor's num_additional_image_tokens)
-    image_mean: tuple
-    image_std: tuple
-    crop_resize: float      # "crop" mode: the shortest edge is resized to crop_resize x the size
     interpolates: bool      # transformers interpolates the position embeddings to another size
     key_map: list           # checkpoint key -> the vision-only key (under model.vision_tower.)
     ignore: list            # keys of a full checkpoint that are not the vision tower
 
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # transformers' image_utils constants
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Keys of the hub's full CLIP / SigLIP checkpoints that are not the vision tower
 TEXT_TOWER = [r"^text_model\.", r"^logit_scale$", r"^logit_bias$", r"^text_projection\.",
               r"^visual_projection\."]
 
-# By the model_type of vit/config.json. The DINOv2 row is tested. The CLIP and SigLIP rows follow
-# transformers' CLIPVisionModel / SiglipVisionModel and their processors (CLIPImageProcessor: the
-# shortest edge, then a crop of that size; SiglipImageProcessor: mean and std 0.5, no class
-# token, so LLaVA-OneVision's "full" strategy); they are tested once llava-min has those towers.
+# By the model_type of vit/config.json, following transformers' CLIPVisionModel /
+# SiglipVisionModel (SigLIP has no class token: LLaVA-OneVision's "full" strategy). The image
+# statistics and crop come from the tower itself (its config's `preprocessing`).
 TOWERS = {
-    "dinov2": Tower("dinov2", "default", 1, IMAGENET_MEAN, IMAGENET_STD, CROP_RESIZE_RATIO, True,
-                    [(r"^dinov2\.", "")], [r"^classifier\."]),
-    "clip_vision_model": Tower("clip_vision_model", "default", 1, OPENAI_CLIP_MEAN,
-                               OPENAI_CLIP_STD, 1.0, False, [(r"^vision_model\.", "")], TEXT_TOWER),
-    "siglip_vision_model": Tower("siglip_vision_model", "full", 0, (0.5, 0.5, 0.5),
-                                 (0.5, 0.5, 0.5), 1.0, False, [(r"^vision_model\.", "")],
-                                 TEXT_TOWER),
+    "dinov2": Tower("dinov2", "default", 1, True, [(r"^dinov2\.", "")], [r"^classifier\."]),
+    "clip_vision_model": Tower("clip_vision_model", "default", 1, False,
+                               [(r"^vision_model\.", "")], TEXT_TOWER),
+    "siglip_vision_model": Tower("siglip_vision_model", "full", 0, False,
+                                 [(r"^vision_model\.", "")], TEXT_TOWER),
 }
 # A full CLIP / SigLIP config.json (model_type clip / siglip) holds the tower's in "vision_config".
 FULL_MODELS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
@@ -346,22 +338,26 @@ def llava_config(plan: dict[str, Entry], llm: InternLM2Config, vision: dict, tow
     }
 
 
-def image_processor_config(tower: Tower, llava: LLaVAConfig) -> dict:
-    """LlavaImageProcessor settings that give llava_min.image's pixels: "pad" is expand2square with
-    the mean colour (do_pad computes it as image.py does), then a bicubic resize; "crop" resizes
-    the shortest edge, then crops the centre."""
+def image_processor_config(pre: Preprocessing, llava: LLaVAConfig) -> dict:
+    """LlavaImageProcessor settings that give llava_min.image's pixels for the tower's
+    preprocessing `pre`: "pad" is expand2square with the mean colour (do_pad computes it as
+    image.py does), then a bicubic resize; "crop" resizes the shortest edge, then crops the centre
+    (or, for a tower without a crop ratio, resizes to the square)."""
     size = llava.image_size
     settings = {
         "image_processor_type": "LlavaImageProcessor", "processor_class": "LlavaProcessor",
         "do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(tower.image_mean),
-        "image_std": list(tower.image_std), "crop_size": {"height": size, "width": size},
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(pre.mean),
+        "image_std": list(pre.std), "crop_size": {"height": size, "width": size},
     }
     if llava.image_mode == "pad":
         settings |= {"do_pad": True, "size": {"height": size, "width": size},
                      "do_center_crop": False}
+    elif pre.crop_ratio is None:
+        settings |= {"do_pad": False, "size": {"height": size, "width": size},
+                     "do_center_crop": False}
     else:
-        settings |= {"do_pad": False, "size": {"shortest_edge": round(size * tower.crop_resize)},
+        settings |= {"do_pad": False, "size": {"shortest_edge": round(size * pre.crop_ratio)},
                      "do_center_crop": True}
     return settings
 
@@ -476,7 +472,9 @@ def export(model: str | Path, out: str | Path, dtype: str = "source",
     shapes = {key: (entry.shape, entry.dtype) for key, entry in plan.items()}
     nbytes = weights.save_streamed(shapes, Maker(plan, llm), partial, max_shard_bytes=max_shard_bytes)
     weights.write_json(config, partial / weights.CONFIG_FILE)
-    write_processor(partial, tok, image_id, tower, llava, config, llm)
+    # The tower's own image statistics and crop, as llava-min's training fed it.
+    pre = vision_config(model / "vit").preprocessing
+    write_processor(partial, tok, image_id, tower, llava, config, llm, pre)
     write_generation_config(partial, tok, llava, llm)
     weights.write_atomic(partial / "README.md", model_card(model, out, config, llava))
     if out.exists():
@@ -518,14 +516,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def write_processor(out: Path, tok: Tokenizer, image_id: int, tower: Tower, llava: LLaVAConfig,
-                    config: dict, llm: InternLM2Config) -> None:
+                    config: dict, llm: InternLM2Config, pre: Preprocessing) -> None:
     """What AutoProcessor (LlavaProcessor) reads: tokenizer.json, tokenizer_config.json,
     chat_template.jinja, preprocessor_config.json, processor_config.json."""
     tokenizer = json.dumps(tokenizer_json(tok, image_id), ensure_ascii=False)
     weights.write_atomic(out / "tokenizer.json", tokenizer)
     weights.write_json(tokenizer_config(llm.max_position_embeddings), out / "tokenizer_config.json")
     weights.write_atomic(out / "chat_template.jinja", CHAT_TEMPLATE)
-    weights.write_json(image_processor_config(tower, llava), out / "preprocessor_config.json")
+    weights.write_json(image_processor_config(pre, llava), out / "preprocessor_config.json")
     processor = {"processor_class": "LlavaProcessor", "image_token": IMAGE_TOKEN,
                  "patch_size": config["vision_config"].get("patch_size", 14),
                  "vision_feature_select_strategy": tower.select_strategy,

@@ -30,7 +30,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from . import checkpoint, dist, weights
-from .dinov2 import DINOv2
 from .internlm2 import InternLM2
 from .llava import PARTS, LLaVA
 from .lora import LoRALinear, apply_lora
@@ -74,13 +73,13 @@ def shard(model: LLaVA, d: "dist.Dist", compute_dtype: torch.dtype) -> None:
     # bf16 all-gathers and compute, fp32 gradient reduce-scatters (in fp32 FSDP casts nothing); the
     # shards stay in their dtype, so the optimizer updates fp32 master weights.
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    layers = model.llm.model.layers
+    layers = model.llm.layers
     for i, layer in enumerate(layers):
         # The last layer's backward comes right after its forward: keeping it gathered saves one all-gather.
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
     vit_trains = any(p.requires_grad for p in model.vit.parameters())
     if vit_trains:
-        for block in model.vit.encoder.layer:
+        for block in model.vit.blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
     # The root: everything not in a unit above (the LLaVA forward is what runs, so its hooks gather these first).
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=None if vit_trains else set(model.vit.parameters()))
@@ -181,7 +180,7 @@ def load_sharded(model: torch.nn.Module, optimizer, ckpt: Path, d: "dist.Dist") 
 
 def _unsharded_like(part: str, module: torch.nn.Module) -> torch.nn.Module:
     """An empty (meta) module of the same class, config and LoRA layers as `module`, frozen where it is."""
-    clone = weights.build_on_meta({"llm": lambda: InternLM2(module.config), "vit": lambda: DINOv2(module.config),
+    clone = weights.build_on_meta({"llm": lambda: InternLM2(module.config), "vit": lambda: type(module)(module.config),
                           "projector": lambda: Projector(module.vision_hidden, module.llm_hidden, module.depth,
                                                          module.bias)}[part])
     lora = {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}

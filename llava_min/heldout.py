@@ -90,15 +90,15 @@ def _pixels(batch: dict, device) -> torch.Tensor | None:
     return batch["pixel_values"].to(device)
 
 
-def from_args(args, tok, image_tokens: int, d: dist.Dist) -> HeldOut | None:
-    """--eval-data read with the training data's settings (tokenizer, image size and mode,
-    lengths, system prompt)."""
+def from_args(args, tok, image_tokens: int, preprocessing, d: dist.Dist) -> HeldOut | None:
+    """--eval-data read with the training data's settings (tokenizer, image size and mode, the
+    tower's preprocessing, lengths, system prompt)."""
     if not args.eval_data:
         return None
     dataset = LLaVADataset(args.eval_data, tok, args.image_folder, image_size=args.image_size,
                            image_mode=args.image_mode, max_length=args.max_length,
                            image_tokens=image_tokens, system=args.system,
-                           skip_bad=args.skip_bad_samples)
+                           skip_bad=args.skip_bad_samples, preprocessing=preprocessing)
     d.print0("held-out " + dataset.report())
     return HeldOut(dataset, args.batch_size, d, num_workers=args.num_workers,
                    timeout=args.loader_timeout, pin_memory=d.device.type == "cuda")

@@ -1,8 +1,9 @@
 """InternLM2, the language model of LLaVA-InternLM2, in one file: start at `InternLM2`.
 
-Llama's architecture (pre-norm, rotary, grouped-query attention, SwiGLU) with InternLM2's fused `wqkv`, its modules
-named like the keys of the released checkpoints (internlm/internlm2-chat-1_8b, -7b). References: the released
-`modeling_internlm2.py`; transformers' `modeling_llama.py`, which tests/test_internlm2.py matches to 1e-4.
+Llama's architecture (pre-norm, rotary, grouped-query attention, SwiGLU) with InternLM2's fused
+`wqkv`, its modules named like the keys of the released checkpoints (internlm/internlm2-chat-1_8b,
+-7b). References: the released `modeling_internlm2.py`; transformers' `modeling_llama.py`, which
+tests/test_internlm2.py matches to 1e-4.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from torch.utils.checkpoint import checkpoint
 from . import LlavaMinError, weights
 from .lora import merged_state_dict
 
-KEY_MAP: list[tuple[str, str]] = []      # checkpoint key -> module key: none, the modules carry the checkpoint names
-IGNORE = [r"rotary_emb\.inv_freq$"]     # some exporters save rotary tables; they are recomputed from the config
+# Checkpoint key -> module key: none, the modules carry the checkpoint names
+KEY_MAP: list[tuple[str, str]] = []
+# Some exporters save rotary tables; they are recomputed from the config
+IGNORE = [r"rotary_emb\.inv_freq$"]
 
 
 @dataclass
@@ -35,9 +38,11 @@ class InternLM2Config:
     num_key_value_heads: int
     max_position_embeddings: int = 32768
     rope_theta: float = 1e6
-    rope_scaling: dict | None = None    # {"type": "linear" | "dynamic", "factor": float >= 1} or None
+    # {"type": "linear" | "dynamic", "factor": float >= 1} or None
+    rope_scaling: dict | None = None
     rms_norm_eps: float = 1e-5
-    bias: bool = False                  # biases on wqkv and wo (False in every released checkpoint)
+    # Biases on wqkv and wo (False in every released checkpoint)
+    bias: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = 2
@@ -61,7 +66,8 @@ class InternLM2Config:
 
     def to_dict(self) -> dict:
         """The config.json form of the released files."""
-        return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", **dataclasses.asdict(self),
+        return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+                **dataclasses.asdict(self),
                 "hidden_act": "silu", "tie_word_embeddings": False}
 
 
@@ -74,14 +80,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32, cast back to the input dtype, THEN scale: the released code multiplies the weight
-        # with the input-dtype value (InternLM2RMSNorm / LlamaRMSNorm), which is visible in bf16.
+        # Normalise in fp32, cast back to the input dtype, THEN scale: the released code multiplies
+        # the weight with the input-dtype value (InternLM2RMSNorm / LlamaRMSNorm), which is visible
+        # in bf16.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of position * inv_freq, each (B or 1, T, head_dim / 2): half the released cat(freqs, freqs).
-    Scaled as transformers' Llama: linear divides inv_freq; dynamic (NTK-aware) enlarges the base past L."""
+    """cos and sin of position * inv_freq, each (B or 1, T, head_dim / 2): half the released
+    cat(freqs, freqs). Scaled as transformers' Llama: linear divides inv_freq; dynamic (NTK-aware)
+    enlarges the base past L."""
     d = config.head_dim
     device = position_ids.device
     exponent = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d   # (d/2,)
@@ -90,11 +98,14 @@ def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: to
     if scaling.get("type") == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif scaling.get("type") == "dynamic":
-        factor, L = scaling["factor"], config.max_position_embeddings      # L: the trained context
+        factor = scaling["factor"]
+        # the trained context
+        L = config.max_position_embeddings
         seq_len = position_ids.max() + 1     # a tensor: no host sync in the decoding loop
         base = config.rope_theta * ((factor * seq_len / L) - (factor - 1)) ** (d / (d - 2))
-        # transformers keeps an enlarged base for later, shorter calls until one is shorter than L; here each
-        # call depends on its own positions only (the same for one forward and for a growing decode).
+        # transformers keeps an enlarged base for later, shorter calls until one is shorter than L;
+        # here each call depends on its own positions only (the same for one forward and for a
+        # growing decode).
         inv_freq = torch.where(seq_len > L, 1.0 / (base ** exponent), inv_freq)
     with torch.autocast(device.type, enabled=False):
         freqs = position_ids[..., None].float() * inv_freq            # (B or 1, T, d/2)
@@ -102,25 +113,31 @@ def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: to
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The released x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1), on halves x1, x2."""
+    """The released x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1), on halves
+    x1, x2."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class KVCache:
-    """Static keys and values for generation: one (B, n_kv, max_len, head_dim) buffer pair per layer, written in
-    place at [length, length + T) by each forward. Nothing is allocated or copied per decoding step."""
+    """Static keys and values for generation: one (B, n_kv, max_len, head_dim) buffer pair per
+    layer, written in place at [length, length + T) by each forward. Nothing is allocated or copied
+    per decoding step."""
 
     def __init__(self, c: InternLM2Config, batch_size: int, max_len: int, dtype: torch.dtype, device):
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(c.num_hidden_layers)]
-        self.length = 0        # tokens stored (padding included); the model advances it once per forward
+        layers = range(c.num_hidden_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        # Tokens stored (padding included); the model advances it once per forward
+        self.length = 0
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, n_kv, T, head_dim) after the stored tokens; return all keys and values so far."""
-        start, end = self.length, self.length + k.shape[2]
+        """Store k, v (B, n_kv, T, head_dim) after the stored tokens; return all keys and values so
+        far."""
+        start = self.length
+        end = self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -128,19 +145,23 @@ class KVCache:
 
 @dataclass
 class Packing:
-    """Where the samples of packed rows lie in the flattened (B * T) positions: attention stays inside each."""
-    cu_seqlens: torch.Tensor    # (n + 1,) int32 start offsets and the end; every row start is a boundary
+    """Where the samples of packed rows lie in the flattened (B * T) positions: attention stays
+    inside each."""
+    # (n + 1,) int32 start offsets and the end; every row start is a boundary
+    cu_seqlens: torch.Tensor
     max_len: int                # the longest piece (a sample, or a row's trailing padding)
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor) -> tuple["Packing", torch.Tensor]:
-        """attention_mask (B, T), k > 0 on the k-th sample of a row, 0 on padding -> (Packing, position_ids (B, T)),
-        the positions restarting at 0 on each sample (the trailing padding of a row counts as one more piece)."""
+        """attention_mask (B, T), k > 0 on the k-th sample of a row, 0 on padding -> (Packing,
+        position_ids (B, T)), the positions restarting at 0 on each sample (the trailing padding of
+        a row counts as one more piece)."""
         B, T = attention_mask.shape
         seg = attention_mask.flatten()                                           # (B * T,)
         start = torch.ones_like(seg, dtype=torch.bool)
         start[1:] = seg[1:] != seg[:-1]
-        start[::T] = True                                                        # a sample never crosses rows
+        # A sample never crosses rows
+        start[::T] = True
         starts = start.nonzero().squeeze(1)                                      # (n,)
         cu = torch.cat([starts, starts.new_tensor([B * T])])                     # (n + 1,)
         lengths = cu.diff()
@@ -255,23 +276,27 @@ class DecoderLayer(nn.Module):
 
 
 class InternLM2(nn.Module):
-    """InternLM2ForCausalLM: a random init from a config, or `from_pretrained(path)` for released weights."""
+    """InternLM2ForCausalLM: a random init from a config, or `from_pretrained(path)` for released
+    weights."""
 
     def __init__(self, config: InternLM2Config):
         super().__init__()
         self.config = config
         self.model = nn.ModuleDict(dict(   # the checkpoint's model.* tensors
             # padding_idx as in the released model: that row (pad = </s> = 2) gets no gradient.
-            tok_embeddings=nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id),
+            tok_embeddings=nn.Embedding(config.vocab_size, config.hidden_size,
+                                        padding_idx=config.pad_token_id),
             layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)   # not tied to the embedding
+        # Not tied to the embedding
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The released init: normal(0, initializer_range) weights, zero biases and padding row, unit norms."""
+        """The released init: normal(0, initializer_range) weights, zero biases and padding row,
+        unit norms."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, self.config.initializer_range)
@@ -284,24 +309,35 @@ class InternLM2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "InternLM2":
-        """A released-format folder, in eval mode. Built on the meta device (no init), then each tensor is read once
-        from the memory-mapped file to `device`, in `dtype` (None: as stored)."""
+        """A released-format folder, in eval mode. Built on the meta device (no init), then each
+        tensor is read once from the memory-mapped file to `device`, in `dtype` (None: as
+        stored)."""
         config = load_config(path)
         model = weights.build_on_meta(lambda: cls(config))
         weights.load_into(model, path, key_map=KEY_MAP, ignore=IGNORE, dtype=dtype, device=device)
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """The released layout, LoRA adapters merged in, cast to `dtype` on the way (None: as the parameters)."""
-        weights.save_state(merged_state_dict(self), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        """The released layout, LoRA adapters merged in, cast to `dtype` on the way (None: as the
+        parameters)."""
+        state = merged_state_dict(self)
+        weights.save_state(state, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
         dtype = str(dtype or self.output.weight.dtype).removeprefix("torch.")
-        weights.write_json(self.config.to_dict() | {"torch_dtype": dtype}, Path(path) / weights.CONFIG_FILE)
+        config = self.config.to_dict() | {"torch_dtype": dtype}
+        weights.write_json(config, Path(path) / weights.CONFIG_FILE)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers in order: the units of checkpointing, FSDP and FLOP counts."""
+        return self.model.layers
 
     def set_gradient_checkpointing(self, flag: bool) -> None:
-        """Recompute each decoder layer's activations in backward (only while training, without a cache)."""
+        """Recompute each decoder layer's activations in backward (only while training, without a
+        cache)."""
         self.gradient_checkpointing = bool(flag)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device=None) -> KVCache:
         w = self.output.weight
         return KVCache(self.config, batch_size, max_len, dtype or w.dtype, device or w.device)
 
@@ -312,17 +348,20 @@ class InternLM2(nn.Module):
                        position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T, hidden) embeddings -> (B, T, hidden) final-normed states.
 
-        attention_mask: (B, past + T), 1 = real token, 0 = padding, past = cache.length (0 without a cache); or for
-                        packed rows (no cache) k on a row's k-th sample, which then attends to itself only, its
-                        positions restarting at 0 (position_ids ignored).
-        position_ids:   (B or 1, T), default past, past + 1, ...; with left padding cumsum(attention_mask) - 1.
+        attention_mask: (B, past + T), 1 = real token, 0 = padding, past = cache.length (0 without
+                        a cache); or for packed rows (no cache) k on a row's k-th sample, which then
+                        attends to itself only, its positions restarting at 0 (position_ids ignored).
+        position_ids:   (B or 1, T), default past, past + 1, ...; with left padding
+                        cumsum(attention_mask) - 1.
         cache:          a `new_cache(...)`, to which this call appends its T tokens."""
         B, T, _ = inputs_embeds.shape
-        past = cache.length if cache is not None else 0
+        past = 0
+        if cache is not None:
+            past = cache.length
         device = inputs_embeds.device
         if cache is not None and past + T > cache.max_len:
-            raise LlavaMinError(f"KV cache holds {cache.max_len} tokens; {past} stored + {T} new do not fit. "
-                                "Create it with a larger max_len")
+            raise LlavaMinError(f"KV cache holds {cache.max_len} tokens; {past} stored + {T} new do "
+                                "not fit. Create it with a larger max_len")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device)[None]      # (1, T)
         if cache is None and attention_mask is not None and bool(attention_mask.max() > 1):
@@ -331,7 +370,8 @@ class InternLM2(nn.Module):
             mask = _attention_mask(attention_mask, B, T, past, device)
         cos, sin = rotary_tables(self.config, position_ids, inputs_embeds.dtype)
         x = inputs_embeds
-        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        training = self.training and cache is None and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and training
         for i, layer in enumerate(self.model.layers):
             if recompute:
                 x = checkpoint(layer, x, cos, sin, mask, None, i, use_reentrant=False)
@@ -343,25 +383,34 @@ class InternLM2(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) in float32 for input_ids (B, T); the arguments as in `forward_hidden`."""
-        return self.output(self.forward_hidden(self.embed(input_ids), attention_mask, position_ids, cache)).float()
+        """Logits (B, T, vocab) in float32 for input_ids (B, T); the arguments as in
+        `forward_hidden`."""
+        hidden = self.forward_hidden(self.embed(input_ids), attention_mask, position_ids, cache)
+        return self.output(hidden).float()
 
 
 def _attention_mask(attention_mask, B, T, past, device):
-    """The mask for scaled_dot_product_attention, once per forward: None without padding (the kernel's own causal
-    masking; one new token needs none), else a boolean (B, 1, T, past + T) mask, True = may attend."""
+    """The mask for scaled_dot_product_attention, once per forward: None without padding (the
+    kernel's own causal masking; one new token needs none), else a boolean (B, 1, T, past + T)
+    mask, True = may attend."""
     S = past + T
     if attention_mask is None and (past == 0 or T == 1):
         return None
     if attention_mask is not None and attention_mask.shape != (B, S):
-        raise LlavaMinError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + "
-                            f"new tokens) = ({B}, {S})")
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)   # query t sees keys <= past + t
-    real = (torch.ones(B, S, device=device) if attention_mask is None else attention_mask).to(device).bool()  # (B, S)
-    # Padding queries (whose outputs nobody reads) keep the plain causal row, so no row is empty: some kernels
-    # give NaN for an all-masked row, and a NaN value times a zero weight is NaN in the next layer.
+        raise LlavaMinError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                            f"(batch, past + new tokens) = ({B}, {S})")
+    # Query t sees keys <= past + t
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)
+    if attention_mask is None:
+        attention_mask = torch.ones(B, S, device=device)
+    # (B, S)
+    real = attention_mask.to(device).bool()
+    # Padding queries (whose outputs nobody reads) keep the plain causal row, so no row is empty:
+    # some kernels give NaN for an all-masked row, and a NaN value times a zero weight is NaN in
+    # the next layer.
     allowed = causal & (real[:, None, :] | ~real[:, past:, None])                    # (B, T, S)
-    return allowed[:, None]                                                           # (B, 1, T, S)
+    # (B, 1, T, S)
+    return allowed[:, None]
 
 
 # Config files and presets
@@ -372,17 +421,23 @@ HF_ONLY_FIELDS = {"architectures", "auto_map", "torch_dtype", "dtype", "attn_imp
 
 
 def _fields_of(d: dict) -> dict:
-    """A released config.json dict -> InternLM2Config's keyword arguments (what the released class reads)."""
-    if d.get("model_type", "internlm2") not in ("internlm2", "internlm"):  # very early revisions say "internlm"
-        raise LlavaMinError(f"model_type is {d['model_type']!r}, not an InternLM2 config ('internlm2')")
+    """A released config.json dict -> InternLM2Config's keyword arguments (what the released class
+    reads)."""
+    # Very early revisions say "internlm"
+    if d.get("model_type", "internlm2") not in ("internlm2", "internlm"):
+        raise LlavaMinError(f"model_type is {d['model_type']!r}, not an InternLM2 config "
+                            "('internlm2')")
     if d.pop("hidden_act", "silu") != "silu":
         raise LlavaMinError("hidden_act must be 'silu' (InternLM2's SwiGLU)")
     if d.pop("tie_word_embeddings", False):
-        raise LlavaMinError("tie_word_embeddings must be false (InternLM2's `output` is its own weight)")
+        raise LlavaMinError("tie_word_embeddings must be false (InternLM2's `output` is its own "
+                            "weight)")
     if d.get("num_key_value_heads") is None and "num_attention_heads" in d:
-        d["num_key_value_heads"] = d["num_attention_heads"]   # the released class's default: no GQA
+        # The released class's default: no GQA
+        d["num_key_value_heads"] = d["num_attention_heads"]
     s = d.get("rope_scaling")
-    if isinstance(s, dict) and "rope_type" in s and "type" not in s:   # newer transformers' spelling
+    # Newer transformers' spelling
+    if isinstance(s, dict) and "rope_type" in s and "type" not in s:
         d["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in s.items()}
     fields = dataclasses.fields(InternLM2Config)
     unknown = sorted(set(d) - {f.name for f in fields} - HF_ONLY_FIELDS)
@@ -406,18 +461,23 @@ def _validate(c: InternLM2Config) -> None:
     for field in ("rope_theta", "rms_norm_eps", "initializer_range"):
         if type(getattr(c, field)) not in (int, float) or not getattr(c, field) > 0:
             bad(field, "must be a positive number")
-    if c.hidden_size % c.num_attention_heads or c.head_dim % 2:   # rotary embeddings rotate pairs of dimensions
-        bad("hidden_size", f"must be divisible by num_attention_heads = {c.num_attention_heads} into an even head_dim")
+    # Rotary embeddings rotate pairs of dimensions
+    if c.hidden_size % c.num_attention_heads or c.head_dim % 2:
+        bad("hidden_size", f"must be divisible by num_attention_heads = {c.num_attention_heads} "
+            "into an even head_dim")
     if c.num_attention_heads % c.num_key_value_heads:
         bad("num_attention_heads", f"must be divisible by num_key_value_heads = {c.num_key_value_heads}")
     s = c.rope_scaling
-    if s is not None and (not isinstance(s, dict) or s.get("type") not in ("linear", "dynamic") or len(s) != 2):
+    known = isinstance(s, dict) and s.get("type") in ("linear", "dynamic") and len(s) == 2
+    if s is not None and not known:
         bad("rope_scaling", "must be null or {'type': 'linear' | 'dynamic', 'factor': f}")
     if s is not None and not (type(s.get("factor")) in (int, float) and s["factor"] >= 1):
         bad("rope_scaling", "needs a factor >= 1")
     for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(c, field)
-        if not (value is None and field == "pad_token_id") and not (type(value) is int and 0 <= value < c.vocab_size):
+        # pad_token_id may be null
+        is_id = type(value) is int and 0 <= value < c.vocab_size
+        if not (value is None and field == "pad_token_id") and not is_id:
             bad(field, f"must be a token id in [0, vocab_size = {c.vocab_size})")
 
 

@@ -1,8 +1,11 @@
-"""LoRA: low-rank adapters on the LLM's linear layers (Hu et al. 2021, arXiv:2106.09685), as PEFT builds them.
+"""LoRA: low-rank adapters on the LLM's linear layers (Hu et al. 2021, arXiv:2106.09685), as PEFT
+builds them.
 
-    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W: (out, in) frozen, A: (r, in), B: (out, r) trained
+y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        W: (out, in) frozen, A: (r, in), B: (out,
+r) trained
 
-Start at `apply_lora`; saved models hold the adapters merged, training checkpoints the adapters alone.
+Start at `apply_lora`; saved models hold the adapters merged, training checkpoints the adapters
+alone.
 """
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ import torch.nn.functional as F
 
 from . import LlavaMinError
 
-# Every linear layer of the blocks: the fused wqkv (one adapter for q, k and v, as PEFT does on InternLM2), wo and
-# the SwiGLU. The head (`output`) never gets one: its adapter would be large, and the references do not train it.
+# Every linear layer of the blocks: the fused wqkv (one adapter for q, k and v, as PEFT does on
+# InternLM2), wo and the SwiGLU. The head (`output`) never gets one: its adapter would be large,
+# and the references do not train it.
 DEFAULT_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 LORA_KEYS = ("lora_A", "lora_B")
+# alpha = 2 r unless given: LLaVA-1.5's scale (r 128, alpha 256).
+ALPHA_PER_RANK = 2
 
 
 class LoRALinear(nn.Module):
@@ -25,43 +31,57 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        # The base tensors themselves (no copy), frozen, under their names: the state dict only gains *.lora_A / B.
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r
+        # The base tensors themselves (no copy), frozen, under their names: the state dict only
+        # gains *.lora_A / B.
         self.weight = base.weight.requires_grad_(False)
-        self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
-        # fp32 adapters whatever the base dtype, so that AdamW updates small values exactly. A starts as nn.Linear's
-        # default, B at zero: the adapted layer equals the base at init (PEFT's `reset_lora_parameters`).
-        # A is drawn on the CPU whatever the device: the same starting adapters on CPU and GPU, sharded or not.
+        self.bias = None
+        if base.bias is not None:
+            self.bias = base.bias.requires_grad_(False)
+        # fp32 adapters whatever the base dtype, so that AdamW updates small values exactly. A
+        # starts as nn.Linear's default, B at zero: the adapted layer equals the base at init
+        # (PEFT's `reset_lora_parameters`). A is drawn on the CPU whatever the device: the same
+        # starting adapters on CPU and GPU, sharded or not.
+        device = base.weight.device
         lora_a = nn.init.kaiming_uniform_(torch.empty(r, self.in_features, device="cpu"), a=math.sqrt(5))
-        self.lora_A = nn.Parameter(lora_a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device, dtype=torch.float32))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()   # on A's input only, as PEFT
+        self.lora_A = nn.Parameter(lora_a.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        # On A's input only, as PEFT
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        # The adapter runs in the adapters' dtype (fp32) unless autocast picks bf16 for both matmuls.
+        # The adapter runs in the adapters' dtype (fp32) unless autocast picks bf16 for both
+        # matmuls.
         h = self.lora_dropout(x).to(self.lora_A.dtype)
-        update = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., in) -> (..., r) -> (..., out)
+        # (..., in) -> (..., r) -> (..., out)
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B)
         return y + (self.scaling * update).to(y.dtype)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A, computed in fp32 and returned in the base weight's dtype (one rounding)."""
+        """W + (alpha / r) B A, computed in fp32 and returned in the base weight's dtype (one
+        rounding)."""
         delta = self.lora_B.float() @ self.lora_A.float()  # (out, r) @ (r, in) -> (out, in)
         return (self.weight.float() + self.scaling * delta).to(self.weight.dtype)
 
 
 def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.05,
                targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> list[str]:
-    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place, and freeze all else.
-    Returns the replaced names. alpha defaults to 2 * r, LLaVA-1.5's scale (r 128, alpha 256); XTuner's
+    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place, and
+    freeze all else. Returns the replaced names. alpha defaults to ALPHA_PER_RANK * r; XTuner's
     InternLM2-7B QLoRA uses r 512, alpha 256: pass alpha to match it."""
     if type(r) is not int or r < 1:
         raise LlavaMinError(f"LoRA rank must be a positive integer, got r={r!r} (e.g. --lora-r 64)")
-    alpha = 2 * r if alpha is None else alpha
+    if alpha is None:
+        alpha = ALPHA_PER_RANK * r
     if alpha <= 0 or not 0 <= dropout < 1:
-        raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, dropout={dropout}")
+        raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, "
+                            f"dropout={dropout}")
     refused = [t for t in targets if t.split(".")[-1] == "output"]
     if refused:
         raise LlavaMinError(f"LoRA targets {refused} name the output head 'output', which never gets an "
@@ -86,16 +106,24 @@ def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: f
 
 def _lora_layers(module: nn.Module) -> list[tuple[str, str, LoRALinear]]:
     """(name, state-dict prefix, layer) of every LoRALinear in module."""
-    return [(name, f"{name}." if name else "", m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
+    layers = []
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            # the root module itself has the empty name and no prefix
+            prefix = f"{name}." if name else ""
+            layers.append((name, prefix, m))
+    return layers
 
 
 def merge_lora(module: nn.Module) -> list[str]:
-    """Fold every adapter into its base weight, in place: plain frozen nn.Linear layers again; returns their names."""
+    """Fold every adapter into its base weight, in place: plain frozen nn.Linear layers again;
+    returns their names."""
     if isinstance(module, LoRALinear):
         raise LlavaMinError("merge_lora needs the model that holds the LoRALinear layers, not a layer itself")
     layers = _lora_layers(module)
     for name, _, m in layers:
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")  # no init
+        # No init
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach(), requires_grad=False)
@@ -104,7 +132,8 @@ def merge_lora(module: nn.Module) -> list[str]:
 
 
 def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` with every adapter folded in; the module is unchanged (training goes on after a save)."""
+    """`module.state_dict()` with every adapter folded in; the module is unchanged (training goes
+    on after a save)."""
     state = module.state_dict()
     for _, prefix, m in _lora_layers(module):
         state[prefix + "weight"] = m.merged_weight()
@@ -114,18 +143,21 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors alone ({'model.layers.0.attention.wqkv.lora_A': ...}), for training checkpoints."""
+    """The adapter tensors alone ({'model.layers.0.attention.wqkv.lora_A': ...}), for training
+    checkpoints."""
     return {prefix + k: getattr(m, k).detach() for _, prefix, m in _lora_layers(module) for k in LORA_KEYS}
 
 
 @torch.no_grad()
 def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy adapter tensors saved by `lora_state_dict` into a model prepared with the same `apply_lora`."""
+    """Copy adapter tensors saved by `lora_state_dict` into a model prepared with the same
+    `apply_lora`."""
     own = lora_state_dict(module)       # detached, but the parameters' own storage
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise LlavaMinError(f"LoRA adapters do not match the model: missing {missing[:4]} ({len(missing)} in all), "
-                            f"unexpected {unexpected[:4]} ({len(unexpected)} in all); resume with the same "
+        raise LlavaMinError(f"LoRA adapters do not match the model: missing {missing[:4]} "
+                            f"({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all); resume with the same "
                             "--lora-r and target modules as the run that saved them")
     for key, t in state.items():
         if t.shape != own[key].shape:

@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 
 from . import LlavaMinError, checkpoint, weights
-from .dinov2 import load_config as vit_config
 from .internlm2 import load_config as llm_config
-from .llava import CONFIG_FILE, parse_parts
+from .llava import CONFIG_FILE, parse_parts, vision_config
 from .tokenizer import Tokenizer
 
 # argparse's exit status for a bad command line; ours for every user error found here.
@@ -181,7 +180,7 @@ def _check_paths(args, problems: _Problems) -> None:
         problems.path("--eval-data", args.eval_data, "file")
     if args.tokenizer:
         problems.path("--tokenizer", args.tokenizer, "file")
-    for part, load in (("llm", llm_config), ("vit", vit_config)):
+    for part, load in (("llm", llm_config), ("vit", vision_config)):
         folder = getattr(args, part)
         preset = getattr(args, f"{part}_config")
         if folder and preset:
@@ -272,7 +271,7 @@ def _patch_size(args) -> int | None:
     """The ViT's patch size (None if its source is broken or missing: said already)."""
     source = _source(args, "vit")
     try:
-        return vit_config(source).patch_size
+        return vision_config(source).patch_size
     except (LlavaMinError, OSError, TypeError):
         return None
 

@@ -1,9 +1,12 @@
-"""The vision-to-language projector: LLaVA-1.5's `mlp2x_gelu`, as XTuner's ProjectorModel builds it.
+"""The vision-to-language projector: LLaVA-1.5's `mlp2x_gelu`, as XTuner's ProjectorModel builds
+it.
 
-    Linear(vision_hidden -> llm_hidden), then (depth - 1) x [GELU (exact erf), Linear(llm_hidden -> llm_hidden)]
+Linear(vision_hidden -> llm_hidden), then (depth - 1) x [GELU (exact erf), Linear(llm_hidden ->
+llm_hidden)]
 
-depth 2 is LLaVA-1.5; others are XTuner's (`xtuner/model/modules/projector/`). Checkpoints: XTuner's `projector/`
-folder (keys model.0 / model.2 / ...); loading also takes the prefix "projector.", HF LLaVA's names, and no config.json.
+depth 2 is LLaVA-1.5; others are XTuner's (`xtuner/model/modules/projector/`). Checkpoints:
+XTuner's `projector/` folder (keys model.0 / model.2 / ...); loading also takes the prefix
+"projector.", HF LLaVA's names, and no config.json.
 """
 from __future__ import annotations
 
@@ -31,20 +34,30 @@ class Projector(nn.Module):
         super().__init__()
         if depth < 1:
             raise LlavaMinError(f"projector depth must be >= 1, got {depth}")
-        self.vision_hidden, self.llm_hidden, self.depth, self.bias = vision_hidden, llm_hidden, depth, bias
+        self.vision_hidden = vision_hidden
+        self.llm_hidden = llm_hidden
+        self.depth = depth
+        self.bias = bias
         layers = [nn.Linear(vision_hidden, llm_hidden, bias=bias)]
         for _ in range(depth - 1):
             layers += [nn.GELU(), nn.Linear(llm_hidden, llm_hidden, bias=bias)]
         self.model = nn.Sequential(*layers)   # index 1, 3, ... are the GELUs, as in XTuner's keys
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype its input is cast to (the first layer's weight's)."""
+        return self.model[0].weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu") -> "Projector":
-        """An XTuner projector folder (or HF LLaVA's names), each tensor read once to `device` in `dtype`."""
+        """An XTuner projector folder (or HF LLaVA's names), each tensor read once to `device` in
+        `dtype`."""
         path = Path(path)
-        files, file = weights.checkpoint_files(path), path / weights.CONFIG_FILE
+        files = weights.checkpoint_files(path)
+        file = path / weights.CONFIG_FILE
         key_map = _key_map_of(files)
         sizes = _sizes_from_config(file) if file.exists() else _sizes_from_shapes(files, key_map)
         model = weights.build_on_meta(lambda: cls(*sizes))
@@ -52,11 +65,13 @@ class Projector(nn.Module):
         return model.eval()
 
     def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """XTuner's form (model.safetensors + its ProjectorConfig's config.json); cast to `dtype` on the way."""
+        """XTuner's form (model.safetensors + its ProjectorConfig's config.json); cast to `dtype`
+        on the way."""
         weights.save_state(self.state_dict(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
-        weights.write_json({"architectures": ["ProjectorModel"], "model_type": "projector", "depth": self.depth,
-                            "visual_hidden_size": self.vision_hidden, "llm_hidden_size": self.llm_hidden,
-                            "hidden_act": "gelu", "bias": self.bias}, Path(path) / weights.CONFIG_FILE)
+        config = {"architectures": ["ProjectorModel"], "model_type": "projector", "depth": self.depth,
+                  "visual_hidden_size": self.vision_hidden, "llm_hidden_size": self.llm_hidden,
+                  "hidden_act": "gelu", "bias": self.bias}
+        weights.write_json(config, Path(path) / weights.CONFIG_FILE)
 
 
 def _key_map_of(files: dict[str, Path]) -> list[tuple[str, str]]:
@@ -78,23 +93,27 @@ def _sizes_from_config(file: Path) -> tuple[int, int, int, bool]:
     if config.get("model_type", "projector") != "projector":
         raise LlavaMinError(f"{file}: model_type {config.get('model_type')!r} is not an XTuner projector config "
                             "(model_type 'projector'); delete it to infer the sizes from the weights")
-    config = {"depth": 2, "bias": True, "hidden_act": "gelu"} | config   # XTuner's ProjectorConfig defaults
+    # XTuner's ProjectorConfig defaults
+    config = {"depth": 2, "bias": True, "hidden_act": "gelu"} | config
     for field in ("visual_hidden_size", "llm_hidden_size", "depth"):
         if type(config.get(field)) is not int or config[field] < 1:
             raise LlavaMinError(f"{file}: {field} must be a positive integer, got {config.get(field)!r}")
     if not isinstance(config["bias"], bool):
         raise LlavaMinError(f"{file}: bias must be true or false, got {config['bias']!r}")
     if config["hidden_act"] != "gelu":
-        raise LlavaMinError(f"{file}: hidden_act {config['hidden_act']!r} is not supported (only LLaVA's 'gelu')")
+        raise LlavaMinError(f"{file}: hidden_act {config['hidden_act']!r} is not supported "
+                            "(only LLaVA's 'gelu')")
     return config["visual_hidden_size"], config["llm_hidden_size"], config["depth"], config["bias"]
 
 
 def _sizes_from_shapes(files: dict[str, Path], key_map) -> tuple[int, int, int, bool]:
-    """(vision_hidden, llm_hidden, depth, bias) read off the tensor shapes: Linear i sits at model.{2i}."""
+    """(vision_hidden, llm_hidden, depth, bias) read off the tensor shapes: Linear i sits at
+    model.{2i}."""
     shapes = {}
     for key, file in files.items():
         with safe_open(str(file), framework="pt") as f:
-            shapes[weights.rename_key(key, key_map)] = (tuple(f.get_slice(key).get_shape()), key, file)
+            shape = tuple(f.get_slice(key).get_shape())
+            shapes[weights.rename_key(key, key_map)] = (shape, key, file)
     if "model.0.weight" not in shapes:
         where = next(iter(files.values()), "the folder")
         raise LlavaMinError(f"{where}: no first projector layer (model.0.weight, projector.model.0.weight or "

@@ -167,12 +167,12 @@ def numel_on_meta(make: Callable[[], torch.nn.Module], key: str) -> int:
 
 def load_into(module: torch.nn.Module, folder: str | os.PathLike, *,
               key_map: Iterable[tuple[str, str]] = (), ignore: Iterable[str] = (),
-              dtype: torch.dtype | None = None, device="cpu") -> None:
+              dtype: torch.dtype | None = None, device="cpu") -> list[str]:
     """Fill `module` (built with `build_on_meta`) from a checkpoint folder, strictly: a missing,
     unexpected or mis-shaped tensor is an error naming the key, the file and both shapes.
     key_map: (regex, replacement) pairs, checkpoint key -> module key, first match wins;
     ignore: regexes of checkpoint keys nobody reads; dtype: of the floating tensors (None: as
-    stored)."""
+    stored). Returns the checkpoint keys left unread (those `ignore` matched)."""
     key_map = list(key_map)
     ignore = [re.compile(p) for p in ignore]
     files = checkpoint_files(folder)
@@ -218,6 +218,24 @@ def load_into(module: torch.nn.Module, folder: str | os.PathLike, *,
                     to_dtype = dtype
                 state[mod_key] = t.to(device=device, dtype=to_dtype)
     module.load_state_dict(state, strict=True, assign=True)
+    return sorted(set(files) - set(target_of))
+
+
+def summarise_keys(keys: list[str], nested: tuple[str, ...] = ("vision_model",)) -> str:
+    """Checkpoint keys in one line, grouped by their first name (two for a `nested` one), as
+    "text_model.* (23 tensors), vision_model.head.* (11 tensors), logit_scale"."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        names = key.split(".")
+        depth = 2 if names[0] in nested else 1
+        groups.setdefault(".".join(names[:depth]), []).append(key)
+    parts = []
+    for head, members in groups.items():
+        if len(members) == 1:
+            parts.append(members[0])
+        else:
+            parts.append(f"{head}.* ({len(members)} tensors)")
+    return ", ".join(parts)
 
 
 # Saving

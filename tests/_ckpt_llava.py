@@ -1,12 +1,14 @@
-"""A tiny random LLaVA written as three official-format folders (InternLM2 with fused wqkv, DINOv2 hub names,
-XTuner projector), and the same weights as a transformers LlavaForConditionalGeneration (the reference).
+"""A tiny random LLaVA written as three official-format folders (InternLM2 with fused wqkv, a vision tower in its
+hub format, XTuner projector), and the same weights as a transformers LlavaForConditionalGeneration (the reference).
 
     hf = write_tiny_llava(folder, llm_config, vit=dict(hidden=32, layers=3), image_token_id=V - 1)
+    hf = write_tiny_llava(folder, llm_config, tower="siglip")     # or "clip"; the default is "dinov2"
     model = LLaVA.from_pretrained(llm=folder / "llm", vit=folder / "vit", projector=folder / "projector")
 
 transformers' LLaVA marks each image position with a vocabulary id (`image_token_id`) repeated once per patch,
 where llava-min uses one IMAGE_TOKEN_INDEX (-200) per image: `expand_image_tokens` turns one into the other.
-The DINOv2 is the plain (no-register) variant: transformers' "default" feature strategy drops only CLS.
+The DINOv2 is the plain (no-register) variant: transformers' "default" feature strategy drops only CLS (DINOv2,
+CLIP); SigLIP has no CLS and feeds every token ("full"), as LLaVA-OneVision does.
 """
 from __future__ import annotations
 
@@ -14,17 +16,24 @@ from pathlib import Path
 
 import torch
 
+from _ckpt_clip import write_tiny_clip
 from _ckpt_dinov2 import write_tiny_dinov2, write_tiny_projector
 from _ckpt_internlm2 import internlm2_to_llama, random_internlm2_state, write_internlm2_checkpoint
+from _ckpt_siglip import write_tiny_siglip
 from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_min.internlm2 import InternLM2Config
 
+# The tower's checkpoint writer (returns the transformers reference) and transformers' feature strategy.
+TOWERS = {"dinov2": (write_tiny_dinov2, "default"), "clip": (write_tiny_clip, "default"),
+          "siglip": (write_tiny_siglip, "full")}
+
 
 def write_tiny_llava(folder, llm_config: InternLM2Config, vit: dict | None = None, image_token_id: int | None = None,
-                     seed: int = 0, num_shards: int = 2, attn_implementation: str = "eager", llm_std: float = 0.08):
+                     seed: int = 0, num_shards: int = 2, attn_implementation: str = "eager", llm_std: float = 0.08,
+                     tower: str = "dinov2"):
     """Write folder/llm, folder/vit, folder/projector; return the transformers reference holding the same weights.
 
-    vit: keyword arguments of _ckpt_dinov2.hf_dinov2 (hidden, layers, heads, image_size, patch_size).
+    vit: keyword arguments of the tower's writer (hidden, layers, heads, image_size, patch_size).
     image_token_id: the vocabulary id transformers replaces with image features (default: the last id).
     llm_std: spread of the random LLM weights (wider models want smaller ones).
     """
@@ -34,14 +43,15 @@ def write_tiny_llava(folder, llm_config: InternLM2Config, vit: dict | None = Non
     vit = dict(vit or {})
     state = random_internlm2_state(llm_config, seed, std=llm_std)
     write_internlm2_checkpoint(folder / "llm", llm_config, state, num_shards=num_shards)
-    dinov2 = write_tiny_dinov2(folder / "vit", seed=seed, **vit)
-    projector = write_tiny_projector(folder / "projector", vision_hidden=dinov2.config.hidden_size,
+    write_vit, strategy = TOWERS[tower]
+    vision = write_vit(folder / "vit", seed=seed, **vit)
+    projector = write_tiny_projector(folder / "projector", vision_hidden=vision.config.hidden_size,
                                      llm_hidden=llm_config.hidden_size, seed=seed + 1)
     llama = internlm2_to_llama(llm_config, state)
 
     image_token_id = llm_config.vocab_size - 1 if image_token_id is None else image_token_id
-    config = LlavaConfig(text_config=llama.config, vision_config=dinov2.config, image_token_index=image_token_id,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+    config = LlavaConfig(text_config=llama.config, vision_config=vision.config, image_token_index=image_token_id,
+                         vision_feature_layer=-2, vision_feature_select_strategy=strategy,
                          projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=False)
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
@@ -50,7 +60,7 @@ def write_tiny_llava(folder, llm_config: InternLM2Config, vit: dict | None = Non
     tensors = {"lm_head.weight": llama.lm_head.weight}
     tensors.update({"model.language_model." + k.removeprefix("model."): v
                     for k, v in llama.state_dict().items() if k.startswith("model.")})
-    tensors.update({"model.vision_tower." + k: v for k, v in dinov2.state_dict().items()})
+    tensors.update({"model.vision_tower." + k: v for k, v in vision.state_dict().items()})
     tensors.update({f"model.multi_modal_projector.linear_{int(i) // 2 + 1}.{p}": v
                     for (i, p), v in ((k.split("."), v) for k, v in projector.state_dict().items())})
     hf.load_state_dict(tensors, strict=True)

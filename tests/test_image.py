@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from llava_min import LlavaMinError
-from llava_min.image import load_image, preprocess
+from llava_min.clip import PREPROCESSING as CLIP_PREPROCESSING
+from llava_min.image import check_image_size, load_image, preprocess, to_pixels
+from llava_min.siglip import PREPROCESSING as SIGLIP_PREPROCESSING
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -77,11 +79,37 @@ def test_pad_matches_expand2square_reference(height, width):
 
 def test_size_not_multiple_of_patch_and_unknown_mode():
     image = random_image(30, 30)
-    with pytest.raises(LlavaMinError, match=r"50.*14"):
-        preprocess(image, 50, mode="pad")
+    with pytest.raises(LlavaMinError, match=r"height 50 and width 50 .*patch size 14; use e.g. --image-size 56"):
+        check_image_size(50, 50, 14)
+    check_image_size(32, 48, 16)
     with pytest.raises(LlavaMinError, match="stretch"):
         preprocess(image, 28, mode="stretch")
-    assert preprocess(image, 32, mode="pad", patch_size=16).shape == (3, 32, 32)
+    assert preprocess(image, 32, mode="pad").shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+@pytest.mark.parametrize("height,width", [(300, 457), (411, 263)])
+def test_crop_matches_the_towers_own_processor(tower, height, width):
+    """CLIP: shortest edge to the size, centre crop, OpenAI statistics; SigLIP: a square resize, mean/std 0.5."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image = random_image(height, width, seed=3)
+    if tower == "clip":
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+        preprocessing = CLIP_PREPROCESSING
+    else:
+        processor = SiglipImageProcessorPil(size={"height": 112, "width": 112})
+        preprocessing = SIGLIP_PREPROCESSING
+    expected = processor(image, return_tensors="np")["pixel_values"][0]
+    ours = preprocess(image, 112, mode="crop", preprocessing=preprocessing)
+    np.testing.assert_allclose(ours.numpy(), expected, atol=1e-5, rtol=0)
+
+
+def test_pad_fills_with_the_towers_mean_colour():
+    ours = to_pixels(random_image(20, 60), 28, mode="pad", preprocessing=SIGLIP_PREPROCESSING)
+    assert ours[:, 0, 0].tolist() == [127, 127, 127]
+    assert to_pixels(random_image(20, 60), 28, mode="pad")[:, 0, 0].tolist() == [123, 116, 103]
 
 
 # --------------------------------------------------------------------------------------------------

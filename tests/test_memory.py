@@ -27,7 +27,9 @@ import torch
 from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX, dinov2, internlm2
 from llava_min.dinov2 import DINOv2, DINOv2Config
 from llava_min.internlm2 import InternLM2, InternLM2Config
-from llava_min.llava import LLaVA
+from llava_min.clip import CLIPConfig
+from llava_min.llava import LLaVA, tower_of
+from llava_min.siglip import SigLIPConfig
 from llava_min.lora import apply_lora
 from llava_min.projector import Projector
 from llava_min.tools import memory
@@ -46,10 +48,10 @@ def preset_plan(**kw) -> memory.Plan:
     return memory.Plan(llm=internlm2.load_config("internlm2-7b"), vit=dinov2.load_config("dinov2-large"), **kw)
 
 
-def build(train, dtype, lora_r=0, ckpt=False) -> LLaVA:
+def build(train, dtype, lora_r=0, ckpt=False, vit=VIT) -> LLaVA:
     """A model set up the way train.py sets it up: trained parts fp32, frozen parts in the compute dtype."""
     torch.manual_seed(0)
-    model = LLaVA(InternLM2(LLM), DINOv2(VIT), Projector(VIT.hidden_size, LLM.hidden_size)).train()
+    model = LLaVA(InternLM2(LLM), tower_of(vit)(vit), Projector(vit.hidden_size, LLM.hidden_size)).train()
     model.requires_grad_(False)
     for part in train:
         getattr(model, part).requires_grad_(True)
@@ -152,6 +154,34 @@ def test_activation_model_matches_saved_tensors(train, dtype, lora_r, ckpt):
             qkv = (LLM.num_attention_heads + 2 * LLM.num_key_value_heads) * LLM.head_dim
             h, i = LLM.hidden_size, LLM.intermediate_size
             unsaved += 2 * LLM.num_hidden_layers * (qkv * h + h * h + 3 * h * i)
+    expected = e.saved_activations + e.autocast_copies - unsaved
+    assert abs(expected - measured) <= 0.03 * measured, f"estimate {expected:,} vs measured {measured:,} bytes"
+
+
+# CLIP (CLS, pre-norm, quick-GELU) and SigLIP (no CLS, tanh-GELU) at the size of VIT.
+OTHER_TOWERS = {"clip": CLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                                   patch_size=14, image_size=112),
+                "siglip": SigLIPConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                                       num_attention_heads=4, patch_size=14, image_size=112)}
+
+
+@pytest.mark.parametrize("tower", OTHER_TOWERS)
+@pytest.mark.parametrize("dtype,ckpt", [("bfloat16", False), ("float32", True)])
+def test_other_towers_counts_and_activations(tower, dtype, ckpt):
+    """Through the tower contract alone: the counts equal the real model's, the activations within 3%."""
+    vit, train = OTHER_TOWERS[tower], ("projector", "llm", "vit")
+    model = build(train, dtype, ckpt=ckpt, vit=vit)
+    plan = memory.Plan(llm=LLM, vit=vit, train=train, batch_size=1, max_length=TOKENS, image_size=IMAGE,
+                       grad_checkpointing=ckpt, dtype=dtype, device="cpu")
+    p = memory.param_counts(plan)
+    assert p["vit"] == sum(t.numel() for t in model.vit.state_dict().values())
+    ids, px, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        measured, out = memory.saved_activation_bytes(model, lambda: model(ids, px, labels=labels))
+    out.loss.backward()
+    assert p["trained"] == sum(t.numel() for t in model.parameters() if t.grad is not None)
+    e = memory.estimate(plan)
+    unsaved = 2 * LLM.vocab_size * LLM.hidden_size if dtype == "bfloat16" else 0   # the head: checkpointed
     expected = e.saved_activations + e.autocast_copies - unsaved
     assert abs(expected - measured) <= 0.03 * measured, f"estimate {expected:,} vs measured {measured:,} bytes"
 

@@ -1,11 +1,12 @@
-"""GPU memory per process and host RAM per node for a training configuration, from the model configs alone.
+"""GPU memory per process and host RAM per node for a training configuration, from the model
+configs alone.
 
     python -m llava_min.memory --llm-config internlm2-7b --vit-config dinov2-large --batch-size 1 --nproc 4 --gpu-mem 24
     python -m llava_min.memory --llm internlm2-7b/ --vit dinov2-large/ --lora-r 128 --grad-checkpointing --json
 
-finetune.py's flags and defaults (others are ignored). Start at `estimate` (one GPU) and `host_bytes` (one node).
-tests/test_memory.py checks the activation model within 3% against what autograd saves (`saved_activation_bytes`);
-bench/gpu.py compares the total with a GPU's peak.
+finetune.py's flags and defaults (others are ignored). Start at `estimate` (one GPU) and
+`host_bytes` (one node). tests/test_memory.py checks the activation model within 3% against what
+autograd saves (`saved_activation_bytes`); bench/gpu.py compares the total with a GPU's peak.
 """
 from __future__ import annotations
 
@@ -18,24 +19,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .. import LlavaMinError, dinov2, internlm2, llava
+from .. import LlavaMinError, dinov2, internlm2, llava, weights
+from ..image import check_image_size
 
 GiB = 2**30
 CUDA_CONTEXT = 0.75 * GiB               # context and cuBLAS workspaces
 NCCL_BUFFERS = 0.5 * GiB                # when world size > 1
-FIT_FRACTION = 0.95                     # a card fits at most 95% full (the rest is allocator slack)
-PROCESS_BASE = 1.5 * GiB                # a rank's Python, torch and (on CUDA) CUDA libraries, before any tensor
-WORKER_BASE = 0.3 * GiB                 # a forked loader worker's own pages: its heap, image decoding
-MAX_SHARD = 5 * 10**9                   # transformers' default shard size, for a checkpoint not at hand
-JSON_PEAK = 3.5                         # json.load's peak RSS / file size for LLaVA data (1 GB file: 3.5 GB)
+# A card fits at most 95% full (the rest is allocator slack)
+FIT_FRACTION = 0.95
+# A rank's Python, torch and (on CUDA) CUDA libraries, before any tensor
+PROCESS_BASE = 1.5 * GiB
+# A forked loader worker's own pages: its heap, image decoding
+WORKER_BASE = 0.3 * GiB
+# transformers' default shard size, for a checkpoint not at hand
+MAX_SHARD = 5 * 10**9
+# json.load's peak RSS / file size for LLaVA data (1 GB file: 3.5 GB)
+JSON_PEAK = 3.5
 
 
 @dataclass
 class Plan:
     """One training configuration, as finetune.py's flags describe it."""
     llm: internlm2.InternLM2Config
-    vit: dinov2.DINOv2Config
+    # A vision tower's config (DINOv2Config, CLIPConfig, SigLIPConfig, ...)
+    vit: object
     train: tuple[str, ...] = ("projector", "llm")
     lora_r: int = 0
     lora_dropout: float = 0.05
@@ -50,12 +59,15 @@ class Plan:
     images_per_sample: int = 1
     select_layer: int = -2
     loss_chunk: int = 1024              # as llava.LLaVA.forward's
-    device: str = "cuda"                # "cpu": no CUDA context, dropout masks in a, the model in host RAM
-    ddp_bucket_view: bool = True        # train.py builds DDP(gradient_as_bucket_view=True): no bucket copy
+    # "cpu": no CUDA context, dropout masks in a, the model in host RAM
+    device: str = "cuda"
+    # train.py builds DDP(gradient_as_bucket_view=True): no bucket copy
+    ddp_bucket_view: bool = True
     nproc_per_node: int = 1             # ranks sharing one node's host RAM
     num_workers: int = 4
     prefetch: int = 2                   # loader.Loader's batches in flight per worker
-    data_bytes: int = 0                 # size of the --data files (the sample table each rank holds)
+    # Size of the --data files (the sample table each rank holds)
+    data_bytes: int = 0
     shard_bytes: int = 0                # largest safetensors file of the sources (0: not at hand)
 
     @property
@@ -89,13 +101,16 @@ class Estimate:
     vit_transient: int
     logits: int
     cuda_context: int
-    fsdp_gathered: int = 0           # FSDP: whole (all-gathered) units and their unsharded gradients, live at once
+    # FSDP: whole (all-gathered) units and their unsharded gradients, live at once
+    fsdp_gathered: int = 0
     load_peak: int = 0               # FSDP: a rank's GPU bytes while rank 0 broadcasts the weights
-    load_host_rank0: int = 0         # FSDP: rank 0's host bytes then (the whole model, read on the CPU)
+    # FSDP: rank 0's host bytes then (the whole model, read on the CPU)
+    load_host_rank0: int = 0
     total: int = 0
 
     @property
-    def saved_activations(self) -> int:         # held from forward to backward (recompute happens inside backward)
+    # Held from forward to backward (recompute happens inside backward)
+    def saved_activations(self) -> int:
         return sum(v for k, v in self.activations.items() if "recompute" not in k)
 
     @property
@@ -108,95 +123,162 @@ class Estimate:
 def lora_parameters(c: internlm2.InternLM2Config, r: int) -> int:
     """A (r x in) and B (out x r) for wqkv, wo, w1, w3, w2 in every block."""
     qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    h, i = c.hidden_size, c.intermediate_size
+    h = c.hidden_size
+    i = c.intermediate_size
     in_plus_out = (h + qkv) + (h + h) + 2 * (h + i) + (i + h)
     return c.num_hidden_layers * r * in_plus_out
 
 
+_VIT_COUNTS: dict[tuple[str, int], dict[str, int]] = {}
+
+
+def vit_counts(v, select_layer: int) -> dict[str, int]:
+    """A vision tower's tensor counts, from the tower itself built on meta (through its contract:
+    `blocks`, `freeze_unused`), cached, as the fit search asks hundreds of times. "all": every
+    tensor of its state dict (buffers such as DINOv2's mask_token included); "parameters"; "block":
+    one block's; "run": the parameters features(select_layer) uses, what a trained ViT trains;
+    "run_matmul": those of its linear and convolution layers (what autocast casts); "embeddings":
+    the run parameters outside the blocks (an FSDP root's)."""
+    key = (repr(v), select_layer)
+    if key not in _VIT_COUNTS:
+        tower = weights.build_on_meta(lambda: llava.tower_of(v)(v))
+        tower.freeze_unused(select_layer)
+        size = {id(p): p.numel() for p in tower.parameters()}
+        run = {id(p) for p in tower.parameters() if p.requires_grad}
+        in_blocks = {id(p) for p in tower.blocks.parameters()}
+        matmul = {id(p) for m in tower.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) for p in m.parameters()}
+        _VIT_COUNTS[key] = {
+            "all": sum(t.numel() for t in tower.state_dict().values()),
+            "parameters": sum(size.values()),
+            "block": sum(p.numel() for p in tower.blocks[0].parameters()),
+            "run": sum(size[i] for i in run),
+            "run_matmul": sum(size[i] for i in run & matmul),
+            "embeddings": sum(size[i] for i in run - in_blocks),
+        }
+    return _VIT_COUNTS[key]
+
+
 def param_counts(plan: Plan) -> dict[str, int]:
-    """The checkpoints' tensor counts (DINOv2's mask_token buffer included). "trained": what gets gradients and
-    AdamW state; "unused": a trained ViT's blocks after select_layer and its final norm (fp32, never run)."""
-    c, v = plan.llm, plan.vit
-    h, D = c.hidden_size, v.hidden_size
-    blocks_run = v.blocks_run(plan.select_layer)
-    vit_block = (dinov2.num_parameters(dataclasses.replace(v, num_hidden_layers=2))
-                 - dinov2.num_parameters(dataclasses.replace(v, num_hidden_layers=1)))
-    counts = {"llm": internlm2.num_parameters(c), "vit": dinov2.num_parameters(v),
-              "projector": D * h + h + h * h + h,           # Linear(D, h), GELU, Linear(h, h), with biases
+    """The checkpoints' tensor counts (DINOv2's mask_token buffer included). "trained": what gets
+    gradients and AdamW state; "unused": a trained ViT's blocks after select_layer and its final
+    norm (fp32, never run)."""
+    c = plan.llm
+    h = c.hidden_size
+    vit = vit_counts(plan.vit, plan.select_layer)
+    vit_trains = "vit" in plan.train
+    counts = {"llm": internlm2.num_parameters(c), "vit": vit["all"],
+              # Linear(D, h), GELU, Linear(h, h), with biases
+              "projector": plan.vit.hidden_size * h + h + h * h + h,
               "lora": lora_parameters(c, plan.lora_r) if plan.lora_r else 0}
-    vit_unused = (v.num_hidden_layers - blocks_run) * vit_block + 2 * D      # + the final LayerNorm
     trained = {"projector": counts["projector"] if "projector" in plan.train else 0,
-               "llm": (counts["lora"] if plan.lora_r else counts["llm"]) if "llm" in plan.train else 0,
-               "vit": counts["vit"] - vit_unused - D * v.use_mask_token if "vit" in plan.train else 0}
+               "llm": 0,
+               "vit": vit["run"] if vit_trains else 0}
+    if "llm" in plan.train:
+        trained["llm"] = counts["lora"] if plan.lora_r else counts["llm"]
     counts["trained"] = sum(trained.values())
-    counts["unused"] = vit_unused if "vit" in plan.train else 0
+    counts["unused"] = vit["parameters"] - vit["run"] if vit_trains else 0
     counts["frozen"] = (counts["llm"] + counts["vit"] + counts["projector"] + counts["lora"]
                         - counts["trained"] - counts["unused"])
-    # The trained parameters that autocast casts to bf16: matrices of linear / conv layers (and their biases,
-    # the output head included), not the embedding, norms, position tables, cls / registers or layer scales.
+    # The trained parameters that autocast casts to bf16: matrices of linear / conv layers (and
+    # their biases, the output head included), not the embedding, norms, position tables, cls /
+    # registers or layer scales.
     llm_matmul = counts["llm"] - c.vocab_size * h - (2 * c.num_hidden_layers + 1) * h
-    vit_tables = (v.grid_size ** 2 + 2 + v.num_register_tokens) * D + blocks_run * 6 * D   # + per-block norms, scales
-    counts["trained_matmul"] = (trained["projector"]
-                                + (counts["lora"] if plan.lora_r else llm_matmul) * ("llm" in plan.train)
-                                + (trained["vit"] - vit_tables) * ("vit" in plan.train))
+    if plan.lora_r:
+        llm_matmul = counts["lora"]
+    counts["trained_matmul"] = (trained["projector"] + llm_matmul * ("llm" in plan.train)
+                                + vit["run_matmul"] * vit_trains)
     return counts
 
 
-# Activations: bytes autograd saves for backward. a = 2 in bf16 (4 in fp32); r = the residual stream's bytes
-# (4 when the LLM trains in fp32 master weights, else a); h hidden, kv = kv_heads x head_dim, i intermediate,
-# nh heads, hd head_dim; N = batch x max_length LLM positions, image tokens included.
+def vit_mlp_saves(v, a: int) -> int:
+    """Bytes one token of a trained ViT block's MLP (and DINOv2's layer scales) saves for
+    backward."""
+    F = v.ffn_hidden_size
+    if isinstance(v, dinov2.DINOv2Config):
+        # the two LayerScales save their inputs; giant's SwiGLU saves gate, up, their silu and the
+        # product
+        scales = 2 * a * v.hidden_size
+        return scales + a * (4 * F if v.use_swiglu_ffn else 2 * F)
+    if v.hidden_act == "quick_gelu":
+        # CLIP: x * sigmoid(1.702 x) keeps fc1's output, the sigmoid and the product (fc2's input)
+        return 3 * a * F
+    # erf or tanh GELU: fc1's output and fc2's input
+    return 2 * a * F
+
+
+# Activations: bytes autograd saves for backward. a = 2 in bf16 (4 in fp32); r = the residual
+# stream's bytes (4 when the LLM trains in fp32 master weights, else a); h hidden, kv = kv_heads x
+# head_dim, i intermediate, nh heads, hd head_dim; N = batch x max_length LLM positions, image
+# tokens included.
 
 def activation_bytes(plan: Plan) -> dict[str, int]:
     """Itemised activation bytes at the peak (the start of backward)."""
-    c, v, a, mode = plan.llm, plan.vit, plan.act_bytes, plan.llm_mode
-    h, i, nh, hd, L = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.head_dim, c.num_hidden_layers
-    kv, r = c.num_key_value_heads * hd, 4 if mode == "full" else a
+    c = plan.llm
+    v = plan.vit
+    a = plan.act_bytes
+    mode = plan.llm_mode
+    h = c.hidden_size
+    i = c.intermediate_size
+    nh = c.num_attention_heads
+    hd = c.head_dim
+    L = c.num_hidden_layers
+    kv = c.num_key_value_heads * hd
+    r = 4 if mode == "full" else a
     N = plan.batch_size * plan.max_length
     n_images = plan.batch_size * plan.images_per_sample
-    # What one InternLM2 block saves per token. Attention: the rotated q|k buffer (q is a view of it; k and v are
-    # copied out so the fused qkv buffer is freed), v, the output (= wo's input), the lse, the bf16 rotary tables
+    # What one InternLM2 block saves per token. Attention: the rotated q|k buffer (q is a view of
+    # it; k and v are copied out so the fused qkv buffer is freed), v, the output (= wo's input),
+    # the lse, the bf16 rotary tables
     attention = a * (2 * h + 2 * kv) + 4 * nh + (a * hd if r != a else 0)
     if mode == "full":
-        # each RMSNorm's fp32 input and its normalised output (for the weight's gradient), and the bf16 copy
-        # each linear makes of its input (w1 and w3 make one each)
+        # each RMSNorm's fp32 input and its normalised output (for the weight's gradient), and the
+        # bf16 copy each linear makes of its input (w1 and w3 make one each)
         norms = (4 + r + a) * h + (4 + r) * h + (a * h if r == a else 2 * a * h) + 8
-        mlp = 4 * a * i                                     # w1 out, w3 out, silu out, their product
+        # w1 out, w3 out, silu out, their product
+        mlp = 4 * a * i
     else:
-        norms = 2 * (4 * h + 4)                             # frozen linears save nothing: no weight gradient
+        # Frozen linears save nothing: no weight gradient
+        norms = 2 * (4 * h + 4)
         mlp = 3 * a * i
     block = norms + attention + mlp
     if mode == "lora":
-        # per adapted linear (inputs summed: 4h + i): the dropout mask (1 byte from CUDA's fused dropout, a on
-        # the CPU) and the adapter's input, plus the r-wide middle of each of wqkv, wo, w1, w2, w3
+        # per adapted linear (inputs summed: 4h + i): the dropout mask (1 byte from CUDA's fused
+        # dropout, a on the CPU) and the adapter's input, plus the r-wide middle of each of wqkv,
+        # wo, w1, w2, w3
         mask = (1 if plan.device == "cuda" else a) if plan.lora_dropout > 0 else 0
         block += (4 * h + i) * (mask + a) + 5 * plan.lora_r * a
     if plan.batch_size > 1 and plan.device == "cuda":
-        # the padded-batch attention path repeats k and v to all heads and saves a float mask per block
+        # the padded-batch attention path repeats k and v to all heads and saves a float mask per
+        # block
         block += 2 * a * (h - kv) + a * plan.max_length
-    # The last block is booked in full, an upper bound: its output projection and MLP run on the supervised
-    # tokens only (at most 1/L of the blocks' total less).
+    # The last block is booked in full, an upper bound: its output projection and MLP run on the
+    # supervised tokens only (at most 1/L of the blocks' total less).
     block *= N
     items = {}
     if plan.grad_checkpointing:
         items["llm blocks (inputs kept)"] = L * r * h * N   # each block keeps its input ...
-        items["llm recompute (one block)"] = block          # ... and one is recomputed at a time in backward
+        # ... and one is recomputed at a time in backward
+        items["llm recompute (one block)"] = block
     else:
         items["llm blocks"] = L * block
     # ids and splice indices, the final norm, and each supervised token's gathered hidden state
     supervised = max(0, N - n_images * plan.image_tokens)
     final_norm = (4 * h + r * h + 4) if mode == "full" else (4 * h + 4)
     items["llm outside blocks"] = 16 * N + final_norm * N + (r * h + 24) * supervised
-    vit_tokens = n_images * (1 + v.num_register_tokens + plan.image_tokens)      # cls, registers, patches
+    # the prefix (CLS, registers) and the patches
+    vit_tokens = n_images * (v.prefix_tokens + plan.image_tokens)
     if "projector" in plan.train:
         items["projector"] = n_images * plan.image_tokens * a * (v.hidden_size + 2 * h)
-    if "vit" in plan.train:                                 # a frozen ViT runs under no_grad: nothing saved
+    # A frozen ViT runs under no_grad: nothing saved
+    if "vit" in plan.train:
         blocks = v.blocks_run(plan.select_layer)
-        D, F = v.hidden_size, v.ffn_hidden_size
+        D = v.hidden_size
         per_token = (2 * (4 * D + 8)                                   # two norms: the residual stream is fp32
-                     + (3 * a * D if a == 2 else a * D) + a * D        # q/k/v inputs (a bf16 copy each), fc1's
-                     + 4 * a * D + 4 * v.num_attention_heads           # q, k, v, output (= dense input), lse
-                     + 2 * a * D                                       # the two layer scales' inputs
-                     + a * (4 * F if v.use_swiglu_ffn else 2 * F))     # the MLP
+                     # q/k/v inputs (a bf16 copy each), fc1's
+                     + (3 * a * D if a == 2 else a * D) + a * D
+                     # q, k, v, output (= dense input), lse
+                     + 4 * a * D + 4 * v.num_attention_heads
+                     + vit_mlp_saves(v, a))
         vit_block = per_token * vit_tokens
         pixels = n_images * 3 * plan.image_size ** 2 * a    # the patch convolution's input
         if plan.grad_checkpointing:
@@ -208,8 +290,9 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
 
 
 def saved_activation_bytes(model, fn):
-    """Measure: (bytes, fn()), the bytes of the distinct tensor storages autograd saves for backward while fn()
-    runs, parameters left out: the activation memory held from forward to backward, whatever the allocator does."""
+    """Measure: (bytes, fn()), the bytes of the distinct tensor storages autograd saves for
+    backward while fn() runs, parameters left out: the activation memory held from forward to
+    backward, whatever the allocator does."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -225,19 +308,23 @@ def saved_activation_bytes(model, fn):
 
 
 def fsdp_gathered_bytes(plan: Plan) -> int:
-    """Under FSDP, what is whole besides the shards, in the compute dtype: the root unit (embedding, final norm, head,
-    projector, a trained ViT's embeddings) until backward ends, two decoder layers (running, prefetched; ViT blocks
-    are smaller), the unsharded gradients of root and one layer (the root's fp32 copy comes after the activations)."""
-    c, v, a = plan.llm, plan.vit, plan.act_bytes
+    """Under FSDP, what is whole besides the shards, in the compute dtype: the root unit
+    (embedding, final norm, head, projector, a trained ViT's embeddings) until backward ends, two
+    decoder layers (running, prefetched; ViT blocks are smaller), the unsharded gradients of root
+    and one layer (the root's fp32 copy comes after the activations)."""
+    c = plan.llm
+    v = plan.vit
+    a = plan.act_bytes
     layer = (internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=2))
              - internlm2.num_parameters(dataclasses.replace(c, num_hidden_layers=1)))
     lora = lora_parameters(c, plan.lora_r) // c.num_hidden_layers if plan.lora_r else 0
     projector = param_counts(plan)["projector"]
     llm_root = internlm2.num_parameters(c) - c.num_hidden_layers * layer
-    vit_root = (v.grid_size ** 2 + 1 + v.num_register_tokens) * v.hidden_size if "vit" in plan.train else 0
+    vit_root = vit_counts(v, plan.select_layer)["embeddings"] if "vit" in plan.train else 0
     trained_layer = {"full": layer, "lora": lora, "frozen": 0}[plan.llm_mode]
     trained_root = llm_root * (plan.llm_mode == "full") + vit_root + projector * ("projector" in plan.train)
-    fp32_copy = 4 * trained_layer if a == 2 else 0           # a layer's gradients cast for the reduce-scatter
+    # A layer's gradients cast for the reduce-scatter
+    fp32_copy = 4 * trained_layer if a == 2 else 0
     whole = llm_root + projector + vit_root + 2 * (layer + lora)
     return int(a * whole + a * (trained_root + trained_layer) + fp32_copy)
 
@@ -247,9 +334,7 @@ def fsdp_gathered_bytes(plan: Plan) -> int:
 def estimate(plan: Plan) -> Estimate:
     if not plan.train or not set(plan.train) <= set(llava.PARTS):
         raise LlavaMinError(f"--train {','.join(plan.train)}: use a comma list of {', '.join(llava.PARTS)}, or all")
-    if plan.image_size % plan.vit.patch_size:
-        raise LlavaMinError(f"--image-size {plan.image_size} is not a multiple of the ViT patch size "
-                            f"{plan.vit.patch_size}")
+    check_image_size(plan.image_size, plan.image_size, plan.vit.patch_size)
     need = plan.images_per_sample * plan.image_tokens
     if plan.max_length <= need:
         raise LlavaMinError(f"--max-length {plan.max_length} leaves no room for text after {need} image tokens "
@@ -258,39 +343,52 @@ def estimate(plan: Plan) -> Estimate:
         raise LlavaMinError("--lora-r trains the LLM through adapters: add llm to --train")
     if plan.batch_size < 1 or plan.world_size < 1:
         raise LlavaMinError(f"--batch-size ({plan.batch_size}) and the world size ({plan.world_size}) must be >= 1")
-    p, world, a, v, c = param_counts(plan), plan.world_size, plan.act_bytes, plan.vit, plan.llm
+    p = param_counts(plan)
+    world = plan.world_size
+    a = plan.act_bytes
+    v = plan.vit
+    c = plan.llm
     fsdp = plan.fsdp and world > 1
-    weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]     # fp32 master weights for what trains
-    optimizer = 8 * p["trained"]                                    # AdamW's exp_avg and exp_avg_sq in fp32
-    outside = p["vit"] * a if "vit" not in plan.train else 0        # FSDP: a frozen ViT stays whole on each rank
+    # fp32 master weights for what trains
+    weights = 4 * (p["trained"] + p["unused"]) + a * p["frozen"]
+    # AdamW's exp_avg and exp_avg_sq in fp32
+    optimizer = 8 * p["trained"]
+    # FSDP: a frozen ViT stays whole on each rank
+    outside = p["vit"] * a if "vit" not in plan.train else 0
     held = (weights - outside) // world + outside if fsdp else weights
     supervised = max(1, plan.batch_size * (plan.max_length - need))
-    vit_tokens = plan.batch_size * plan.images_per_sample * (1 + v.num_register_tokens + plan.image_tokens)
+    vit_tokens = plan.batch_size * plan.images_per_sample * (v.prefix_tokens + plan.image_tokens)
     other = activation_bytes(plan.replace(grad_checkpointing=not plan.grad_checkpointing))
-    # FSDP load: every rank allocates its shards (no rank builds the model on its GPU), then each tensor arrives
-    # whole from rank 0 in turn and the rank keeps its slice: the largest one (the embedding or the head) in flight
+    # FSDP load: every rank allocates its shards (no rank builds the model on its GPU), then each
+    # tensor arrives whole from rank 0 in turn and the rank keeps its slice: the largest one (the
+    # embedding or the head) in flight
     in_flight = max(c.vocab_size, c.intermediate_size) * c.hidden_size * (4 if plan.llm_mode == "full" else a)
     e = Estimate(
         params=p,
         weights=held,
         gradients=4 * p["trained"] // world if fsdp else 4 * p["trained"],
-        # gradient_as_bucket_view=True: gradients live in DDP's flat all-reduce buckets, not beside them
+        # gradient_as_bucket_view=True: gradients live in DDP's flat all-reduce buckets, not beside
+        # them
         ddp_buckets=4 * p["trained"] if world > 1 and not plan.ddp_bucket_view else 0,
-        optimizer=optimizer // world if (plan.zero or plan.fsdp) and world > 1 else optimizer,   # ZeRO-1, FSDP
+        # ZeRO-1, FSDP
+        optimizer=optimizer // world if (plan.zero or plan.fsdp) and world > 1 else optimizer,
         optimizer_unsharded=optimizer,
-        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until backward; under FSDP
-        # the bf16 all-gathers are the compute copies
+        # autocast casts each trained fp32 matrix to bf16 once per forward and keeps it until
+        # backward; under FSDP the bf16 all-gathers are the compute copies
         autocast_copies=2 * p["trained_matmul"] if plan.dtype == "bfloat16" and not fsdp else 0,
         activations=activation_bytes(plan),
         activations_other_mode=sum(other.values()),
-        # a frozen ViT's no_grad forward, before the LLM runs: at its peak a few live tensors of one block
+        # a frozen ViT's no_grad forward, before the LLM runs: at its peak a few live tensors of
+        # one block
         vit_transient=0 if "vit" in plan.train else int(vit_tokens * a * (6 * v.hidden_size + 2 * v.ffn_hidden_size)),
-        # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus the logits
+        # the cross-entropy chunk in backward: fp32 log-softmax, its gradient and one more, plus
+        # the logits
         logits=int(min(plan.loss_chunk, supervised) * c.vocab_size * (12 + a)),
         cuda_context=int(CUDA_CONTEXT + (NCCL_BUFFERS if world > 1 else 0)) if plan.device == "cuda" else 0,
         fsdp_gathered=fsdp_gathered_bytes(plan) if fsdp else 0,
         load_peak=held + in_flight if fsdp else 0,
-        load_host_rank0=weights if fsdp else 0,                     # rank 0 alone reads the model, on the CPU
+        # Rank 0 alone reads the model, on the CPU
+        load_host_rank0=weights if fsdp else 0,
     )
     e.total = (e.weights + e.gradients + e.ddp_buckets + e.optimizer + e.autocast_copies + e.cuda_context
                + e.fsdp_gathered + max(e.activation_total + e.logits, e.vit_transient))
@@ -309,27 +407,32 @@ def host_ram() -> tuple[int, int]:
 
 
 def host_bytes(plan: Plan) -> dict:
-    """Host RAM of one node while reading the data, loading the model and training: one rank's bytes in each phase
-    ("rank_start", "rank_load", "rank_training"), one loader worker's, and the node's ("start", "load", "training")."""
-    table = plan.data_bytes                 # the packed sample table is about the size of the JSON it came from
+    """Host RAM of one node while reading the data, loading the model and training: one rank's
+    bytes in each phase ("rank_start", "rank_load", "rank_training"), one loader worker's, and the
+    node's ("start", "load", "training")."""
+    # The packed sample table is about the size of the JSON it came from
+    table = plan.data_bytes
     rank = {"Python + torch": PROCESS_BASE, "sample table": table}
-    # A batch as the loader hands it over: fp32 pixels, int64 ids and labels, in shared memory (its pages are
-    # counted once). In flight: prefetch per worker, plus the one being trained on and the previous one.
+    # A batch as the loader hands it over: fp32 pixels, int64 ids and labels, in shared memory (its
+    # pages are counted once). In flight: prefetch per worker, plus the one being trained on and
+    # the previous one.
     batch = plan.batch_size * (plan.images_per_sample * 3 * plan.image_size ** 2 * 4 + 2 * 8 * plan.max_length)
     phases = {"start": {"Python + torch": PROCESS_BASE, "json.load peak": JSON_PEAK * table}, "load": dict(rank),
               "training": {**rank, "batches in flight": (plan.prefetch * plan.num_workers + 2) * batch}}
     if plan.device == "cuda":
-        # Each tensor goes from its memory-mapped file straight to the GPU: one shard's pages at a time. Not at
-        # hand (a preset): as if the released bf16 checkpoint were read.
+        # Each tensor goes from its memory-mapped file straight to the GPU: one shard's pages at a
+        # time. Not at hand (a preset): as if the released bf16 checkpoint were read.
         phases["load"]["one checkpoint shard"] = plan.shard_bytes or min(MAX_SHARD,
                                                                          2 * internlm2.num_parameters(plan.llm))
     else:
-        # The device is the host: the whole model in its final dtypes, then gradients, AdamW and activations.
+        # The device is the host: the whole model in its final dtypes, then gradients, AdamW and
+        # activations.
         e = estimate(plan)
         phases["load"].update({"weights": e.weights, "one checkpoint shard": plan.shard_bytes})
         phases["training"]["model, gradients, AdamW, activations"] = e.total
     out = {f"rank_{k}": {name: int(b) for name, b in v.items()} for k, v in phases.items()}
-    # A forked worker shares its rank's sample table (pages read, never written) and the shared-memory batches.
+    # A forked worker shares its rank's sample table (pages read, never written) and the
+    # shared-memory batches.
     out["worker"] = {"own pages": int(WORKER_BASE)}
     for k in phases:
         workers = plan.num_workers * out["worker"]["own pages"] if k == "training" else 0
@@ -338,7 +441,8 @@ def host_bytes(plan: Plan) -> dict:
 
 
 def host_warning(plan: Plan, host_gib: float) -> str | None:
-    """A warning line when a phase needs more than the node's RAM (None if it fits or the RAM is unknown)."""
+    """A warning line when a phase needs more than the node's RAM (None if it fits or the RAM is
+    unknown)."""
     h = host_bytes(plan)
     phase = max(("start", "load", "training"), key=lambda k: h[k])
     if not host_gib or h[phase] <= host_gib * GiB:
@@ -369,15 +473,19 @@ def largest_batch(plan: Plan, gpu_gib: float) -> int:
 
 
 def largest_length(plan: Plan, gpu_gib: float) -> int:
-    """The largest --max-length (a multiple of 64, at most max_position_embeddings) that fits; 0 if none."""
-    floor, top = plan.images_per_sample * plan.image_tokens // 64, plan.llm.max_position_embeddings // 64
-    n = _largest(lambda n: fits(plan.replace(max_length=64 * n), gpu_gib), floor, top)   # 64 x floor: no text room
+    """The largest --max-length (a multiple of 64, at most max_position_embeddings) that fits; 0 if
+    none."""
+    floor = plan.images_per_sample * plan.image_tokens // 64
+    top = plan.llm.max_position_embeddings // 64
+    # 64 x floor: no text room
+    n = _largest(lambda n: fits(plan.replace(max_length=64 * n), gpu_gib), floor, top)
     return 64 * n if n > floor else 0
 
 
 def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
-    """Flags that make `plan` fit a `gpu_gib` GiB card: a smaller micro-batch (--grad-accum keeps the global batch),
-    else the levers in turn, then a shorter --max-length; unneeded levers are dropped. Last: the estimate or why not."""
+    """Flags that make `plan` fit a `gpu_gib` GiB card: a smaller micro-batch (--grad-accum keeps
+    the global batch), else the levers in turn, then a shorter --max-length; unneeded levers are
+    dropped. Last: the estimate or why not."""
     if fits(plan, gpu_gib):
         return [f"already fits: {estimate(plan).total / GiB:.1f} GiB of {gpu_gib:g} GiB"]
     shardable = plan.world_size > 1 and not plan.fsdp
@@ -389,16 +497,19 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
         ("--lora-r 128 (train the LLM through adapters)", {"lora_r": 128}, plan.llm_mode == "full"),
         ("--lora-r 32", {"lora_r": 32}, plan.llm_mode != "frozen" and (plan.lora_r or 128) > 32)] if useful]
 
-    def build(chosen, **more) -> Plan:       # later levers override earlier ones (--lora-r 32 after 128)
+    # Later levers override earlier ones (--lora-r 32 after 128)
+    def build(chosen, **more) -> Plan:
         return plan.replace(**{k: v for _, change in chosen for k, v in change.items()} | more)
 
-    applied, length = [], plan.max_length
+    applied = []
+    length = plan.max_length
     batch = min(largest_batch(plan, gpu_gib), plan.batch_size)
     while not batch and len(applied) < len(levers):
         applied.append(levers[len(applied)])
         batch = min(largest_batch(build(applied), gpu_gib), plan.batch_size)
     if not batch:
-        batch, length = 1, largest_length(build(applied, batch_size=1), gpu_gib)
+        batch = 1
+        length = largest_length(build(applied, batch_size=1), gpu_gib)
         if not length:
             need = estimate(build(applied, batch_size=1)).total / GiB
             return [flag for flag, _ in applied] + [
@@ -420,8 +531,10 @@ def suggest_fit(plan: Plan, gpu_gib: float) -> list[str]:
 # From finetune.py's arguments
 
 def plan_from_args(args, world_size: int | None = None, device: str | None = None) -> Plan:
-    """A Plan from an argparse namespace with finetune.py's names (missing ones take the defaults)."""
-    given = {name: value for name, value in vars(args).items() if value is not None}   # absent or None: the default
+    """A Plan from an argparse namespace with finetune.py's names (missing ones take the
+    defaults)."""
+    # Absent or None: the default
+    given = {name: value for name, value in vars(args).items() if value is not None}
     init = Path(given.get("init_from")) if given.get("init_from") else None
     llm_source = given.get("llm") or given.get("llm_config") or (init / "llm" if init else None)
     vit_source = given.get("vit") or given.get("vit_config") or (init / "vit" if init else None)
@@ -437,7 +550,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
     same_names = ("lora_r", "lora_dropout", "batch_size", "max_length", "grad_checkpointing", "zero", "fsdp",
                   "num_workers")
-    plan = Plan(llm=internlm2.load_config(llm_source), vit=dinov2.load_config(vit_source),
+    plan = Plan(llm=internlm2.load_config(llm_source), vit=llava.vision_config(vit_source),
                 train=tuple(p for p in llava.PARTS if p in parts), image_size=image_size or 336,
                 dtype=given.get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
                 world_size=world_size or given.get("world_size") or int(os.environ.get("WORLD_SIZE", 1)), device=device,
@@ -445,8 +558,8 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
                 data_bytes=sum(Path(f).stat().st_size for f in given.get("data", []) if Path(f).is_file()),
                 shard_bytes=max(shards, default=0),
                 **{name: given[name] for name in same_names if name in given})
-    # --pack N: a row of whole samples, each with at most one image, booked as N positions with as many images as
-    # fit (each with a text token at least): an upper bound for the ViT's share
+    # --pack N: a row of whole samples, each with at most one image, booked as N positions with as
+    # many images as fit (each with a text token at least): an upper bound for the ViT's share
     pack = given.get("pack")
     return plan.replace(max_length=pack, images_per_sample=max(1, pack // (plan.image_tokens + 1))) if pack else plan
 
@@ -454,9 +567,14 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
 # Report
 
 def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = None) -> str:
-    """The table train.py prints at start-up. host_gib: the node's RAM (default: this machine's MemTotal)."""
-    e, world, ckpt = estimate(plan), plan.world_size, "on" if plan.grad_checkpointing else "off"
-    p, fsdp, unsharded = e.params, plan.fsdp and world > 1, e.optimizer_unsharded / GiB
+    """The table train.py prints at start-up. host_gib: the node's RAM (default: this machine's
+    MemTotal)."""
+    e = estimate(plan)
+    world = plan.world_size
+    ckpt = "on" if plan.grad_checkpointing else "off"
+    p = e.params
+    fsdp = plan.fsdp and world > 1
+    unsharded = e.optimizer_unsharded / GiB
     zero = f"; with --zero over {world} ranks: {unsharded / world:.2f}" if world > 1 else ""
     optimizer_note = (f"{'FSDP' if fsdp else 'ZeRO-1'} over {world} ranks (unsharded {unsharded:.2f})"
                       if e.optimizer != e.optimizer_unsharded else "trained x 8 B" + zero)
@@ -501,7 +619,9 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
                   f"  largest --max-length at batch {plan.batch_size}: {largest_length(plan, gpu_gib)}"]
         if not ok:
             lines += ["  to fit: " + "; ".join(suggest_fit(plan, gpu_gib))]
-    h, n, w = host_bytes(plan), plan.nproc_per_node, plan.num_workers
+    h = host_bytes(plan)
+    n = plan.nproc_per_node
+    w = plan.num_workers
     host_gib = host_ram()[0] / GiB if host_gib is None else host_gib
     worker = f"; + {w} worker{'s' if w > 1 else ''} x {sum(h['worker'].values()) / GiB:.2f}" if w else ""
     lines += ["", f"host RAM per node: {n} rank{'s' if n > 1 else ''}, {w} loader worker{'s' if w != 1 else ''} each"
@@ -518,8 +638,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llm", help="InternLM2 folder (its config.json is read)")
     p.add_argument("--llm-config", help="preset (tiny, internlm2-1_8b, internlm2-7b) or config.json")
-    p.add_argument("--vit", help="DINOv2 folder (its config.json is read)")
-    p.add_argument("--vit-config", help="preset (dinov2-small/-base/-large/-giant[-reg]) or config.json")
+    p.add_argument("--vit", help="vision tower folder: DINOv2, CLIP or SigLIP (its config.json is read)")
+    p.add_argument("--vit-config", help="preset (dinov2-small/-base/-large/-giant[-reg], clip-vit-large-patch14-336, "
+                                        "siglip-so400m-patch14-384, siglip-base-patch16-224, ...) or config.json")
     p.add_argument("--init-from", help="a folder written by train.py: its llm/ and vit/ configs")
     p.add_argument("--train", default="projector,llm", help="comma list of projector,llm,vit, or all")
     p.add_argument("--lora-r", type=int, default=0)
