@@ -17,7 +17,8 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import groupby
 
 from .. import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
-from ..data import FileIndex, Samples, image_path, llm_positions, problem_report, sample_problems, tokenize
+from ..data import (FileIndex, Samples, describe, image_files, image_paths, llm_positions, problem_report,
+                    sample_problems, tokenize)
 from ..image import load_image
 from ..tokenizer import Tokenizer
 
@@ -64,69 +65,112 @@ def decode_images(items: list[tuple[int, str]], num_workers: int = 0, chunk: int
 def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, tokenizer=None,
           max_length: int = 2048, image_tokens: int = 1, system: str | None = None) -> str:
     """Validate everything; raise LlavaMinError listing every problem, else return a one-line summary."""
-    samples, found = Samples(files), FileIndex()
-    bad, images = {}, []
+    samples = Samples(files)
+    found = FileIndex()
+    bad = {}
+    images = []          # (sample index, path) of every image
+    with_image = 0
+    several = 0
     for index, sample in enumerate(samples.scan()):
-        if problems := sample_problems(sample, image_folder, found):
+        problems = sample_problems(sample, image_folder, found)
+        if problems:
             bad[index] = "; ".join(problems)
-        elif sample.get("image") is not None:
-            images.append((index, image_path(sample, image_folder)))
-    bad = dict(sorted({**bad, **decode_images(images, num_workers)}.items())) if decode else bad
+            continue
+        paths = image_paths(sample, image_folder)
+        images += [(index, path) for path in paths]
+        with_image += bool(paths)
+        several += len(paths) > 1
+    if decode:
+        bad = dict(sorted({**bad, **decode_images(images, num_workers)}.items()))
     if bad:
         raise LlavaMinError(problem_report(samples, bad, image_folder))
-    summary = (f"{len(samples)} samples OK ({len(images)} with an image, {len(samples) - len(images)} text-only"
-               f"{', every image decodes' if decode else ''})")
+    summary = f"{len(samples)} samples OK ({with_image} with an image"
+    if several:
+        summary += f", {several} of them with several: {len(images)} images in all"
+    summary += f", {len(samples) - with_image} text-only"
+    if decode:
+        summary += ", every image decodes"
+    summary += ")"
     if tokenizer is not None:
-        tok, truncated, unsupervised = Tokenizer(tokenizer), 0, 0
-        for i in range(len(samples)):
-            ids, labels, full = tokenize(tok, samples[i]["conversations"], max_length, system, image_tokens)
-            if all(label == IGNORE_INDEX for label in labels):
-                unsupervised += 1
-            elif len(ids) < full:
-                truncated += 1
-        summary += (f"; at max_length {max_length} (image = {image_tokens} positions): {truncated} cut short, "
-                    f"{unsupervised} with no supervised token (dropped in training)")
+        summary += "; " + _cut_summary(samples, Tokenizer(tokenizer), max_length, image_tokens, system)
     return summary
+
+
+def _cut_summary(samples: Samples, tok: Tokenizer, max_length: int, image_tokens: int, system: str | None) -> str:
+    """How many samples max_length cuts (and how many images that leaves out), and how many it leaves unsupervised."""
+    truncated = 0
+    unsupervised = 0
+    left_out = 0
+    for i in range(len(samples)):
+        ids, labels, full = tokenize(tok, samples[i]["conversations"], max_length, system, image_tokens)
+        if all(label == IGNORE_INDEX for label in labels):
+            unsupervised += 1
+        elif len(ids) < full:
+            truncated += 1
+            left_out += len(image_files(samples[i])) - ids.count(IMAGE_TOKEN_INDEX)
+    text = f"at max_length {max_length} (image = {image_tokens} positions): {truncated} cut short"
+    if left_out:
+        text += f" ({left_out} images left out)"
+    return text + f", {unsupervised} with no supervised token (dropped in training)"
 
 
 def show(files, index: int, tokenizer=None, image_folder=None, max_length: int = 2048, image_tokens: int = 1,
          system: str | None = None) -> str:
-    """One sample rendered as the model sees it, ⟦supervised⟧ marked."""
+    """One sample rendered as the model sees it, ⟦supervised⟧ marked, each image in its place."""
     samples = Samples(files)
-    for _ in samples.scan():  # read (and check) every file, keeping only the offsets
+    # Read (and check) every file, keeping only the offsets.
+    for _ in samples.scan():
         pass
     if not -len(samples) <= index < len(samples):
-        raise LlavaMinError(f"--index {index} is out of range: {len(samples)} samples in {', '.join(map(str, files))}")
+        raise LlavaMinError(f"--index {index} is out of range: {len(samples)} samples in {samples.names()}")
     index %= len(samples)
     sample = samples[index]
-    lines = [samples.describe(index, image_folder)]
-    if problems := sample_problems(sample):
+    lines = [describe(samples, index, image_folder)]
+    problems = sample_problems(sample)
+    if problems:
         return "\n".join(lines + [f"bad: {'; '.join(problems)}", json.dumps(sample, ensure_ascii=False, indent=1)])
-    if sample.get("image") is not None:
+    for k, path in enumerate(image_paths(sample, image_folder), start=1):
         try:
-            width, height = load_image(image_path(sample, image_folder)).size
-            lines.append(f"image: {width}x{height} px")
+            width, height = load_image(path).size
+            lines.append(f"image {k}: {width}x{height} px")
         except LlavaMinError as e:
-            lines.append(f"image: {e}")
+            lines.append(f"image {k}: {e}")
     if tokenizer is None:
         conversations = json.dumps(sample["conversations"], ensure_ascii=False, indent=1)
         return "\n".join(lines + [conversations, "(give --tokenizer to see the tokens and labels)"])
     tok = Tokenizer(tokenizer)
     ids, labels, full = tokenize(tok, sample["conversations"], max_length, system, image_tokens)
     supervised = sum(label != IGNORE_INDEX for label in labels)
-    lines.append(f"tokens: {len(ids)} ids, {llm_positions(ids, image_tokens)} LLM positions (image = {image_tokens}); "
-                 f"{supervised} supervised" + (f"; truncated from {full} ids at max_length {max_length}"
-                                               if len(ids) < full else ""))
-    # Runs of equal supervision (None: the image placeholder), decoded together; ⟦...⟧ marks what the loss sees.
-    text, kind = [], lambda pair: None if pair[0] == IMAGE_TOKEN_INDEX else pair[1] != IGNORE_INDEX
+    counts = f"{len(ids)} ids, {llm_positions(ids, image_tokens)} LLM positions (image = {image_tokens})"
+    line = f"tokens: {counts}; {supervised} supervised"
+    if len(ids) < full:
+        line += f"; truncated from {full} ids at max_length {max_length}"
+    lines.append(line)
+    lines.append("-" * 40 + "\n" + "<s>" * (ids[:1] == [tok.bos_id]) + _render(tok, ids, labels, image_tokens))
+    return "\n".join(lines)
+
+
+def _render(tok: Tokenizer, ids: list[int], labels: list[int], image_tokens: int) -> str:
+    """Runs of equal supervision (None: an image placeholder), decoded together; ⟦...⟧ marks what the loss sees."""
+    def kind(pair):
+        if pair[0] == IMAGE_TOKEN_INDEX:
+            return None
+        return pair[1] != IGNORE_INDEX
+
+    text = []
+    image = 0
     for supervised, run in groupby(zip(ids, labels), kind):
         if supervised is None:
-            text.append(f"[image: {image_tokens} positions]")
+            for _ in run:
+                image += 1
+                text.append(f"[image {image}: {image_tokens} positions]")
             continue
-        piece = tok.decode([token for token, _ in run]).replace("\n", "↵\n")  # <s> decodes to nothing: printed first
-        text.append(f"⟦{piece}⟧" if supervised else piece)
-    lines.append("-" * 40 + "\n" + "<s>" * (ids[:1] == [tok.bos_id]) + "".join(text))
-    return "\n".join(lines)
+        # <s> decodes to nothing: it is printed first.
+        piece = tok.decode([token for token, _ in run]).replace("\n", "↵\n")
+        if supervised:
+            piece = f"⟦{piece}⟧"
+        text.append(piece)
+    return "".join(text)
 
 
 def main(argv=None) -> None:
