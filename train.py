@@ -89,6 +89,8 @@ def parse_args(stage: int, argv=None) -> argparse.Namespace:
                    help="pad to square (LLaVA-1.5, the default) or centre crop; inherited")
     p.add_argument("--system", default=None, help="system prompt for every sample (inherited)")
     p.add_argument("--skip-bad-samples", action="store_true", help="drop (and count) bad samples instead of stopping")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="drop (and count) samples with more than N images (default: no limit)")
     p.add_argument("--num-workers", type=int, default=4, help="loader worker processes; 0 = in the main process")
     p.add_argument("--loader-timeout", type=float, default=600, help="seconds a loader worker may be silent")
     p.add_argument("--seed", type=int, default=0)
@@ -204,7 +206,7 @@ def run(args, out: Path, d: "dist.Dist") -> None:
     image_tokens = vit_cfg.image_tokens(args.image_size)     # LLM positions per image
     dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size, image_mode=args.image_mode,
                            max_length=args.max_length, image_tokens=image_tokens, system=args.system,
-                           skip_bad=args.skip_bad_samples)
+                           skip_bad=args.skip_bad_samples, max_images=args.max_images)
     print0(dataset.report())
     global_batch = args.batch_size * d.world_size * args.grad_accum     # samples, or packed rows with --pack
     if args.pack and args.pack < args.max_length:
