@@ -12,7 +12,9 @@ sharded; DINOv2 hub names; XTuner projector) and loaded through LLaVA.from_pretr
     reaches the same parameters as an image batch (zero gradients, not None), so DDP sees no unused ones;
   * sampling with a seeded generator repeats itself; the chunked supervised-only loss equals a plain
     cross-entropy over the full logits, gradients included; gradient checkpointing changes nothing, with
-    right or left padding; a batch without a supervised token still reaches every parameter.
+    right or left padding; a batch without a supervised token still reaches every parameter;
+  * several images per sample (3 in one row, 1 in another) equal the same features spliced by hand, position
+    by position, and transformers on a multi-image prompt (logits, loss, greedy tokens) at 1e-4.
 """
 import shutil
 
@@ -146,6 +148,65 @@ def test_left_padded_batch_generation_matches_transformers_and_each_prompt_alone
     assert torch.equal(stopped[0], ours[0])
     assert torch.equal(stopped[1], torch.cat([ours[1, :k + 1], torch.full((9 - k,), stop[0])]))
     assert torch.equal(stopped, hf_generate(hf, input_ids, px, mask, stop))
+
+
+# --------------------------------------------------------------------------------------------------
+# Several images in one sample
+
+def multi_image_batch():
+    """Right-padded batch: row 0 interleaves 3 images with text, row 1 holds 1 image; pixels in row-major order."""
+    input_ids = torch.tensor([[1, 5, IMG, 7, IMG, 8, 9, IMG, 10, 11, 12],
+                              [1, 21, 22, IMG, 23, 24, 25, 26, 0, 0, 0]])
+    mask = torch.tensor([[1] * 11, [1] * 8 + [0] * 3])
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[0, :9] = IGNORE_INDEX                              # row 0 answers "11 12"
+    labels[1, :5] = IGNORE_INDEX                              # row 1 answers "25 26"
+    return input_ids, pixels(4, seed=3), labels, mask
+
+
+def test_three_images_and_one_equal_the_features_spliced_by_hand(model):
+    """Position by position: each placeholder is replaced by its own image's N projected patches, in order."""
+    input_ids, px, labels, mask = multi_image_batch()
+    out = model(input_ids, px, labels=labels, attention_mask=mask)
+    with torch.no_grad():
+        feats = model.image_features(px)                      # (4, N, D), images in order
+    image = 0
+    rows = []
+    for b in range(2):
+        row = []
+        for t in range(int(mask[b].sum())):
+            token = int(input_ids[b, t])
+            if token == IMG:
+                row += list(feats[image])                     # N rows of (D,)
+                image += 1
+            else:
+                row.append(model.llm.embed(torch.tensor([token]))[0])
+        rows.append(torch.stack(row))
+    assert image == 4 and [len(r) for r in rows] == [8 + 3 * N_PATCHES, 7 + N_PATCHES]
+    embeds, _, spliced_mask = model.embed(input_ids, px, labels, mask)
+    for b, row in enumerate(rows):
+        assert torch.equal(spliced_mask[b, :len(row)], torch.ones(len(row), dtype=spliced_mask.dtype))
+        assert max_diff(embeds[b, :len(row)], row) == 0
+        alone = model.llm.forward_hidden(row[None])           # the spliced row through the LLM by hand
+        assert max_diff(out.hidden[b, :len(row)], alone[0]) < 1e-5
+
+
+def test_a_multi_image_prompt_matches_transformers(model, hf):
+    input_ids, px, labels, mask = multi_image_batch()
+    out = model(input_ids, px, labels=labels, attention_mask=mask)
+    hf_ids, hf_mask, hf_labels = expand_image_tokens(input_ids, mask, N_PATCHES, IMAGE_TOKEN_ID, labels)
+    ref = hf(input_ids=hf_ids, pixel_values=px, attention_mask=hf_mask, labels=hf_labels)
+    real = out.attention_mask.bool()
+    assert real.sum(1).tolist() == hf_mask.sum(1).tolist() == [8 + 3 * N_PATCHES, 7 + N_PATCHES]
+    assert max_diff(out.logits[real], ref.logits[hf_mask.bool()]) < 1e-4
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-4
+    # Swapping two images of row 0 changes its logits: the order of the images is the order of the tags.
+    swapped = model(input_ids, px[[1, 0, 2, 3]], attention_mask=mask)
+    assert max_diff(swapped.logits[0], out.logits[0]) > 1e-3
+    # Greedy generation from a two-image prompt: transformers' tokens.
+    prompt = torch.tensor([[1, 5, IMG, 7, IMG, 8, 9]])
+    ours = model.generate(prompt, px[:2], max_new_tokens=8, stop_ids=NO_STOP)
+    assert torch.equal(ours, hf_generate(hf, prompt, px[:2], torch.ones_like(prompt), NO_STOP, max_new_tokens=8))
 
 
 # --------------------------------------------------------------------------------------------------
