@@ -1,4 +1,5 @@
-"""LLaVA-format samples -> XTuner's internlm2_chat ids and labels; the data set, its start-up checks, collate.
+"""LLaVA-format samples -> XTuner's internlm2_chat ids and labels; the data set, its start-up
+checks, collate.
 
 Read `encode_conversation` (the template, exactly XTuner's), `LLaVADataset` (what start-up checks and drops,
 cheaply enough for 665K samples; the rules: `sample_problems`), then `collate`. A sample, in a JSON list or JSONL:
@@ -35,8 +36,9 @@ SUFFIX = "<|im_end|>"  # SUFFIX_AS_EOS: the answer ends with <|im_end|>, supervi
 SEP = "\n"             # after each answer, not supervised
 IMAGE_TAG = "<image>"
 ROLES = ("human", "gpt")
-# Start-up counts the samples that max_length cuts exactly up to this many doubtful ones; beyond, on as many
-# spread evenly over them, and scales the count up (each costs a tokenization: 665K would take minutes).
+# Start-up counts the samples that max_length cuts exactly up to this many doubtful ones; beyond,
+# on as many spread evenly over them, and scales the count up (each costs a tokenization: 665K
+# would take minutes).
 TRUNCATION_SAMPLE = 20_000
 
 _VALUE = itemgetter("value")
@@ -52,7 +54,8 @@ IMAGE_FIELD = "'image' not a file name"
 
 
 def image_files(sample: dict) -> list[str]:
-    """The sample's image file names, in order: [] without an "image" field, one for a string, else the list."""
+    """The sample's image file names, in order: [] without an "image" field, one for a string, else
+    the list."""
     image = sample.get("image")
     if image is None:
         return []
@@ -84,8 +87,9 @@ def describe(samples: Samples, i: int, image_folder=None) -> str:
 # The rules: cheap type checks, every sample, all problems at once
 
 class FileIndex(dict):
-    """File existence by listing each folder once (folder -> its names): one listdir per folder instead of one
-    stat per sample (mix665k has 665K samples in 6 image folders; stats on a network file system take minutes)."""
+    """File existence by listing each folder once (folder -> its names): one listdir per folder
+    instead of one stat per sample (mix665k has 665K samples in 6 image folders; stats on a network
+    file system take minutes)."""
 
     def exists(self, path: str) -> bool:
         folder, name = os.path.split(path)
@@ -98,7 +102,8 @@ class FileIndex(dict):
 
 
 def image_problem(image) -> tuple[str, str] | None:
-    """(kind, phrase) when the "image" field is neither absent, a file name, nor a non-empty list of them."""
+    """(kind, phrase) when the "image" field is neither absent, a file name, nor a non-empty list of them.
+    """
     if image is None or (type(image) is str and image):
         return None
     if isinstance(image, list):
@@ -115,10 +120,11 @@ def sample_problems(sample: dict, image_folder=None, files: FileIndex | None = N
 
 
 def classified_problems(sample: dict, image_folder=None, files: FileIndex | None = None) -> list[tuple[str, str]]:
-    """(kind, phrase) per problem of one sample. Conversations alternate from human to gpt (XTuner would silently
-    drop a leading gpt or a trailing human message). The <image> tags of the human turns match the images in
-    number, in order; a tag without an image, or an image without a tag, is an error rather than a guess: the
-    first feeds the model a placeholder with no picture, the second a picture never referred to."""
+    """(kind, phrase) per problem of one sample. Conversations alternate from human to gpt (XTuner
+    would silently drop a leading gpt or a trailing human message). The <image> tags of the human
+    turns match the images in number, in order; a tag without an image, or an image without a tag,
+    is an error rather than a guess: the first feeds the model a placeholder with no picture, the
+    second a picture never referred to."""
     problems = []
     if not isinstance(sample.get("id"), str):
         if "id" in sample:
@@ -148,7 +154,8 @@ def classified_problems(sample: dict, image_folder=None, files: FileIndex | None
 
 
 def _conversation_problems(conversations, problems: list) -> int | None:
-    """Append the problems of "conversations"; return the <image> tags of its human turns (None if malformed)."""
+    """Append the problems of "conversations"; return the <image> tags of its human turns (None if
+    malformed)."""
     if conversations is None:
         problems.append((MALFORMED, "no 'conversations'"))
         return None
@@ -217,11 +224,13 @@ def problem_report(samples: Samples, bad: dict[int, str], image_folder=None) -> 
                    f"(or drop them with skip_bad / --skip-bad-samples)", lines)
 
 
-# The internlm2_chat template and XTuner's labels (xtuner/dataset/utils.py encode_fn, utils/templates.py)
+# The internlm2_chat template and XTuner's labels (xtuner/dataset/utils.py encode_fn,
+# utils/templates.py)
 
 def llava_turns(conversations: list[dict]) -> list[tuple[str, str]]:
-    """(question, answer) pairs as XTuner's llava_map_fn builds them (xtuner/dataset/map_fns/dataset_map_fns/
-    llava_map_fn.py): leading gpt messages and a trailing human one dropped, consecutive human messages joined."""
+    """(question, answer) pairs as XTuner's llava_map_fn builds them
+    (xtuner/dataset/map_fns/dataset_map_fns/ llava_map_fn.py): leading gpt messages and a trailing
+    human one dropped, consecutive human messages joined."""
     messages = list(conversations)
     while messages and messages[0]["from"] == "gpt":
         messages.pop(0)
@@ -239,9 +248,9 @@ def llava_turns(conversations: list[dict]) -> list[tuple[str, str]]:
 
 
 def place_tags(value: str) -> str:
-    """A message with one <image> tag gets it in front, on its own line (XTuner's llava_map_fn, LLaVA-NeXT's
-    preprocess_multimodal); the tags of a message with several stay where they are: their places interleave
-    the images with the text."""
+    """A message with one <image> tag gets it in front, on its own line (XTuner's llava_map_fn,
+    LLaVA-NeXT's preprocess_multimodal); the tags of a message with several stay where they are:
+    their places interleave the images with the text."""
     if value.count(IMAGE_TAG) != 1:
         return value
     return (IMAGE_TAG + "\n" + value.replace(IMAGE_TAG, "").strip()).strip()
@@ -249,10 +258,11 @@ def place_tags(value: str) -> str:
 
 def _encode_template(tok: Tokenizer, template: str, fields: dict, with_image: bool = False,
                      encode: Callable[[str], list[int]] | None = None) -> list[int]:
-    """ids of template.format(**fields), chat-token names parsed in the template only: one typed in a message, or
-    <s>, </s>, <unk>, stays text (here alone we differ from XTuner, whose tokenizer makes them control tokens). Each
-    text piece between chat tokens, template words and message together, is one sentencepiece call: the strings
-    XTuner's tokenizer.encode sees. with_image: "<image>" becomes IMAGE_TOKEN_INDEX (XTuner's encode_fn)."""
+    """ids of template.format(**fields), chat-token names parsed in the template only: one typed in
+    a message, or <s>, </s>, <unk>, stays text (here alone we differ from XTuner, whose tokenizer
+    makes them control tokens). Each text piece between chat tokens, template words and message
+    together, is one sentencepiece call: the strings XTuner's tokenizer.encode sees. with_image:
+    "<image>" becomes IMAGE_TOKEN_INDEX (XTuner's encode_fn)."""
     if encode is None:
         encode = lambda text: tok.encode(text, special=False)  # noqa: E731
     ids = []
@@ -304,8 +314,9 @@ def _assemble(tok: Tokenizer, conversations: list[dict], system: str | None,
 
 
 def _cut(ids: list[int], max_length: int, image_tokens: int) -> int:
-    """How many ids fit in max_length LLM positions. A cut never falls inside an image's positions: an image that
-    does not fit whole goes, with everything after it (with image_tokens 1, XTuner's plain cut of the ids)."""
+    """How many ids fit in max_length LLM positions. A cut never falls inside an image's positions:
+    an image that does not fit whole goes, with everything after it (with image_tokens 1, XTuner's
+    plain cut of the ids)."""
     if llm_positions(ids, image_tokens) <= max_length:
         return len(ids)
     used = 0
@@ -321,7 +332,8 @@ def _cut(ids: list[int], max_length: int, image_tokens: int) -> int:
 
 def tokenize(tok: Tokenizer, conversations: list[dict], max_length: int, system: str | None = None,
              image_tokens: int = 1) -> tuple[list[int], list[int], int]:
-    """(input_ids, labels, ids before the cut) per XTuner's encode_fn, cut at max_length LLM positions."""
+    """(input_ids, labels, ids before the cut) per XTuner's encode_fn, cut at max_length LLM positions.
+    """
     ids, labels = _assemble(tok, conversations, system)
     keep = _cut(ids, max_length, image_tokens)
     return ids[:keep], labels[:keep], len(ids)
@@ -333,19 +345,21 @@ def encode_conversation(tok: Tokenizer, conversations: list[dict], max_length: i
 
         [<s>]  <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n  ⟦{answer}<|im_end|>⟧  \\n
 
-    per turn, <s> only at position 0, the system block `<|im_start|>system\\n{system}<|im_end|>\\n` before the
-    first turn, only ⟦...⟧ supervised. One IMAGE_TOKEN_INDEX per image tag; cut to max_length LLM positions, an
-    image counting image_tokens (1 = XTuner), possibly leaving no supervised label (LLaVADataset drops those)."""
+    per turn, <s> only at position 0, the system block `<|im_start|>system\\n{system}<|im_end|>\\n`
+    before the first turn, only ⟦...⟧ supervised. One IMAGE_TOKEN_INDEX per image tag; cut to
+    max_length LLM positions, an image counting image_tokens (1 = XTuner), possibly leaving no
+    supervised label (LLaVADataset drops those)."""
     ids, labels, _ = tokenize(tok, conversations, max_length, system, image_tokens)
     return ids, labels
 
 
 def first_answer_fits(counter: TokenCounter, conversations: list[dict], max_length: int, system: str | None = None,
                       image_tokens: int = 1) -> bool:
-    """Whether encode_conversation(counter.tok, ...) of a valid sample keeps a supervised token: iff the first
-    answer starts before max_length. Its start is bounded without tokenizing: every token covers at least one
-    byte of text (byte fallback, no dummy prefix), a chat-token name (10+ bytes) is one token, and each 7-byte
-    image tag becomes image_tokens positions. Only a prompt near the limit is tokenized: drops are exact."""
+    """Whether encode_conversation(counter.tok, ...) of a valid sample keeps a supervised token:
+    iff the first answer starts before max_length. Its start is bounded without tokenizing: every
+    token covers at least one byte of text (byte fallback, no dummy prefix), a chat-token name (10+
+    bytes) is one token, and each 7-byte image tag becomes image_tokens positions. Only a prompt
+    near the limit is tokenized: drops are exact."""
     template = _prompt_template(system, True)
     # Valid: the first message is the first turn's question.
     fields = {"system": system, "input": place_tags(conversations[0]["value"])}
@@ -365,8 +379,8 @@ def _bytes(text: str) -> int:
 
 def may_be_cut(conversations: list[dict], max_length: int, system: str | None, images: int,
                image_tokens: int) -> bool:
-    """False when the whole conversation surely fits in max_length (the bound of first_answer_fits, every turn's
-    template included); True when it has to be tokenized to know."""
+    """False when the whole conversation surely fits in max_length (the bound of first_answer_fits,
+    every turn's template included); True when it has to be tokenized to know."""
     template = len(INSTRUCTION) + len(SUFFIX) + len(SEP)
     text = sum(_bytes(value) for value in map(_VALUE, conversations))
     if system:
@@ -376,7 +390,8 @@ def may_be_cut(conversations: list[dict], max_length: int, system: str | None, i
 
 def cut_images(counter: TokenCounter, conversations: list[dict], max_length: int, system: str | None,
                image_tokens: int) -> tuple[bool, int]:
-    """(whether max_length cuts the sample, how many of its images the cut leaves out), by counting tokens."""
+    """(whether max_length cuts the sample, how many of its images the cut leaves out), by counting
+    tokens."""
     ids, labels = _assemble(counter.tok, conversations, system, encode=counter.zeros)
     keep = _cut(ids, max_length, image_tokens)
     left_out = ids[keep:].count(IMAGE_TOKEN_INDEX)
@@ -384,10 +399,11 @@ def cut_images(counter: TokenCounter, conversations: list[dict], max_length: int
 
 
 class TokenCounter:
-    """len(tok.encode(text, special=False)), exactly, from a cache of counts per word: 5-10x faster on the long
-    pasted documents that open some ShareGPT conversations (the doubtful few of first_answer_fits). Exact when no
-    piece runs from a non-space character into a space (checked here; true of InternLM2's, else texts are encoded
-    whole): no piece then crosses the point before such a space, so a text's count is the sum of its words'."""
+    """len(tok.encode(text, special=False)), exactly, from a cache of counts per word: 5-10x faster
+    on the long pasted documents that open some ShareGPT conversations (the doubtful few of
+    first_answer_fits). Exact when no piece runs from a non-space character into a space (checked
+    here; true of InternLM2's, else texts are encoded whole): no piece then crosses the point
+    before such a space, so a text's count is the sum of its words'."""
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
@@ -417,8 +433,9 @@ class TokenCounter:
 
 
 def estimate_length(sample: dict, image_tokens: int) -> int:
-    """Length for the length-grouped sampler, negative for text-only (XTuner's modality_length): 4 characters a
-    token, 5 template tokens a message, image_tokens each image (only the order of the estimates matters)."""
+    """Length for the length-grouped sampler, negative for text-only (XTuner's modality_length): 4
+    characters a token, 5 template tokens a message, image_tokens each image (only the order of the
+    estimates matters)."""
     messages = sample["conversations"]
     text = sum(map(len, map(_VALUE, messages))) // 4 + 5 * len(messages) + 1
     images = len(image_files(sample))
@@ -430,12 +447,14 @@ def estimate_length(sample: dict, image_tokens: int) -> int:
 # Data set and collate
 
 class LLaVADataset:
-    """LLaVA samples (files, or a list of dicts) -> (input_ids, labels, pixel_values), tokenized and decoded per
-    item, deterministically. Start-up reads the files once, checks each sample as it is parsed and drops those whose
-    first answer starts beyond max_length (nothing to learn from) or, with max_images, that hold more images;
-    skip_bad drops (and counts, per kind) bad samples instead of raising an error that lists them; `report()` and
-    `stats` say what was dropped and how many samples max_length cuts. image_mode: "pad" (LLaVA-1.5) or "crop"
-    (DINOv2); each image takes image_tokens positions; a longer sample is cut at the end (item["truncated"])."""
+    """LLaVA samples (files, or a list of dicts) -> (input_ids, labels, pixel_values), tokenized
+    and decoded per item, deterministically. Start-up reads the files once, checks each sample as
+    it is parsed and drops those whose first answer starts beyond max_length (nothing to learn
+    from) or, with max_images, that hold more images; skip_bad drops (and counts, per kind) bad
+    samples instead of raising an error that lists them; `report()` and `stats` say what was
+    dropped and how many samples max_length cuts. image_mode: "pad" (LLaVA-1.5) or "crop" (DINOv2);
+    each image takes image_tokens positions; a longer sample is cut at the end (item["truncated"]).
+    """
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",
                  max_length: int = 2048, image_tokens: int = 1, system: str | None = None, skip_bad: bool = False,
@@ -460,7 +479,8 @@ class LLaVADataset:
         del self._kept
 
     def _start_up(self, samples: Samples, skip_bad: bool) -> None:
-        """One pass over the files: check, drop and count; sets lengths, stats and the dropped samples' lines."""
+        """One pass over the files: check, drop and count; sets lengths, stats and the dropped samples' lines.
+        """
         files = FileIndex()
         counter = TokenCounter(self.tokenizer)
         self._kept = []
@@ -510,8 +530,8 @@ class LLaVADataset:
             self.stats["truncation_exact"] = False
 
     def _count_cuts(self, samples: Samples, doubtful: list[int], counter: TokenCounter) -> tuple[int, int]:
-        """(samples max_length cuts, images it leaves out) among the kept ones; scaled from TRUNCATION_SAMPLE of the
-        doubtful ones when there are more."""
+        """(samples max_length cuts, images it leaves out) among the kept ones; scaled from
+        TRUNCATION_SAMPLE of the doubtful ones when there are more."""
         chosen = doubtful
         if len(doubtful) > TRUNCATION_SAMPLE:
             step = len(doubtful) / TRUNCATION_SAMPLE
@@ -527,7 +547,8 @@ class LLaVADataset:
         return round(truncated * scale), round(left_out * scale)
 
     def report(self) -> str:
-        """The start-up report: what is used, what is cut, what was dropped and why (the first 20 named)."""
+        """The start-up report: what is used, what is cut, what was dropped and why (the first 20 named).
+        """
         s = self.stats
         several = ""
         if s["several_images"]:
@@ -568,7 +589,8 @@ class LLaVADataset:
         pixel_values = None
         if paths:
             try:
-                # uint8: the model normalises on its device (a quarter of the bytes between processes)
+                # uint8: the model normalises on its device (a quarter of the bytes between
+                # processes)
                 images = [to_pixels(load_image(path), self.image_size, self.image_mode) for path in paths]
             except LlavaMinError as e:
                 raise LlavaMinError(f"{self.describe(i)}: {e}") from e
@@ -579,18 +601,20 @@ class LLaVADataset:
 
 
 def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
-    """Right-pad LLaVADataset items into a batch, one sample per row (XTuner's default_collate_fn); the mask comes
-    from the lengths, as pad_id may be a real token (</s>). All the batch's images, in order, in one tensor: one
-    ViT batch. shared=True stacks the pixels straight into shared memory (a loader worker's reused slot), so that
-    sending the batch copies nothing, as torch's default_collate."""
+    """Right-pad LLaVADataset items into a batch, one sample per row (XTuner's default_collate_fn);
+    the mask comes from the lengths, as pad_id may be a real token (</s>). All the batch's images,
+    in order, in one tensor: one ViT batch. shared=True stacks the pixels straight into shared
+    memory (a loader worker's reused slot), so that sending the batch copies nothing, as torch's
+    default_collate."""
     return _collate_rows([[s] for s in samples], pad_id, shared)
 
 
 def collate_packed(samples: list[dict], capacity: int, image_tokens: int, pad_id: int = 0,
                    shared: bool = False) -> dict:
-    """Pack whole samples into rows of at most `capacity` LLM positions by their real lengths, first-fit, longest
-    first; attention_mask k on a row's k-th sample keeps its attention and positions to itself (LLaVA.forward).
-    The sampler planned rows from estimates: one too low makes a row more here, never a sample split or cut."""
+    """Pack whole samples into rows of at most `capacity` LLM positions by their real lengths,
+    first-fit, longest first; attention_mask k on a row's k-th sample keeps its attention and
+    positions to itself (LLaVA.forward). The sampler planned rows from estimates: one too low makes
+    a row more here, never a sample split or cut."""
     sizes = [llm_positions(s["input_ids"].tolist(), image_tokens) for s in samples]
     rows = []
     room = []
@@ -609,7 +633,8 @@ def collate_packed(samples: list[dict], capacity: int, image_tokens: int, pad_id
 
 
 def _collate_rows(rows: list[list[dict]], pad_id: int, shared: bool) -> dict:
-    """The batch of `rows`, each a list of samples laid end to end; attention_mask = k on the row's k-th sample."""
+    """The batch of `rows`, each a list of samples laid end to end; attention_mask = k on the row's
+    k-th sample."""
     if not rows:
         raise LlavaMinError("collate got an empty batch")
     samples = [s for row in rows for s in row]
@@ -633,8 +658,8 @@ def _collate_rows(rows: list[list[dict]], pad_id: int, shared: bool) -> dict:
 
 
 def _stack_images(samples: list[dict], shared: bool) -> torch.Tensor | None:
-    """(n_images, 3, H, W): every image of the samples, in order, or None. An item's pixel_values is (n, 3, H, W),
-    or (3, H, W) for one image."""
+    """(n_images, 3, H, W): every image of the samples, in order, or None. An item's pixel_values
+    is (n, 3, H, W), or (3, H, W) for one image."""
     images = []
     for sample in samples:
         pixels = sample["pixel_values"]

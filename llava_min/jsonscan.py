@@ -1,9 +1,10 @@
 """LLaVA samples kept as their files' bytes plus four numbers per sample, parsed again when read.
 
-Plumbing under data.py: a learner can take `Samples` as "a list of sample dicts that forks cheaply". 665K dicts
-would be ~2.5 GB of small objects that copy-on-write slowly copies into every forked loader worker as it touches
-their reference counts (pytorch/pytorch#13246); a few bytes objects and one array are shared as they are, and
-pickle whole. The JSON-list scanner runs json's own decoder element by element (json.load's speed).
+Plumbing under data.py: a learner can take `Samples` as "a list of sample dicts that forks
+cheaply". 665K dicts would be ~2.5 GB of small objects that copy-on-write slowly copies into every
+forked loader worker as it touches their reference counts (pytorch/pytorch#13246); a few bytes
+objects and one array are shared as they are, and pickle whole. The JSON-list scanner runs json's
+own decoder element by element (json.load's speed).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")  # what JSON allows between values
 
 
 class Samples:
-    """The samples of JSON-list and JSONL files (or of a list of dicts): the files' bytes, and per sample its
-    file, item or line number, start and end byte."""
+    """The samples of JSON-list and JSONL files (or of a list of dicts): the files' bytes, and per
+    sample its file, item or line number, start and end byte."""
 
     def __init__(self, data):
         if isinstance(data, (list, tuple)) and data and all(isinstance(s, dict) for s in data):
@@ -41,8 +42,9 @@ class Samples:
         self.spans = array("q")        # per sample: file, number, start, end (byte offsets in its buffer)
 
     def scan(self) -> Iterator[dict]:
-        """Each sample as it is parsed (checked by the caller in the same pass), its id made a string as XTuner
-        does. Unreadable files raise at once; invalid JSON lines and non-objects after the last sample, all listed."""
+        """Each sample as it is parsed (checked by the caller in the same pass), its id made a
+        string as XTuner does. Unreadable files raise at once; invalid JSON lines and non-objects
+        after the last sample, all listed."""
         errors = []
         for name, text in self.sources:
             for number, start, end, entry in self._entries(name, text, errors):
@@ -57,7 +59,8 @@ class Samples:
             raise LlavaMinError(listing(f"{len(errors)} unreadable entries in {names}", errors))
 
     def _entries(self, name: str, text: str | None, errors: list):
-        """Read one source, keep its bytes and label, and yield (number, start, end, entry) per element."""
+        """Read one source, keep its bytes and label, and yield (number, start, end, entry) per element.
+        """
         in_memory = text is not None
         jsonl = in_memory or name.endswith(".jsonl")
         try:
@@ -167,8 +170,8 @@ def _json_list_entries(text: str, name: str):
 
 
 class _ByteOffsets:
-    """Byte offsets of character spans met in increasing order: equal in ASCII text (str.isascii is O(1)), else
-    counted from the last span's end."""
+    """Byte offsets of character spans met in increasing order: equal in ASCII text (str.isascii is
+    O(1)), else counted from the last span's end."""
 
     def __init__(self, text: str):
         self.text = text

@@ -1,7 +1,8 @@
 """The data loader: worker processes that build collated batches, every failure loud and named.
 
-Start at `Loader._in_workers`, then `_receive` and `_worker_loop`. Batch b is built by `load_batch` with generators
-seeded from (seed, b), in worker b % num_workers or in the main process: the same batches either way.
+Start at `Loader._in_workers`, then `_receive` and `_worker_loop`. Batch b is built by `load_batch`
+with generators seeded from (seed, b), in worker b % num_workers or in the main process: the same
+batches either way.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ from . import LlavaMinError
 
 _POLL_S = 1.0   # how often the main process looks at the clock for timeouts while it waits
 _JOIN_S = 2.0   # how long a stopping worker gets before the next, harsher signal
-# Tensors below this size travel inside the message: a shared-memory segment and a file descriptor per tiny
-# token tensor cost more than copying its bytes (on 2 cores: 2 workers went from 1.48x to ~1.6x the 0-worker rate).
+# Tensors below this size travel inside the message: a shared-memory segment and a file descriptor
+# per tiny token tensor cost more than copying its bytes (on 2 cores: 2 workers went from 1.48x to
+# ~1.6x the 0-worker rate).
 _BY_VALUE_BYTES = 1 << 16
 
 
@@ -77,7 +79,8 @@ _DEATH_HINTS = {
 
 def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indices: list[int], current) -> Any:
     """Reseed, build every sample, collate: randomness depends on the batch, never on the worker.
-    `current.value` is the sample being built (-1 while collating), so a death or hang blames the right one."""
+    `current.value` is the sample being built (-1 while collating), so a death or hang blames the
+    right one."""
     s = int(np.random.SeedSequence([seed, batch_number]).generate_state(1)[0])  # 32 bits of a hash
     random.seed(s)
     np.random.seed(s)
@@ -93,8 +96,9 @@ def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indi
 # Shared memory that workers reuse
 
 class _Slots:
-    """A worker's shared-memory storages, reused (a fresh segment per batch cost 8% of a 16-image batch at 336 px).
-    The n-th `shared_empty` call of a task in slot s gets storage (s, n); `_Worker.free_slot` picks the slots."""
+    """A worker's shared-memory storages, reused (a fresh segment per batch cost 8% of a 16-image
+    batch at 336 px). The n-th `shared_empty` call of a task in slot s gets storage (s, n);
+    `_Worker.free_slot` picks the slots."""
 
     def __init__(self):
         self.storages: dict[tuple[int, int], torch.UntypedStorage] = {}  # (slot, n-th call) -> storage
@@ -117,8 +121,9 @@ _slots: _Slots | None = None  # set in a worker process of this loader; None els
 
 
 def shared_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised shared-memory tensor for a collate_fn to build a batch's big tensors in: in a worker of
-    this loader, in one of its reused slots; elsewhere a fresh one. The main process receives it without a copy."""
+    """An uninitialised shared-memory tensor for a collate_fn to build a batch's big tensors in: in
+    a worker of this loader, in one of its reused slots; elsewhere a fresh one. The main process
+    receives it without a copy."""
     if _slots is not None:
         return _slots.empty(tuple(shape), dtype)
     return torch.empty(shape, dtype=dtype).share_memory_()
@@ -129,9 +134,10 @@ def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple) -> torch.T
 
 
 class _BatchPickler(ForkingPickler):
-    """ForkingPickler with torch's "file_descriptor" strategy: a segment is unlinked at once and passed as an
-    open descriptor, so nothing leaks in /dev/shm when a worker is killed. Small tensors go by value; a tensor
-    in one of the worker's slots goes as a persistent id, so `_BatchUnpickler` sees which slots the batch uses."""
+    """ForkingPickler with torch's "file_descriptor" strategy: a segment is unlinked at once and
+    passed as an open descriptor, so nothing leaks in /dev/shm when a worker is killed. Small
+    tensors go by value; a tensor in one of the worker's slots goes as a persistent id, so
+    `_BatchUnpickler` sees which slots the batch uses."""
 
     def persistent_id(self, obj):
         if isinstance(obj, torch.Tensor) and _slots is not None \
@@ -148,7 +154,8 @@ class _BatchPickler(ForkingPickler):
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Loads what `_BatchPickler` wrote, keeping the slot storages the batch uses in `slot_storages`."""
+    """Loads what `_BatchPickler` wrote, keeping the slot storages the batch uses in `slot_storages`.
+    """
 
     def __init__(self, payload: bytes):
         super().__init__(io.BytesIO(payload))
@@ -162,7 +169,8 @@ class _BatchUnpickler(pickle.Unpickler):
 
 def _worker_loop(dataset, collate_fn: Callable, seed: int, tasks: Connection, results: Connection, current,
                  parent_pid: int) -> None:
-    """A worker process: receive (batch number, indices, slot), send back (batch number, batch, failure)."""
+    """A worker process: receive (batch number, indices, slot), send back (batch number, batch, failure).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process decides
     signal.set_wakeup_fd(-1)                       # a signal wake-up pipe inherited by fork is the main process's
     torch.set_num_threads(1)                       # N workers x all cores each would oversubscribe the CPU
@@ -185,8 +193,8 @@ def _worker_loop(dataset, collate_fn: Callable, seed: int, tasks: Connection, re
         _slots.slot, _slots.calls, _slots.in_batch = slot, 0, set()
         try:
             batch = load_batch(dataset, collate_fn, seed, number, indices, current)
-            # Pickled here rather than inside send(), so that the main process can always read the batch
-            # number, even when the tensors' shared memory cannot be fetched any more.
+            # Pickled here rather than inside send(), so that the main process can always read the
+            # batch number, even when the tensors' shared memory cannot be fetched any more.
             results.send((number, bytes(_BatchPickler.dumps(batch)), None))
         except BaseException as e:  # noqa: BLE001 -- SystemExit from a library must be reported too
             try:  # the exception itself may not pickle: its text
@@ -196,7 +204,8 @@ def _worker_loop(dataset, collate_fn: Callable, seed: int, tasks: Connection, re
 
 
 def describe_sample(dataset, index: int) -> str:
-    """The data set's own words for sample `index` (LLaVADataset.describe: id, file, image), else 'sample 5'."""
+    """The data set's own words for sample `index` (LLaVADataset.describe: id, file, image), else
+    'sample 5'."""
     try:
         return dataset.describe(index)
     except Exception:  # noqa: BLE001 -- no describe(), or it failed: the message must still be written
@@ -233,8 +242,8 @@ class _Worker:
     name: str                    # "loader worker 0 (pid 123)", for messages
     pending: deque = field(default_factory=deque)  # (number, indices, slot) sent and not answered, oldest first
     busy_since: float = 0.0      # when the worker last answered or got work while idle
-    # Per slot (see _Slots): weak references to the storages of the batch last built in it, or None while
-    # a task that uses it is pending. A slot whose references have all expired is free again.
+    # Per slot (see _Slots): weak references to the storages of the batch last built in it, or None
+    # while a task that uses it is pending. A slot whose references have all expired is free again.
     slots: list = field(default_factory=list)
 
     def free_slot(self) -> int:
@@ -247,7 +256,8 @@ class _Worker:
         return len(self.slots) - 1
 
     def error(self, kind: type[LoaderError], dataset, what: str, then: str) -> LoaderError:
-        """"<worker> <what> while <what it was doing><then>", naming the batch and sample it held."""
+        """"<worker> <what> while <what it was doing><then>", naming the batch and sample it held.
+        """
         if not self.pending:
             return kind(f"{self.name} {what} while idle{then}")
         number, indices, _ = self.pending[0]
@@ -259,14 +269,15 @@ class _Worker:
 class Loader:
     """Collated batches of `dataset` for each list of indices in `batches`, in the order of `batches`.
 
-    dataset      dataset[i] -> sample; a `dataset.describe(i)` lets errors name the sample's id, file and image
-    batches      iterable of lists of sample indices, e.g. GlobalBatchSampler.batches_for_rank(...)
-    num_workers  worker processes; 0 = in the main process (breakpoint() works; the first thing to try after a SIGSEGV)
-    prefetch     batches in flight per worker: a bound on their memory
-    timeout      seconds a worker may spend on one batch (None: no limit); the first includes its start-up
-    start_method "fork", "spawn" or "forkserver" (None: the platform's); with spawn the data set must pickle
-    first_batch  the number of the first batch, for the seeds: to resume at step k, k * grad_accum
-    On any error, at the end of the data, on close(), on garbage collection and on Ctrl-C the workers stop.
+    dataset      dataset[i] -> sample; a `dataset.describe(i)` lets errors name the sample's id,
+    file and image batches      iterable of lists of sample indices, e.g.
+    GlobalBatchSampler.batches_for_rank(...) num_workers  worker processes; 0 = in the main process
+    (breakpoint() works; the first thing to try after a SIGSEGV) prefetch     batches in flight per
+    worker: a bound on their memory timeout      seconds a worker may spend on one batch (None: no
+    limit); the first includes its start-up start_method "fork", "spawn" or "forkserver" (None: the
+    platform's); with spawn the data set must pickle first_batch  the number of the first batch,
+    for the seeds: to resume at step k, k * grad_accum On any error, at the end of the data, on
+    close(), on garbage collection and on Ctrl-C the workers stop.
     """
 
     def __init__(self, dataset, batches: Iterable[list[int]], collate_fn: Callable, num_workers: int = 0,
@@ -290,13 +301,14 @@ class Loader:
     def __iter__(self) -> Iterator[Any]:
         self.close()  # one pass at a time: a new one stops the workers of an unfinished one
         iteration = self._in_main() if self.num_workers == 0 else self._in_workers()
-        # A weak reference: the iteration refers to the loader, so a strong one back would make a cycle
-        # and delay the workers' shutdown to the cyclic garbage collector.
+        # A weak reference: the iteration refers to the loader, so a strong one back would make a
+        # cycle and delay the workers' shutdown to the cyclic garbage collector.
         self._active = weakref.ref(iteration)
         return iteration
 
     def close(self) -> None:
-        """Stop the workers of the running iteration, if any (also done at its end, on error and on GC)."""
+        """Stop the workers of the running iteration, if any (also done at its end, on error and on GC).
+        """
         iteration = self._active() if self._active is not None else None
         if iteration is not None:
             iteration.close()  # raises GeneratorExit at its yield; its `finally` stops the workers
@@ -311,7 +323,8 @@ class Loader:
         current = SimpleNamespace(value=-1)
         for number, indices in enumerate(self.batches, start=self.first_batch):
             indices = list(indices)
-            # load_batch reseeds the global generators; the training loop's own random state must not move.
+            # load_batch reseeds the global generators; the training loop's own random state must
+            # not move.
             states = random.getstate(), np.random.get_state(), torch.get_rng_state()
             try:
                 batch = load_batch(self.dataset, self.collate_fn, self.seed, number, indices, current)
@@ -349,9 +362,10 @@ class Loader:
         workers = []
         try:
             for i in range(self.num_workers):
-                # Pipes, not multiprocessing.Queue: a Queue sends from a feeder thread, so a batch that fails to
-                # pickle is lost with a printed traceback, and an exiting process must first join that thread
-                # (a classic hang at shutdown). A pipe's send() happens in the caller.
+                # Pipes, not multiprocessing.Queue: a Queue sends from a feeder thread, so a batch
+                # that fails to pickle is lost with a printed traceback, and an exiting process
+                # must first join that thread (a classic hang at shutdown). A pipe's send() happens
+                # in the caller.
                 task_out, task_in = self.context.Pipe(duplex=False)       # (reader, writer)
                 result_out, result_in = self.context.Pipe(duplex=False)
                 current = self.context.Value("q", -1, lock=False)        # one int64 in shared memory
@@ -359,7 +373,8 @@ class Loader:
                     target=_worker_loop, name=f"llava-min-loader-{i}", daemon=True,
                     args=(self.dataset, self.collate_fn, self.seed, task_out, result_in, current, os.getpid()))
                 process.start()
-                # Only the worker keeps its ends: when it dies, its result pipe reaches end-of-file at once.
+                # Only the worker keeps its ends: when it dies, its result pipe reaches end-of-file
+                # at once.
                 task_out.close()
                 result_in.close()
                 workers.append(_Worker(i, process, task_in, result_out, current,
@@ -385,7 +400,8 @@ class Loader:
 
     def _receive(self, workers: list[_Worker], ready: dict) -> None:
         """Wait for one event: store a result, or raise for a failure, a death or a timeout."""
-        # Every result pipe and every worker's sentinel (ready when the process ends): a death is seen at once.
+        # Every result pipe and every worker's sentinel (ready when the process ends): a death is
+        # seen at once.
         by_handle = {handle: w for w in workers for handle in (w.results, w.process.sentinel)}
         events = wait(list(by_handle), timeout=_POLL_S if self.timeout is None else min(_POLL_S, self.timeout))
         for handle in events:
@@ -393,7 +409,8 @@ class Loader:
             if handle is w.results:
                 self._take(w, ready)
             else:  # the sentinel: the process ended
-                # Read what it sent before it died, so that `pending` names the batch it really held.
+                # Read what it sent before it died, so that `pending` names the batch it really
+                # held.
                 while w.results.poll():
                     self._take(w, ready)
                 w.process.join(_JOIN_S)  # collect its exit code
@@ -410,8 +427,8 @@ class Loader:
             number, payload, failure = w.results.recv()
             sent_number, indices, slot = w.pending.popleft()
             assert number == sent_number, (number, sent_number)  # each worker answers in order
-            # Unpickling fetches each tensor's shared memory from the worker (file_descriptor strategy):
-            # this fails if the worker has died since it sent the message.
+            # Unpickling fetches each tensor's shared memory from the worker (file_descriptor
+            # strategy): this fails if the worker has died since it sent the message.
             batch, storages = None, []
             if failure is None:
                 unpickler = _BatchUnpickler(payload)
@@ -453,7 +470,8 @@ class Loader:
                        "long, raise --loader-timeout; the workers are now stopped.")
 
     def _stop_workers(self, workers: list[_Worker], graceful: bool) -> None:
-        """End every worker: at the end of the data ask politely, otherwise SIGTERM; then SIGKILL; join all."""
+        """End every worker: at the end of the data ask politely, otherwise SIGTERM; then SIGKILL; join all.
+        """
         for w in workers:
             if not graceful:
                 w.process.terminate()

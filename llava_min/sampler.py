@@ -1,9 +1,11 @@
-"""Which samples each optimizer step sees: one global batch per step, the same on any number of processes.
+"""Which samples each optimizer step sees: one global batch per step, the same on any number of
+processes.
 
-The order is a pure function of (seed, epoch, global batch size), not of the world size, the gradient accumulation
-or the loader workers: 1 or 4 processes train on the same data in the same order, and a resumed run may change its
-world size. Each rank takes its slice of a step's batch (`local_batch`). `global_batch(step)` counts steps over all
-epochs, so resuming needs no replay: an epoch's order is built once (O(N log N)), cached, then looked up.
+The order is a pure function of (seed, epoch, global batch size), not of the world size, the
+gradient accumulation or the loader workers: 1 or 4 processes train on the same data in the same
+order, and a resumed run may change its world size. Each rank takes its slice of a step's batch
+(`local_batch`). `global_batch(step)` counts steps over all epochs, so resuming needs no replay: an
+epoch's order is built once (O(N log N)), cached, then looked up.
 
 One epoch, with group_by_length=True (LLaVA's `get_modality_length_grouped_indices`, XTuner's LengthGroupedSampler):
   1. shuffle the samples with an image (lengths > 0) and the text-only ones (< 0) as two pools, each pool's longest
@@ -16,11 +18,12 @@ One epoch, with group_by_length=True (LLaVA's `get_modality_length_grouped_indic
 With group_by_length=False: one shuffle of all samples, no sorting, still the longest-first batch. drop_last=False
 fills the last batch up with the epoch's first samples: every global batch must split evenly over the ranks.
 
-With pack=N (--pack N), the units of a batch are packs, rows of at most N positions by the length estimates, and
-global_batch_size counts packs. Each epoch: shuffle all samples (a pack is never padded: no grouping by modality);
-in windows of PACK_WINDOW, longest first, put each into the fullest pack it still fits (best-fit decreasing); shuffle
-the packs; cut them into steps, each step's packs fullest first, the step with the epoch's fullest pack first.
-steps_per_epoch is epoch 0's; another epoch drops its surplus packs or repeats its first ones.
+With pack=N (--pack N), the units of a batch are packs, rows of at most N positions by the length
+estimates, and global_batch_size counts packs. Each epoch: shuffle all samples (a pack is never
+padded: no grouping by modality); in windows of PACK_WINDOW, longest first, put each into the
+fullest pack it still fits (best-fit decreasing); shuffle the packs; cut them into steps, each
+step's packs fullest first, the step with the epoch's fullest pack first. steps_per_epoch is epoch
+0's; another epoch drops its surplus packs or repeats its first ones.
 """
 from __future__ import annotations
 
@@ -71,7 +74,8 @@ class GlobalBatchSampler:
         return self._samples(step, 0, self.global_batch_size)
 
     def _samples(self, step: int, start: int, stop: int) -> list[int]:
-        """The samples of units start..stop-1 of a step's global batch (units: samples, or packs)."""
+        """The samples of units start..stop-1 of a step's global batch (units: samples, or packs).
+        """
         if step < 0:
             raise LlavaMinError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
@@ -87,7 +91,8 @@ class GlobalBatchSampler:
         return self._cached_batches
 
     def _pack_epoch(self, epoch: int) -> list[list[int]]:
-        """One epoch's packs, in shuffled order: best-fit decreasing within windows of shuffled samples."""
+        """One epoch's packs, in shuffled order: best-fit decreasing within windows of shuffled samples.
+        """
         rng = np.random.default_rng((self.seed, epoch, 1))   # its own stream: the unpacked order is unchanged
         order = rng.permutation(len(self._sizes))
         packs = []
@@ -128,7 +133,8 @@ class GlobalBatchSampler:
         for pool in pools:
             pool = rng.permutation(pool)
             if pool.size:
-                # Put the pool's longest sample first so it lands in a full batch, never among the dropped.
+                # Put the pool's longest sample first so it lands in a full batch, never among the
+                # dropped.
                 longest = int(np.argmax(length[pool]))
                 pool[[0, longest]] = pool[[longest, 0]]
             cut = pool.size - pool.size % size
@@ -150,9 +156,10 @@ class GlobalBatchSampler:
         return out
 
     def local_batch(self, step: int, rank: int, world_size: int, micro_step: int, grad_accum: int) -> list[int]:
-        """The micro-batch that `rank` runs at `micro_step` (0..grad_accum-1) of optimizer step `step`: piece
-        micro_step * world_size + r of world_size * grad_accum contiguous ones goes to rank r, ranks reversed on odd
-        micro-steps, so ranks share the work evenly and the longest piece is rank 0's first micro-batch."""
+        """The micro-batch that `rank` runs at `micro_step` (0..grad_accum-1) of optimizer step
+        `step`: piece micro_step * world_size + r of world_size * grad_accum contiguous ones goes
+        to rank r, ranks reversed on odd micro-steps, so ranks share the work evenly and the
+        longest piece is rank 0's first micro-batch."""
         pieces = world_size * grad_accum
         if self.global_batch_size % pieces:
             raise LlavaMinError(f"global batch size {self.global_batch_size} is not divisible by world size "
@@ -168,8 +175,8 @@ class GlobalBatchSampler:
 
     def batches_for_rank(self, rank: int = 0, world_size: int = 1, grad_accum: int = 1, start_step: int = 0,
                          stop_step: int | None = None) -> Iterator[list[int]]:
-        """This rank's micro-batches for steps start_step .. stop_step-1 (None: endless), in order; for `Loader`,
-        with first_batch = start_step * grad_accum."""
+        """This rank's micro-batches for steps start_step .. stop_step-1 (None: endless), in order;
+        for `Loader`, with first_batch = start_step * grad_accum."""
         for step in count(start_step) if stop_step is None else range(start_step, stop_step):
             for micro_step in range(grad_accum):
                 yield self.local_batch(step, rank, world_size, micro_step, grad_accum)

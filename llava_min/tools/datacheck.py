@@ -1,6 +1,7 @@
-"""`python -m llava_min.data check|show`: check LLaVA data before a run (data.sample_problems on every sample,
-all bad ones listed; --decode decodes every image in worker processes; --tokenizer counts the samples that
-max_length cuts or leaves unsupervised), and show one sample as the model sees it.
+"""`python -m llava_min.data check|show`: check LLaVA data before a run (data.sample_problems on
+every sample, all bad ones listed; --decode decodes every image in worker processes; --tokenizer
+counts the samples that max_length cuts or leaves unsupervised), and show one sample as the model
+sees it.
 
     python -m llava_min.data check --data FILE [FILE ...] --image-folder DIR [--decode --num-workers N]
                                    [--tokenizer tok.model --max-length N --image-tokens K]
@@ -24,7 +25,8 @@ from ..tokenizer import Tokenizer
 
 
 def _decode_chunk(items: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """(index, error) for each image in `items` that does not decode fully (runs in a worker process)."""
+    """(index, error) for each image in `items` that does not decode fully (runs in a worker process).
+    """
     errors = []
     for index, path in items:
         try:
@@ -40,8 +42,9 @@ def decode_images(items: list[tuple[int, str]], num_workers: int = 0, chunk: int
     if num_workers <= 0:
         return {i: e for c in chunks for i, e in _decode_chunk(c)}
     errors = {}
-    # Unlike multiprocessing.Pool, the executor notices a worker that dies (the OOM killer, a crash in a decoder)
-    # and fails the pending work instead of waiting for ever. Two chunks per worker at most: the error names them.
+    # Unlike multiprocessing.Pool, the executor notices a worker that dies (the OOM killer, a crash
+    # in a decoder) and fails the pending work instead of waiting for ever. Two chunks per worker
+    # at most: the error names them.
     with ProcessPoolExecutor(num_workers) as pool:
         pending = {}
         try:
@@ -64,7 +67,8 @@ def decode_images(items: list[tuple[int, str]], num_workers: int = 0, chunk: int
 
 def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, tokenizer=None,
           max_length: int = 2048, image_tokens: int = 1, system: str | None = None) -> str:
-    """Validate everything; raise LlavaMinError listing every problem, else return a one-line summary."""
+    """Validate everything; raise LlavaMinError listing every problem, else return a one-line summary.
+    """
     samples = Samples(files)
     found = FileIndex()
     bad = {}
@@ -97,7 +101,8 @@ def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, 
 
 
 def _cut_summary(samples: Samples, tok: Tokenizer, max_length: int, image_tokens: int, system: str | None) -> str:
-    """How many samples max_length cuts (and how many images that leaves out), and how many it leaves unsupervised."""
+    """How many samples max_length cuts (and how many images that leaves out), and how many it
+    leaves unsupervised."""
     truncated = 0
     unsupervised = 0
     left_out = 0
@@ -151,7 +156,8 @@ def show(files, index: int, tokenizer=None, image_folder=None, max_length: int =
 
 
 def _render(tok: Tokenizer, ids: list[int], labels: list[int], image_tokens: int) -> str:
-    """Runs of equal supervision (None: an image placeholder), decoded together; ⟦...⟧ marks what the loss sees."""
+    """Runs of equal supervision (None: an image placeholder), decoded together; ⟦...⟧ marks what
+    the loss sees."""
     def kind(pair):
         if pair[0] == IMAGE_TOKEN_INDEX:
             return None
