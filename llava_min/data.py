@@ -24,7 +24,7 @@ import torch
 from . import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
 from .image import load_image, to_pixels
 from .jsonscan import Samples, listing, short
-from .loader import shared_empty
+from .shm import shared_empty
 from .tokenizer import CHAT_TOKEN_SPLIT, Tokenizer
 
 __all__ = ["Samples", "LLaVADataset", "collate", "collate_packed", "encode_conversation", "sample_problems"]
