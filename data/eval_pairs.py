@@ -55,20 +55,23 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     model, tok = load_for_inference(args.model)
     items = json.loads(Path(args.data).read_text())
-    predictions = answers(model, tok, items, Path(args.image_folder))
+    print(json.dumps(score(items, answers(model, tok, items, Path(args.image_folder)))))
+
+
+def score(items: list[dict], predictions: list[str]) -> dict:
+    """Exact match overall and per kind, beside the chance level and each kind's most common answer share."""
     right = Counter()
     total = Counter()
     common = {}
     for kind in sorted({item["kind"] for item in items}):
         answers_of_kind = Counter(item["answer"] for item in items if item["kind"] == kind)
         common[kind] = round(answers_of_kind.most_common(1)[0][1] / sum(answers_of_kind.values()), 3)
-    for item, prediction in zip(items, predictions):
+    for item, prediction in zip(items, predictions, strict=True):
         total[item["kind"]] += 1
         right[item["kind"]] += normalise(prediction) == normalise(item["answer"])
-    summary = {"accuracy": round(sum(right.values()) / len(items), 3), "total": len(items),
-               "by_kind": {kind: round(right[kind] / total[kind], 3) for kind in sorted(total)},
-               "chance": 0.5, "most_common_answer_share": common}
-    print(json.dumps(summary))
+    return {"accuracy": round(sum(right.values()) / len(items), 3), "total": len(items),
+            "by_kind": {kind: round(right[kind] / total[kind], 3) for kind in sorted(total)},
+            "chance": 0.5, "most_common_answer_share": common}
 
 
 if __name__ == "__main__":
