@@ -2,20 +2,20 @@
 
 The images are make_shapes.py's (one to three identical shapes of one colour on white, drawn by its
 draw_scene and render); a sample shows two of them, interleaved with the text, and asks:
-    Which image has more shapes, the first or the second?     first | second     (the counts differ)
-    Are the two shapes the same colour?                       yes | no           (one shape in each image)
+    Which image has more shapes, the first or the second?   first | second   (the counts differ)
+    Are the two shapes the same colour?                     yes | no         (one shape each)
 Each answer is equally likely by construction, so the chance level is 50% for both kinds.
 
     python data/make_pairs.py --out data/pairs --n-images 1500 --n-train 3000 --n-test 200 --seed 0
 
 writes (image paths relative to --out: train with --image-folder data/pairs):
-    images/train-000001.png ...  the training images; images/test-*.png the held-out ones (no pair of test.json
-                                 uses a training image)
-    pretrain.json   stage 1: one caption per training image, one image per sample (as make_shapes.py's)
-    finetune.json   stage 2: the pair questions ("image": [first, second]) and, as many again, one-image
-                    questions about a single training image (make_shapes.py's conversations)
-    test.json       [{"id", "image": [first, second], "question", "answer", "kind"}], held-out pairs; the
-                    question holds the two <image> tags where the images go
+    images/train-000001.png ...  the training images; images/test-*.png the held-out ones
+                                 (no pair of test.json uses a training image)
+    pretrain.json   stage 1: one caption per training image, one image per sample
+    finetune.json   stage 2: the pair questions ("image": [first, second]) and, as many again,
+                    one-image questions (make_shapes.py's conversations)
+    test.json       [{"id", "image": [first, second], "question", "answer", "kind"}], held-out
+                    pairs; the question holds the two <image> tags where the images go
 The same arguments give byte-identical files.
 """
 from __future__ import annotations
@@ -35,7 +35,10 @@ QUESTIONS = {"more": "Which image has more shapes, the first or the second?",
              "colour": "Are the two shapes the same colour?"}
 
 
-def render_images(out: Path, split: str, n: int, seed: int, image_size: int) -> list[tuple[str, dict]]:
+Image = tuple[str, dict]   # (path relative to --out, scene)
+
+
+def render_images(out: Path, split: str, n: int, seed: int, image_size: int) -> list[Image]:
     """n images of `split` (relative path, scene), each drawn from its own seeded generator."""
     images = []
     for i in range(1, n + 1):
@@ -47,8 +50,9 @@ def render_images(out: Path, split: str, n: int, seed: int, image_size: int) -> 
     return images
 
 
-def pair_question(rng: random.Random, kind: str, images: list[tuple[str, dict]]) -> tuple[list[str], str]:
-    """([first, second] image paths, answer) of one question of `kind`, both answers equally likely."""
+def pair_question(rng: random.Random, kind: str, images: list[Image]) -> tuple[list[str], str]:
+    """([first, second] image paths, answer) of one question of `kind`, both answers equally
+    likely."""
     if kind == "more":
         def fits(first, second):
             return first["count"] != second["count"]
@@ -65,8 +69,8 @@ def pair_question(rng: random.Random, kind: str, images: list[tuple[str, dict]])
         first, second = rng.sample(pool, 2)
         if fits(first[1], second[1]):
             return [first[0], second[0]], _answer(kind, first[1], second[1])
-    raise ValueError(f"too few images to draw a {kind!r} pair from ({len(pool)} fit); use more --n-images or "
-                     f"--n-test-images")
+    raise ValueError(f"too few images to draw a {kind!r} pair from ({len(pool)} fit); use more "
+                     f"--n-images or --n-test-images")
 
 
 def _answer(kind: str, first: dict, second: dict) -> str:
@@ -79,14 +83,14 @@ def _answer(kind: str, first: dict, second: dict) -> str:
     return "no"
 
 
-def pairs(rng: random.Random, n: int, images: list[tuple[str, dict]], split: str) -> list[dict]:
+def pairs(rng: random.Random, n: int, images: list[Image], split: str) -> list[dict]:
     """n pair questions, the kinds alternating."""
     out = []
     for i in range(n):
         kind = PAIR_KINDS[i % len(PAIR_KINDS)]
         paths, answer = pair_question(rng, kind, images)
-        out.append({"id": f"{split}-pair-{i + 1:06d}", "image": paths, "question": PREFIX + QUESTIONS[kind],
-                    "answer": answer, "kind": kind})
+        out.append({"id": f"{split}-pair-{i + 1:06d}", "image": paths,
+                    "question": PREFIX + QUESTIONS[kind], "answer": answer, "kind": kind})
     return out
 
 
@@ -94,7 +98,8 @@ def make_pairs(out: str | Path, n_images: int = 1500, n_train: int = 3000, n_tes
                n_test_images: int = 200, seed: int = 0, image_size: int = 56) -> dict:
     """Write the data set to `out` (see the module docstring); returns a summary dict."""
     if n_images < 4 or n_test_images < 4:
-        raise ValueError(f"--n-images ({n_images}) and --n-test-images ({n_test_images}) must be at least 4")
+        raise ValueError(f"--n-images ({n_images}) and --n-test-images ({n_test_images}) must be "
+                         f"at least 4")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for stale in (out / "images").glob("*.png"):
@@ -107,19 +112,21 @@ def make_pairs(out: str | Path, n_images: int = 1500, n_train: int = 3000, n_tes
     finetune = []
     for i, (image, scene) in enumerate(train_images, start=1):
         prompt = rng.choice(CAPTION_PROMPTS)
-        pretrain.append({"id": f"caption-{i:06d}", "image": image, "conversations": [
-            {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(scene)}]})
+        turns = [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(scene)}]
+        pretrain.append({"id": f"caption-{i:06d}", "image": image, "conversations": turns})
     for item in pairs(rng, n_train, train_images, "train"):
-        finetune.append({"id": item["id"], "image": item["image"], "conversations": [
-            {"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["answer"]}]})
+        turns = [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item["answer"]}]
+        finetune.append({"id": item["id"], "image": item["image"], "conversations": turns})
     # One-image questions, as many as the pairs: what each image shows, learnt alone.
     for i in range(n_train):
         image, scene = rng.choice(train_images)
-        finetune.append({"id": f"single-{i + 1:06d}", "image": image, "conversations": conversation(rng, scene)})
+        turns = conversation(rng, scene)
+        finetune.append({"id": f"single-{i + 1:06d}", "image": image, "conversations": turns})
     rng.shuffle(finetune)
     test = pairs(rng, n_test, test_images, "test")
 
-    for name, obj in (("pretrain.json", pretrain), ("finetune.json", finetune), ("test.json", test)):
+    files = {"pretrain.json": pretrain, "finetune.json": finetune, "test.json": test}
+    for name, obj in files.items():
         tmp = out / f".{name}.tmp"
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
         tmp.replace(out / name)  # atomic: a reader never sees half a file
@@ -128,17 +135,21 @@ def make_pairs(out: str | Path, n_images: int = 1500, n_train: int = 3000, n_tes
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/pairs")
-    p.add_argument("--n-images", type=int, default=1500, help="training images the pairs are drawn from")
-    p.add_argument("--n-test-images", type=int, default=200, help="held-out images the test pairs are drawn from")
-    p.add_argument("--n-train", type=int, default=3000, help="training pairs (and as many one-image samples)")
+    p.add_argument("--n-images", type=int, default=1500,
+                   help="training images the pairs are drawn from")
+    p.add_argument("--n-test-images", type=int, default=200,
+                   help="held-out images the test pairs are drawn from")
+    p.add_argument("--n-train", type=int, default=3000,
+                   help="training pairs (and as many one-image samples)")
     p.add_argument("--n-test", type=int, default=200, help="held-out pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=56)
     args = p.parse_args(argv)
-    summary = make_pairs(args.out, args.n_images, args.n_train, args.n_test, args.n_test_images, args.seed,
-                         args.image_size)
+    summary = make_pairs(args.out, args.n_images, args.n_train, args.n_test, args.n_test_images,
+                         args.seed, args.image_size)
     print(json.dumps(summary))
 
 

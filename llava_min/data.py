@@ -42,7 +42,8 @@ ROLES = ("human", "gpt")
 TRUNCATION_SAMPLE = 20_000
 
 _VALUE = itemgetter("value")
-_WORDS = re.compile(r"(?<=[^\s\u2581])(?= )")  # before each space that follows a non-space: see TokenCounter
+# Before each space that follows a non-space: see TokenCounter
+_WORDS = re.compile(r"(?<=[^\s\u2581])(?= )")
 
 # The kinds of bad sample, as the start-up report counts them.
 MALFORMED = "malformed"
@@ -686,6 +687,7 @@ def _stack_images(samples: list[dict], shared: bool) -> torch.Tensor | None:
     return torch.cat(images, out=out)  # (n_images, 3, H, W), in row order
 
 
-if __name__ == "__main__":  # `python -m llava_min.data check|show ...`: the commands live in tools/datacheck.py
+# `python -m llava_min.data check|show ...`: the commands live in tools/datacheck.py
+if __name__ == "__main__":
     from llava_min.tools.datacheck import main
     main()

@@ -3,9 +3,11 @@ every sample, all bad ones listed; --decode decodes every image in worker proces
 counts the samples that max_length cuts or leaves unsupervised), and show one sample as the model
 sees it.
 
-    python -m llava_min.data check --data FILE [FILE ...] --image-folder DIR [--decode --num-workers N]
+    python -m llava_min.data check --data FILE [FILE ...] --image-folder DIR
+                                   [--decode --num-workers N]
                                    [--tokenizer tok.model --max-length N --image-tokens K]
-    python -m llava_min.data show --data FILE [FILE ...] --index N [--tokenizer tok.model] [--image-folder DIR]
+    python -m llava_min.data show --data FILE [FILE ...] --index N
+                                  [--tokenizer tok.model] [--image-folder DIR]
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import groupby
 
 from .. import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMinError
-from ..data import (FileIndex, Samples, describe, image_files, image_paths, llm_positions, problem_report,
-                    sample_problems, tokenize)
+from ..data import (FileIndex, Samples, describe, image_files, image_paths, llm_positions,
+                    problem_report, sample_problems, tokenize)
 from ..image import load_image
 from ..tokenizer import Tokenizer
 
@@ -36,7 +38,8 @@ def _decode_chunk(items: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return errors
 
 
-def decode_images(items: list[tuple[int, str]], num_workers: int = 0, chunk: int = 16) -> dict[int, str]:
+def decode_images(items: list[tuple[int, str]], num_workers: int = 0,
+                  chunk: int = 16) -> dict[int, str]:
     """{index: error} for the images in `items` ((index, path) pairs) that do not decode."""
     chunks = iter([items[k:k + chunk] for k in range(0, len(items), chunk)])
     if num_workers <= 0:
@@ -59,10 +62,10 @@ def decode_images(items: list[tuple[int, str]], num_workers: int = 0, chunk: int
                     del pending[future]
         except BrokenProcessPool as e:
             paths = [p for c in pending.values() for _, p in c]
-            raise LlavaMinError(f"an image decoding worker died abruptly (killed by the OOM killer, or a crash in "
-                                f"an image decoder) while decoding one of these {len(paths)} images: "
-                                f"{', '.join(paths)}; rerun with --num-workers 0 to find the file, or give the "
-                                f"machine more memory") from e
+            raise LlavaMinError(f"an image decoding worker died abruptly (killed by the OOM killer, "
+                                f"or a crash in an image decoder) while decoding one of these "
+                                f"{len(paths)} images: {', '.join(paths)}; rerun with --num-workers 0 "
+                                f"to find the file, or give the machine more memory") from e
 
 
 def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, tokenizer=None,
@@ -96,18 +99,21 @@ def check(files, image_folder=None, decode: bool = False, num_workers: int = 0, 
         summary += ", every image decodes"
     summary += ")"
     if tokenizer is not None:
-        summary += "; " + _cut_summary(samples, Tokenizer(tokenizer), max_length, image_tokens, system)
+        tok = Tokenizer(tokenizer)
+        summary += "; " + _cut_summary(samples, tok, max_length, image_tokens, system)
     return summary
 
 
-def _cut_summary(samples: Samples, tok: Tokenizer, max_length: int, image_tokens: int, system: str | None) -> str:
+def _cut_summary(samples: Samples, tok: Tokenizer, max_length: int, image_tokens: int,
+                 system: str | None) -> str:
     """How many samples max_length cuts (and how many images that leaves out), and how many it
     leaves unsupervised."""
     truncated = 0
     unsupervised = 0
     left_out = 0
     for i in range(len(samples)):
-        ids, labels, full = tokenize(tok, samples[i]["conversations"], max_length, system, image_tokens)
+        conversations = samples[i]["conversations"]
+        ids, labels, full = tokenize(tok, conversations, max_length, system, image_tokens)
         if all(label == IGNORE_INDEX for label in labels):
             unsupervised += 1
         elif len(ids) < full:
@@ -119,21 +125,23 @@ def _cut_summary(samples: Samples, tok: Tokenizer, max_length: int, image_tokens
     return text + f", {unsupervised} with no supervised token (dropped in training)"
 
 
-def show(files, index: int, tokenizer=None, image_folder=None, max_length: int = 2048, image_tokens: int = 1,
-         system: str | None = None) -> str:
+def show(files, index: int, tokenizer=None, image_folder=None, max_length: int = 2048,
+         image_tokens: int = 1, system: str | None = None) -> str:
     """One sample rendered as the model sees it, ⟦supervised⟧ marked, each image in its place."""
     samples = Samples(files)
     # Read (and check) every file, keeping only the offsets.
     for _ in samples.scan():
         pass
     if not -len(samples) <= index < len(samples):
-        raise LlavaMinError(f"--index {index} is out of range: {len(samples)} samples in {samples.names()}")
+        raise LlavaMinError(f"--index {index} is out of range: {len(samples)} samples in "
+                            f"{samples.names()}")
     index %= len(samples)
     sample = samples[index]
     lines = [describe(samples, index, image_folder)]
     problems = sample_problems(sample)
     if problems:
-        return "\n".join(lines + [f"bad: {'; '.join(problems)}", json.dumps(sample, ensure_ascii=False, indent=1)])
+        as_json = json.dumps(sample, ensure_ascii=False, indent=1)
+        return "\n".join(lines + [f"bad: {'; '.join(problems)}", as_json])
     for k, path in enumerate(image_paths(sample, image_folder), start=1):
         try:
             width, height = load_image(path).size
@@ -142,16 +150,20 @@ def show(files, index: int, tokenizer=None, image_folder=None, max_length: int =
             lines.append(f"image {k}: {e}")
     if tokenizer is None:
         conversations = json.dumps(sample["conversations"], ensure_ascii=False, indent=1)
-        return "\n".join(lines + [conversations, "(give --tokenizer to see the tokens and labels)"])
+        hint = "(give --tokenizer to see the tokens and labels)"
+        return "\n".join(lines + [conversations, hint])
     tok = Tokenizer(tokenizer)
     ids, labels, full = tokenize(tok, sample["conversations"], max_length, system, image_tokens)
     supervised = sum(label != IGNORE_INDEX for label in labels)
-    counts = f"{len(ids)} ids, {llm_positions(ids, image_tokens)} LLM positions (image = {image_tokens})"
+    positions = llm_positions(ids, image_tokens)
+    counts = f"{len(ids)} ids, {positions} LLM positions (image = {image_tokens})"
     line = f"tokens: {counts}; {supervised} supervised"
     if len(ids) < full:
         line += f"; truncated from {full} ids at max_length {max_length}"
     lines.append(line)
-    lines.append("-" * 40 + "\n" + "<s>" * (ids[:1] == [tok.bos_id]) + _render(tok, ids, labels, image_tokens))
+    # <s> decodes to nothing: it is printed first.
+    bos = "<s>" * (ids[:1] == [tok.bos_id])
+    lines.append("-" * 40 + "\n" + bos + _render(tok, ids, labels, image_tokens))
     return "\n".join(lines)
 
 
@@ -171,7 +183,6 @@ def _render(tok: Tokenizer, ids: list[int], labels: list[int], image_tokens: int
                 image += 1
                 text.append(f"[image {image}: {image_tokens} positions]")
             continue
-        # <s> decodes to nothing: it is printed first.
         piece = tok.decode([token for token, _ in run]).replace("\n", "↵\n")
         if supervised:
             piece = f"⟦{piece}⟧"
@@ -183,26 +194,33 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m llava_min.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_text in (("check", "validate every sample (and decode every image with --decode)"),
-                            ("show", "print one sample as the model sees it, supervised tokens marked")):
+    commands = (("check", "validate every sample (and decode every image with --decode)"),
+                ("show", "print one sample as the model sees it, supervised tokens marked"))
+    for name, help_text in commands:
         c = sub.add_parser(name, help=help_text)
         c.add_argument("--data", nargs="+", required=True, help="LLaVA JSON (a list) or JSONL files")
         c.add_argument("--image-folder", default=None)
-        c.add_argument("--tokenizer", default=None, help="sentencepiece model (check: also count truncation)")
+        c.add_argument("--tokenizer", default=None,
+                       help="sentencepiece model (check: also count truncation)")
         c.add_argument("--max-length", type=int, default=2048)
-        c.add_argument("--image-tokens", type=int, default=1, help="LLM positions per image (ViT patches)")
+        c.add_argument("--image-tokens", type=int, default=1,
+                       help="LLM positions per image (ViT patches)")
         c.add_argument("--system", default=None)
         if name == "check":
-            c.add_argument("--decode", action="store_true", help="decode every image, in worker processes")
+            c.add_argument("--decode", action="store_true",
+                           help="decode every image, in worker processes")
             c.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
         else:
-            c.add_argument("--index", type=int, required=True, help="sample number in the data (0-based)")
+            c.add_argument("--index", type=int, required=True,
+                           help="sample number in the data (0-based)")
     args = p.parse_args(argv)
     try:
-        print(check(args.data, args.image_folder, args.decode, args.num_workers, args.tokenizer, args.max_length,
-                    args.image_tokens, args.system) if args.command == "check" else
-              show(args.data, args.index, args.tokenizer, args.image_folder, args.max_length, args.image_tokens,
-                   args.system))
+        if args.command == "check":
+            print(check(args.data, args.image_folder, args.decode, args.num_workers, args.tokenizer,
+                        args.max_length, args.image_tokens, args.system))
+        else:
+            print(show(args.data, args.index, args.tokenizer, args.image_folder, args.max_length,
+                       args.image_tokens, args.system))
     except ValueError as e:  # LlavaMinError: the message names the culprit and the fix
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
