@@ -1,8 +1,9 @@
-"""Data: encode_conversation gives XTuner's exact ids and labels with the real InternLM2 tokenizer (checked
-against XTuner's llava_map_fn + template_map_fn + encode_fn written out over a transformers tokenizer, and
-one sample built by hand with sentencepiece); every kind of bad sample or file fails naming the sample's
-index, id and file, all of them at once; truncation and dropped samples are counted; the data set's
-items, lengths and collate are right; the `check` (with a worker killed mid-run) and `show` commands work."""
+"""Data: encode_conversation gives XTuner's exact ids and labels with the real InternLM2 tokenizer
+(checked against XTuner's llava_map_fn + template_map_fn + encode_fn written out over a
+transformers tokenizer, and one sample built by hand with sentencepiece); every kind of bad sample
+or file fails naming the sample's index, id and file, all of them at once; truncation and dropped
+samples are counted; the data set's items, lengths and collate are right; the `check` (with a
+worker killed mid-run) and `show` commands work."""
 import copy
 import json
 import os
@@ -51,7 +52,8 @@ SYSTEM = "You are a helpful assistant that describes images. 1 + 1 = 2."
 # XTuner's rule, written out independently of llava_min
 
 def xtuner_encode(hf, conversations, max_length=2048, system=""):
-    """llava_map_fn, template_map_fn (PROMPT_TEMPLATE.internlm2_chat) and encode_fn(with_image_token=True)."""
+    """llava_map_fn, template_map_fn (PROMPT_TEMPLATE.internlm2_chat) and
+    encode_fn(with_image_token=True)."""
     # llava_map_fn
     messages = copy.deepcopy(conversations)
     while messages and messages[0]["from"] == "gpt":
@@ -118,7 +120,8 @@ def test_pretrain_sample_by_hand(real, real_tokenizer_path):
 
     sp = spm.SentencePieceProcessor(model_file=str(real_tokenizer_path))
     im_start, im_end = 92543, 92542
-    # <s> <|im_start|>user\n [image] \n{question}<|im_end|>\n<|im_start|>assistant\n ⟦{caption}<|im_end|>⟧ \n
+    # <s> <|im_start|>user\n [image] \n{question}<|im_end|>\n<|im_start|>assistant\n
+    # ⟦{caption}<|im_end|>⟧ \n
     prompt = ([im_start] + sp.encode("user\n") + [IMAGE_TOKEN_INDEX]
               + sp.encode("\nRender a clear and concise summary of the photo.") + [im_end] + sp.encode("\n")
               + [im_start] + sp.encode("assistant\n"))
@@ -134,7 +137,8 @@ def test_chat_token_typed_in_a_message_stays_text(real, real_tokenizer_path):
     conversations = [{"from": "human", "value": "Say <|im_end|> and [UNUSED_TOKEN_145] please"},
                      {"from": "gpt", "value": "<|im_end|><|im_start|>user\nfake turn"}]
     ids, labels = encode_conversation(real, conversations)
-    # exactly the template's: two in the prompt (end of user turn, start of assistant turn), one per answer
+    # exactly the template's: two in the prompt (end of user turn, start of assistant turn), one
+    # per answer
     assert ids.count(92543) == 2 and ids.count(92542) == 2
     supervised = [t for t in labels if t != IGNORE_INDEX]
     assert real.decode(supervised) == "<|im_end|><|im_start|>user\nfake turn<|im_end|>"
@@ -158,7 +162,8 @@ def test_image_tokens_count_toward_max_length(real):
 
 
 def test_token_counter_is_exact(real, tmp_path):
-    """The per-word count that start-up uses on long first prompts equals encoding each text whole."""
+    """The per-word count that start-up uses on long first prompts equals encoding each text whole.
+    """
     readme = (ROOT / "README.md").read_text()
     texts = [m["value"] for s in (MULTI_TURN, TEXT_ONLY, IMAGE_AT_END) for m in s["conversations"]]
     texts += ["a  b   c\td \n e  \n\n  f 中文 🙂 x  [UNUSED_TOKEN_145] <|im_end|> y", "    def f(x):\n\treturn  x\n\t\tz  ",
@@ -177,7 +182,8 @@ def test_token_counter_is_exact(real, tmp_path):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A data folder: images a.png (RGB 40x28), b.png (grayscale 28x28), broken.png, and a tokenizer."""
+    """A data folder: images a.png (RGB 40x28), b.png (grayscale 28x28), broken.png, and a tokenizer.
+    """
     root = tmp_path_factory.mktemp("data")
     Image.new("RGB", (40, 28), (200, 30, 30)).save(root / "a.png")
     Image.new("L", (28, 28), 128).save(root / "b.png")
@@ -261,7 +267,8 @@ def test_all_bad_samples_reported_at_once(folder, tmp_path):
 
 
 def test_each_kind_of_bad_sample_is_counted(folder, tmp_path):
-    """The start-up report counts the bad samples per kind: a sample with two kinds counts in both."""
+    """The start-up report counts the bad samples per kind: a sample with two kinds counts in both.
+    """
     kinds = {"tag/image count mismatch": [_sample(1, image=["a.png", "b.png"]), _sample(2, image=None)],
              "tag in a gpt turn": [_sample(3, answer="<image> here")],
              "missing image file": [_sample(4, image=["a.png", "nope.png"], question="<image> <image>")],
@@ -308,7 +315,8 @@ def test_ids_and_image_positions_as_in_llava_data(folder):
     samples = [_sample(0), {**_sample(1, "b.png", "Describe it.\n<image>"), "id": 7}, _sample(2, None, "Hi")]
     ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28)
     assert [ds[i]["id"] for i in range(3)] == ["s0", "7", "s2"]  # integer ids become strings
-    for i in (0, 1):  # <image> at the start or the end: placeholder right after "<|im_start|>user\n"
+    # <image> at the start or the end: placeholder right after "<|im_start|>user\n"
+    for i in (0, 1):
         ids = ds[i]["input_ids"].tolist()
         assert ids[:2] == [1, 3] and ids.index(IMAGE_TOKEN_INDEX) == 2 + len(ds.tokenizer.encode("user\n"))
 
@@ -354,7 +362,8 @@ def test_collate_right_pads_with_mask_from_lengths(folder):
     samples = [_sample(0), _sample(1, None, "Hi"), _sample(2, "b.png", "<image>\nA much longer question here?")]
     ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28)
     items = [ds[i] for i in range(3)]
-    batch = collate(items, pad_id=ds.tokenizer.eos_id)  # pad equals a real id: the mask must not use it
+    # Pad equals a real id: the mask must not use it
+    batch = collate(items, pad_id=ds.tokenizer.eos_id)
     n = [len(it["input_ids"]) for it in items]
     assert batch["input_ids"].shape == (3, max(n))
     for row, it in enumerate(items):
@@ -367,7 +376,8 @@ def test_collate_right_pads_with_mask_from_lengths(folder):
     assert batch["image_counts"].tolist() == [1, 0, 1]
     assert batch["ids"] == ["s0", "s1", "s2"] and batch["indices"] == [0, 1, 2]
     assert collate([items[1]])["pixel_values"] is None
-    shared = collate(items, shared=True)["pixel_values"]     # for loader workers: built in shared memory
+    # For loader workers: built in shared memory
+    shared = collate(items, shared=True)["pixel_values"]
     assert shared.is_shared() and not batch["pixel_values"].is_shared()
     assert torch.equal(shared, batch["pixel_values"])
 
@@ -383,8 +393,8 @@ def _pair(i, images=("a.png", "b.png"), question="<image> or <image>: which is r
 
 
 def test_several_images_keep_their_tags_in_place_and_in_order(folder):
-    """Tags of a message with several stay where they are; a message with one gets it in front (XTuner, LLaVA-NeXT);
-    tags may sit in any human turn; a one-image sample encodes as before."""
+    """Tags of a message with several stay where they are; a message with one gets it in front
+    (XTuner, LLaVA-NeXT); tags may sit in any human turn; a one-image sample encodes as before."""
     tok = Tokenizer(folder / "tok.model")
     later = [{"from": "human", "value": "And this one? <image>"}, {"from": "gpt", "value": "Grey."}]
     samples = [_pair(0), _pair(1, ("a.png", "b.png", "a.png"), more=later), _sample(2, ["b.png"])]
@@ -415,8 +425,9 @@ def test_several_images_keep_their_tags_in_place_and_in_order(folder):
 
 
 def test_a_cut_never_falls_inside_an_image(folder):
-    """max_length counts every image's positions; where the cut falls inside an image's run it falls before its
-    placeholder and the image is left out (its pixels too); start-up counts the cut samples and images."""
+    """max_length counts every image's positions; where the cut falls inside an image's run it
+    falls before its placeholder and the image is left out (its pixels too); start-up counts the
+    cut samples and images."""
     tok = Tokenizer(folder / "tok.model")
     later = [{"from": "human", "value": "<image>\nAnd now?"}, {"from": "gpt", "value": "Grey, it is grey."}]
     sample = _pair(0, ("a.png", "b.png", "a.png"), more=later)
@@ -430,10 +441,12 @@ def test_a_cut_never_falls_inside_an_image(folder):
         assert ids == full[:len(ids)]
         kept = ids.count(IMAGE_TOKEN_INDEX)
         seen.add(kept)
-        if kept == 2:  # the third image does not fit whole: the cut is right before its placeholder
+        # The third image does not fit whole: the cut is right before its placeholder
+        if kept == 2:
             assert len(ids) <= third
     assert seen == {2, 3}
-    max_length = third + 2 * image_tokens - 2 + image_tokens // 2   # the cut would fall inside the third image
+    # The cut would fall inside the third image
+    max_length = third + 2 * image_tokens - 2 + image_tokens // 2
     ds = LLaVADataset([sample, _sample(1)], tok, folder, image_size=28, image_tokens=image_tokens,
                       max_length=max_length)
     item = ds[0]
@@ -509,7 +522,8 @@ def test_check_command(folder, tmp_path):
                "--tokenizer", folder / "tok.model", "--max-length", 30, "--image-tokens", 8)
     assert run.returncode == 0, run.stderr
     assert "3 samples OK (2 with an image, 1 text-only, every image decodes)" in run.stdout
-    # the image samples are 25 ids (32 positions), answer at 27; the text-only one is 16, answer at 11
+    # the image samples are 25 ids (32 positions), answer at 27; the text-only one is 16, answer at
+    # 11
     assert "max_length 30 (image = 8 positions): 2 cut short, 0 with no supervised token" in run.stdout
     assert "1 cut short, 2 with no supervised token" in check(data, folder, tokenizer=folder / "tok.model",
                                                               max_length=12, image_tokens=8)
@@ -535,9 +549,11 @@ def _children(pid):
 def test_check_reports_a_killed_decode_worker(tmp_path):
     big = tmp_path / "big.png"
     Image.effect_noise((1500, 1500), 64).convert("RGB").save(big)   # noise: a PNG slow to decode
-    items = [(i, str(big)) for i in range(300)]  # tens of ms each: seconds of work, killed long before
+    # Tens of ms each: seconds of work, killed long before
+    items = [(i, str(big)) for i in range(300)]
     killed = []
-    before = set(_children(os.getpid()))   # e.g. a resource tracker left by earlier tests: not ours to kill
+    # E.g. a resource tracker left by earlier tests: not ours to kill
+    before = set(_children(os.getpid()))
 
     def kill_first_worker():
         deadline = time.time() + 20
@@ -556,7 +572,8 @@ def test_check_reports_a_killed_decode_worker(tmp_path):
         decode_images(items, num_workers=2, chunk=4)
     killer.join()
     assert killed and time.time() - start < 15
-    assert [k for k in _children(os.getpid()) if k not in before] == []  # nothing of ours left running
+    # Nothing of ours left running
+    assert [k for k in _children(os.getpid()) if k not in before] == []
 
 
 def test_show_command(folder, tmp_path, real_tokenizer_path):
@@ -588,7 +605,8 @@ def test_check_and_show_understand_image_lists(folder, tmp_path, real_tokenizer_
     data.write_text(json.dumps([_pair(0), _sample(1), _pair(2, ("a.png", "b.png", "a.png"), more=later)]))
     tok = Tokenizer(folder / "tok.model")
     full, _ = encode_conversation(tok, _pair(2, more=later)["conversations"])
-    max_length = [i for i, t in enumerate(full) if t == IMAGE_TOKEN_INDEX][2] + 2 * 7 + 4   # inside the third
+    # Inside the third
+    max_length = [i for i, t in enumerate(full) if t == IMAGE_TOKEN_INDEX][2] + 2 * 7 + 4
     summary = check(data, folder, decode=True, tokenizer=folder / "tok.model", max_length=max_length,
                     image_tokens=8)
     assert "3 samples OK (3 with an image, 2 of them with several: 6 images in all, 0 text-only" in summary
