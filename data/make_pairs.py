@@ -54,23 +54,23 @@ def pair_question(rng: random.Random, kind: str, images: list[Image]) -> tuple[l
     """([first, second] image paths, answer) of one question of `kind`, both answers equally
     likely."""
     if kind == "more":
-        def fits(first, second):
-            return first["count"] != second["count"]
-        pool = images
-    else:
-        same = rng.random() < 0.5
-
-        def fits(first, second):
-            return (first["colour"] == second["colour"]) == same
-        pool = [image for image in images if image[1]["count"] == 1]
-    for _ in range(1000):
-        if len(pool) < 2:
-            break
-        first, second = rng.sample(pool, 2)
-        if fits(first[1], second[1]):
-            return [first[0], second[0]], _answer(kind, first[1], second[1])
-    raise ValueError(f"too few images to draw a {kind!r} pair from ({len(pool)} fit); use more "
-                     f"--n-images or --n-test-images")
+        # Any two images whose counts differ: first and second are symmetric.
+        for _ in range(1000):
+            first, second = rng.sample(images, 2)
+            if first[1]["count"] != second[1]["count"]:
+                return [first[0], second[0]], _answer(kind, first[1], second[1])
+        raise ValueError("no two images with different shape counts; use more --n-images")
+    # One shape in each image; "same colour" decided first, with probability one half.
+    singles = [image for image in images if image[1]["count"] == 1]
+    same = rng.random() < 0.5
+    first = rng.choice(singles)
+    candidates = [image for image in singles
+                  if image is not first and (image[1]["colour"] == first[1]["colour"]) == same]
+    if not candidates:
+        raise ValueError(f"too few one-shape images ({len(singles)}) to draw a colour pair from; use more "
+                         f"--n-images or --n-test-images")
+    second = rng.choice(candidates)
+    return [first[0], second[0]], _answer(kind, first[1], second[1])
 
 
 def _answer(kind: str, first: dict, second: dict) -> str:
@@ -148,8 +148,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=56)
     args = p.parse_args(argv)
-    summary = make_pairs(args.out, args.n_images, args.n_train, args.n_test, args.n_test_images,
-                         args.seed, args.image_size)
+    try:
+        summary = make_pairs(args.out, args.n_images, args.n_train, args.n_test, args.n_test_images,
+                             args.seed, args.image_size)
+    except ValueError as e:   # too few images for the pairs asked for: the message says which flag
+        sys.exit(f"error: {e}")
     print(json.dumps(summary))
 
 

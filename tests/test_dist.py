@@ -236,7 +236,7 @@ def test_two_processes_match_one_with_multi_image_data_and_image_less_micro_batc
     from llava_min.data import LLaVADataset
     from llava_min.sampler import GlobalBatchSampler
     data = tmp_path / "pairs"
-    run([PY, "data/make_pairs.py", "--out", data, "--n-images", "24", "--n-test-images", "8", "--n-train", "12",
+    run([PY, "data/make_pairs.py", "--out", data, "--n-images", "24", "--n-test-images", "24", "--n-train", "12",
          "--n-test", "4", "--image-size", "28"])
     samples = json.loads((data / "finetune.json").read_text())
     samples += [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"Say {i}."},

@@ -136,3 +136,11 @@ def test_eval_pairs_answers_each_pair_and_scores_per_kind(pairs, tmp_path):
         half.append(answer)
     assert eval_pairs.score(items, half)["by_kind"] == {"colour": 0.0, "more": 1.0}
     assert eval_pairs.score(items, half)["chance"] == 0.5
+
+
+def test_too_few_images_for_a_pair_is_named(tmp_path):
+    run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--n-images", "24",
+                          "--n-test-images", "8", "--n-train", "12", "--n-test", "4", "--image-size", "28"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "error: too few one-shape images (2) to draw a colour pair from" in run.stderr
