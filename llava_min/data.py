@@ -39,7 +39,7 @@ ROLES = ("human", "gpt")
 # Start-up counts the samples that max_length cuts exactly up to this many doubtful ones; beyond,
 # on as many spread evenly over them, and scales the count up (each costs a tokenization: 665K
 # would take minutes).
-TRUNCATION_SAMPLE = 20_000
+TRUNCATION_SAMPLE = 5_000
 
 _VALUE = itemgetter("value")
 # Before each space that follows a non-space: see TokenCounter
