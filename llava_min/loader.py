@@ -386,8 +386,8 @@ class Loader:
                 storages = unpickler.slot_storages
             # Free once the batch is dropped
             w.slots[slot] = [StorageWeakRef(storage) for storage in storages]
-        # End of file, or the tensors' owner is gone
         except (EOFError, OSError, RuntimeError) as e:
+            # End of file, or the tensors' owner is gone.
             w.process.join(_JOIN_S)
             if w.process.exitcode is None:
                 raise LoaderError(
