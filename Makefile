@@ -7,7 +7,7 @@ PYTHON  := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-all demo pairs bench clean
 
 $(VENV)/.ready: requirements.txt requirements-test.txt
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: setup
 
 demo: setup
 	bash data/demo.sh $(PYTHON)
+
+pairs: setup
+	bash data/pairs.sh $(PYTHON)
 
 bench: setup
 	for f in bench/train_step.py bench/generate.py bench/memory.py bench/loader.py; do $(PYTHON) $$f || exit 1; done

@@ -115,6 +115,8 @@ def _what_to_train(p: argparse.ArgumentParser, defaults: dict) -> None:
 
 def _how_to_train(p: argparse.ArgumentParser, defaults: dict) -> None:
     """Length, batch, optimiser, precision."""
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="drop (and count) samples with more than N images (default: no limit)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="length in optimizer steps (overrides --epochs)")
     p.add_argument("--epochs", type=float, default=1.0)
@@ -301,14 +303,9 @@ def load_data(args, d: "dist.Dist") -> Data:
     dataset = LLaVADataset(args.data, tok, args.image_folder, image_size=args.image_size,
                            image_mode=args.image_mode, max_length=args.max_length,
                            image_tokens=image_tokens, system=args.system,
-                           skip_bad=args.skip_bad_samples, preprocessing=vit_cfg.preprocessing)
+                           skip_bad=args.skip_bad_samples, max_images=args.max_images,
+                           preprocessing=vit_cfg.preprocessing)
     d.print0(dataset.report())
-    # Samples are cut at the end when longer than --max-length; the loop counts them exactly
-    # ("truncated").
-    long = sum(1 for n in dataset.lengths if abs(n) > args.max_length)
-    d.print0(f"truncated: about {long} of {len(dataset)} samples are longer than --max-length "
-             f"{args.max_length} by the length estimate (4 characters a token) and will be cut at the "
-             "end; metrics.jsonl counts the cut ones of each step exactly")
     global_batch = args.batch_size * d.world_size * args.grad_accum
     sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed, pack=args.pack)
     if args.pack:

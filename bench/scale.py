@@ -3,10 +3,12 @@
     python bench/scale.py startup                    # 665,000 mix665k-shaped samples (a ~1 GB JSON)
     python bench/scale.py startup --samples 100000
     python bench/scale.py startup --smoke            # 2,000 samples: the code path, in seconds
+    python bench/scale.py startup --several-images 0 # one image a sample (the default: 10% hold 2-6)
 
 `startup`: writes N samples shaped like llava_v1_5_mix665k.json (short multi-turn VQA, long single-turn
 descriptions, region questions with boxes, multiple choice, ~10% text-only ShareGPT conversations up to
-10 turns; LLaVA's ids and image paths, some integer ids, some non-ASCII text) and an empty file for every
+10 turns; LLaVA's ids and image paths, some integer ids, some non-ASCII text; by default 10% of the samples
+hold 2-6 images, as multi-image mixes do) and an empty file for every
 image, then measures in fresh processes the wall time and peak RSS (getrusage ru_maxrss of the child) of
 json.load of the file and of LLaVADataset's start-up on it (every check on: files, first answer, lengths),
 with the real InternLM2 tokenizer if /work/shared/assets has it, else one trained here on the data.
@@ -72,8 +74,11 @@ FOLDERS = {"coco/train2017": "{:012d}.jpg", "textvqa/train_images": "{:016x}.jpg
 VQA_FOLDERS = ["coco/train2017", "gqa/images", "ocr_vqa/images"]
 
 
-def make_samples(n: int, seed: int = 0) -> list[dict]:
+def make_samples(n: int, seed: int = 0, several: float = 0.0) -> list[dict]:
+    """n mix665k-shaped samples; a share `several` of all of them (drawn among those with an image) holds 2-6
+    images, tagged one per line at the start of the first human turn (LLaVA-OneVision's multi-image form)."""
     rng = np.random.default_rng(seed)
+    image_share = sum(k[1] for k in KINDS if k[-1]) / sum(k[1] for k in KINDS)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(1, 10))) for _ in range(4000)]
     words += ["café", "naïve", "中文", "🙂", "Straße"]            # ShareGPT is not all ASCII
     corpus = " ".join(rng.choice(words, 400_000)) + " "   # texts are slices of it: fast to make
@@ -110,19 +115,30 @@ def make_samples(n: int, seed: int = 0) -> list[dict]:
             tag = "<image>\n" if i % 4 else "\n<image>"           # LLaVA's data has both places
             first = conversations[0]
             first["value"] = tag + first["value"] if tag[0] == "<" else first["value"] + tag
+            if several and rng.random() < several / image_share:
+                count = int(rng.integers(2, 7))
+                names = [sample["image"]] + [f"{folder}/" + FOLDERS[folder].format(int(rng.integers(10 ** 7)))
+                                             for _ in range(count - 1)]
+                sample["image"] = names
+                first["value"] = "".join(f"Image {k + 1}: <image>\n" for k in range(count)) \
+                    + first["value"].replace("<image>", "").strip()
         sample["conversations"] = conversations
         samples.append(sample)
     return samples
 
 
-def write_data(folder: pathlib.Path, n: int, tokenizer: pathlib.Path) -> None:
+def write_data(folder: pathlib.Path, n: int, tokenizer: pathlib.Path, several: float = 0.0) -> None:
     """The JSON file (one sample per line inside the list, ASCII with escapes as json.dump writes), the
     empty image files it names, and a tokenizer trained on it if `tokenizer` does not exist."""
-    samples = make_samples(n)
+    samples = make_samples(n, several=several)
     path = folder / "mix.json"
     with open(path, "w") as f:
         f.write("[\n" + ",\n".join(map(json.dumps, samples)) + "\n]\n")
-    for image in sorted({s["image"] for s in samples if "image" in s}):
+    names = set()
+    for sample in samples:
+        image = sample.get("image", [])
+        names.update([image] if isinstance(image, str) else image)
+    for image in sorted(names):
         file = folder / "images" / image
         file.parent.mkdir(parents=True, exist_ok=True)
         file.touch()
@@ -160,12 +176,14 @@ def startup(args) -> None:
         tmp = pathlib.Path(tmp)
         path, tokenizer = tmp / "mix.json", REAL_TOKENIZER if REAL_TOKENIZER.exists() else tmp / "tok.model"
         # In a child process: Linux starts a child's ru_maxrss at its parent's RSS, so the parent stays small.
-        writer = multiprocessing.get_context("fork").Process(target=write_data, args=(tmp, n, tokenizer))
+        writer = multiprocessing.get_context("fork").Process(target=write_data,
+                                                             args=(tmp, n, tokenizer, args.several_images))
         writer.start()
         writer.join()
         if writer.exitcode:
             raise SystemExit(f"writing the data failed (exit code {writer.exitcode})")
-        print(f"{n} mix665k-shaped samples, {path.stat().st_size / 2**20:.0f} MiB of JSON; tokenizer {tokenizer}; "
+        print(f"{n} mix665k-shaped samples ({args.several_images:.0%} with 2-6 images), "
+              f"{path.stat().st_size / 2**20:.0f} MiB of JSON; tokenizer {tokenizer}; "
               f"image size {IMAGE_SIZE}, max_length {MAX_LENGTH}; best of {args.repeats}")
         results = {}
         for _ in range(args.repeats):   # alternating, so that both see the same machine
@@ -354,6 +372,8 @@ def main(argv=None) -> None:
     s.add_argument("--samples", type=int, default=665_000)
     s.add_argument("--smoke", action="store_true", help="2,000 samples: checks the code path, measures nothing")
     s.add_argument("--repeats", type=int, default=1)
+    s.add_argument("--several-images", type=float, default=0.1, metavar="SHARE",
+                   help="share of all samples holding 2-6 images (default 0.1; 0: one image a sample, as mix665k)")
     s = sub.add_parser("stage1", help="stage 1 at InternLM2-1.8B width: peak RSS, bytes written, load time")
     s.add_argument("--layers", type=int, default=24, help="decoder layers (24 = full depth)")
     s.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "llava-min-scale"))

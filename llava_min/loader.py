@@ -1,15 +1,13 @@
 """The data loader: worker processes that build collated batches, every failure loud and named.
 
-Start at `Loader._in_workers`, then `_receive` and `_worker_loop`. Batch b is built by `load_batch` with generators
-seeded from (seed, b), in worker b % num_workers or in the main process: the same batches either way.
+Start at `Loader._in_workers`, then `_receive` and `_worker_loop`. Batch b is built by `load_batch`
+with generators seeded from (seed, b), in worker b % num_workers or in the main process: the same
+batches either way.
 """
 from __future__ import annotations
 
 import faulthandler
-import io
-import math
 import os
-import pickle
 import random
 import signal
 import sys
@@ -21,7 +19,6 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import islice
 from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import ForkingPickler
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
@@ -30,13 +27,11 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import LlavaMinError
+from . import LlavaMinError, shm
+from .shm import shared_empty  # noqa: F401 -- what a collate_fn builds in (data.collate, tests)
 
 _POLL_S = 1.0   # how often the main process looks at the clock for timeouts while it waits
 _JOIN_S = 2.0   # how long a stopping worker gets before the next, harsher signal
-# Tensors below this size travel inside the message: a shared-memory segment and a file descriptor per tiny
-# token tensor cost more than copying its bytes (on 2 cores: 2 workers went from 1.48x to ~1.6x the 0-worker rate).
-_BY_VALUE_BYTES = 1 << 16
 
 
 class LoaderError(RuntimeError):
@@ -77,11 +72,13 @@ _DEATH_HINTS = {
 
 def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indices: list[int], current) -> Any:
     """Reseed, build every sample, collate: randomness depends on the batch, never on the worker.
-    `current.value` is the sample being built (-1 while collating), so a death or hang blames the right one."""
+    `current.value` is the sample being built (-1 while collating), so a death or hang blames the
+    right one."""
     s = int(np.random.SeedSequence([seed, batch_number]).generate_state(1)[0])  # 32 bits of a hash
     random.seed(s)
     np.random.seed(s)
-    torch.default_generator.manual_seed(s)  # CPU only: the main process's CUDA generators stay untouched
+    # CPU only: the main process's CUDA generators stay untouched
+    torch.default_generator.manual_seed(s)
     samples = []
     for i in indices:
         current.value = i
@@ -90,86 +87,22 @@ def load_batch(dataset, collate_fn: Callable, seed: int, batch_number: int, indi
     return collate_fn(samples)
 
 
-# Shared memory that workers reuse
-
-class _Slots:
-    """A worker's shared-memory storages, reused (a fresh segment per batch cost 8% of a 16-image batch at 336 px).
-    The n-th `shared_empty` call of a task in slot s gets storage (s, n); `_Worker.free_slot` picks the slots."""
-
-    def __init__(self):
-        self.storages: dict[tuple[int, int], torch.UntypedStorage] = {}  # (slot, n-th call) -> storage
-        self.slot, self.calls = -1, 0
-        self.in_batch: set[int] = set()  # data pointers of the storages the current batch uses
-
-    def empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        key = (self.slot, self.calls)
-        self.calls += 1
-        nbytes = math.prod(shape) * dtype.itemsize
-        storage = self.storages.get(key)
-        if storage is None or storage.nbytes() < nbytes:
-            storage = torch.empty(max(nbytes, 1), dtype=torch.uint8).share_memory_().untyped_storage()
-            self.storages[key] = storage
-        self.in_batch.add(storage.data_ptr())
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-_slots: _Slots | None = None  # set in a worker process of this loader; None elsewhere
-
-
-def shared_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised shared-memory tensor for a collate_fn to build a batch's big tensors in: in a worker of
-    this loader, in one of its reused slots; elsewhere a fresh one. The main process receives it without a copy."""
-    if _slots is not None:
-        return _slots.empty(tuple(shape), dtype)
-    return torch.empty(shape, dtype=dtype).share_memory_()
-
-
-def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
-
-
-class _BatchPickler(ForkingPickler):
-    """ForkingPickler with torch's "file_descriptor" strategy: a segment is unlinked at once and passed as an
-    open descriptor, so nothing leaks in /dev/shm when a worker is killed. Small tensors go by value; a tensor
-    in one of the worker's slots goes as a persistent id, so `_BatchUnpickler` sees which slots the batch uses."""
-
-    def persistent_id(self, obj):
-        if isinstance(obj, torch.Tensor) and _slots is not None \
-                and obj.untyped_storage().data_ptr() in _slots.in_batch:
-            return ("slot", obj.untyped_storage(), obj.dtype, tuple(obj.shape), obj.stride(), obj.storage_offset())
-        return None
-
-    def reducer_override(self, obj):
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.nbytes < _BY_VALUE_BYTES \
-                and not obj.requires_grad:
-            raw = obj.contiguous().reshape(-1).view(torch.uint8)     # any dtype (bool, bf16) as its bytes
-            return _tensor_from_bytes, (raw.numpy().tobytes(), obj.dtype, tuple(obj.shape))
-        return NotImplemented
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Loads what `_BatchPickler` wrote, keeping the slot storages the batch uses in `slot_storages`."""
-
-    def __init__(self, payload: bytes):
-        super().__init__(io.BytesIO(payload))
-        self.slot_storages: list[torch.UntypedStorage] = []
-
-    def persistent_load(self, pid):
-        _, storage, dtype, shape, stride, offset = pid
-        self.slot_storages.append(storage)
-        return torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
-
-
 def _worker_loop(dataset, collate_fn: Callable, seed: int, tasks: Connection, results: Connection, current,
                  parent_pid: int) -> None:
-    """A worker process: receive (batch number, indices, slot), send back (batch number, batch, failure)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole process group: the main process decides
-    signal.set_wakeup_fd(-1)                       # a signal wake-up pipe inherited by fork is the main process's
-    torch.set_num_threads(1)                       # N workers x all cores each would oversubscribe the CPU
-    faulthandler.enable()                          # SIGSEGV/SIGBUS/SIGABRT: print the Python stack, then die
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the main process asks this when we hang
-    global _slots
-    _slots = _Slots()
+    """A worker process: receive (batch number, indices, slot), send back (batch number, batch, failure).
+    """
+    # Ctrl-C reaches the whole process group: the main process decides
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A signal wake-up pipe inherited by fork is the main process's
+    signal.set_wakeup_fd(-1)
+    # N workers x all cores each would oversubscribe the CPU
+    torch.set_num_threads(1)
+    # SIGSEGV/SIGBUS/SIGABRT: print the Python stack, then die
+    faulthandler.enable()
+    # The main process asks this when we hang
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Shared-memory slots this worker reuses for the batches' big tensors (shm.py).
+    slots = shm.install()
     while True:
         if not tasks.poll(_POLL_S):
             if os.getppid() != parent_pid:
@@ -182,12 +115,12 @@ def _worker_loop(dataset, collate_fn: Callable, seed: int, tasks: Connection, re
         if task is None:
             return
         number, indices, slot = task
-        _slots.slot, _slots.calls, _slots.in_batch = slot, 0, set()
+        slots.start(slot)
         try:
             batch = load_batch(dataset, collate_fn, seed, number, indices, current)
-            # Pickled here rather than inside send(), so that the main process can always read the batch
-            # number, even when the tensors' shared memory cannot be fetched any more.
-            results.send((number, bytes(_BatchPickler.dumps(batch)), None))
+            # Pickled here rather than inside send(), so that the main process can always read the
+            # batch number, even when the tensors' shared memory cannot be fetched any more.
+            results.send((number, bytes(shm.BatchPickler.dumps(batch)), None))
         except BaseException as e:  # noqa: BLE001 -- SystemExit from a library must be reported too
             try:  # the exception itself may not pickle: its text
                 results.send((number, None, (current.value, f"{type(e).__name__}: {e}", traceback.format_exc())))
@@ -196,7 +129,8 @@ def _worker_loop(dataset, collate_fn: Callable, seed: int, tasks: Connection, re
 
 
 def describe_sample(dataset, index: int) -> str:
-    """The data set's own words for sample `index` (LLaVADataset.describe: id, file, image), else 'sample 5'."""
+    """The data set's own words for sample `index` (LLaVADataset.describe: id, file, image), else
+    'sample 5'."""
     try:
         return dataset.describe(index)
     except Exception:  # noqa: BLE001 -- no describe(), or it failed: the message must still be written
@@ -204,16 +138,20 @@ def describe_sample(dataset, index: int) -> str:
 
 
 def _batch_text(number: int, indices: list[int]) -> str:
-    shown = ", ".join(map(str, indices[:16])) + (", ..." if len(indices) > 16 else "")
+    shown = ", ".join(map(str, indices[:16]))
+    if len(indices) > 16:
+        shown += ", ..."
     return f"batch {number} (samples [{shown}])"
 
 
 def _sample_error(dataset, where: str, number: int, indices: list[int], index: int, error: str,
                   worker_traceback: str | None = None) -> SampleError:
     """dataset[index] raised `error`, or collate_fn did (index -1)."""
-    index = index if index >= 0 else None
-    what = (f"{describe_sample(dataset, index)} of {_batch_text(number, indices)}" if index is not None
-            else f"collate_fn for {_batch_text(number, indices)}")
+    what = f"collate_fn for {_batch_text(number, indices)}"
+    if index >= 0:
+        what = f"{describe_sample(dataset, index)} of {_batch_text(number, indices)}"
+    else:
+        index = None
     message = (f"{where} failed on {what}: {error}\n"
                f"Run with --num-workers 0 to debug it in the main process (pdb and breakpoint() work there).")
     if worker_traceback:
@@ -229,12 +167,14 @@ class _Worker:
     process: Any
     tasks: Connection            # main -> worker: (batch number, indices, slot), or None to stop
     results: Connection          # worker -> main: (batch number, batch, failure)
-    current: Any                 # shared int: the sample index the worker is building, -1 otherwise
+    # Shared int: the sample index the worker is building, -1 otherwise
+    current: Any
     name: str                    # "loader worker 0 (pid 123)", for messages
-    pending: deque = field(default_factory=deque)  # (number, indices, slot) sent and not answered, oldest first
+    # (number, indices, slot) sent and not answered, oldest first
+    pending: deque = field(default_factory=deque)
     busy_since: float = 0.0      # when the worker last answered or got work while idle
-    # Per slot (see _Slots): weak references to the storages of the batch last built in it, or None while
-    # a task that uses it is pending. A slot whose references have all expired is free again.
+    # Per slot (see shm.Slots): weak references to the storages of the batch last built in it, or None
+    # while a task that uses it is pending. A slot whose references have all expired is free again.
     slots: list = field(default_factory=list)
 
     def free_slot(self) -> int:
@@ -247,26 +187,31 @@ class _Worker:
         return len(self.slots) - 1
 
     def error(self, kind: type[LoaderError], dataset, what: str, then: str) -> LoaderError:
-        """"<worker> <what> while <what it was doing><then>", naming the batch and sample it held."""
+        """"<worker> <what> while <what it was doing><then>", naming the batch and sample it held.
+        """
         if not self.pending:
             return kind(f"{self.name} {what} while idle{then}")
         number, indices, _ = self.pending[0]
-        index = self.current.value if self.current.value >= 0 else None
-        doing = f"building {describe_sample(dataset, index)} of" if index is not None else "collating or sending"
+        index = None
+        doing = "collating or sending"
+        if self.current.value >= 0:
+            index = self.current.value
+            doing = f"building {describe_sample(dataset, index)} of"
         return kind(f"{self.name} {what} while {doing} {_batch_text(number, indices)}{then}", number, index)
 
 
 class Loader:
     """Collated batches of `dataset` for each list of indices in `batches`, in the order of `batches`.
 
-    dataset      dataset[i] -> sample; a `dataset.describe(i)` lets errors name the sample's id, file and image
-    batches      iterable of lists of sample indices, e.g. GlobalBatchSampler.batches_for_rank(...)
-    num_workers  worker processes; 0 = in the main process (breakpoint() works; the first thing to try after a SIGSEGV)
-    prefetch     batches in flight per worker: a bound on their memory
-    timeout      seconds a worker may spend on one batch (None: no limit); the first includes its start-up
-    start_method "fork", "spawn" or "forkserver" (None: the platform's); with spawn the data set must pickle
-    first_batch  the number of the first batch, for the seeds: to resume at step k, k * grad_accum
-    On any error, at the end of the data, on close(), on garbage collection and on Ctrl-C the workers stop.
+    dataset      dataset[i] -> sample; a `dataset.describe(i)` lets errors name the sample's id,
+    file and image batches      iterable of lists of sample indices, e.g.
+    GlobalBatchSampler.batches_for_rank(...) num_workers  worker processes; 0 = in the main process
+    (breakpoint() works; the first thing to try after a SIGSEGV) prefetch     batches in flight per
+    worker: a bound on their memory timeout      seconds a worker may spend on one batch (None: no
+    limit); the first includes its start-up start_method "fork", "spawn" or "forkserver" (None: the
+    platform's); with spawn the data set must pickle first_batch  the number of the first batch,
+    for the seeds: to resume at step k, k * grad_accum On any error, at the end of the data, on
+    close(), on garbage collection and on Ctrl-C the workers stop.
     """
 
     def __init__(self, dataset, batches: Iterable[list[int]], collate_fn: Callable, num_workers: int = 0,
@@ -275,29 +220,41 @@ class Loader:
         if num_workers < 0 or prefetch < 1 or seed < 0 or (timeout is not None and timeout <= 0):
             raise LlavaMinError(f"Loader needs num_workers >= 0, prefetch >= 1, seed >= 0 and timeout > 0 or None; "
                                 f"got {num_workers}, {prefetch}, {seed}, {timeout}")
-        self.dataset, self.batches, self.collate_fn = dataset, batches, collate_fn
-        self.num_workers, self.prefetch, self.timeout = num_workers, prefetch, timeout
+        self.dataset = dataset
+        self.batches = batches
+        self.collate_fn = collate_fn
+        self.num_workers = num_workers
+        self.prefetch = prefetch
+        self.timeout = timeout
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.context = mp.get_context(start_method)
-        self.seed, self.first_batch = seed, first_batch
+        self.seed = seed
+        self.first_batch = first_batch
         self._active = None               # weak reference to the running iteration
         self.worker_pids: list[int] = []  # of the running workers, for diagnostics
-        self.slots_made: list[int] = []   # shared-memory slots (_Slots) each running worker has made so far
+        # Shared-memory slots (shm.Slots) each running worker has made so far
+        self.slots_made: list[int] = []
 
     def __len__(self) -> int:
         return len(self.batches)  # TypeError for a generator, as for any iterable without a length
 
     def __iter__(self) -> Iterator[Any]:
         self.close()  # one pass at a time: a new one stops the workers of an unfinished one
-        iteration = self._in_main() if self.num_workers == 0 else self._in_workers()
-        # A weak reference: the iteration refers to the loader, so a strong one back would make a cycle
-        # and delay the workers' shutdown to the cyclic garbage collector.
+        if self.num_workers == 0:
+            iteration = self._in_main()
+        else:
+            iteration = self._in_workers()
+        # A weak reference: the iteration refers to the loader, so a strong one back would make a
+        # cycle and delay the workers' shutdown to the cyclic garbage collector.
         self._active = weakref.ref(iteration)
         return iteration
 
     def close(self) -> None:
-        """Stop the workers of the running iteration, if any (also done at its end, on error and on GC)."""
-        iteration = self._active() if self._active is not None else None
+        """Stop the workers of the running iteration, if any (also done at its end, on error and on GC).
+        """
+        iteration = None
+        if self._active is not None:
+            iteration = self._active()
         if iteration is not None:
             iteration.close()  # raises GeneratorExit at its yield; its `finally` stops the workers
 
@@ -311,7 +268,8 @@ class Loader:
         current = SimpleNamespace(value=-1)
         for number, indices in enumerate(self.batches, start=self.first_batch):
             indices = list(indices)
-            # load_batch reseeds the global generators; the training loop's own random state must not move.
+            # load_batch reseeds the global generators; the training loop's own random state must
+            # not move.
             states = random.getstate(), np.random.get_state(), torch.get_rng_state()
             try:
                 batch = load_batch(self.dataset, self.collate_fn, self.seed, number, indices, current)
@@ -349,17 +307,20 @@ class Loader:
         workers = []
         try:
             for i in range(self.num_workers):
-                # Pipes, not multiprocessing.Queue: a Queue sends from a feeder thread, so a batch that fails to
-                # pickle is lost with a printed traceback, and an exiting process must first join that thread
-                # (a classic hang at shutdown). A pipe's send() happens in the caller.
+                # Pipes, not multiprocessing.Queue: a Queue sends from a feeder thread, so a batch
+                # that fails to pickle is lost with a printed traceback, and an exiting process
+                # must first join that thread (a classic hang at shutdown). A pipe's send() happens
+                # in the caller.
                 task_out, task_in = self.context.Pipe(duplex=False)       # (reader, writer)
                 result_out, result_in = self.context.Pipe(duplex=False)
-                current = self.context.Value("q", -1, lock=False)        # one int64 in shared memory
+                # One int64 in shared memory
+                current = self.context.Value("q", -1, lock=False)
                 process = self.context.Process(
                     target=_worker_loop, name=f"llava-min-loader-{i}", daemon=True,
                     args=(self.dataset, self.collate_fn, self.seed, task_out, result_in, current, os.getpid()))
                 process.start()
-                # Only the worker keeps its ends: when it dies, its result pipe reaches end-of-file at once.
+                # Only the worker keeps its ends: when it dies, its result pipe reaches end-of-file
+                # at once.
                 task_out.close()
                 result_in.close()
                 workers.append(_Worker(i, process, task_in, result_out, current,
@@ -385,15 +346,20 @@ class Loader:
 
     def _receive(self, workers: list[_Worker], ready: dict) -> None:
         """Wait for one event: store a result, or raise for a failure, a death or a timeout."""
-        # Every result pipe and every worker's sentinel (ready when the process ends): a death is seen at once.
+        # Every result pipe and every worker's sentinel (ready when the process ends): a death is
+        # seen at once.
         by_handle = {handle: w for w in workers for handle in (w.results, w.process.sentinel)}
-        events = wait(list(by_handle), timeout=_POLL_S if self.timeout is None else min(_POLL_S, self.timeout))
+        poll = _POLL_S
+        if self.timeout is not None:
+            poll = min(_POLL_S, self.timeout)
+        events = wait(list(by_handle), timeout=poll)
         for handle in events:
             w = by_handle[handle]
             if handle is w.results:
                 self._take(w, ready)
             else:  # the sentinel: the process ended
-                # Read what it sent before it died, so that `pending` names the batch it really held.
+                # Read what it sent before it died, so that `pending` names the batch it really
+                # held.
                 while w.results.poll():
                     self._take(w, ready)
                 w.process.join(_JOIN_S)  # collect its exit code
@@ -410,14 +376,18 @@ class Loader:
             number, payload, failure = w.results.recv()
             sent_number, indices, slot = w.pending.popleft()
             assert number == sent_number, (number, sent_number)  # each worker answers in order
-            # Unpickling fetches each tensor's shared memory from the worker (file_descriptor strategy):
-            # this fails if the worker has died since it sent the message.
-            batch, storages = None, []
+            # Unpickling fetches each tensor's shared memory from the worker (file_descriptor
+            # strategy): this fails if the worker has died since it sent the message.
+            batch = None
+            storages = []
             if failure is None:
-                unpickler = _BatchUnpickler(payload)
-                batch, storages = unpickler.load(), unpickler.slot_storages
-            w.slots[slot] = [StorageWeakRef(storage) for storage in storages]  # free once the batch is dropped
-        except (EOFError, OSError, RuntimeError) as e:  # end of file, or the tensors' owner is gone
+                unpickler = shm.BatchUnpickler(payload)
+                batch = unpickler.load()
+                storages = unpickler.slot_storages
+            # Free once the batch is dropped
+            w.slots[slot] = [StorageWeakRef(storage) for storage in storages]
+        except (EOFError, OSError, RuntimeError) as e:
+            # End of file, or the tensors' owner is gone.
             w.process.join(_JOIN_S)
             if w.process.exitcode is None:
                 raise LoaderError(
@@ -445,7 +415,8 @@ class Loader:
 
     def _timeout_error(self, w: _Worker, waited: float) -> WorkerTimeout:
         with suppress(OSError):
-            os.kill(w.process.pid, signal.SIGUSR1)  # faulthandler in the worker prints its stack on stderr
+            # Faulthandler in the worker prints its stack on stderr
+            os.kill(w.process.pid, signal.SIGUSR1)
             time.sleep(0.5)                         # give it the moment it needs before we stop it
         return w.error(WorkerTimeout, self.dataset, f"sent nothing for {waited:.0f} s (timeout {self.timeout:g} s)",
                        "; its Python stack is printed above on stderr. A read from a slow or hung network file "
@@ -453,7 +424,8 @@ class Loader:
                        "long, raise --loader-timeout; the workers are now stopped.")
 
     def _stop_workers(self, workers: list[_Worker], graceful: bool) -> None:
-        """End every worker: at the end of the data ask politely, otherwise SIGTERM; then SIGKILL; join all."""
+        """End every worker: at the end of the data ask politely, otherwise SIGTERM; then SIGKILL; join all.
+        """
         for w in workers:
             if not graceful:
                 w.process.terminate()
@@ -465,7 +437,8 @@ class Loader:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(_JOIN_S)
-            if w.process.is_alive():  # stuck in the kernel (a dead network mount): nothing more can be done
+            # Stuck in the kernel (a dead network mount): nothing more can be done
+            if w.process.is_alive():
                 print(f"llava-min loader: {w.name} did not exit after SIGKILL; it is left behind",
                       file=sys.stderr)
             w.tasks.close()

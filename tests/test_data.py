@@ -1,8 +1,9 @@
-"""Data: encode_conversation gives XTuner's exact ids and labels with the real InternLM2 tokenizer (checked
-against XTuner's llava_map_fn + template_map_fn + encode_fn written out over a transformers tokenizer, and
-one sample built by hand with sentencepiece); every kind of bad sample or file fails naming the sample's
-index, id and file, all of them at once; truncation and dropped samples are counted; the data set's
-items, lengths and collate are right; the `check` (with a worker killed mid-run) and `show` commands work."""
+"""Data: encode_conversation gives XTuner's exact ids and labels with the real InternLM2 tokenizer
+(checked against XTuner's llava_map_fn + template_map_fn + encode_fn written out over a
+transformers tokenizer, and one sample built by hand with sentencepiece); every kind of bad sample
+or file fails naming the sample's index, id and file, all of them at once; truncation and dropped
+samples are counted; the data set's items, lengths and collate are right; the `check` (with a
+worker killed mid-run) and `show` commands work."""
 import copy
 import json
 import os
@@ -51,7 +52,8 @@ SYSTEM = "You are a helpful assistant that describes images. 1 + 1 = 2."
 # XTuner's rule, written out independently of llava_min
 
 def xtuner_encode(hf, conversations, max_length=2048, system=""):
-    """llava_map_fn, template_map_fn (PROMPT_TEMPLATE.internlm2_chat) and encode_fn(with_image_token=True)."""
+    """llava_map_fn, template_map_fn (PROMPT_TEMPLATE.internlm2_chat) and
+    encode_fn(with_image_token=True)."""
     # llava_map_fn
     messages = copy.deepcopy(conversations)
     while messages and messages[0]["from"] == "gpt":
@@ -118,7 +120,8 @@ def test_pretrain_sample_by_hand(real, real_tokenizer_path):
 
     sp = spm.SentencePieceProcessor(model_file=str(real_tokenizer_path))
     im_start, im_end = 92543, 92542
-    # <s> <|im_start|>user\n [image] \n{question}<|im_end|>\n<|im_start|>assistant\n ⟦{caption}<|im_end|>⟧ \n
+    # <s> <|im_start|>user\n [image] \n{question}<|im_end|>\n<|im_start|>assistant\n
+    # ⟦{caption}<|im_end|>⟧ \n
     prompt = ([im_start] + sp.encode("user\n") + [IMAGE_TOKEN_INDEX]
               + sp.encode("\nRender a clear and concise summary of the photo.") + [im_end] + sp.encode("\n")
               + [im_start] + sp.encode("assistant\n"))
@@ -134,7 +137,8 @@ def test_chat_token_typed_in_a_message_stays_text(real, real_tokenizer_path):
     conversations = [{"from": "human", "value": "Say <|im_end|> and [UNUSED_TOKEN_145] please"},
                      {"from": "gpt", "value": "<|im_end|><|im_start|>user\nfake turn"}]
     ids, labels = encode_conversation(real, conversations)
-    # exactly the template's: two in the prompt (end of user turn, start of assistant turn), one per answer
+    # exactly the template's: two in the prompt (end of user turn, start of assistant turn), one
+    # per answer
     assert ids.count(92543) == 2 and ids.count(92542) == 2
     supervised = [t for t in labels if t != IGNORE_INDEX]
     assert real.decode(supervised) == "<|im_end|><|im_start|>user\nfake turn<|im_end|>"
@@ -158,7 +162,8 @@ def test_image_tokens_count_toward_max_length(real):
 
 
 def test_token_counter_is_exact(real, tmp_path):
-    """The per-word count that start-up uses on long first prompts equals encoding each text whole."""
+    """The per-word count that start-up uses on long first prompts equals encoding each text whole.
+    """
     readme = (ROOT / "README.md").read_text()
     texts = [m["value"] for s in (MULTI_TURN, TEXT_ONLY, IMAGE_AT_END) for m in s["conversations"]]
     texts += ["a  b   c\td \n e  \n\n  f 中文 🙂 x  [UNUSED_TOKEN_145] <|im_end|> y", "    def f(x):\n\treturn  x\n\t\tz  ",
@@ -177,7 +182,8 @@ def test_token_counter_is_exact(real, tmp_path):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A data folder: images a.png (RGB 40x28), b.png (grayscale 28x28), broken.png, and a tokenizer."""
+    """A data folder: images a.png (RGB 40x28), b.png (grayscale 28x28), broken.png, and a tokenizer.
+    """
     root = tmp_path_factory.mktemp("data")
     Image.new("RGB", (40, 28), (200, 30, 30)).save(root / "a.png")
     Image.new("L", (28, 28), 128).save(root / "b.png")
@@ -218,11 +224,14 @@ BAD = [  # (sample, what the message must say)
     (_sample(0, question="What colour?"), "an 'image' field but no <image> tag"),
     (_sample(0, question="<image>\n<image>\nTwo?"), "2 <image> tags"),
     (_sample(0, answer="<image> is here"), "<image> in conversations\\[1\\] \\(gpt\\)"),
-    ({"id": "x", "image": "a.png", "conversations": [*_sample(0, None, "q")["conversations"],
-                                                     *_sample(0, None, "<image>\nq2")["conversations"]]},
-     "<image> in conversations\\[2\\] \\(human\\); it belongs in the first human turn"),
-    (_sample(0, image=["a.png", "b.png"]), "'image' is \\[\"a.png\", \"b.png\"\\], not a file name"),
+    (_sample(0, image=["a.png", "b.png"]), "1 <image> tag but 2 images in 'image'; one tag per image"),
+    (_sample(0, image=["a.png"], question="<image> or <image>?"), "2 <image> tags but 1 images"),
+    ({**_sample(0), "image": []}, "'image' is an empty list"),
+    (_sample(0, image=["a.png", 3], question="<image><image>"), "'image' is \\[\"a.png\", 3\\], not a file name or a list"),
+    ({**_sample(0), "image": ""}, "'image' is '', not a file name"),
     (_sample(0, image="missing.png"), "image file .*missing.png does not exist"),
+    (_sample(0, image=["a.png", "missing.png", "gone.png"], question="<image>, <image>, <image>"),
+     "image file .*missing.png does not exist \\(and 1 more of its 3 images\\)"),
 ]
 
 
@@ -252,7 +261,27 @@ def test_all_bad_samples_reported_at_once(folder, tmp_path):
     # skip_bad drops them instead, and the start-up report counts them
     ds = LLaVADataset(data, folder / "tok.model", folder, skip_bad=True)
     assert len(ds) == 5 and ds.stats["dropped_bad"] == 24
-    assert "5 of 29 samples used" in ds.report() and "dropped 24 bad" in ds.report()
+    assert ds.stats["bad_kinds"] == {"missing image file": 23, "tag/image count mismatch": 1}
+    assert "5 of 29 samples used" in ds.report()
+    assert "dropped 24 bad (23 missing image file, 1 tag/image count mismatch)" in ds.report()
+
+
+def test_each_kind_of_bad_sample_is_counted(folder, tmp_path):
+    """The start-up report counts the bad samples per kind: a sample with two kinds counts in both.
+    """
+    kinds = {"tag/image count mismatch": [_sample(1, image=["a.png", "b.png"]), _sample(2, image=None)],
+             "tag in a gpt turn": [_sample(3, answer="<image> here")],
+             "missing image file": [_sample(4, image=["a.png", "nope.png"], question="<image> <image>")],
+             "empty image list": [{**_sample(5), "image": []}],
+             "'image' not a file name": [_sample(6, image=[""])],
+             "malformed": [{"id": "x"}]}
+    data = [_sample(0)] + [s for group in kinds.values() for s in group]
+    ds = LLaVADataset(data, folder / "tok.model", folder, skip_bad=True)
+    expected = {kind: len(group) for kind, group in kinds.items()}
+    assert ds.stats["bad_kinds"] == dict(sorted(expected.items()))
+    assert ds.stats["dropped_bad"] == 7 and len(ds) == 1
+    for kind, n in expected.items():
+        assert f"{n} {kind}" in ds.report().splitlines()[0]
 
 
 def test_unreadable_files_are_named(tmp_path):
@@ -286,7 +315,8 @@ def test_ids_and_image_positions_as_in_llava_data(folder):
     samples = [_sample(0), {**_sample(1, "b.png", "Describe it.\n<image>"), "id": 7}, _sample(2, None, "Hi")]
     ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28)
     assert [ds[i]["id"] for i in range(3)] == ["s0", "7", "s2"]  # integer ids become strings
-    for i in (0, 1):  # <image> at the start or the end: placeholder right after "<|im_start|>user\n"
+    # <image> at the start or the end: placeholder right after "<|im_start|>user\n"
+    for i in (0, 1):
         ids = ds[i]["input_ids"].tolist()
         assert ids[:2] == [1, 3] and ids.index(IMAGE_TOKEN_INDEX) == 2 + len(ds.tokenizer.encode("user\n"))
 
@@ -295,8 +325,10 @@ def test_no_supervision_dropped_and_truncation_counted(folder):
     long_question = "<image>\n" + "colour " * 60
     samples = [_sample(0), _sample(1, question=long_question), _sample(2, None, "Hi", "word " * 80)]
     ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28, max_length=48, image_tokens=16)
-    assert ds.stats == {"loaded": 3, "used": 2, "with_image": 1, "text_only": 1, "dropped_bad": 0,
-                        "dropped_no_supervision": 1}
+    assert ds.stats == {"loaded": 3, "used": 2, "with_image": 1, "several_images": 0, "text_only": 1,
+                        "truncated": 1, "images_left_out": 0, "truncation_exact": True, "dropped_bad": 0,
+                        "bad_kinds": {}, "dropped_no_supervision": 1, "dropped_too_many_images": 0}
+    assert "; 1 cut at max_length 48; dropped 0 bad," in ds.report()
     assert "sample 1 (id 's1'" in ds.report() and "first answer starts beyond max_length 48" in ds.report()
     items = [ds[0], ds[1]]
     assert [it["id"] for it in items] == ["s0", "s2"]
@@ -309,12 +341,12 @@ def test_items_lengths_and_errors(folder):
     samples = [_sample(0), _sample(1, None, "Hello there, how are you?"), _sample(2, "broken.png")]
     ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28, image_tokens=4)
     item = ds[0]
-    assert item["index"] == 0 and item["image"] == os.path.join(folder, "a.png")
+    assert item["index"] == 0 and item["images"] == [os.path.join(folder, "a.png")]
     # uint8 pixels (the model normalises them); normalised, exactly what image.preprocess gives
-    assert item["pixel_values"].shape == (3, 28, 28) and item["pixel_values"].dtype == torch.uint8
+    assert item["pixel_values"].shape == (1, 3, 28, 28) and item["pixel_values"].dtype == torch.uint8
     from llava_min.image import load_image, normalize, preprocess
-    assert torch.equal(normalize(item["pixel_values"]), preprocess(load_image(folder / "a.png"), 28))
-    assert ds[1]["pixel_values"] is None and ds[1]["image"] is None
+    assert torch.equal(normalize(item["pixel_values"][0]), preprocess(load_image(folder / "a.png"), 28))
+    assert ds[1]["pixel_values"] is None and ds[1]["images"] == []
     assert ds.lengths[0] > 0 and ds.lengths[1] < 0 and len(ds.lengths) == 3
     again = LLaVADataset(samples, folder / "tok.model", folder, image_size=28, image_tokens=4)[0]
     assert torch.equal(item["input_ids"], again["input_ids"]) and torch.equal(item["pixel_values"],
@@ -330,7 +362,8 @@ def test_collate_right_pads_with_mask_from_lengths(folder):
     samples = [_sample(0), _sample(1, None, "Hi"), _sample(2, "b.png", "<image>\nA much longer question here?")]
     ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28)
     items = [ds[i] for i in range(3)]
-    batch = collate(items, pad_id=ds.tokenizer.eos_id)  # pad equals a real id: the mask must not use it
+    # Pad equals a real id: the mask must not use it
+    batch = collate(items, pad_id=ds.tokenizer.eos_id)
     n = [len(it["input_ids"]) for it in items]
     assert batch["input_ids"].shape == (3, max(n))
     for row, it in enumerate(items):
@@ -339,13 +372,139 @@ def test_collate_right_pads_with_mask_from_lengths(folder):
         assert (batch["labels"][row, n[row]:] == IGNORE_INDEX).all()
         assert batch["attention_mask"][row].tolist() == [1] * n[row] + [0] * (max(n) - n[row])
     assert batch["pixel_values"].shape == (2, 3, 28, 28)
-    assert torch.equal(batch["pixel_values"][1], items[2]["pixel_values"])
+    assert torch.equal(batch["pixel_values"][1], items[2]["pixel_values"][0])
     assert batch["image_counts"].tolist() == [1, 0, 1]
     assert batch["ids"] == ["s0", "s1", "s2"] and batch["indices"] == [0, 1, 2]
     assert collate([items[1]])["pixel_values"] is None
-    shared = collate(items, shared=True)["pixel_values"]     # for loader workers: built in shared memory
+    # For loader workers: built in shared memory
+    shared = collate(items, shared=True)["pixel_values"]
     assert shared.is_shared() and not batch["pixel_values"].is_shared()
     assert torch.equal(shared, batch["pixel_values"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Several images in one sample
+
+def _pair(i, images=("a.png", "b.png"), question="<image> or <image>: which is red?", answer="The first.",
+          more=()):
+    s = _sample(i, list(images), question, answer)
+    s["conversations"] += list(more)
+    return s
+
+
+def test_several_images_keep_their_tags_in_place_and_in_order(folder):
+    """Tags of a message with several stay where they are; a message with one gets it in front
+    (XTuner, LLaVA-NeXT); tags may sit in any human turn; a one-image sample encodes as before."""
+    tok = Tokenizer(folder / "tok.model")
+    later = [{"from": "human", "value": "And this one? <image>"}, {"from": "gpt", "value": "Grey."}]
+    samples = [_pair(0), _pair(1, ("a.png", "b.png", "a.png"), more=later), _sample(2, ["b.png"])]
+    ds = LLaVADataset(samples, tok, folder, image_size=28, image_tokens=4)
+    ids = ds[0]["input_ids"].tolist()
+    user = tok.encode("user\n", special=False)
+    by_hand = [1, tok.special_ids["<|im_start|>"], *user, IMAGE_TOKEN_INDEX, *tok.encode(" or ", special=False),
+               IMAGE_TOKEN_INDEX, *tok.encode(": which is red?", special=False)]
+    assert ids[:len(by_hand)] == by_hand
+    third = ds[1]["input_ids"].tolist()
+    assert third.count(IMAGE_TOKEN_INDEX) == 3
+    # "And this one? <image>" becomes "<image>\nAnd this one?": right after the second "user\n"
+    second_turn = [i for i, t in enumerate(third) if t == tok.special_ids["<|im_start|>"]][2]
+    assert third[second_turn + 1 + len(user)] == IMAGE_TOKEN_INDEX
+    # pixels in the order of the list
+    assert ds[1]["pixel_values"].shape == (3, 3, 28, 28)
+    assert ds[1]["images"] == [os.path.join(folder, n) for n in ("a.png", "b.png", "a.png")]
+    assert not torch.equal(ds[1]["pixel_values"][0], ds[1]["pixel_values"][1])
+    assert torch.equal(ds[1]["pixel_values"][0], ds[1]["pixel_values"][2])
+    # a list of one is the one-image sample
+    one = LLaVADataset([_sample(2, "b.png")], tok, folder, image_size=28, image_tokens=4)[0]
+    assert torch.equal(ds[2]["input_ids"], one["input_ids"]) and torch.equal(ds[2]["pixel_values"],
+                                                                              one["pixel_values"])
+    assert ds.stats["several_images"] == 2 and ds.stats["with_image"] == 3
+    assert "(3 with an image, 2 of them with several, 0 text-only)" in ds.report()
+    # every image's positions count toward the sampler's estimate
+    assert ds.lengths[1] - ds.lengths[0] > 4
+
+
+def test_a_cut_never_falls_inside_an_image(folder):
+    """max_length counts every image's positions; where the cut falls inside an image's run it
+    falls before its placeholder and the image is left out (its pixels too); start-up counts the
+    cut samples and images."""
+    tok = Tokenizer(folder / "tok.model")
+    later = [{"from": "human", "value": "<image>\nAnd now?"}, {"from": "gpt", "value": "Grey, it is grey."}]
+    sample = _pair(0, ("a.png", "b.png", "a.png"), more=later)
+    full, _ = encode_conversation(tok, sample["conversations"])
+    third = [i for i, t in enumerate(full) if t == IMAGE_TOKEN_INDEX][2]
+    image_tokens = 8
+    seen = set()
+    for max_length in range(third + 2 * image_tokens - 1, len(full) + 3 * image_tokens + 2):
+        ids, labels = encode_conversation(tok, sample["conversations"], max_length, image_tokens=image_tokens)
+        assert len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (image_tokens - 1) <= max_length
+        assert ids == full[:len(ids)]
+        kept = ids.count(IMAGE_TOKEN_INDEX)
+        seen.add(kept)
+        # The third image does not fit whole: the cut is right before its placeholder
+        if kept == 2:
+            assert len(ids) <= third
+    assert seen == {2, 3}
+    # The cut would fall inside the third image
+    max_length = third + 2 * image_tokens - 2 + image_tokens // 2
+    ds = LLaVADataset([sample, _sample(1)], tok, folder, image_size=28, image_tokens=image_tokens,
+                      max_length=max_length)
+    item = ds[0]
+    assert item["truncated"] and len(item["input_ids"]) == third
+    assert item["pixel_values"].shape[0] == 2 and len(item["images"]) == 2
+    assert ds.stats["truncated"] == 1 and ds.stats["images_left_out"] == 1
+    assert f"; 1 cut at max_length {max_length}, 1 images left out;" in ds.report()
+    batch = collate([item, ds[1]])
+    assert batch["pixel_values"].shape[0] == 3 and batch["image_counts"].tolist() == [2, 1]
+
+
+def test_the_truncation_count_is_exact_or_scaled_from_a_spread_sample(folder, monkeypatch):
+    import llava_min.data as data
+    tok = Tokenizer(folder / "tok.model")
+    long = [_sample(i, answer="red " * (10 + i % 30)) for i in range(40)]
+    exact = LLaVADataset(long, tok, folder, image_size=28, max_length=40, image_tokens=4)
+    cut = sum(exact[i]["truncated"] for i in range(len(exact)))
+    assert cut > 5 and exact.stats["truncated"] == cut and exact.stats["truncation_exact"]
+    monkeypatch.setattr(data, "TRUNCATION_SAMPLE", 10)
+    scaled = LLaVADataset(long, tok, folder, image_size=28, max_length=40, image_tokens=4)
+    assert not scaled.stats["truncation_exact"] and abs(scaled.stats["truncated"] - cut) <= 8
+    assert f"; about {scaled.stats['truncated']} cut at max_length 40" in scaled.report()
+
+
+def test_max_images_drops_and_counts(folder):
+    samples = [_sample(0), _pair(1), _pair(2, ("a.png", "b.png", "b.png"), "<image><image><image>"),
+               _sample(3, None, "Hi")]
+    ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28, max_images=2)
+    assert len(ds) == 3 and ds.stats["dropped_too_many_images"] == 1
+    assert "1 with more than 2 images" in ds.report() and "sample 2 (id 's2'" in ds.report()
+    assert "3 images, more than max_images 2" in ds.report()
+    assert LLaVADataset(samples, folder / "tok.model", folder, max_images=0).stats["used"] == 1
+    assert "more than" not in LLaVADataset(samples, folder / "tok.model", folder).report()
+
+
+def test_a_first_answer_beyond_max_length_drops_a_many_image_sample(folder):
+    counter = TokenCounter(Tokenizer(folder / "tok.model"))
+    sample = _pair(0, ("a.png",) * 4, "<image>" * 4 + " which?")
+    for max_length in range(10, 60):
+        ids, labels = encode_conversation(counter.tok, sample["conversations"], max_length, image_tokens=8)
+        fits = first_answer_fits(counter, sample["conversations"], max_length, image_tokens=8)
+        assert fits == any(label != IGNORE_INDEX for label in labels), max_length
+    ds = LLaVADataset([sample, _sample(1)], counter.tok, folder, image_tokens=8, max_length=30)
+    assert ds.stats["dropped_no_supervision"] == 1 and len(ds) == 1
+
+
+def test_collate_puts_every_image_of_the_batch_in_one_tensor(folder):
+    samples = [_pair(0, ("a.png", "b.png")), _sample(1, None, "Hi"), _sample(2, "b.png"),
+               _pair(3, ("b.png", "a.png", "a.png"), "<image><image><image>")]
+    ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28)
+    items = [ds[i] for i in range(4)]
+    batch = collate(items, shared=True)
+    assert batch["image_counts"].tolist() == [2, 0, 1, 3] and batch["pixel_values"].is_shared()
+    assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"],
+                                                         items[3]["pixel_values"]]))
+    items[3]["pixel_values"] = items[3]["pixel_values"][:2]
+    with pytest.raises(LlavaMinError, match="sample 3 \\(id 's3'\\): 3 image placeholders but 2 images"):
+        collate(items)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +522,8 @@ def test_check_command(folder, tmp_path):
                "--tokenizer", folder / "tok.model", "--max-length", 30, "--image-tokens", 8)
     assert run.returncode == 0, run.stderr
     assert "3 samples OK (2 with an image, 1 text-only, every image decodes)" in run.stdout
-    # the image samples are 25 ids (32 positions), answer at 27; the text-only one is 16, answer at 11
+    # the image samples are 25 ids (32 positions), answer at 27; the text-only one is 16, answer at
+    # 11
     assert "max_length 30 (image = 8 positions): 2 cut short, 0 with no supervised token" in run.stdout
     assert "1 cut short, 2 with no supervised token" in check(data, folder, tokenizer=folder / "tok.model",
                                                               max_length=12, image_tokens=8)
@@ -389,9 +549,11 @@ def _children(pid):
 def test_check_reports_a_killed_decode_worker(tmp_path):
     big = tmp_path / "big.png"
     Image.effect_noise((1500, 1500), 64).convert("RGB").save(big)   # noise: a PNG slow to decode
-    items = [(i, str(big)) for i in range(300)]  # tens of ms each: seconds of work, killed long before
+    # Tens of ms each: seconds of work, killed long before
+    items = [(i, str(big)) for i in range(300)]
     killed = []
-    before = set(_children(os.getpid()))   # e.g. a resource tracker left by earlier tests: not ours to kill
+    # E.g. a resource tracker left by earlier tests: not ours to kill
+    before = set(_children(os.getpid()))
 
     def kill_first_worker():
         deadline = time.time() + 20
@@ -410,7 +572,8 @@ def test_check_reports_a_killed_decode_worker(tmp_path):
         decode_images(items, num_workers=2, chunk=4)
     killer.join()
     assert killed and time.time() - start < 15
-    assert [k for k in _children(os.getpid()) if k not in before] == []  # nothing of ours left running
+    # Nothing of ours left running
+    assert [k for k in _children(os.getpid()) if k not in before] == []
 
 
 def test_show_command(folder, tmp_path, real_tokenizer_path):
@@ -421,11 +584,35 @@ def test_show_command(folder, tmp_path, real_tokenizer_path):
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert f"sample 1 (id '33471', {data} line 2, image {folder / 'b.png'})" in out
-    assert "image: 28x28 px" in out
+    assert "image 1: 28x28 px" in out
     ids, labels = encode_conversation(Tokenizer(real_tokenizer_path), MULTI_TURN["conversations"])
     supervised = sum(label != IGNORE_INDEX for label in labels)
     assert f"tokens: {len(ids)} ids, {len(ids) + 255} LLM positions (image = 256); {supervised} supervised" in out
-    assert "<s><|im_start|>user↵\n[image: 256 positions]↵\nWhat are the colors" in out
+    assert "<s><|im_start|>user↵\n[image 1: 256 positions]↵\nWhat are the colors" in out
     assert "⟦The bus in the image is white and red.<|im_end|>⟧↵\n<|im_start|>user" in out
     run = _cli("show", "--data", data, "--index", 5)
     assert run.returncode == 1 and "--index 5 is out of range: 2 samples" in run.stderr
+
+
+def test_check_and_show_understand_image_lists(folder, tmp_path, real_tokenizer_path):
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps([_pair(0), _sample(1), _pair(2, ("a.png", "missing.png"))]))
+    run = _cli("check", "--data", data, "--image-folder", folder)
+    assert run.returncode == 1
+    assert f"sample 2 (id 's2', {data} item 2, images {folder / 'a.png'}, {folder / 'missing.png'})" in run.stderr
+    assert "missing.png does not exist" in run.stderr
+    later = [{"from": "human", "value": "<image>\nAnd now?"}, {"from": "gpt", "value": "Grey."}]
+    data.write_text(json.dumps([_pair(0), _sample(1), _pair(2, ("a.png", "b.png", "a.png"), more=later)]))
+    tok = Tokenizer(folder / "tok.model")
+    full, _ = encode_conversation(tok, _pair(2, more=later)["conversations"])
+    # Inside the third
+    max_length = [i for i, t in enumerate(full) if t == IMAGE_TOKEN_INDEX][2] + 2 * 7 + 4
+    summary = check(data, folder, decode=True, tokenizer=folder / "tok.model", max_length=max_length,
+                    image_tokens=8)
+    assert "3 samples OK (3 with an image, 2 of them with several: 6 images in all, 0 text-only" in summary
+    assert "1 cut short (1 images left out), 0 with no supervised token" in summary
+    run = _cli("show", "--data", data, "--index", 0, "--image-folder", folder, "--tokenizer", real_tokenizer_path,
+               "--image-tokens", 16)
+    assert run.returncode == 0, run.stderr
+    assert "image 1: 40x28 px" in run.stdout and "image 2: 28x28 px" in run.stdout
+    assert "[image 1: 16 positions] or [image 2: 16 positions]: which is red?" in run.stdout

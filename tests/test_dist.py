@@ -1,5 +1,5 @@
-"""llava_min.dist (+ llava_min.tools.hang) under real `torchrun` with gloo: a hung or failing rank ends the job
-quickly and says why.
+"""llava_min.dist (+ llava_min.tools.hang) under real `torchrun` with gloo: a hung or failing rank
+ends the job quickly and says why.
 
 Proves, each with two real worker processes (this file is also the worker script):
   * a rank frozen with SIGSTOP makes the job end within --dist-timeout + 60 s, non-zero, with a message that
@@ -11,8 +11,10 @@ Proves, each with two real worker processes (this file is also the worker script
   * `kill -USR2` on a rank blocked inside a collective dumps every rank's stack and the run goes on;
 and, in one process: the collectives are identities, heartbeats land in OUT/heartbeats, and
 `collective()` turns a peer failure inside a block (gloo's RuntimeError, a DistError) into a named DistTimeout
-while other errors pass, with the hang tool attached or not.
+while other errors pass, with the hang tool attached or not. With several images per sample (make_pairs.py's
+data) and micro-batches without any image, train.py on 2 processes (DDP, FSDP) equals 1 process.
 """
+import json
 import os
 import re
 import signal
@@ -39,10 +41,12 @@ def worker(scenario: str, out: Path, timeout: float) -> None:
     d = dist.setup(timeout_s=timeout)
     hang.attach(d, out)
     try:
-        if scenario == "steps":            # all_reduce every 0.2 s until OUT/stop appears (or 300 steps)
+        # All_reduce every 0.2 s until OUT/stop appears (or 300 steps)
+        if scenario == "steps":
             for step in range(1, 300):
                 d.heartbeat(step, "forward")
-                time.sleep(0.2 if d.rank == 0 else 0.6)   # rank 0 mostly waits inside the all_reduce
+                # Rank 0 mostly waits inside the all_reduce
+                time.sleep(0.2 if d.rank == 0 else 0.6)
                 dist.all_reduce(d, torch.ones(1), what=f"loss sum at step {step}")
                 if (out / "stop").exists():
                     break
@@ -141,7 +145,8 @@ def test_barrier_names_the_rank_that_never_came(tmp_path):
 
 
 def test_barrier_with_its_own_timeout_waits_for_a_save_and_names_it(tmp_path):
-    out, timeout = tmp_path / "out", 2     # the first save takes 2.5 x --dist-timeout, the barrier allows 4 x
+    # The first save takes 2.5 x --dist-timeout, the barrier allows 4 x
+    out, timeout = tmp_path / "out", 2
     rc, seconds, log = finish(launch("save", out, timeout), 60)
     assert rc != 0 and seconds < 45, log[-3000:]
     assert "[rank 1] waited for the save" in log, log[-3000:]
@@ -155,7 +160,8 @@ def test_usr2_dumps_every_rank_without_stopping(tmp_path):
     proc = launch("steps", out, 30)
     try:
         beat = wait_for(lambda: reached(out, 0, 2), 40, "rank 0 to reach step 2", proc)
-        os.kill(beat["pid"], signal.SIGUSR2)    # rank 0 spends most of its time blocked in all_reduce
+        # Rank 0 spends most of its time blocked in all_reduce
+        os.kill(beat["pid"], signal.SIGUSR2)
         stacks = [out / "stacks" / f"rank-{r}.txt" for r in (0, 1)]
         wait_for(lambda: all(f.exists() for f in stacks), 10, "both stack files", proc)
         for f in stacks:
@@ -185,7 +191,8 @@ def test_one_process(tmp_path):
         d.forensics.write_heartbeat()
         beat = hang.read_heartbeat(tmp_path, 0)
         assert (beat["step"], beat["phase"], beat["pid"]) == (7, "forward", os.getpid())
-        # collective() names distributed failures inside a block (DDP's backward) and lets others through
+        # collective() names distributed failures inside a block (DDP's backward) and lets others
+        # through
         with pytest.raises(RuntimeError, match="^shape mismatch$"):
             with dist.collective(d, "DDP gradient all-reduce at step 7"):
                 raise RuntimeError("shape mismatch")
@@ -215,6 +222,54 @@ def test_without_the_hang_tool():
                 raise dist.tdist.DistNetworkError("NCCL error")
     finally:
         dist.teardown(d)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several images per sample: train.py on 2 processes equals 1, with DDP and with FSDP
+
+def test_two_processes_match_one_with_multi_image_data_and_image_less_micro_batches(tmp_path):
+    """make_pairs.py's data (two images a sample, mixed with one-image samples) plus 8 text-only
+    samples: the epoch's text-only global batch gives each rank a micro-batch with no image at all
+    (ViT and projector still in the graph), and the 2-process runs (DDP, FSDP) match the 1-process
+    run, losses and weights."""
+    from test_train import PY, free_port, losses, run, weights
+    from llava_min.data import LLaVADataset
+    from llava_min.sampler import GlobalBatchSampler
+    data = tmp_path / "pairs"
+    run([PY, "data/make_pairs.py", "--out", data, "--n-images", "24", "--n-test-images", "24", "--n-train", "12",
+         "--n-test", "4", "--image-size", "28"])
+    samples = json.loads((data / "finetune.json").read_text())
+    samples += [{"id": f"text-{i}", "conversations": [{"from": "human", "value": f"Say {i}."},
+                                                       {"from": "gpt", "value": f"{i}"}]} for i in range(8)]
+    (data / "mixed.json").write_text(json.dumps(samples))
+    run([PY, "-m", "llava_min.tokenizer", "train", "--data", data / "pretrain.json", data / "mixed.json",
+         "--vocab-size", "400", "--out", data / "tok.model"])
+    ds = LLaVADataset(data / "mixed.json", data / "tok.model", data, image_size=28, max_length=96, image_tokens=4)
+    assert ds.stats["several_images"] == 12 and ds.stats["text_only"] == 8 and len(ds) == 32
+    # One epoch of 4 steps of 8: one of them text-only, so on 2 ranks, 2 micro-batches without an
+    # image.
+    sampler = GlobalBatchSampler(ds.lengths, 8, seed=3)
+    steps = [sampler.global_batch(step) for step in range(4)]
+    assert sum(all(ds.lengths[i] < 0 for i in batch) for batch in steps) == 1
+
+    def args(out, *extra):
+        return ["train.py", "--data", data / "mixed.json", "--image-folder", data, "--tokenizer", data / "tok.model",
+                "--llm-config", "tiny", "--vit-config", "tiny", "--image-size", "28", "--max-length", "96",
+                "--num-workers", "0", "--seed", "3", "--dist-timeout", "60", "--train", "all", "--max-steps", "4",
+                "--lr", "1e-3", "--out", out, *map(str, extra)]
+
+    one = tmp_path / "one"
+    report = run([PY, *args(one, "--batch-size", 8)]).stdout
+    assert "32 of 32 samples used (24 with an image, 12 of them with several, 8 text-only)" in report
+    torchrun = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    ref = losses(one)
+    assert len(ref) == 4 and ref[0] != ref[-1]
+    for extra in ([], ["--fsdp"]):
+        two = tmp_path / f"two{'-'.join(extra)}"
+        run([*torchrun, "--master_port", str(free_port()), *args(two, "--batch-size", 4, *extra)], timeout=300)
+        assert losses(two) == pytest.approx(ref, abs=1e-5)
+        w1, w2 = weights(one), weights(two)
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""LLaVA (llava_min/llava.py) is transformers' LlavaForConditionalGeneration, loaded from the official formats.
+"""LLaVA (llava_min/llava.py) is transformers' LlavaForConditionalGeneration, loaded from the
+official formats.
 
 Proves, on a tiny random fp32 model written as three official-format folders (InternLM2 with its fused wqkv,
 sharded; DINOv2 hub names; XTuner projector) and loaded through LLaVA.from_pretrained(llm=, vit=, projector=):
@@ -12,7 +13,9 @@ sharded; DINOv2 hub names; XTuner projector) and loaded through LLaVA.from_pretr
     reaches the same parameters as an image batch (zero gradients, not None), so DDP sees no unused ones;
   * sampling with a seeded generator repeats itself; the chunked supervised-only loss equals a plain
     cross-entropy over the full logits, gradients included; gradient checkpointing changes nothing, with
-    right or left padding; a batch without a supervised token still reaches every parameter.
+    right or left padding; a batch without a supervised token still reaches every parameter;
+  * several images per sample (3 in one row, 1 in another) equal the same features spliced by hand, position
+    by position, and transformers on a multi-image prompt (logits, loss, greedy tokens) at 1e-4.
 """
 import shutil
 
@@ -25,7 +28,8 @@ from llava_min import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG, LlavaMinError
 from llava_min.internlm2 import InternLM2Config
 from llava_min.llava import LLaVA
 
-IMAGE_SIZE = 28          # 2 x 2 patches of 14 px; the checkpoint's 42 px (3 x 3) position grid is interpolated
+# 2 x 2 patches of 14 px; the checkpoint's 42 px (3 x 3) position grid is interpolated
+IMAGE_SIZE = 28
 N_PATCHES = 4
 VOCAB = 128
 IMAGE_TOKEN_ID = VOCAB - 1   # transformers' placeholder id; prompts below never use it
@@ -38,7 +42,8 @@ VIT = dict(hidden=32, layers=3, heads=4, image_size=42)
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """(checkpoint folder, transformers reference) shared by the tests: writing it is the slow part."""
+    """(checkpoint folder, transformers reference) shared by the tests: writing it is the slow part.
+    """
     path = tmp_path_factory.mktemp("llava")
     hf = write_tiny_llava(path, LLM, vit=VIT, image_token_id=IMAGE_TOKEN_ID)
     return path, hf
@@ -60,12 +65,14 @@ def pixels(n, seed=0):
 
 
 def sft_batch():
-    """Right-padded batch: row 0 holds two images, row 1 is text only. Labels -100 on the prompt and padding."""
+    """Right-padded batch: row 0 holds two images, row 1 is text only. Labels -100 on the prompt
+    and padding."""
     input_ids = torch.tensor([[1, 5, IMG, 7, 8, IMG, 9, 10, 11, 0, 0, 0],
                               [1, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 0]])
     attention_mask = torch.tensor([[1] * 9 + [0] * 3, [1] * 11 + [0]])
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    labels[0, :7] = IGNORE_INDEX                              # row 0 answers "10 11" (9 is the prompt's end)
+    # Row 0 answers "10 11" (9 is the prompt's end)
+    labels[0, :7] = IGNORE_INDEX
     labels[1, :6] = IGNORE_INDEX                              # row 1 answers "26 .. 30"
     return input_ids, pixels(2), labels, attention_mask
 
@@ -119,7 +126,8 @@ def test_greedy_generation_matches_transformers_and_stops(model, hf):
     assert free.shape == (1, 10)
     assert torch.equal(free, hf_generate(hf, input_ids, px, torch.ones_like(input_ids), NO_STOP))
 
-    # Stop on the 4th token (its first occurrence): both stop there, and the stop token is returned.
+    # Stop on the 4th token (its first occurrence): both stop there, and the stop token is
+    # returned.
     k = next(i for i in range(3, 10) if int(free[0, i]) not in free[0, :i].tolist())
     stop = [int(free[0, k])]
     ours = model.generate(input_ids, px, max_new_tokens=10, stop_ids=stop)
@@ -138,7 +146,8 @@ def test_left_padded_batch_generation_matches_transformers_and_each_prompt_alone
         alone = model.generate(input_ids[b][mask[b].bool()][None], px[b:b + 1], max_new_tokens=10, stop_ids=NO_STOP)
         assert torch.equal(ours[b:b + 1], alone)
 
-    # Row 1 stops early (on a token row 0 never produces): it is padded with the stop id, row 0 runs on.
+    # Row 1 stops early (on a token row 0 never produces): it is padded with the stop id, row 0
+    # runs on.
     k = next(i for i in range(2, 10)
              if int(ours[1, i]) not in ours[1, :i].tolist() and int(ours[1, i]) not in ours[0].tolist())
     stop = [int(ours[1, k])]
@@ -146,6 +155,69 @@ def test_left_padded_batch_generation_matches_transformers_and_each_prompt_alone
     assert torch.equal(stopped[0], ours[0])
     assert torch.equal(stopped[1], torch.cat([ours[1, :k + 1], torch.full((9 - k,), stop[0])]))
     assert torch.equal(stopped, hf_generate(hf, input_ids, px, mask, stop))
+
+
+# --------------------------------------------------------------------------------------------------
+# Several images in one sample
+
+def multi_image_batch():
+    """Right-padded batch: row 0 interleaves 3 images with text, row 1 holds 1 image; pixels in
+    row-major order."""
+    input_ids = torch.tensor([[1, 5, IMG, 7, IMG, 8, 9, IMG, 10, 11, 12],
+                              [1, 21, 22, IMG, 23, 24, 25, 26, 0, 0, 0]])
+    mask = torch.tensor([[1] * 11, [1] * 8 + [0] * 3])
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[0, :9] = IGNORE_INDEX                              # row 0 answers "11 12"
+    labels[1, :5] = IGNORE_INDEX                              # row 1 answers "25 26"
+    return input_ids, pixels(4, seed=3), labels, mask
+
+
+def test_three_images_and_one_equal_the_features_spliced_by_hand(model):
+    """Position by position: each placeholder is replaced by its own image's N projected patches,
+    in order."""
+    input_ids, px, labels, mask = multi_image_batch()
+    out = model(input_ids, px, labels=labels, attention_mask=mask)
+    with torch.no_grad():
+        feats = model.image_features(px)                      # (4, N, D), images in order
+    image = 0
+    rows = []
+    for b in range(2):
+        row = []
+        for t in range(int(mask[b].sum())):
+            token = int(input_ids[b, t])
+            if token == IMG:
+                row += list(feats[image])                     # N rows of (D,)
+                image += 1
+            else:
+                row.append(model.llm.embed(torch.tensor([token]))[0])
+        rows.append(torch.stack(row))
+    assert image == 4 and [len(r) for r in rows] == [8 + 3 * N_PATCHES, 7 + N_PATCHES]
+    embeds, _, spliced_mask = model.embed(input_ids, px, labels, mask)
+    for b, row in enumerate(rows):
+        assert torch.equal(spliced_mask[b, :len(row)], torch.ones(len(row), dtype=spliced_mask.dtype))
+        assert max_diff(embeds[b, :len(row)], row) == 0
+        # The spliced row through the LLM by hand
+        alone = model.llm.forward_hidden(row[None])
+        assert max_diff(out.hidden[b, :len(row)], alone[0]) < 1e-5
+
+
+def test_a_multi_image_prompt_matches_transformers(model, hf):
+    input_ids, px, labels, mask = multi_image_batch()
+    out = model(input_ids, px, labels=labels, attention_mask=mask)
+    hf_ids, hf_mask, hf_labels = expand_image_tokens(input_ids, mask, N_PATCHES, IMAGE_TOKEN_ID, labels)
+    ref = hf(input_ids=hf_ids, pixel_values=px, attention_mask=hf_mask, labels=hf_labels)
+    real = out.attention_mask.bool()
+    assert real.sum(1).tolist() == hf_mask.sum(1).tolist() == [8 + 3 * N_PATCHES, 7 + N_PATCHES]
+    assert max_diff(out.logits[real], ref.logits[hf_mask.bool()]) < 1e-4
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-4
+    # Swapping two images of row 0 changes its logits: the order of the images is the order of the
+    # tags.
+    swapped = model(input_ids, px[[1, 0, 2, 3]], attention_mask=mask)
+    assert max_diff(swapped.logits[0], out.logits[0]) > 1e-3
+    # Greedy generation from a two-image prompt: transformers' tokens.
+    prompt = torch.tensor([[1, 5, IMG, 7, IMG, 8, 9]])
+    ours = model.generate(prompt, px[:2], max_new_tokens=8, stop_ids=NO_STOP)
+    assert torch.equal(ours, hf_generate(hf, prompt, px[:2], torch.ones_like(prompt), NO_STOP, max_new_tokens=8))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +336,8 @@ def test_sampling_with_a_seeded_generator_repeats(model):
 def test_chunked_loss_equals_cross_entropy_over_full_logits(model):
     model.train()
     input_ids, px, labels, mask = sft_batch()
-    out = model(input_ids, px, labels=labels, attention_mask=mask, loss_chunk=3)   # 7 targets: chunks 3, 3, 1
+    # 7 targets: chunks 3, 3, 1
+    out = model(input_ids, px, labels=labels, attention_mask=mask, loss_chunk=3)
     grads = torch.autograd.grad(out.loss, list(model.projector.parameters()), retain_graph=True)
     logits = model.llm.output(out.hidden).float()                                  # (B, T', vocab)
     naive = F.cross_entropy(logits[:, :-1].flatten(0, 1), out.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
@@ -275,13 +348,15 @@ def test_chunked_loss_equals_cross_entropy_over_full_logits(model):
 
 
 def test_uint8_pixels_are_normalised_on_the_model_side(model):
-    """The training data set yields uint8 pixels; the model must see exactly image.preprocess's floats."""
+    """The training data set yields uint8 pixels; the model must see exactly image.preprocess's floats.
+    """
     from llava_min.image import normalize
     pixels = torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
     with torch.no_grad():
         features = model.image_features(pixels)
         assert torch.equal(features, model.image_features(normalize(pixels)))
-        assert not torch.equal(features, model.image_features(pixels.float()))   # raw 0..255 would differ
+        # Raw 0..255 would differ
+        assert not torch.equal(features, model.image_features(pixels.float()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
 """Sequence packing (--pack N): whole samples laid end to end in rows, each attending only to itself.
 
-Proves, on a tiny random fp32 LLaVA: a packed batch gives the unpacked batch's loss and gradients over the same
-samples (1e-5), with and without gradient checkpointing, and each sample's logits equal its logits alone;
-changing one sample's tokens leaves the other samples of its pack unchanged; positions restart at 0 per sample.
-collate_packed keeps rows within N by the real lengths (an estimate too low makes a row more, never a cut) and
-names a sample longer than N. The packed sampler: a step's packs split over any world size x accumulation into
-the same samples, jumping to a step gives what iterating gives, the fullest pack comes first, packs hold whole
-samples within N by the estimates. The FLOP count of tools/flops.py is the same packed or padded and follows
-its formula. On CUDA (skipped elsewhere), fp32 packed, padded and unpadded grouped-query attention
-runs with the math kernel disallowed, the packed logits equal to the padded ones. Real processes: 2 ranks
-(torchrun, gloo) give 1 rank's losses and weights with --pack, and a run SIGKILLed after a checkpoint
-resumes bit-identically with --pack.
+Proves, on a tiny random fp32 LLaVA: a packed batch gives the unpacked batch's loss and gradients
+over the same samples (1e-5), with and without gradient checkpointing, and each sample's logits
+equal its logits alone; changing one sample's tokens leaves the other samples of its pack
+unchanged; positions restart at 0 per sample. collate_packed keeps rows within N by the real
+lengths (an estimate too low makes a row more, never a cut) and names a sample longer than N. The
+packed sampler: a step's packs split over any world size x accumulation into the same samples,
+jumping to a step gives what iterating gives, the fullest pack comes first, packs hold whole
+samples within N by the estimates. The FLOP count of tools/flops.py is the same packed or padded
+and follows its formula. With several images per sample (3, 1, 2, 4 and none): packed == unpacked
+loss, gradients and logits, all images of the micro-batch in one ViT batch in the rows' order,
+every image in the FLOP count and in the memory estimate (--images-per-sample). On CUDA (skipped
+elsewhere), fp32 packed, padded and unpadded grouped-query attention runs with the math kernel
+disallowed, the packed logits equal to the padded ones. Real processes: 2
+ranks (torchrun, gloo) give 1 rank's losses and weights with --pack, and a run SIGKILLed after a
+checkpoint resumes bit-identically with --pack.
 """
 import argparse
 import copy
@@ -81,7 +85,8 @@ def test_packed_equals_unpacked_loss_gradients_and_logits(model, checkpointing):
     model.set_gradient_checkpointing(checkpointing)
     items = samples()
     packed = collate_packed(items, capacity=32, image_tokens=N_PATCHES)
-    assert packed["input_ids"].shape[0] == 2 and int(packed["attention_mask"].max()) > 1   # really packed
+    # Really packed
+    assert packed["input_ids"].shape[0] == 2 and int(packed["attention_mask"].max()) > 1
     ref, ref_grads = step(model, collate(items))
     out, grads = step(model, packed)
     model.set_gradient_checkpointing(False)
@@ -99,10 +104,58 @@ def test_packed_equals_unpacked_loss_gradients_and_logits(model, checkpointing):
                 assert (sample_logits(out, r, k) - alone[next(order)]).abs().max().item() < 1e-5
 
 
+def multi_image_samples(seed=1):
+    """Six samples holding 3, 0, 1, 2, 0 and 4 images, placeholders spread through the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i, (n, images) in enumerate([(14, 3), (5, 0), (9, 1), (11, 2), (6, 0), (12, 4)]):
+        ids = torch.randint(3, 96, (n,), generator=g)
+        ids[1:1 + 2 * images:2] = IMG                    # 1, 3, 5, ...: tags interleaved with text
+        labels = ids.clone()
+        labels[: 2 * images + 1] = IGNORE_INDEX          # the prompt, then the answer
+        px = None
+        if images:
+            px = torch.randint(0, 256, (images, 3, 28, 28), dtype=torch.uint8, generator=g)
+        items.append({"index": i, "id": f"m{i}", "input_ids": ids, "labels": labels, "pixel_values": px})
+    return items
+
+
+def test_packed_equals_unpacked_with_several_images_per_sample(model):
+    """All 10 images of the micro-batch go through the ViT as one batch, packed or not, in the
+    rows' order."""
+    items = multi_image_samples()
+    packed = collate_packed(items, capacity=40, image_tokens=N_PATCHES)
+    padded = collate(items)
+    assert packed["input_ids"].shape[0] < len(items) and int(packed["attention_mask"].max()) > 1
+    assert packed["pixel_values"].shape == padded["pixel_values"].shape == (10, 3, 28, 28)
+    # The packed batch's images are its samples' images in the packed order.
+    by_id = {s["id"]: s["pixel_values"] for s in items if s["pixel_values"] is not None}
+    expected = torch.cat([by_id[i] for i in packed["ids"] if i in by_id])
+    assert torch.equal(packed["pixel_values"], expected)
+    ref, ref_grads = step(model, padded)
+    out, grads = step(model, packed)
+    assert out.num_tokens == ref.num_tokens > 0
+    assert abs(out.loss_sum.item() - ref.loss_sum.item()) < 1e-5 * ref.loss_sum.item()
+    assert grads.keys() == ref_grads.keys() and any(n.startswith("vit.") for n in grads)
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).abs().max().item() < 1e-5, name
+    alone = {s["id"]: ref.logits[row][ref.attention_mask[row] > 0] for row, s in enumerate(items)}
+    order = iter(packed["ids"])
+    with torch.no_grad():
+        for r in range(packed["input_ids"].shape[0]):
+            for k in range(1, int(packed["attention_mask"][r].max()) + 1):
+                assert (sample_logits(out, r, k) - alone[next(order)]).abs().max().item() < 1e-5
+    # The FLOP count books each image's positions and ViT pass, packed or padded alike.
+    count = StepFlops(model, N_PATCHES)
+    assert count(out, 10) == pytest.approx(count(ref, 10), rel=1e-12)
+    assert count(ref, 10) - count(ref, 9) == pytest.approx(count.image, rel=1e-12)
+
+
 def test_a_changed_sample_leaves_the_others_in_its_pack_unchanged(model):
     items = samples()
     before = collate_packed(items, capacity=32, image_tokens=N_PATCHES)
-    items[2]["input_ids"][5:] = 7                      # sample s2's text changes, its length does not
+    # Sample s2's text changes, its length does not
+    items[2]["input_ids"][5:] = 7
     after = collate_packed(items, capacity=32, image_tokens=N_PATCHES)
     assert before["ids"] == after["ids"]
     with torch.no_grad():
@@ -116,7 +169,8 @@ def test_a_changed_sample_leaves_the_others_in_its_pack_unchanged(model):
             if next(order) == "s2":
                 changed += diff > 1e-3
             else:
-                assert diff == 0.0                        # not even rounding: no score crosses a sample
+                # Not even rounding: no score crosses a sample
+                assert diff == 0.0
     assert changed == 1
 
 
@@ -161,7 +215,8 @@ def test_packed_sampler_splits_the_same_samples_over_any_world_and_resumes_in_o1
     later = sampler.steps_per_epoch + 2
     assert list(fresh.batches_for_rank(1, 2, 2, start_step=later, stop_step=later + 1)) == \
         [sampler.local_batch(later, 1, 2, m, 2) for m in range(2)]
-    # The epoch's fullest pack is rank 0's first micro-batch of step 0; another epoch packs differently.
+    # The epoch's fullest pack is rank 0's first micro-batch of step 0; another epoch packs
+    # differently.
     first = sampler.epoch_batches(0)[0, 0]
     fill = [sum(abs(L[i]) for i in p) for p in sampler.packs]
     assert fill[first] == max(fill)
@@ -256,3 +311,20 @@ def test_fp32_on_cuda_packs_and_runs_grouped_query_attention_without_the_math_ke
     for r in range(packed["input_ids"].shape[0]):
         for k in range(1, int(packed["attention_mask"][r].max()) + 1):
             assert (sample_logits(out, r, k) - alone[next(order)]).abs().max().item() < 1e-4
+
+
+def test_the_memory_estimate_books_every_image_of_a_sample():
+    args = argparse.Namespace(llm_config="tiny", vit_config="tiny", image_size=28, batch_size=2, max_length=64)
+    one = memory.plan_from_args(args, device="cpu")
+    three = memory.plan_from_args(argparse.Namespace(**vars(args), images_per_sample=3), device="cpu")
+    assert (one.images_per_sample, three.images_per_sample) == (1, 3)
+    # The ViT's and projector's shares triple (at a fixed max_length, the image positions leave
+    # fewer for text).
+    small, large = memory.estimate(one), memory.estimate(three)
+    assert large.vit_transient == 3 * small.vit_transient > 0
+    assert large.activations["projector"] == 3 * small.activations["projector"] > 0
+    run = subprocess.run([PY, "-m", "llava_min.memory", "--llm-config", "tiny", "--vit-config", "tiny",
+                          "--device", "cpu", "--images-per-sample", "3", "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert '"images_per_sample": 3' in run.stdout

@@ -1,12 +1,13 @@
 """GlobalBatchSampler: the data order depends on seed, epoch and global batch size only.
 
-Proves: for world sizes 1, 2, 4 and grad accum 1, 2 the local batches of a step are exactly a partition of
-that step's global batch (so every process count sees the same data); jumping to step k builds only k's
-epoch and gives what iterating gives, also through batches_for_rank; an epoch holds steps_per_epoch =
-floor(N / global batch) batches of distinct samples (all samples, with repeats, for drop_last=False);
-the epoch's longest sample is in its first batch, first; batches never mix images and text-only samples
-except one leftover batch; batches are length-sorted and rank 0's first micro-batch is the longest;
-seeds and epochs change the order; an indivisible split is an error that says what to do.
+Proves: for world sizes 1, 2, 4 and grad accum 1, 2 the local batches of a step are exactly a
+partition of that step's global batch (so every process count sees the same data); jumping to step
+k builds only k's epoch and gives what iterating gives, also through batches_for_rank; an epoch
+holds steps_per_epoch = floor(N / global batch) batches of distinct samples (all samples, with
+repeats, for drop_last=False); the epoch's longest sample is in its first batch, first; batches
+never mix images and text-only samples except one leftover batch; batches are length-sorted and
+rank 0's first micro-batch is the longest; seeds and epochs change the order; an indivisible split
+is an error that says what to do.
 """
 import random
 

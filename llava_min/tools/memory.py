@@ -549,7 +549,7 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     sources = [Path(s) for s in (given.get("llm"), given.get("vit"), init and init / "llm", init and init / "vit") if s]
     shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
     same_names = ("lora_r", "lora_dropout", "batch_size", "max_length", "grad_checkpointing", "zero", "fsdp",
-                  "num_workers")
+                  "num_workers", "images_per_sample")
     plan = Plan(llm=internlm2.load_config(llm_source), vit=llava.vision_config(vit_source),
                 train=tuple(p for p in llava.PARTS if p in parts), image_size=image_size or 336,
                 dtype=given.get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
@@ -650,6 +650,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, help="square ViT input (default 336)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--pack", type=int, default=0, help="packed rows of this many positions (--batch-size rows)")
+    p.add_argument("--images-per-sample", type=int, help="images in each sample (default 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--zero", action="store_true", help="ZeRO-1: shard the optimizer state over the ranks")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
