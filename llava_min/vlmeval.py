@@ -1,16 +1,18 @@
-"""VLMEvalKit's benchmark TSVs, offline: reading, prompts, answer extraction and scoring, as VLMEvalKit does them.
+"""VLMEvalKit's benchmark TSVs, offline: reading, prompts, answer extraction and scoring, as
+VLMEvalKit does them.
 
-Read top to bottom: the file (`read_tsv`: one pass that keeps each row's byte span, never its base64 image),
-the kind of benchmark, the prompt LLaVA_XTuner builds, an image decoded from its row when a batch needs it,
-then the exact-matching judge (`score`): `can_infer` for multiple choice (circular groups for MMBench),
-`YOrN_Extraction` with POPE's or the default rating for yes/no, VQA accuracy for open answers.
+Read top to bottom: the file (`read_tsv`: one pass that keeps each row's byte span, never its
+base64 image), the kind of benchmark, the prompt LLaVA_XTuner builds, an image decoded from its row
+when a batch needs it, then the exact-matching judge (`score`): `can_infer` for multiple choice
+(circular groups for MMBench), `YOrN_Extraction` with POPE's or the default rating for yes/no, VQA
+accuracy for open answers.
 
-The rules are VLMEvalKit's (open-compass/VLMEvalKit): vlmeval/dataset/image_base.py (loading, image references),
-image_mcq.py / image_yorn.py / image_vqa.py (evaluate), utils/multiple_choice.py (report_acc, circular eval),
-utils/matching_util.py (can_infer), utils/yorn.py (YOrN_Extraction, POPE_rating, default_rating),
-utils/vqa_eval.py and smp/misc.py (the EvalAI answer normalisation), vlm/llava/llava_xtuner.py (build_prompt).
-VLMEvalKit loads every file through pandas; where that changes a value (an empty cell, the text "None"), the
-same happens here, and the comment says so.
+The rules are VLMEvalKit's (open-compass/VLMEvalKit): vlmeval/dataset/image_base.py (loading, image
+references), image_mcq.py / image_yorn.py / image_vqa.py (evaluate), utils/multiple_choice.py
+(report_acc, circular eval), utils/matching_util.py (can_infer), utils/yorn.py (YOrN_Extraction,
+POPE_rating, default_rating), utils/vqa_eval.py and smp/misc.py (the EvalAI answer normalisation),
+vlm/llava/llava_xtuner.py (build_prompt). VLMEvalKit loads every file through pandas; where that
+changes a value (an empty cell, the text "None"), the same happens here, and the comment says so.
 """
 from __future__ import annotations
 
@@ -31,14 +33,18 @@ from PIL import Image, ImageOps
 from . import LlavaMinError
 from .image import to_rgb
 
-# pandas.read_csv's default missing-value strings: VLMEvalKit reads such a cell as NaN (an absent option or hint;
-# a prediction that becomes the text "nan" through its str()).
-NA_STRINGS = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
-              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+# pandas.read_csv's default missing-value strings: VLMEvalKit reads such a cell as NaN (an absent
+# option or hint; a prediction that becomes the text "nan" through its str()).
+NA_STRINGS = {
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+}
 LETTERS = string.ascii_uppercase
-# image_base.py: an `image` cell of 64 characters or fewer is the `index` of the row that holds the image.
+# image_base.py: an `image` cell of 64 characters or fewer is the `index` of the row that holds the
+# image.
 REFERENCE_CHARS = 64
-CIRCULAR_OFFSET = 1_000_000   # MMBench's circular copies: index + k * 1e6; the group is index % 1e6
+# MMBench's circular copies: index + k * 1e6; the group is index % 1e6
+CIRCULAR_OFFSET = 1_000_000
 MCQ_SUFFIX = "Answer with the option's letter from the given choices directly."
 MCQ_SUFFIX_CN = "请直接回答选项字母。"
 VQA_SUFFIX = "Answer the question using a single word or phrase."
@@ -51,8 +57,10 @@ MMB_ABBRS = {
     "relation_reasoning": "RR",
     "attribute_reasoning": "AR",
 }
-# vlm/llava/llava_xtuner.py build_gen_config: 5 new tokens for multiple choice and yes/no; 512 otherwise.
+# vlm/llava/llava_xtuner.py build_gen_config: 5 new tokens for multiple choice and yes/no; 512
+# otherwise.
 MAX_NEW_TOKENS = {"mcq": 5, "yorn": 5, "vqa": 512}
+SKIP_HINT = "; fix the file, or pass --skip-bad to leave such rows out"
 
 
 def is_na(value) -> bool:
@@ -75,16 +83,17 @@ def cn_string(s: str) -> bool:
 
 @dataclass
 class Bench:
-    """A VLMEvalKit TSV, read once: the rows' cells except `image`, and where each row's image is in the file."""
+    """A VLMEvalKit TSV, read once: the rows' cells except `image`, and where each row's image is
+    in the file."""
     path: Path
-    name: str                          # the file stem: decides circular evaluation and POPE's rating
+    name: str                          # the file stem: circular evaluation, POPE's rating
     columns: list[str]
     rows: list[dict]                   # per row: column -> cell text (no `image`)
     spans: list[tuple[int, int]]       # per row: (byte offset, byte length) of its record
-    image_row: list[int]               # per row: the row whose `image` cell holds its image (itself, or a reference)
+    image_row: list[int]               # per row: the row whose `image` cell holds its image
     kind: str = "vqa"                  # "mcq", "yorn" or "vqa"
     circular: bool = False
-    bad: dict = field(default_factory=dict)   # row number -> why it cannot be used (kept only with skip_bad)
+    bad: dict = field(default_factory=dict)   # row number -> why it is unusable (with skip_bad)
 
     def index(self, i: int) -> str:
         return self.rows[i]["index"]
@@ -94,9 +103,11 @@ class Bench:
 
 
 def _records(f):
-    """(offset, bytes) of each record of a TSV opened in binary: a newline inside a quoted cell (an even number
-    of quote characters closes every quote) does not end the record."""
-    offset, parts, quotes = 0, [], 0
+    """(offset, bytes) of each record of a TSV opened in binary: a newline inside a quoted cell (an
+    even number of quote characters closes every quote) does not end the record."""
+    offset = 0
+    parts = []
+    quotes = 0
     for line in f:
         parts.append(line)
         quotes += line.count(b'"')
@@ -104,7 +115,8 @@ def _records(f):
             record = b"".join(parts)
             yield offset, record
             offset += len(record)
-            parts, quotes = [], 0
+            parts = []
+            quotes = 0
     if parts:
         yield offset, b"".join(parts)
 
@@ -113,15 +125,18 @@ def _cells(record: bytes, path, where: str) -> list[str]:
     try:
         text = record.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LlavaMinError(f"{path}: {where} is not UTF-8 ({e}); VLMEvalKit's TSVs are UTF-8") from e
+        raise LlavaMinError(f"{path}: {where} is not UTF-8 ({e}); VLMEvalKit's TSVs are "
+                            "UTF-8") from e
     rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
     return rows[0] if rows else []
 
 
 def read_tsv(path: str | Path, skip_bad: bool = False, need_images: bool = True) -> Bench:
-    """Read a VLMEvalKit TSV: every cell but the base64 `image` kept, each row's byte span noted for later.
+    """Read a VLMEvalKit TSV: every cell but the base64 `image` kept, each row's byte span noted
+    for later.
 
-    Errors name the file, the row's index and the column; with skip_bad a bad row is noted in `bench.bad`."""
+    Errors name the file, the row's index and the column; with skip_bad a bad row is noted in
+    `bench.bad`."""
     path = Path(path)
     csv.field_size_limit(sys.maxsize)   # one base64 image is a single cell of megabytes
     rows, spans, image_cells = [], [], []
@@ -129,21 +144,27 @@ def read_tsv(path: str | Path, skip_bad: bool = False, need_images: bool = True)
         records = _records(f)
         first = next(records, None)
         if first is None:
-            raise LlavaMinError(f"{path}: empty file; a VLMEvalKit TSV starts with a header line (index, question, ...)")
+            raise LlavaMinError(f"{path}: empty file; a VLMEvalKit TSV starts with a header line "
+                                "(index, question, ...)")
         columns = [c.strip() for c in _cells(first[1], path, "the header")]
         for column in ("index", "question"):
             if column not in columns:
-                raise LlavaMinError(f"{path}: no {column!r} column (columns: {columns}); not a VLMEvalKit TSV")
+                raise LlavaMinError(f"{path}: no {column!r} column (columns: {columns}); not a "
+                                    "VLMEvalKit TSV")
         if need_images and "image" not in columns and "image_path" not in columns:
-            raise LlavaMinError(f"{path}: neither an 'image' nor an 'image_path' column; the model needs the images")
-        image_at = columns.index("image") if "image" in columns else None
+            raise LlavaMinError(f"{path}: neither an 'image' nor an 'image_path' column; the "
+                                "model needs the images")
+        image_at = None
+        if "image" in columns:
+            image_at = columns.index("image")
         for offset, record in records:
             if not record.strip():
                 continue
             cells = _cells(record, path, f"the record at byte {offset}")
             if len(cells) != len(columns):
-                raise LlavaMinError(f"{path}: the record at byte {offset} has {len(cells)} cells, the header "
-                                    f"{len(columns)}; the file is cut or not tab-separated")
+                raise LlavaMinError(f"{path}: the record at byte {offset} has {len(cells)} cells, "
+                                    f"the header {len(columns)}; the file is cut or not "
+                                    "tab-separated")
             row = {c: v for c, v in zip(columns, cells) if c != "image"}
             rows.append(row)
             spans.append((offset, len(record)))
@@ -153,12 +174,14 @@ def read_tsv(path: str | Path, skip_bad: bool = False, need_images: bool = True)
     seen = {}
     for i, row in enumerate(rows):
         if row["index"] in seen:
-            raise LlavaMinError(f"{bench.where(i, 'index')}: the same index as line {seen[row['index']] + 2}")
+            first = seen[row["index"]] + 2
+            raise LlavaMinError(f"{bench.where(i, 'index')}: the same index as line {first}")
         seen[row["index"]] = i
     if image_at is not None:
         _resolve_references(bench, image_cells, seen, skip_bad)
     bench.kind = detect_kind(bench)
-    # ImageMCQDataset evaluates circularly when rows carry g_index; the issue's rule: by the file's name.
+    # ImageMCQDataset evaluates circularly when rows carry g_index (its MMBench datasets); here the
+    # file's name decides, as it names the dataset in VLMEvalKit.
     name = bench.name.lower()
     bench.circular = bench.kind == "mcq" and ("mmbench" in name or "circular" in name)
     if bench.kind == "mcq":
@@ -166,7 +189,8 @@ def read_tsv(path: str | Path, skip_bad: bool = False, need_images: bool = True)
     if bench.circular:
         for i, row in enumerate(rows):
             if not row["index"].lstrip("-").isdigit():
-                raise LlavaMinError(f"{bench.where(i, 'index')}: {row['index']!r} is not an integer; circular "
+                where = bench.where(i, "index")
+                raise LlavaMinError(f"{where}: {row['index']!r} is not an integer; circular "
                                     "evaluation groups rows by index % 1000000")
     return bench
 
@@ -181,19 +205,20 @@ def _resolve_references(bench: Bench, cells: list[str], row_of: dict, skip_bad: 
         if target is None:
             problem = f"refers to index {cell!r}, which no row has"
         elif len(cells[target]) <= REFERENCE_CHARS:
-            problem = f"refers to index {cell!r}, whose image cell is itself a reference ({cells[target]!r})"
+            problem = (f"refers to index {cell!r}, whose image cell is itself a reference "
+                       f"({cells[target]!r})")
         if problem is None:
             bench.image_row[i] = target
             continue
         message = f"{bench.where(i, 'image')}: {problem}"
         if not skip_bad:
-            raise LlavaMinError(message + "; fix the file, or pass --skip-bad to leave such rows out")
+            raise LlavaMinError(message + SKIP_HINT)
         bench.bad[i] = message
 
 
 def detect_kind(bench: Bench) -> str:
-    """As VLMEvalKit types a custom TSV: A and B columns -> multiple choice; every answer Yes or No -> yes/no;
-    otherwise open VQA."""
+    """As VLMEvalKit types a custom TSV: A and B columns -> multiple choice; every answer Yes or No
+    -> yes/no; otherwise open VQA."""
     if "A" in bench.columns and "B" in bench.columns:
         return "mcq"
     if "answer" in bench.columns:
@@ -213,14 +238,18 @@ def _check_options(bench: Bench, skip_bad: bool) -> None:
         choices = options(row)
         problem = None
         if "A" not in choices or "B" not in choices:
-            problem = f"{bench.where(i, 'A' if 'A' not in choices else 'B')}: empty; a multiple-choice row " \
-                      "needs options A and B"
+            column = "B"
+            if "A" not in choices:
+                column = "A"
+            where = bench.where(i, column)
+            problem = f"{where}: empty; a multiple-choice row needs options A and B"
         elif has_answer(row) and row["answer"] not in choices:
-            problem = f"{bench.where(i, 'answer')}: {row['answer']!r} is not one of the row's options {list(choices)}"
+            problem = (f"{bench.where(i, 'answer')}: {row['answer']!r} is not one of the row's "
+                       f"options {list(choices)}")
         if problem is None:
             continue
         if not skip_bad:
-            raise LlavaMinError(problem + "; fix the file, or pass --skip-bad to leave such rows out")
+            raise LlavaMinError(problem + SKIP_HINT)
         bench.bad.setdefault(i, problem)
 
 
@@ -232,18 +261,21 @@ def has_answer(row: dict) -> bool:
 # Prompts: vlm/llava/llava_xtuner.py build_prompt for multiple choice, the dataset's own otherwise
 
 def build_prompt(row: dict, kind: str) -> str:
-    """The text LLaVA_XTuner sends, without image tags (generate_inner drops them and puts "<image>\\n" first)."""
+    """The text LLaVA_XTuner sends, without image tags (generate_inner drops them and puts
+    "<image>\\n" first)."""
     question = row["question"]
     if kind == "mcq":
         if not is_na(row.get("hint")):
             question = row["hint"] + "\n" + question
         for letter, text in options(row).items():
             question += f"\n{letter}. {text}"
-        # The Chinese instruction when the question, hint or any option holds a CJK character (cn_string).
+        # The Chinese instruction when the question, hint or any option holds a CJK character
+        # (cn_string).
         suffix = MCQ_SUFFIX_CN if cn_string(question) else MCQ_SUFFIX
         prompt = question + "\n" + suffix
     elif kind == "vqa":
-        prompt = question + "\n" + VQA_SUFFIX     # ImageVQADataset.build_prompt (LLaVA-1.5's instruction)
+        # ImageVQADataset.build_prompt (LLaVA-1.5's instruction)
+        prompt = question + "\n" + VQA_SUFFIX
     else:
         prompt = question                          # ImageYORNDataset: the question as it is
     return prompt.replace("<image>", "")
@@ -252,7 +284,8 @@ def build_prompt(row: dict, kind: str) -> str:
 # Images, decoded only when a batch needs them
 
 def image_cells(bench: Bench, i: int) -> list[str]:
-    """The base64 strings of row i's images, read from the file (toliststr: a cell "[...]" is a list)."""
+    """The base64 strings of row i's images, read from the file (toliststr: a cell "[...]" is a
+    list)."""
     offset, length = bench.spans[bench.image_row[i]]
     with open(bench.path, "rb") as f:
         f.seek(offset)
@@ -262,7 +295,8 @@ def image_cells(bench: Bench, i: int) -> list[str]:
         try:
             return [str(x) for x in ast.literal_eval(cell)]
         except (ValueError, SyntaxError) as e:
-            raise LlavaMinError(f"{bench.where(i, 'image')}: a list of images that does not parse ({e})") from e
+            raise LlavaMinError(f"{bench.where(i, 'image')}: a list of images that does not parse "
+                                f"({e})") from e
     return [cell]
 
 
@@ -277,13 +311,16 @@ def decode_image(data: str, where: str) -> Image.Image:
 
 
 def load_images(bench: Bench, i: int, image_folder: Path | None = None) -> list[Image.Image]:
-    """Row i's images: base64 from the file, or `image_path` files (relative to image_folder, else the TSV's)."""
+    """Row i's images: base64 from the file, or `image_path` files (relative to image_folder, else
+    the TSV's)."""
     if "image" in bench.columns:
         cells = image_cells(bench, i)
         return [decode_image(c, bench.where(i, "image")) for c in cells]
     cell = bench.rows[i]["image_path"]
-    paths = ast.literal_eval(cell) if cell.startswith("[") and cell.endswith("]") else [cell]
-    folder = image_folder if image_folder is not None else bench.path.parent
+    paths = [cell]
+    if cell.startswith("[") and cell.endswith("]"):
+        paths = ast.literal_eval(cell)
+    folder = image_folder or bench.path.parent
     images = []
     for p in paths:
         try:
@@ -291,16 +328,18 @@ def load_images(bench: Bench, i: int, image_folder: Path | None = None) -> list[
                 image.load()
                 images.append(to_rgb(ImageOps.exif_transpose(image), str(folder / p)))
         except OSError as e:
-            raise LlavaMinError(f"{bench.where(i, 'image_path')}: {folder / p}: {type(e).__name__}: {e}") from e
+            where = bench.where(i, "image_path")
+            raise LlavaMinError(f"{where}: {folder / p}: {type(e).__name__}: {e}") from e
     return images
 
 
 # Multiple choice: utils/matching_util.py
 
 def can_infer_option(answer: str, choices: dict) -> str | bool:
-    """An option letter standing alone as a word of the answer (after .()[],:;!*#{} become spaces), if exactly
-    one of the choices' letters does; 'Z' for a refusal. VLMEvalKit's quirks kept: the letter must be among the
-    last five words (a letter earlier in a long answer does not count), and a lone 'Z' means "none"."""
+    """An option letter standing alone as a word of the answer (after .()[],:;!*#{} become spaces),
+    if exactly one of the choices' letters does; 'Z' for a refusal. VLMEvalKit's quirks kept: the
+    letter must be among the last five words (a letter earlier in a long answer does not count),
+    and a lone 'Z' means "none"."""
     if "Failed to obtain answer via API" in answer:
         return False
     for refusal in ("Sorry, I can't help with images of people yet.", "I can't process this file.",
@@ -322,8 +361,8 @@ def can_infer_option(answer: str, choices: dict) -> str | bool:
 
 
 def can_infer_text(answer: str, choices: dict) -> str | bool:
-    """The one option whose text (lower-cased) occurs in the answer; nothing for an answer over twice as long
-    as all option texts together."""
+    """The one option whose text (lower-cased) occurs in the answer; nothing for an answer over
+    twice as long as all option texts together."""
     answer = answer.lower()
     if len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
         return False
@@ -339,54 +378,64 @@ def can_infer(answer, choices: dict) -> str | bool:
 
 
 def extract_option(prediction: str, row: dict) -> str:
-    """extract_answer_from_item under the exact_matching judge: can_infer on the stripped prediction, else 'Z'."""
+    """extract_answer_from_item under the exact_matching judge: can_infer on the stripped
+    prediction, else 'Z'."""
     return can_infer(prediction.strip(), options(row)) or "Z"
 
 
 # Yes/no: utils/yorn.py, and the EvalAI normalisation of utils/vqa_eval.py / smp/misc.py
 
-_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
+          "`", ",", "?", "!"]
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-# VLMEvalKit's pattern as written: "(?!<=" is a lookahead (the intended look-behind is a typo), so any period
-# not followed by a digit goes, "3." and "a.m." included.
+# VLMEvalKit's pattern as written: "(?!<=" is a lookahead (the intended look-behind is a typo), so
+# any period not followed by a digit goes, "3." and "a.m." included.
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
-    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
-    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
-    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
-    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
-    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've",
-    "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's",
-    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
-    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
     "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
     "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
 
 
 def process_punctuation(text: str) -> str:
-    """smp/misc.py process_punctuation. Quirks kept: a digit,digit anywhere deletes every punctuation mark
-    instead of spacing it; re.UNICODE is passed as sub's count, so at most 32 periods go."""
+    """smp/misc.py process_punctuation. Quirks kept: a digit,digit anywhere deletes every
+    punctuation mark instead of spacing it; re.UNICODE is passed as sub's count, so at most 32
+    periods go."""
     out = text
     for p in _PUNCT:
         if p + " " in text or " " + p in text or _COMMA_STRIP.search(text) is not None:
@@ -397,7 +446,8 @@ def process_punctuation(text: str) -> str:
 
 
 def process_digit_article(text: str) -> str:
-    """vqa_eval.py _process_digit_article: lower case, number words to digits, articles dropped, contractions."""
+    """vqa_eval.py _process_digit_article: lower case, number words to digits, articles dropped,
+    contractions."""
     words = [_NUMBERS.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in _ARTICLES]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
@@ -421,7 +471,8 @@ def yorn_extraction(output: str) -> str:
 # Open VQA: utils/vqa_eval.py process_line
 
 def answer_list(answer: str) -> list[str] | None:
-    """istype(answer, list): a cell that evaluates to a Python list (TextVQA's ten answers), else None."""
+    """istype(answer, list): a cell that evaluates to a Python list (TextVQA's ten answers), else
+    None."""
     try:
         value = ast.literal_eval(answer)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -432,8 +483,9 @@ def answer_list(answer: str) -> list[str] | None:
 
 
 def vqa_score(prediction: str, answer: str) -> float:
-    """A list of answers: the VQA accuracy, min(1, matches among the other answers / 3) averaged over leaving out
-    each answer in turn (as VLMEvalKit and the official VQA code). One answer: exact match after normalisation."""
+    """A list of answers: the VQA accuracy, min(1, matches among the other answers / 3) averaged
+    over leaving out each answer in turn (as VLMEvalKit and the official VQA code). One answer:
+    exact match after normalisation."""
     pred = process_answer(prediction)
     answers = answer_list(answer)
     if answers is None:
@@ -450,7 +502,8 @@ def vqa_score(prediction: str, answer: str) -> float:
 
 @dataclass
 class Scored:
-    """Per row what the judge extracted and whether it hit, and the report (VLMEvalKit's table as a dict)."""
+    """Per row what the judge extracted and whether it hit, and the report (VLMEvalKit's table as a
+    dict)."""
     extracted: dict[int, str]
     hit: dict[int, float]
     group_hit: dict[int, int]          # circular: per row, its group's verdict
@@ -462,7 +515,8 @@ def score(bench: Bench, predictions: dict[int, str]) -> Scored:
     """VLMEvalKit's exact-matching judge over the rows that have a prediction and an answer.
     predictions: row number -> the model's text (a missing row is not scored)."""
     rows = [i for i in sorted(predictions) if has_answer(bench.rows[i])]
-    extracted, hit = {}, {}
+    extracted = {}
+    hit = {}
     for i in rows:
         row = bench.rows[i]
         prediction = as_loaded(predictions[i])
@@ -489,13 +543,16 @@ def score(bench: Bench, predictions: dict[int, str]) -> Scored:
 def _score_mcq(bench: Bench, rows: list[int], extracted: dict, hit: dict) -> Scored:
     if not bench.circular:
         return Scored(extracted, hit, {}, report_acc(bench, rows, hit), len(rows))
-    # mcq_circular_eval: a group (index % 1e6) counts once, on its main row (index == group), and only if every
-    # rotation hit. A group with a rotation left out (no prediction, skipped) is not scored at all.
+    # mcq_circular_eval: a group (index % 1e6) counts once, on its main row (index == group), and
+    # only if every rotation hit. A group with a rotation left out (no prediction, skipped) is not
+    # scored at all.
     members: dict[int, list[int]] = {}
     for i in range(len(bench.rows)):
         members.setdefault(int(bench.index(i)) % CIRCULAR_OFFSET, []).append(i)
     have = set(rows)
-    main, group_hit, verdict = [], {}, {}
+    main = []
+    group_hit = {}
+    verdict = {}
     for i in rows:
         g = int(bench.index(i)) % CIRCULAR_OFFSET
         if int(bench.index(i)) != g or not all(m in have for m in members[g]):
@@ -508,7 +565,8 @@ def _score_mcq(bench: Bench, rows: list[int], extracted: dict, hit: dict) -> Sco
 
 
 def _by_split(bench: Bench, rows: list[int], value) -> dict:
-    """One figure, or {split: figure} when the file has a `split` column (report_acc's one row per split)."""
+    """One figure, or {split: figure} when the file has a `split` column (report_acc's one row per
+    split)."""
     if "split" not in bench.columns:
         return value(rows)
     splits = sorted({bench.rows[i]["split"] for i in rows})
@@ -518,7 +576,8 @@ def _by_split(bench: Bench, rows: list[int], value) -> dict:
 
 
 def _groups(bench: Bench, rows: list[int], column: str) -> dict[str, list[int]]:
-    """Rows by the values of `column`, sorted by value, missing values left out (as pandas' NaN)."""
+    """Rows by the values of `column`, sorted by value, missing values left out (as pandas'
+    NaN)."""
     if column not in bench.columns:
         return {}
     groups: dict[str, list[int]] = {}
@@ -535,8 +594,8 @@ def _mean(values) -> float:
 
 
 def report_acc(bench: Bench, rows: list[int], hit: dict) -> dict:
-    """utils/multiple_choice.py report_acc: Overall, each l2-category, each category (MMBench's abbreviations);
-    fractions, as VLMEvalKit prints them."""
+    """utils/multiple_choice.py report_acc: Overall, each l2-category, each category (MMBench's
+    abbreviations); fractions, as VLMEvalKit prints them."""
     def acc(subset):
         return _mean(hit[i] for i in subset)
 
@@ -557,7 +616,8 @@ def default_rating(bench: Bench, rows: list[int], hit: dict) -> dict:
 
 
 def _pope_row(pairs: list[tuple[str, str, float]]) -> dict:
-    """F1 (as 'Overall'), accuracy, precision and recall of 'Yes', in percent, from (answer, extracted, hit)."""
+    """F1 (as 'Overall'), accuracy, precision and recall of 'Yes', in percent, from (answer,
+    extracted, hit)."""
     tp = sum(1 for a, e, _ in pairs if a == "Yes" and e == "Yes")
     fp = sum(1 for a, e, _ in pairs if a != "Yes" and e == "Yes")
     fn = sum(1 for a, e, _ in pairs if a == "Yes" and e != "Yes")
@@ -569,9 +629,9 @@ def _pope_row(pairs: list[tuple[str, str, float]]) -> dict:
 
 
 def pope_rating(bench: Bench, rows: list[int], extracted: dict, hit: dict) -> dict:
-    """utils/yorn.py POPE_rating: the Overall row's F1, acc, precision and recall as keys, then one entry per
-    category. VLMEvalKit's quirk kept: a category cell "a,b" is exploded into one row per category before
-    anything is counted, so such a row counts twice in Overall too."""
+    """utils/yorn.py POPE_rating: the Overall row's F1, acc, precision and recall as keys, then one
+    entry per category. VLMEvalKit's quirk kept: a category cell "a,b" is exploded into one row per
+    category before anything is counted, so such a row counts twice in Overall too."""
     exploded = []
     for i in rows:
         categories = [None]
@@ -586,8 +646,8 @@ def pope_rating(bench: Bench, rows: list[int], extracted: dict, hit: dict) -> di
 
 
 def vqa_rating(bench: Bench, rows: list[int], hit: dict) -> dict:
-    """image_vqa.py evaluate: each split then Overall where the file has splits, else Overall and each
-    category; in percent."""
+    """image_vqa.py evaluate: each split then Overall where the file has splits, else Overall and
+    each category; in percent."""
     report = {}
     if "split" in bench.columns:
         for sp in sorted({bench.rows[i]["split"] for i in rows}):
@@ -601,7 +661,8 @@ def vqa_rating(bench: Bench, rows: list[int], hit: dict) -> dict:
 
 
 def table(report: dict, title: str) -> str:
-    """The report as VLMEvalKit's table prints it: one line per key (per split or field where it has several)."""
+    """The report as VLMEvalKit's table prints it: one line per key (per split or field where it
+    has several)."""
     lines = [title]
     for key, value in report.items():
         if isinstance(value, dict):
@@ -615,26 +676,31 @@ def table(report: dict, title: str) -> str:
 # Predictions files
 
 def read_predictions(path: str | Path, bench: Bench) -> dict[int, str]:
-    """index -> prediction from a TSV or CSV with `index` and `prediction` columns (llava-min's predictions.tsv,
-    or VLMEvalKit's inference output saved as .tsv / .csv); returned by row number of `bench`."""
+    """index -> prediction from a TSV or CSV with `index` and `prediction` columns (llava-min's
+    predictions.tsv, or VLMEvalKit's inference output saved as .tsv / .csv); returned by row number
+    of `bench`."""
     path = Path(path)
     if path.suffix.lower() in (".xlsx", ".xls"):
-        raise LlavaMinError(f"{path}: an Excel file; save it as .tsv or .csv (VLMEvalKit: PRED_FORMAT=tsv)")
+        raise LlavaMinError(f"{path}: an Excel file; save it as .tsv or .csv (VLMEvalKit: "
+                            "PRED_FORMAT=tsv)")
     csv.field_size_limit(sys.maxsize)
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    delimiter = "\t"
+    if path.suffix.lower() == ".csv":
+        delimiter = ","
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         fields = reader.fieldnames or []
         for column in ("index", "prediction"):
             if column not in fields:
-                raise LlavaMinError(f"{path}: no {column!r} column (columns: {fields}); a predictions file has "
-                                    "'index' and 'prediction'")
+                raise LlavaMinError(f"{path}: no {column!r} column (columns: {fields}); a "
+                                    "predictions file has 'index' and 'prediction'")
         row_of = {bench.index(i): i for i in range(len(bench.rows))}
         out = {}
         for n, rec in enumerate(reader):
             key = rec["index"].strip()
             if key not in row_of:
-                raise LlavaMinError(f"{path}: line {n + 2}, column 'index': {key!r} is no row of {bench.path}; "
-                                    "the predictions belong to another benchmark file")
-            out[row_of[key]] = rec["prediction"] if rec["prediction"] is not None else ""
+                raise LlavaMinError(f"{path}: line {n + 2}, column 'index': {key!r} is no row of "
+                                    f"{bench.path}; the predictions belong to another benchmark "
+                                    "file")
+            out[row_of[key]] = rec["prediction"] or ""
     return out
