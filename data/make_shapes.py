@@ -13,8 +13,13 @@ writes (image paths in the JSON files are relative to --out, so train with --ima
     pretrain.json   stage 1, one caption per training image, as in LLaVA-Pretrain:
                     human "<image>\\n<caption prompt>", gpt "two red circles at the top-left and the top-right."
     finetune.json   stage 2, question/answer conversations, one per training image (some multi-turn, a few
-                    with <image> after the question), plus a few text-only samples
+                    with <image> after the question), a multiple-choice question for every third training
+                    image in LLaVA-1.5's prompt (its A-OKVQA samples: options "A. ...", then "Answer with
+                    the option's letter from the given choices directly."), and a few text-only samples
     test.json       [{"id", "image", "question", "answer"}], one question per held-out image (eval's format)
+    MMBench_shapes.tsv   the same held-out questions as multiple choice in VLMEvalKit's MMBench layout
+                    (index, question, hint, A-D, answer, category, l2-category, split, base64 image), with
+                    MMBench's circular copies (options rotated, index + k * 1000000, image by reference)
     scenes.json     what was drawn: per image the colour, shape, count and each shape's cell and box
 
 Questions (same kinds in training and test), answers one word:
@@ -29,6 +34,8 @@ thousand images take about a second.
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
 import hashlib
 import json
 import random
@@ -74,6 +81,17 @@ TEXT_ONLY = (
 )
 
 QUESTION_KINDS = ("colour", "shape", "count", "position")
+# Every answer a question kind has: the options of its multiple-choice form.
+CHOICES = {"colour": sorted(COLOURS), "shape": list(SHAPES), "count": list(COUNT_WORDS.values()),
+           "position": list(REGIONS)}
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# MMBench's l2-categories (VLMEvalKit prints them as CP, FP-S) for the kinds of question.
+L2_CATEGORY = {"colour": "coarse_perception", "shape": "coarse_perception",
+               "count": "finegrained_perception (instance-level)",
+               "position": "finegrained_perception (instance-level)"}
+MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category",
+                   "split", "image")
+CIRCULAR_OFFSET = 1_000_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,6 +200,49 @@ def conversation(rng: random.Random, scene: dict) -> list[dict]:
     return messages
 
 
+def multiple_choice(question: str, kind: str, answer: str, rng: random.Random) -> tuple[list[str], str]:
+    """The kind's answers in a random order as options, and the letter of the right one."""
+    options = list(CHOICES[kind])
+    rng.shuffle(options)
+    return options, "ABCD"[options.index(answer)]
+
+
+def mcq_text(question: str, options: list[str]) -> str:
+    """LLaVA-1.5's multiple-choice prompt, as VLMEvalKit's LLaVA_XTuner.build_prompt asks it."""
+    lines = [question] + [f"{letter}. {text}" for letter, text in zip("ABCD", options)]
+    return "\n".join(lines) + "\n" + MCQ_INSTRUCTION
+
+
+def mmbench_rows(out: Path, test_items: list[dict], seed: int) -> list[list[str]]:
+    """VLMEvalKit MMBench rows for the held-out questions: each question with its options in a random order,
+    then its circular copies (options rotated by one per copy, the answer following its text, the image a
+    reference to the first row's index)."""
+    rows = []
+    for i, item in enumerate(test_items, start=1):
+        options, letter = multiple_choice(item["question"], item["kind"], item["answer"],
+                                          sample_rng(seed, "mmbench", i))
+        image = base64.b64encode((out / item["image"]).read_bytes()).decode()
+        for k in range(len(options)):
+            shifted = options[k:] + options[:k]
+            cells = shifted + [""] * (4 - len(shifted))
+            answer = "ABCD"[shifted.index(item["answer"])]
+            if k == 0:
+                assert answer == letter
+            rows.append([str(i + k * CIRCULAR_OFFSET), item["question"], "", *cells, answer, item["kind"],
+                         L2_CATEGORY[item["kind"]], "dev", image if k == 0 else str(i)])
+    return rows
+
+
+def write_tsv(path: Path, columns, rows) -> None:
+    """A TSV as pandas' to_csv(sep="\t") writes VLMEvalKit's files; atomic."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
 def make_shapes(out: str | Path, n_train: int = 3000, n_test: int = 200, seed: int = 0,
                 image_size: int = 56) -> dict:
     """Write the data set to `out` (see the module docstring); returns a summary dict."""
@@ -205,6 +266,17 @@ def make_shapes(out: str | Path, n_train: int = 3000, n_test: int = 200, seed: i
         pretrain.append({"id": f"caption-{i:06d}", "image": image, "conversations": [
             {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(scene)}]})
         finetune.append({"id": f"qa-{i:06d}", "image": image, "conversations": conversation(rng, scene)})
+    # Multiple choice for every third image, from generators of their own: the other samples stay as they were.
+    for i, (image, scene, _) in enumerate(train, start=1):
+        if i % 3:
+            continue
+        rng = sample_rng(seed, "mcq", i)
+        kind = rng.choice(sorted(questions(scene)))
+        question, answer = questions(scene)[kind]
+        options, letter = multiple_choice(question, kind, answer, rng)
+        finetune.append({"id": f"mcq-{i:06d}", "image": image, "conversations": [
+            {"from": "human", "value": "<image>\n" + mcq_text(question, options)},
+            {"from": "gpt", "value": letter}]})
     text_rng = sample_rng(seed, "text", 0)
     for i in range(1, (n_train // 50 if n_train >= 50 else min(n_train, 1)) + 1):
         question, answer = text_rng.choice(TEXT_ONLY)
@@ -226,8 +298,12 @@ def make_shapes(out: str | Path, n_train: int = 3000, n_test: int = 200, seed: i
         tmp = out / f".{name}.tmp"
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
         tmp.replace(out / name)  # atomic: a reader never sees half a file
+    mmbench = mmbench_rows(out, test_items, seed)
+    write_tsv(out / "MMBench_shapes.tsv", MMBENCH_COLUMNS, mmbench)
+    mcq = sum(1 for s in finetune if s["id"].startswith("mcq-"))
     return {"train_images": len(train), "test_images": len(test), "pretrain": len(pretrain),
-            "finetune": len(finetune), "text_only": len(finetune) - len(train), "test": len(test_items)}
+            "finetune": len(finetune), "multiple_choice": mcq,
+            "text_only": len(finetune) - len(train) - mcq, "test": len(test_items), "mmbench_rows": len(mmbench)}
 
 
 def main(argv=None):
@@ -247,7 +323,8 @@ def main(argv=None):
         parser.error(str(e))
     print(f"{args.out}: {summary['train_images']} train + {summary['test_images']} test images "
           f"({args.image_size}px), pretrain.json {summary['pretrain']}, finetune.json {summary['finetune']} "
-          f"({summary['text_only']} text-only), test.json {summary['test']}, "
+          f"({summary['multiple_choice']} multiple choice, {summary['text_only']} text-only), test.json "
+          f"{summary['test']}, MMBench_shapes.tsv {summary['mmbench_rows']} rows, "
           f"in {time.perf_counter() - start:.1f} s; train with --image-folder {args.out}")
 
 

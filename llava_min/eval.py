@@ -262,7 +262,11 @@ def answer_rows(model, tok, bench, rows: list[int], args, appender: Appender,
     batches = [rows[k:k + args.batch_size] for k in range(0, len(rows), args.batch_size)]
     loader = Loader(dataset, batches, _Collate(model.config.pad_id), num_workers=args.num_workers)
     results = {}
-    bar = tqdm(total=len(rows), unit="row", desc=bench.name, disable=not show, dynamic_ncols=True)
+    # rank 0 shows rows/s and the time left, on a terminal (disable=None: not into a log file)
+    hide = None
+    if not show:
+        hide = True
+    bar = tqdm(total=len(rows), unit="row", desc=bench.name, disable=hide, dynamic_ncols=True)
     with bar:
         for batch in loader:
             if batch["bad"] and not args.skip_bad:
