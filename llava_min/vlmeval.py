@@ -531,7 +531,10 @@ def score(bench: Bench, predictions: dict[int, str]) -> Scored:
             hit[i] = vqa_score(prediction, row["answer"])
     if bench.kind == "mcq":
         return _score_mcq(bench, rows, extracted, hit)
-    if bench.kind == "yorn" and "POPE" in bench.name:
+    # image_yorn.py: the rating by the dataset's name (listinstr, case-sensitive), MME's before POPE's.
+    if bench.kind == "yorn" and "MME" in bench.name:
+        report = mme_rating(bench, rows, hit)
+    elif bench.kind == "yorn" and "POPE" in bench.name:
         report = pope_rating(bench, rows, extracted, hit)
     elif bench.kind == "yorn":
         report = default_rating(bench, rows, hit)
@@ -612,6 +615,34 @@ def default_rating(bench: Bench, rows: list[int], hit: dict) -> dict:
     for column in ("category", "l2-category"):
         for value, subset in _groups(bench, rows, column).items():
             report[value] = _mean(hit[i] for i in subset) * 100
+    return report
+
+
+MME_SUPER = {
+    "perception": ["OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position",
+                   "posters", "scene"],
+    "reasoning": ["code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation"],
+}
+
+
+def mme_rating(bench: Bench, rows: list[int], hit: dict) -> dict:
+    """utils/yorn.py MME_rating: per category acc + acc+ (the share of images whose two questions are both
+    right), in percent, summed into perception and reasoning first. An image is its `image_path`, else the row
+    that holds its image (MME's second question refers to the first's)."""
+    stats: dict[str, dict[str, list[float]]] = {}
+    for i in rows:
+        image = bench.rows[i].get("image_path") or str(bench.image_row[i])
+        stats.setdefault(bench.rows[i].get("category", ""), {}).setdefault(image, []).append(hit[i])
+    scores = {}
+    for category, images in stats.items():
+        normal = _mean(v for values in images.values() for v in values) * 100
+        # VLMEvalKit multiplies the first two answers of each image: an image needs both questions
+        plus = _mean(values[0] * values[1] for values in images.values() if len(values) >= 2) * 100
+        scores[category] = normal + plus
+    report = {}
+    for name, categories in MME_SUPER.items():
+        report[name] = sum(scores[c] for c in categories if c in scores)
+    report.update(scores)
     return report
 
 

@@ -263,3 +263,16 @@ def test_rows_without_answers_are_not_scored(tmp_path):
     bench = bench_of(tmp_path, "TextVQA_TEST.tsv", VQA_COLUMNS, rows)
     scored = vlmeval.score(bench, by_row(bench, predictions))
     assert scored.scored == 0 and math.isnan(scored.report["Overall"])
+
+
+def test_mme_rating(tmp_path):
+    # two questions per image; category acc + acc+ (both of an image's questions right), percent
+    cases = [("color", "a.jpg", "Yes", "Yes"), ("color", "a.jpg", "No", "No"),
+             ("color", "b.jpg", "Yes", "Yes"), ("color", "b.jpg", "No", "Yes"),
+             ("code_reasoning", "c.jpg", "Yes", "No"), ("code_reasoning", "c.jpg", "No", "No")]
+    rows = [{"index": k, "question": "Is it?", "answer": a, "category": c, "image_path": path,
+             "image": png_b64()} for k, (c, path, a, _) in enumerate(cases)]
+    bench = bench_of(tmp_path, "MME.tsv", YORN_COLUMNS + ["image_path"], rows)
+    scored = vlmeval.score(bench, {i: cases[i][3] for i in range(6)})
+    # color: 3 of 4 right (75) + 1 of 2 images both right (50) = 125; code_reasoning: 50 + 0 = 50
+    assert scored.report == {"perception": 125.0, "reasoning": 50.0, "color": 125.0, "code_reasoning": 50.0}
