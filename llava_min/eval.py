@@ -200,7 +200,11 @@ def read_partial(out: Path, bench: vlmeval.Bench) -> dict[int, dict]:
     done = {}
     for f in sorted((out / PARTIAL).glob("rank-*.jsonl")):
         for n, line in enumerate(f.read_text(encoding="utf-8").split("\n")[:-1]):
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LlavaMinError(f"{f}: line {n + 1} is not JSON ({e}); the file was changed by "
+                                    f"hand? Delete {out / PARTIAL} to start over") from e
             if record["index"] not in row_of:
                 raise LlavaMinError(f"{f}: line {n + 1} answers index {record['index']!r}, which "
                                     f"{bench.path} has no row for; this --out holds another "

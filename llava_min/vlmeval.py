@@ -485,7 +485,8 @@ def answer_list(answer: str) -> list[str] | None:
 def vqa_score(prediction: str, answer: str) -> float:
     """A list of answers: the VQA accuracy, min(1, matches among the other answers / 3) averaged
     over leaving out each answer in turn (as VLMEvalKit and the official VQA code). One answer:
-    exact match after normalisation."""
+    exact match after normalisation. (VLMEvalKit's vqa_score gives a lone answer 0, as it has no
+    other answers to match; exact match is what its fallback method does and what a user expects.)"""
     pred = process_answer(prediction)
     answers = answer_list(answer)
     if answers is None:
@@ -496,6 +497,72 @@ def vqa_score(prediction: str, answer: str) -> float:
         others = gts[:k] + gts[k + 1:]
         matches.append(min(1.0, sum(g == pred for g in others) / 3))
     return float(np.mean(matches)) if matches else 0.0
+
+
+def _levenshtein(a: str, b: str) -> int:
+    if len(a) > len(b):
+        a, b = b, a
+    distances = list(range(len(a) + 1))
+    for j, cb in enumerate(b):
+        row = [j + 1]
+        for i, ca in enumerate(a):
+            if ca == cb:
+                row.append(distances[i])
+            else:
+                row.append(1 + min(distances[i], distances[i + 1], row[-1]))
+        distances = row
+    return distances[-1]
+
+
+def anls(prediction: str, answers: list[str]) -> float:
+    """vqa_eval.py anls_compute + hit_calculate (DocVQA, InfoVQA): 1 - the smallest normalised edit
+    distance to an answer, 0 below 0.5."""
+    pred = " ".join(prediction.strip().lower().split())
+    distances = []
+    for answer in answers:
+        gt = " ".join(answer.strip().lower().split())
+        length = max(len(gt), len(pred))
+        distances.append(0.0 if length == 0 else _levenshtein(gt, pred) / length)
+    value = 1 - min(distances)
+    if value < 0.5:
+        return 0.0
+    return value
+
+
+def relaxed_correct(target: str, prediction: str) -> bool:
+    """vqa_eval.py relaxed_correctness (ChartQA): numbers within 5% (a trailing % read as /100),
+    anything else equal up to case."""
+    def number(text):
+        try:
+            if text.endswith("%"):
+                return float(text.rstrip("%")) / 100.0
+            return float(text)
+        except ValueError:
+            return None
+
+    p = number(prediction)
+    t = number(target)
+    if p is not None and t:
+        return abs(p - t) / abs(t) <= 0.05
+    return prediction.lower() == target.lower()
+
+
+def vqa_hit(bench_name: str, prediction: str, answer: str) -> float:
+    """image_vqa.py evaluate: the method by the dataset's name (listinstr, case-sensitive): ChartQA
+    relaxed accuracy, OCRVQA and GQA accuracy, DocVQA and InfoVQA ANLS, otherwise VQA accuracy."""
+    answers = answer_list(answer)
+    if answers is None:
+        answers = [answer]
+    if "ChartQA" in bench_name:
+        return float(max(relaxed_correct(a, prediction.strip()) for a in answers))
+    if "OCRVQA" in bench_name or "GQA" in bench_name:
+        matches = [float(a.strip().lower() == prediction.strip().lower()) for a in answers]
+        if "OCRVQA" in bench_name:
+            return max(matches)
+        return float(np.mean(matches))
+    if "DocVQA" in bench_name or "InfoVQA" in bench_name:
+        return anls(prediction, answers)
+    return vqa_score(prediction, answer)
 
 
 # Scoring
@@ -528,7 +595,7 @@ def score(bench: Bench, predictions: dict[int, str]) -> Scored:
             hit[i] = float(extracted[i] == row["answer"])
         else:
             extracted[i] = process_answer(prediction)
-            hit[i] = vqa_score(prediction, row["answer"])
+            hit[i] = vqa_hit(bench.name, prediction, row["answer"])
     if bench.kind == "mcq":
         return _score_mcq(bench, rows, extracted, hit)
     # image_yorn.py: the rating by the dataset's name (listinstr, case-sensitive), MME's before POPE's.

@@ -276,3 +276,15 @@ def test_mme_rating(tmp_path):
     scored = vlmeval.score(bench, {i: cases[i][3] for i in range(6)})
     # color: 3 of 4 right (75) + 1 of 2 images both right (50) = 125; code_reasoning: 50 + 0 = 50
     assert scored.report == {"perception": 125.0, "reasoning": 50.0, "color": 125.0, "code_reasoning": 50.0}
+
+
+def test_vqa_methods_by_dataset_name():
+    # ChartQA: within 5% for numbers; OCRVQA: case-blind equality, the best answer; DocVQA: ANLS >= 0.5
+    assert vlmeval.vqa_hit("ChartQA_TEST", "10.4", "10") == 1.0
+    assert vlmeval.vqa_hit("ChartQA_TEST", "10.6", "10") == 0.0
+    assert vlmeval.vqa_hit("ChartQA_TEST", "51%", "0.5") == 1.0
+    assert vlmeval.vqa_hit("OCRVQA_TEST", " Harry Potter", "['harry potter', 'x']") == 1.0
+    assert vlmeval.vqa_hit("GQA_TestDev", "left", "right") == 0.0
+    # "invoice" vs "invoices": distance 1 of 8 -> 0.875; "inv" vs "invoices": 5 of 8 -> 0.375 < 0.5 -> 0
+    assert vlmeval.vqa_hit("DocVQA_VAL", "Invoice", "['invoices']") == pytest.approx(0.875)
+    assert vlmeval.vqa_hit("DocVQA_VAL", "inv", "['invoices']") == 0.0
