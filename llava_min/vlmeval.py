@@ -99,7 +99,7 @@ class Bench:
         return self.rows[i]["index"]
 
     def where(self, i: int, column: str) -> str:
-        return f"{self.path}: row with index {self.index(i)} (line {i + 2}), column {column!r}"
+        return f"{self.path}: row with index {self.index(i)} (data row {i + 1}), column {column!r}"
 
 
 def _records(f):
@@ -139,7 +139,10 @@ def read_tsv(path: str | Path, skip_bad: bool = False, need_images: bool = True)
     `bench.bad`."""
     path = Path(path)
     csv.field_size_limit(sys.maxsize)   # one base64 image is a single cell of megabytes
-    rows, spans, image_cells = [], [], []
+    rows = []
+    spans = []
+    # per row: a short `image` cell (a reference), else None; the base64 itself is not kept
+    references = []
     with open(path, "rb") as f:
         records = _records(f)
         first = next(records, None)
@@ -168,17 +171,20 @@ def read_tsv(path: str | Path, skip_bad: bool = False, need_images: bool = True)
             row = {c: v for c, v in zip(columns, cells) if c != "image"}
             rows.append(row)
             spans.append((offset, len(record)))
-            image_cells.append(cells[image_at] if image_at is not None else None)
+            if image_at is not None and len(cells[image_at]) <= REFERENCE_CHARS:
+                references.append(cells[image_at])
+            else:
+                references.append(None)
 
     bench = Bench(path, path.stem, columns, rows, spans, list(range(len(rows))))
     seen = {}
     for i, row in enumerate(rows):
         if row["index"] in seen:
-            first = seen[row["index"]] + 2
-            raise LlavaMinError(f"{bench.where(i, 'index')}: the same index as line {first}")
+            first = seen[row["index"]] + 1
+            raise LlavaMinError(f"{bench.where(i, 'index')}: the same index as data row {first}")
         seen[row["index"]] = i
     if image_at is not None:
-        _resolve_references(bench, image_cells, seen, skip_bad)
+        _resolve_references(bench, references, seen, skip_bad)
     bench.kind = detect_kind(bench)
     # ImageMCQDataset evaluates circularly when rows carry g_index (its MMBench datasets); here the
     # file's name decides, as it names the dataset in VLMEvalKit.
@@ -195,18 +201,20 @@ def read_tsv(path: str | Path, skip_bad: bool = False, need_images: bool = True)
     return bench
 
 
-def _resolve_references(bench: Bench, cells: list[str], row_of: dict, skip_bad: bool) -> None:
-    """image_base.py: a short `image` cell names the row whose cell holds the base64 image."""
-    for i, cell in enumerate(cells):
-        if len(cell) > REFERENCE_CHARS:
+def _resolve_references(bench: Bench, references: list[str | None], row_of: dict,
+                        skip_bad: bool) -> None:
+    """image_base.py: an `image` cell of 64 characters or fewer names the row whose cell holds the
+    base64 image. references: per row its short cell, or None where the cell is an image."""
+    for i, cell in enumerate(references):
+        if cell is None:
             continue
         target = row_of.get(cell.strip())
         problem = None
         if target is None:
             problem = f"refers to index {cell!r}, which no row has"
-        elif len(cells[target]) <= REFERENCE_CHARS:
+        elif references[target] is not None:
             problem = (f"refers to index {cell!r}, whose image cell is itself a reference "
-                       f"({cells[target]!r})")
+                       f"({references[target]!r})")
         if problem is None:
             bench.image_row[i] = target
             continue

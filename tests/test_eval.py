@@ -145,7 +145,7 @@ def test_bad_image_stops_or_is_skipped(model, tmp_path):
     rows, _ = vqa_rows()
     rows[3]["image"] = "iVBORw0KGgo" + "A" * 80       # a PNG signature, then nothing usable
     data = write_tsv(tmp_path / "TextVQA_bad.tsv", VQA_COLUMNS, rows)
-    with pytest.raises(LlavaMinError, match=r"TextVQA_bad\.tsv: row with index 4 \(line 5\), column 'image': the "
+    with pytest.raises(LlavaMinError, match=r"TextVQA_bad\.tsv: row with index 4 \(data row 4\), column 'image': the "
                                             r"image does not decode"):
         eval_here("--model", model, "--data", data, "--out", tmp_path / "a", "--max-new-tokens", "3")
     out = eval_here("--model", model, "--data", data, "--out", tmp_path / "b",

@@ -164,7 +164,7 @@ def test_bad_files_name_file_index_and_column(tmp_path):
 
     rows, _ = mcq_rows()
     rows[0]["B"] = ""                                          # an option column without options
-    with pytest.raises(LlavaMinError, match=r"row with index 1 \(line 2\), column 'B': empty"):
+    with pytest.raises(LlavaMinError, match=r"row with index 1 \(data row 1\), column 'B': empty"):
         bench_of(tmp_path, "bad2.tsv", MCQ_COLUMNS, rows)
     rows, _ = mcq_rows()
     rows[0]["answer"] = "D"
@@ -181,7 +181,7 @@ def test_bad_files_name_file_index_and_column(tmp_path):
     junk = b"not an image at all, but long enough to be no reference" * 2
     rows[2]["image"] = base64.b64encode(junk).decode()
     bench = bench_of(tmp_path, "POPE_bad.tsv", YORN_COLUMNS, rows)
-    with pytest.raises(LlavaMinError, match=r"POPE_bad\.tsv: row with index 3 \(line 4\), column 'image': the "
+    with pytest.raises(LlavaMinError, match=r"POPE_bad\.tsv: row with index 3 \(data row 3\), column 'image': the "
                                             r"image does not decode"):
         vlmeval.load_images(bench, 2)
 
