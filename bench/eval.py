@@ -1,17 +1,19 @@
-"""Benchmark-TSV evaluation speed: llava-min's eval at --batch-size 1 and 16, and transformers' Llava answering the
-same prompts one by one (as VLMEvalKit's model wrappers run), on the same file and weights.
+"""Benchmark-TSV evaluation speed: llava-min's eval at --batch-size 1 and 16, and transformers'
+Llava answering the same prompts one by one (as VLMEvalKit's model wrappers run), on the same file
+and weights.
 
-    python bench/eval.py                       # 64 rows of an MMBench-layout TSV (16 questions, circular)
+    python bench/eval.py                 # 64 rows of an MMBench-layout TSV (16 questions, circular)
     python bench/eval.py --rows 128 --repeats 5
     python bench/eval.py --smoke               # a tiny model pair: the code path, in seconds
 
-The file: VLMEvalKit's MMBench layout (4 options, circular copies whose images are references), 224 px PNGs in
-base64. llava-min runs its own eval path (`llava_min.eval.answer_rows`: prompts built and images decoded per
-batch, left-padded greedy generation with the static cache, 5 new tokens as VLMEvalKit asks for multiple
-choice). transformers gets the identical token ids (the image placeholder expanded to its patches) and the same
-pixels, one row per generate() call. The predictions of all three are asserted equal before anything is timed.
-Printed: rows/s (median of --repeats whole passes over the file), and the ratios. Goal (issue 19): batch 16 at
-least 4x batch 1 on CPU.
+The file: VLMEvalKit's MMBench layout (4 options, circular copies whose images are references), 224
+px PNGs in base64. llava-min runs its own eval path (`llava_min.eval.answer_rows`: prompts built
+and images decoded per batch, left-padded greedy generation with the static cache, 5 new tokens as
+VLMEvalKit asks for multiple choice). transformers gets the identical token ids (the image
+placeholder expanded to its patches) and the same pixels, one row per generate() call. The
+predictions of all three are asserted equal before anything is timed. Printed: rows/s (median of
+--repeats whole passes over the file), and the ratios. Goal (issue 19): batch 16 at least 4x batch
+1 on CPU.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from types import SimpleNamespace
 
 import torch
 
-from common import (IMAGE_SIZE, IMAGE_TOKEN_ID, LLM_CONFIG, N_PATCHES, SMOKE, expand_image_tokens, load_pair,
-                    machine, setup_threads)
+from common import (IMAGE_SIZE, IMAGE_TOKEN_ID, LLM_CONFIG, N_PATCHES, SMOKE, expand_image_tokens,
+                    load_pair, machine, setup_threads)
 from _bench_tsv import MCQ_COLUMNS, png_b64, write_tsv   # tests/, on the path through common
 from llava_min import vlmeval
 from llava_min.chat import prompt_ids
@@ -33,11 +35,13 @@ from llava_min.eval import Appender, answer_rows, decode_rows
 from llava_min.image import preprocess
 from llava_min.tools.tokenizer_train import train as train_tokenizer
 
-WORDS = ["cat", "dog", "bird", "fish", "red", "blue", "green", "yellow", "circle", "square", "sky", "tree"]
+WORDS = ["cat", "dog", "bird", "fish", "red", "blue", "green", "yellow", "circle", "square", "sky",
+         "tree"]
 
 
 def bench_tsv(folder: Path, rows: int) -> Path:
-    """`rows` MMBench rows: rows // 4 questions, each with its 3 circular copies (image by reference)."""
+    """`rows` MMBench rows: rows // 4 questions, each with its 3 circular copies (image by
+    reference)."""
     table = []
     for q in range(1, rows // 4 + 1):
         texts = [WORDS[(q + k) % len(WORDS)] for k in range(4)]
@@ -68,25 +72,31 @@ def ours_pass(model, tok, bench, batch_size: int, folder: Path, workers: int) ->
                            image_folder=None, skip_bad=False, num_workers=workers)
     appender = Appender(folder / f"pass-{time.monotonic_ns()}.jsonl")
     try:
-        results = answer_rows(model, tok, bench, list(range(len(bench.rows))), args, appender, show=False)
+        rows = list(range(len(bench.rows)))
+        results = answer_rows(model, tok, bench, rows, args, appender, show=False)
     finally:
         appender.close()
     return [results[i]["prediction"] for i in range(len(bench.rows))]
 
 
 def theirs_pass(hf, model, tok, bench) -> list[str]:
-    """transformers, one row per generate(): the same ids and pixels llava-min builds for that row."""
+    """transformers, one row per generate(): the same ids and pixels llava-min builds for that
+    row."""
     predictions = []
-    suppress = list(range(tok.vocab_size, LLM_CONFIG.vocab_size))    # ids no text has, as llava-min masks them
+    # ids no text has, as llava-min masks them
+    suppress = list(range(tok.vocab_size, LLM_CONFIG.vocab_size))
     for i in range(len(bench.rows)):
         images = vlmeval.load_images(bench, i)
         pixels = torch.stack([preprocess(im, model.config.image_size, mode=model.config.image_mode)
                               for im in images])
-        ids = torch.tensor([prompt_ids(tok, vlmeval.build_prompt(bench.rows[i], bench.kind), len(images))])
-        hf_ids, hf_mask, _ = expand_image_tokens(ids, torch.ones_like(ids), N_PATCHES, IMAGE_TOKEN_ID)
-        out = hf.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask, do_sample=False,
-                          max_new_tokens=vlmeval.MAX_NEW_TOKENS["mcq"], eos_token_id=model.config.stop_ids,
-                          pad_token_id=model.config.stop_ids[0], suppress_tokens=suppress)
+        prompt = vlmeval.build_prompt(bench.rows[i], bench.kind)
+        ids = torch.tensor([prompt_ids(tok, prompt, len(images))])
+        hf_ids, hf_mask, _ = expand_image_tokens(ids, torch.ones_like(ids), N_PATCHES,
+                                                 IMAGE_TOKEN_ID)
+        out = hf.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask,
+                          do_sample=False, max_new_tokens=vlmeval.MAX_NEW_TOKENS["mcq"],
+                          eos_token_id=model.config.stop_ids, pad_token_id=model.config.stop_ids[0],
+                          suppress_tokens=suppress)
         predictions += decode_rows(tok, model, out[:, hf_ids.shape[1]:])
     return predictions
 
@@ -96,9 +106,11 @@ def main():
     parser.add_argument("--rows", type=int, default=64, help="rows of the TSV (a multiple of 4)")
     parser.add_argument("--batch-size", type=int, default=16, help="the batched setting")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0, help="loader workers of llava-min's eval")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="loader workers of llava-min's eval")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="a tiny model pair and 8 rows: the code path")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny model pair and 8 rows: the code path")
     args = parser.parse_args()
     if args.smoke:
         args.rows = min(args.rows, 8)
@@ -127,7 +139,11 @@ def main():
             assert same, "\n".join(f"  {name}: {p}" for name, p in predictions.items())
             times = {name: [] for name in runs}
             for r in range(args.repeats):
-                for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                # alternate the order, so that drifting load hits all alike
+                order = list(runs)
+                if r % 2:
+                    order.reverse()
+                for name in order:
                     t0 = time.perf_counter()
                     runs[name]()
                     times[name].append(time.perf_counter() - t0)
@@ -136,8 +152,9 @@ def main():
         print(f"  {name:<28} {value:8.2f} rows/s   (median of {len(times[name])} passes, "
               f"min {min(times[name]):.2f} s, max {max(times[name]):.2f} s per pass)")
     one, batched, theirs = rate.values()
-    print(f"  batch {args.batch_size} / batch 1: {batched / one:.2f}x; batch {args.batch_size} / transformers "
-          f"one by one: {batched / theirs:.2f}x; batch 1 / transformers one by one: {one / theirs:.2f}x")
+    print(f"  batch {args.batch_size} / batch 1: {batched / one:.2f}x; batch {args.batch_size} / "
+          f"transformers one by one: {batched / theirs:.2f}x; batch 1 / transformers one by one: "
+          f"{one / theirs:.2f}x")
     if SMOKE:
         print("  (--smoke: a tiny model pair; these numbers measure nothing)")
 
