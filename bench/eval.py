@@ -28,7 +28,7 @@ import torch
 
 from common import (IMAGE_SIZE, IMAGE_TOKEN_ID, LLM_CONFIG, N_PATCHES, SMOKE, expand_image_tokens,
                     load_pair, machine, setup_threads)
-from _bench_tsv import MCQ_COLUMNS, png_b64, write_tsv   # tests/, on the path through common
+from _bench_tsv import MCQ_COLUMNS, VQA_COLUMNS, png_b64, write_tsv   # tests/, on the path via common
 from llava_min import vlmeval
 from llava_min.chat import prompt_ids
 from llava_min.eval import Appender, answer_rows, decode_rows
@@ -39,7 +39,7 @@ WORDS = ["cat", "dog", "bird", "fish", "red", "blue", "green", "yellow", "circle
          "tree"]
 
 
-def bench_tsv(folder: Path, rows: int) -> Path:
+def mcq_tsv(folder: Path, rows: int) -> Path:
     """`rows` MMBench rows: rows // 4 questions, each with its 3 circular copies (image by
     reference)."""
     table = []
@@ -57,6 +57,16 @@ def bench_tsv(folder: Path, rows: int) -> Path:
     return write_tsv(folder / "MMBench_bench.tsv", MCQ_COLUMNS, table)
 
 
+def vqa_tsv(folder: Path, rows: int) -> Path:
+    """`rows` TextVQA-like rows, ten answers each, one image per row."""
+    table = []
+    for q in range(rows):
+        table.append({"index": q, "question": f"Which word is written in picture {q}?",
+                      "answer": [WORDS[q % len(WORDS)]] * 10, "category": "bench",
+                      "image": png_b64((q * 53 % 256, 60, q * 29 % 256), IMAGE_SIZE)})
+    return write_tsv(folder / "TextVQA_bench.tsv", VQA_COLUMNS, table)
+
+
 def tokenizer(folder: Path):
     corpus = folder / "corpus.json"
     text = " ".join(WORDS) + " Which word goes with picture? Answer with the option's letter from the given " \
@@ -66,10 +76,11 @@ def tokenizer(folder: Path):
     return train_tokenizer([corpus], 400, folder / "tokenizer.model", threads=1)
 
 
-def ours_pass(model, tok, bench, batch_size: int, folder: Path, workers: int) -> list[str]:
+def ours_pass(model, tok, bench, batch_size: int, new_tokens: int, folder: Path,
+              workers: int) -> list[str]:
     """One pass of llava-min's eval over every row; the predictions in row order."""
-    args = SimpleNamespace(batch_size=batch_size, max_new_tokens=vlmeval.MAX_NEW_TOKENS["mcq"],
-                           image_folder=None, skip_bad=False, num_workers=workers)
+    args = SimpleNamespace(batch_size=batch_size, max_new_tokens=new_tokens, image_folder=None,
+                           skip_bad=False, num_workers=workers)
     appender = Appender(folder / f"pass-{time.monotonic_ns()}.jsonl")
     try:
         rows = list(range(len(bench.rows)))
@@ -79,7 +90,7 @@ def ours_pass(model, tok, bench, batch_size: int, folder: Path, workers: int) ->
     return [results[i]["prediction"] for i in range(len(bench.rows))]
 
 
-def theirs_pass(hf, model, tok, bench) -> list[str]:
+def theirs_pass(hf, model, tok, bench, new_tokens: int) -> list[str]:
     """transformers, one row per generate(): the same ids and pixels llava-min builds for that
     row."""
     predictions = []
@@ -94,16 +105,44 @@ def theirs_pass(hf, model, tok, bench) -> list[str]:
         hf_ids, hf_mask, _ = expand_image_tokens(ids, torch.ones_like(ids), N_PATCHES,
                                                  IMAGE_TOKEN_ID)
         out = hf.generate(input_ids=hf_ids, pixel_values=pixels, attention_mask=hf_mask,
-                          do_sample=False, max_new_tokens=vlmeval.MAX_NEW_TOKENS["mcq"],
+                          do_sample=False, max_new_tokens=new_tokens,
                           eos_token_id=model.config.stop_ids, pad_token_id=model.config.stop_ids[0],
                           suppress_tokens=suppress)
         predictions += decode_rows(tok, model, out[:, hf_ids.shape[1]:])
     return predictions
 
 
+def measure(title: str, runs: dict, rows: int, repeats: int) -> dict[str, float]:
+    """Assert the runs' predictions equal, then time `repeats` interleaved passes of each; rows/s."""
+    predictions = {name: run() for name, run in runs.items()}
+    first = next(iter(predictions.values()))
+    same = all(p == first for p in predictions.values())
+    print(f"  {title}: same predictions: {same}; rows 0-1: {first[:2]}")
+    assert same, "\n".join(f"  {name}: {p}" for name, p in predictions.items())
+    times = {name: [] for name in runs}
+    for r in range(repeats):
+        # alternate the order, so that drifting load hits all alike
+        order = list(runs)
+        if r % 2:
+            order.reverse()
+        for name in order:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+    rate = {name: rows / statistics.median(t) for name, t in times.items()}
+    for name, value in rate.items():
+        print(f"  {title}, {name:<24} {value:8.2f} rows/s   (median of {len(times[name])} "
+              f"passes, min {min(times[name]):.2f} s, max {max(times[name]):.2f} s per pass)")
+    return rate
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=64, help="rows of the TSV (a multiple of 4)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=64, help="rows of the MMBench TSV (4 per question)")
+    parser.add_argument("--vqa-rows", type=int, default=32, help="rows of the VQA TSV")
+    parser.add_argument("--vqa-tokens", type=int, default=48,
+                        help="new tokens per VQA answer (random weights rarely stop early)")
     parser.add_argument("--batch-size", type=int, default=16, help="the batched setting")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0,
@@ -114,47 +153,34 @@ def main():
     args = parser.parse_args()
     if args.smoke:
         args.rows = min(args.rows, 8)
+        args.vqa_rows = min(args.vqa_rows, 4)
+        args.vqa_tokens = min(args.vqa_tokens, 4)
         args.repeats = 1
     setup_threads(args.threads)
     print(f"eval | {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
+    b = args.batch_size
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         folder = Path(tmp)
         tok = tokenizer(folder)
         ours, hf = load_pair()
         ours.config.stop_ids = [tok.im_end_id, tok.eos_id]
         ours.config.text_vocab_size = tok.vocab_size
         ours.config.image_size = IMAGE_SIZE
-        bench = vlmeval.read_tsv(bench_tsv(folder, args.rows))
-        print(f"  {len(bench.rows)} rows ({bench.name}: multiple choice, circular), {IMAGE_SIZE} px, "
-              f"{vlmeval.MAX_NEW_TOKENS['mcq']} new tokens, greedy, fp32")
-        runs = {"llava-min batch 1": lambda: ours_pass(ours, tok, bench, 1, folder, args.workers),
-                f"llava-min batch {args.batch_size}":
-                    lambda: ours_pass(ours, tok, bench, args.batch_size, folder, args.workers),
-                "transformers one by one": lambda: theirs_pass(hf, ours, tok, bench)}
-        with torch.inference_mode():
-            predictions = {name: run() for name, run in runs.items()}
-            first = next(iter(predictions.values()))
-            same = all(p == first for p in predictions.values())
-            print(f"  same predictions: {same}; rows 0-3: {first[:4]}")
-            assert same, "\n".join(f"  {name}: {p}" for name, p in predictions.items())
-            times = {name: [] for name in runs}
-            for r in range(args.repeats):
-                # alternate the order, so that drifting load hits all alike
-                order = list(runs)
-                if r % 2:
-                    order.reverse()
-                for name in order:
-                    t0 = time.perf_counter()
-                    runs[name]()
-                    times[name].append(time.perf_counter() - t0)
-    rate = {name: len(bench.rows) / statistics.median(t) for name, t in times.items()}
-    for name, value in rate.items():
-        print(f"  {name:<28} {value:8.2f} rows/s   (median of {len(times[name])} passes, "
-              f"min {min(times[name]):.2f} s, max {max(times[name]):.2f} s per pass)")
-    one, batched, theirs = rate.values()
-    print(f"  batch {args.batch_size} / batch 1: {batched / one:.2f}x; batch {args.batch_size} / "
-          f"transformers one by one: {batched / theirs:.2f}x; batch 1 / transformers one by one: "
-          f"{one / theirs:.2f}x")
+        settings = [(vlmeval.read_tsv(mcq_tsv(folder, args.rows)), vlmeval.MAX_NEW_TOKENS["mcq"]),
+                    (vlmeval.read_tsv(vqa_tsv(folder, args.vqa_rows)), args.vqa_tokens)]
+        for bench, n in settings:
+            title = f"{bench.name} ({bench.kind}, {len(bench.rows)} rows, up to {n} tokens)"
+
+            def run(batch, bench=bench, n=n):
+                return ours_pass(ours, tok, bench, batch, n, folder, args.workers)
+
+            runs = {"llava-min batch 1": lambda run=run: run(1),
+                    f"llava-min batch {b}": lambda run=run: run(b),
+                    "transformers one by one": lambda bench=bench, n=n: theirs_pass(hf, ours, tok, bench, n)}
+            one, batched, theirs = measure(title, runs, len(bench.rows), args.repeats).values()
+            print(f"  {title}: batch {b} / batch 1: {batched / one:.2f}x; batch {b} / transformers "
+                  f"one by one: {batched / theirs:.2f}x; batch 1 / transformers: {one / theirs:.2f}x")
+    print(f"  ({IMAGE_SIZE} px, {N_PATCHES} image tokens per row, greedy, fp32)")
     if SMOKE:
         print("  (--smoke: a tiny model pair; these numbers measure nothing)")
 
