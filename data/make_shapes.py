@@ -17,7 +17,7 @@ data/shapes):
                     human "<image>\\n<caption prompt>", gpt "two red circles at the top-left and the top-right."
     finetune.json   stage 2, question/answer conversations, one per training image (some
                     multi-turn, a few with <image> after the question), a multiple-choice question
-                    for every third training image in LLaVA-1.5's prompt (as its A-OKVQA samples:
+                    about every third training image in LLaVA-1.5's prompt (as its A-OKVQA samples:
                     options "A. ...", then "Answer with the option's letter from the given choices
                     directly."), and a few text-only samples
     test.json       [{"id", "image", "question", "answer"}], one question per held-out image
@@ -290,8 +290,8 @@ def make_shapes(out: str | Path, n_train: int = 3000, n_test: int = 200, seed: i
         pretrain.append({"id": f"caption-{i:06d}", "image": image, "conversations": [
             {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(scene)}]})
         finetune.append({"id": f"qa-{i:06d}", "image": image, "conversations": conversation(rng, scene)})
-    # Multiple choice for every third image, from generators of their own: the other samples stay
-    # as they were.
+    # A multiple-choice question about every third image, from generators of their own: the other
+    # samples stay as they were.
     for i, (image, scene, _) in enumerate(train, start=1):
         if i % 3:
             continue
