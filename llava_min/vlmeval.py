@@ -772,10 +772,10 @@ def table(report: dict, title: str) -> str:
     lines = [title]
     for key, value in report.items():
         if isinstance(value, dict):
-            cells = "  ".join(f"{k} {v:.4g}" for k, v in value.items())
+            cells = "  ".join(f"{k} {v:.4f}" for k, v in value.items())
             lines.append(f"  {key:<28} {cells}")
         else:
-            lines.append(f"  {key:<28} {value:.4g}")
+            lines.append(f"  {key:<28} {value:.4f}")
     return "\n".join(lines)
 
 
