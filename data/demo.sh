@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole story on 2 CPU cores: synthetic shapes data, a tokenizer, stage 1 (projector), stage 2
-# (projector + LLM + ViT, tiny models from scratch), held-out accuracy, and one chat answer.
+# (projector + LLM + ViT, tiny models from scratch), held-out accuracy, the held-out questions as a circular
+# MMBench file scored as VLMEvalKit scores it, and one chat answer.
 # Usage: bash data/demo.sh [PYTHON]   (make demo passes the project's venv python)
 set -euo pipefail
 PY=${1:-python3}
@@ -23,6 +24,10 @@ $PY finetune.py --init-from "$OUT/stage1" --data "$DATA/finetune.json" \
     --batch-size 32 --max-steps 600 --lr 1e-3 --train all --out "$OUT/stage2" "${COMMON[@]}"
 
 $PY -m llava_min.eval --model "$OUT/stage2" --data "$DATA/test.json" --image-folder "$DATA" | tee "$OUT/eval.json"
+# The same held-out images as multiple choice, in VLMEvalKit's MMBench layout with circular copies: the table
+# VLMEvalKit would print (a question counts only if every rotation of its options is answered right).
+$PY -m llava_min.eval --model "$OUT/stage2" --data "$DATA/MMBench_shapes.tsv" --num-workers 1 \
+    | tee "$OUT/mmbench.txt"
 img=$($PY -c "import json; print(json.load(open('$DATA/test.json'))[0]['image'])")
 echo "chat: $DATA/$img -> $($PY -m llava_min.chat --model "$OUT/stage2" --image "$DATA/$img" 'What shape is this?')"
 echo "demo took $(( $(date +%s) - start )) s; loss curves: $OUT/stage1/loss.png $OUT/stage2/loss.png"

@@ -1,20 +1,31 @@
-"""Synthetic shapes: a small, deterministic LLaVA-format data set that a tiny model can learn on a CPU.
+"""Synthetic shapes: a small, deterministic LLaVA-format data set that a tiny model can learn on a
+CPU.
 
-Each image shows one to three identical shapes (one colour, one kind) on a white background, each in its
-own cell of a 2x2 grid. The task is small on purpose, so that a from-scratch LLaVA learns it in minutes:
-4 colours, 3 shapes, counts 1-3, 4 positions, one-word answers.
+Each image shows one to three identical shapes (one colour, one kind) on a white background, each
+in its own cell of a 2x2 grid. The task is small on purpose, so that a from-scratch LLaVA learns it
+in minutes: 4 colours, 3 shapes, counts 1-3, 4 positions, one-word answers.
 
-    python data/make_shapes.py --out data/shapes --n-train 3000 --n-test 200 --seed 0 --image-size 56
+    python data/make_shapes.py --out data/shapes --n-train 3000 --n-test 200 --seed 0 \
+        --image-size 56
 
-writes (image paths in the JSON files are relative to --out, so train with --image-folder data/shapes):
+writes (image paths in the JSON files are relative to --out, so train with --image-folder
+data/shapes):
 
     images/train-000001.png ...   training images (stage 1 and stage 2 share them)
     images/test-000001.png ...    held-out images, none pixel-identical to a training image
     pretrain.json   stage 1, one caption per training image, as in LLaVA-Pretrain:
                     human "<image>\\n<caption prompt>", gpt "two red circles at the top-left and the top-right."
-    finetune.json   stage 2, question/answer conversations, one per training image (some multi-turn, a few
-                    with <image> after the question), plus a few text-only samples
-    test.json       [{"id", "image", "question", "answer"}], one question per held-out image (eval's format)
+    finetune.json   stage 2, question/answer conversations, one per training image (some
+                    multi-turn, a few with <image> after the question), a multiple-choice question
+                    about every third training image in LLaVA-1.5's prompt (as its A-OKVQA samples:
+                    options "A. ...", then "Answer with the option's letter from the given choices
+                    directly."), and a few text-only samples
+    test.json       [{"id", "image", "question", "answer"}], one question per held-out image
+                    (eval's format)
+    MMBench_shapes.tsv   the held-out questions as multiple choice in VLMEvalKit's MMBench layout
+                    (index, question, hint, A-D, answer, category, l2-category, split, base64
+                    image), with MMBench's circular copies (options rotated, index + k * 1000000,
+                    image by reference)
     scenes.json     what was drawn: per image the colour, shape, count and each shape's cell and box
 
 Questions (same kinds in training and test), answers one word:
@@ -23,12 +34,14 @@ Questions (same kinds in training and test), answers one word:
     How many shapes are there?                                 one | two | three
     Where is the <colour> <shape>?  (one-shape images only)     top-left | top-right | bottom-left | bottom-right
 
-The same arguments give byte-identical files (every image draws from its own seeded generator). A few
-thousand images take about a second.
+The same arguments give byte-identical files (every image draws from its own seeded generator). A
+few thousand images take about a second.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
 import hashlib
 import json
 import random
@@ -45,7 +58,8 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 BACKGROUND = (255, 255, 255)
 MIN_IMAGE_SIZE = 28
 
-# The short-caption prompts of LLaVA-Pretrain (blip_laion_cc_sbu_558k), a first human turn "<image>\n" + one.
+# The short-caption prompts of LLaVA-Pretrain (blip_laion_cc_sbu_558k), a first human turn
+# "<image>\n" + one.
 CAPTION_PROMPTS = (
     "Describe the image concisely.",
     "Provide a brief description of the given image.",
@@ -60,8 +74,8 @@ CAPTION_PROMPTS = (
     "Create a compact narrative representing the image presented.",
 )
 
-# Text-only samples (about 2% of stage 2, as LLaVA-1.5's mix has ShareGPT text): the model must still
-# answer without an image.
+# Text-only samples (about 2% of stage 2, as LLaVA-1.5's mix has ShareGPT text): the model must
+# still answer without an image.
 TEXT_ONLY = (
     ("How many sides does a triangle have?", "three"),
     ("How many sides does a square have?", "four"),
@@ -74,25 +88,41 @@ TEXT_ONLY = (
 )
 
 QUESTION_KINDS = ("colour", "shape", "count", "position")
+# Every answer a question kind has: the options of its multiple-choice form.
+CHOICES = {"colour": sorted(COLOURS), "shape": list(SHAPES), "count": list(COUNT_WORDS.values()),
+           "position": list(REGIONS)}
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# MMBench's l2-categories (VLMEvalKit prints them as CP, FP-S) for the kinds of question.
+L2_CATEGORY = {"colour": "coarse_perception", "shape": "coarse_perception",
+               "count": "finegrained_perception (instance-level)",
+               "position": "finegrained_perception (instance-level)"}
+MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category",
+                   "l2-category", "split", "image")
+CIRCULAR_OFFSET = 1_000_000
 
 
 # --------------------------------------------------------------------------------------------------
 # One scene
 
 def draw_scene(rng: random.Random, image_size: int) -> dict:
-    """Choose what to draw: colour, shape, count, and for each shape its grid cell and pixel box."""
-    colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+    """Choose what to draw: colour, shape, count, and for each shape its grid cell and pixel
+    box."""
+    colour = rng.choice(sorted(COLOURS))
+    shape = rng.choice(SHAPES)
     count = rng.randint(1, 3)
     cell = image_size // 2
-    # Keep clear of the image border (DINOv2's "crop" preprocessing cuts 1/16 of each edge) and a pixel
-    # clear of the cell border, so every shape survives cropping and sits in exactly one cell.
-    outer, inner = image_size // 16 + 1, 1
+    # Keep clear of the image border (DINOv2's "crop" preprocessing cuts 1/16 of each edge) and a
+    # pixel clear of the cell border, so every shape survives cropping and sits in exactly one
+    # cell.
+    outer = image_size // 16 + 1
+    inner = 1
     room = cell - outer - inner
     objects = []
     for region in sorted(rng.sample(REGIONS, count), key=REGIONS.index):
         row, col = divmod(REGIONS.index(region), 2)
         side = rng.randint(round(0.7 * room), room)  # large enough that a 14-px patch sees the outline
-        # the cell's free span starts `outer` from the image border on the outside, `inner` on the inside
+        # the cell's free span starts `outer` from the image border on the outside, `inner` on the
+        # inside
         x0 = col * cell + (outer if col == 0 else inner) + rng.randint(0, room - side)
         y0 = row * cell + (outer if row == 0 else inner) + rng.randint(0, room - side)
         objects.append({"region": region, "box": [x0, y0, x0 + side, y0 + side]})  # [x0, y0, x1, y1), exclusive
@@ -100,7 +130,8 @@ def draw_scene(rng: random.Random, image_size: int) -> dict:
 
 
 def render(scene: dict, image_size: int) -> Image.Image:
-    """Draw the scene without anti-aliasing, so every pixel is either background or the shape colour."""
+    """Draw the scene without anti-aliasing, so every pixel is either background or the shape
+    colour."""
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     fill = COLOURS[scene["colour"]]
@@ -130,9 +161,13 @@ def questions(scene: dict) -> dict[str, tuple[str, str]]:
 
 def caption(scene: dict) -> str:
     """'two red circles at the top-left and the bottom-right.'"""
-    noun = scene["shape"] + ("s" if scene["count"] > 1 else "")
+    noun = scene["shape"]
+    if scene["count"] > 1:
+        noun += "s"
     places = [f"the {obj['region']}" for obj in scene["objects"]]
-    where = places[0] if len(places) == 1 else ", ".join(places[:-1]) + " and " + places[-1]
+    where = places[0]
+    if len(places) > 1:
+        where = ", ".join(places[:-1]) + " and " + places[-1]
     return f"{COUNT_WORDS[scene['count']]} {scene['colour']} {noun} at {where}."
 
 
@@ -140,8 +175,9 @@ def caption(scene: dict) -> str:
 # The data set
 
 def sample_rng(seed: int, split: str, index: int, attempt: int = 0) -> random.Random:
-    # One generator per image (string seeds hash with SHA-512: the same in every process and Python run),
-    # so any image can be regenerated alone and the output does not depend on generation order.
+    # One generator per image (string seeds hash with SHA-512: the same in every process and Python
+    # run), so any image can be regenerated alone and the output does not depend on generation
+    # order.
     return random.Random(f"shapes/{seed}/{split}/{index}/{attempt}")
 
 
@@ -150,7 +186,8 @@ def render_split(out: Path, split: str, n: int, seed: int, image_size: int, excl
 
     Returns [(relative image path, scene, rng)] and the set of pixel digests of the written images.
     """
-    rendered, digests = [], set()
+    rendered = []
+    digests = set()
     for i in range(1, n + 1):
         for attempt in range(1000):
             rng = sample_rng(seed, split, i, attempt)
@@ -182,6 +219,53 @@ def conversation(rng: random.Random, scene: dict) -> list[dict]:
     return messages
 
 
+def multiple_choice(question: str, kind: str, answer: str,
+                    rng: random.Random) -> tuple[list[str], str]:
+    """The kind's answers in a random order as options, and the letter of the right one."""
+    options = list(CHOICES[kind])
+    rng.shuffle(options)
+    return options, "ABCD"[options.index(answer)]
+
+
+def mcq_text(question: str, options: list[str]) -> str:
+    """LLaVA-1.5's multiple-choice prompt, as VLMEvalKit's LLaVA_XTuner.build_prompt asks it."""
+    lines = [question] + [f"{letter}. {text}" for letter, text in zip("ABCD", options)]
+    return "\n".join(lines) + "\n" + MCQ_INSTRUCTION
+
+
+def mmbench_rows(out: Path, test_items: list[dict], seed: int) -> list[list[str]]:
+    """VLMEvalKit MMBench rows for the held-out questions: each question with its options in a
+    random order, then its circular copies (options rotated by one per copy, the answer following
+    its text, the image a reference to the first row's index)."""
+    rows = []
+    for i, item in enumerate(test_items, start=1):
+        rng = sample_rng(seed, "mmbench", i)
+        options, letter = multiple_choice(item["question"], item["kind"], item["answer"], rng)
+        image = base64.b64encode((out / item["image"]).read_bytes()).decode()
+        for k in range(len(options)):
+            shifted = options[k:] + options[:k]
+            cells = shifted + [""] * (4 - len(shifted))
+            answer = "ABCD"[shifted.index(item["answer"])]
+            if k == 0:
+                assert answer == letter
+            # the copies' image: a reference to the first row's index
+            if k > 0:
+                image = str(i)
+            rows.append([str(i + k * CIRCULAR_OFFSET), item["question"], "", *cells, answer,
+                         item["kind"], L2_CATEGORY[item["kind"]], "dev", image])
+    return rows
+
+
+def write_tsv(path: Path, columns, rows) -> None:
+    """A TSV as pandas' to_csv(sep="\t") writes VLMEvalKit's files; atomic."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
 def make_shapes(out: str | Path, n_train: int = 3000, n_test: int = 200, seed: int = 0,
                 image_size: int = 56) -> dict:
     """Write the data set to `out` (see the module docstring); returns a summary dict."""
@@ -199,12 +283,25 @@ def make_shapes(out: str | Path, n_train: int = 3000, n_test: int = 200, seed: i
     train, train_digests = render_split(out, "train", n_train, seed, image_size, exclude=set())
     test, _ = render_split(out, "test", n_test, seed, image_size, exclude=train_digests)
 
-    pretrain, finetune = [], []
+    pretrain = []
+    finetune = []
     for i, (image, scene, rng) in enumerate(train, start=1):
         prompt = rng.choice(CAPTION_PROMPTS)
         pretrain.append({"id": f"caption-{i:06d}", "image": image, "conversations": [
             {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(scene)}]})
         finetune.append({"id": f"qa-{i:06d}", "image": image, "conversations": conversation(rng, scene)})
+    # A multiple-choice question about every third image, from generators of their own: the other
+    # samples stay as they were.
+    for i, (image, scene, _) in enumerate(train, start=1):
+        if i % 3:
+            continue
+        rng = sample_rng(seed, "mcq", i)
+        kind = rng.choice(sorted(questions(scene)))
+        question, answer = questions(scene)[kind]
+        options, letter = multiple_choice(question, kind, answer, rng)
+        finetune.append({"id": f"mcq-{i:06d}", "image": image, "conversations": [
+            {"from": "human", "value": "<image>\n" + mcq_text(question, options)},
+            {"from": "gpt", "value": letter}]})
     text_rng = sample_rng(seed, "text", 0)
     for i in range(1, (n_train // 50 if n_train >= 50 else min(n_train, 1)) + 1):
         question, answer = text_rng.choice(TEXT_ONLY)
@@ -226,8 +323,13 @@ def make_shapes(out: str | Path, n_train: int = 3000, n_test: int = 200, seed: i
         tmp = out / f".{name}.tmp"
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
         tmp.replace(out / name)  # atomic: a reader never sees half a file
+    mmbench = mmbench_rows(out, test_items, seed)
+    write_tsv(out / "MMBench_shapes.tsv", MMBENCH_COLUMNS, mmbench)
+    mcq = sum(1 for s in finetune if s["id"].startswith("mcq-"))
     return {"train_images": len(train), "test_images": len(test), "pretrain": len(pretrain),
-            "finetune": len(finetune), "text_only": len(finetune) - len(train), "test": len(test_items)}
+            "finetune": len(finetune), "multiple_choice": mcq,
+            "text_only": len(finetune) - len(train) - mcq, "test": len(test_items),
+            "mmbench_rows": len(mmbench)}
 
 
 def main(argv=None):
@@ -247,7 +349,8 @@ def main(argv=None):
         parser.error(str(e))
     print(f"{args.out}: {summary['train_images']} train + {summary['test_images']} test images "
           f"({args.image_size}px), pretrain.json {summary['pretrain']}, finetune.json {summary['finetune']} "
-          f"({summary['text_only']} text-only), test.json {summary['test']}, "
+          f"({summary['multiple_choice']} multiple choice, {summary['text_only']} text-only), "
+          f"test.json {summary['test']}, MMBench_shapes.tsv {summary['mmbench_rows']} rows, "
           f"in {time.perf_counter() - start:.1f} s; train with --image-folder {args.out}")
 
 

@@ -30,6 +30,8 @@ def test_gpu_bench_smoke():
     (["bench/loader.py", "--samples", "48", "--repeats", "1", "--workers", "0", "2"], ["ours / torch"]),
     (["bench/scale.py", "startup", "--smoke"], ["LLaVADataset / json.load: time"]),
     (["bench/packing.py", "--smoke"], ["tokens/s packed / padded", "padding"]),
+    (["bench/eval.py", "--smoke", "--threads", "1"],
+     ["same predictions: True", "batch 16 / batch 1", "TextVQA_bench"]),
 ])
 def test_cpu_benches_run_and_print_their_ratios(args, words):
     out = run_bench(*args)

@@ -1,11 +1,14 @@
 """The synthetic shapes data set (data/make_shapes.py).
 
-Proves that the command line gives byte-identical files for the same seed (and different ones for another
-seed); that every answer, caption and test answer agrees with what is actually in the pixels (colour,
-shape, count and cell are re-derived from the PNGs, not taken from the generator); that shapes stay clear
-of the border that DINOv2's centre crop removes; that the files have the LLaVA / eval layouts the
-training and evaluation scripts read (captions for stage 1, multi-turn and text-only samples for stage 2);
-and that no held-out image is pixel-identical to a training image, even when such repeats are likely.
+Proves that the command line gives byte-identical files for the same seed (and different ones for
+another seed); that every answer, caption and test answer agrees with what is actually in the
+pixels (colour, shape, count and cell are re-derived from the PNGs, not taken from the generator);
+that shapes stay clear of the border that DINOv2's centre crop removes; that the files have the
+LLaVA / eval layouts the training and evaluation scripts read (captions for stage 1, multi-turn and
+text-only samples for stage 2); and that no held-out image is pixel-identical to a training image,
+even when such repeats are likely. The multiple-choice samples of stage 2 are in LLaVA-1.5's prompt
+and their letters name the right answer; MMBench_shapes.tsv reads as a circular VLMEvalKit MMBench
+file whose every rotation keeps the right answer and whose images are the held-out PNGs.
 """
 import hashlib
 import importlib.util
@@ -25,7 +28,7 @@ _spec = importlib.util.spec_from_file_location("make_shapes", SCRIPT)
 make_shapes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_shapes)
 
-FILES = ("pretrain.json", "finetune.json", "test.json", "scenes.json")
+FILES = ("pretrain.json", "finetune.json", "test.json", "scenes.json", "MMBench_shapes.tsv")
 
 
 def run_cli(out, *args):
@@ -48,7 +51,8 @@ def shapes(tmp_path_factory):
 def test_same_seed_same_bytes_other_seed_differs(shapes, tmp_path):
     again = tmp_path / "again"
     assert run_cli(again, "--n-train", "150", "--n-test", "40", "--seed", "3").returncode == 0
-    first, second = tree_bytes(shapes), tree_bytes(again)
+    first = tree_bytes(shapes)
+    second = tree_bytes(again)
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
 
@@ -69,7 +73,8 @@ def read_pixels(path: Path) -> dict:
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
     size = rgb.shape[0]
-    cell, outer = size // 2, size // 16 + 1
+    cell = size // 2
+    outer = size // 16 + 1
     foreground = (rgb != make_shapes.BACKGROUND).any(axis=-1)            # (H, W)
     # clear of the image border (DINOv2's crop removes size/16 per edge) and of the cell borders
     border = np.ones_like(foreground)
@@ -80,7 +85,8 @@ def read_pixels(path: Path) -> dict:
     colours = {tuple(int(v) for v in c) for c in rgb[foreground]}
     assert len(colours) == 1, f"{path}: expected one flat shape colour, got {colours}"
     colour = {tuple(v): k for k, v in make_shapes.COLOURS.items()}[colours.pop()]
-    shapes, regions = set(), []
+    shapes = set()
+    regions = []
     for index, region in enumerate(make_shapes.REGIONS):
         row, col = divmod(index, 2)
         mask = foreground[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell]
@@ -135,11 +141,19 @@ def test_every_answer_matches_the_pixels(shapes):
         assert [m["from"] for m in turns] == ["human", "gpt"] * (len(turns) // 2)
         if "image" not in sample:
             continue
+        if sample["id"].startswith("mcq-"):
+            question, options = read_mcq(turns[0]["value"])
+            kind, answer = expected_answer(question, truth[sample["image"]])
+            assert options["ABCD".index(turns[1]["value"])] == answer, sample["id"]
+            assert sorted(options) == sorted(make_shapes.CHOICES[kind])
+            kinds.add(f"mcq-{kind}")
+            continue
         for human, gpt in zip(turns[::2], turns[1::2]):
             kind, answer = expected_answer(human["value"], truth[sample["image"]])
             assert gpt["value"] == answer, (sample["id"], human, gpt)
             kinds.add(kind)
-    assert kinds == {"colour", "shape", "count", "position"}
+    mcq_kinds = {f"mcq-{k}" for k in make_shapes.QUESTION_KINDS}
+    assert kinds == {"colour", "shape", "count", "position"} | mcq_kinds
 
     for item in json.loads((shapes / "test.json").read_text()):
         assert (item["kind"], item["answer"]) == expected_answer(item["question"], truth[item["image"]]), item
@@ -159,7 +173,7 @@ def test_files_have_the_training_and_eval_layouts(shapes):
     text_only = [s for s in finetune if "image" not in s]
     assert len(text_only) == 3 and all("<image>" not in m["value"] for s in text_only for m in s["conversations"])
     with_image = [s for s in finetune if "image" in s]
-    assert len(with_image) == 150
+    assert len(with_image) == 150 + 50     # one per image, and a multiple choice for every third
     assert any(len(s["conversations"]) > 2 for s in with_image), "some samples must be multi-turn"
     for s in with_image:  # exactly one <image>, in the first human turn
         assert sum(m["value"].count("<image>") for m in s["conversations"]) == 1
@@ -169,6 +183,41 @@ def test_files_have_the_training_and_eval_layouts(shapes):
         assert {"id", "image", "question", "answer"} <= item.keys()
         assert "<image>" not in item["question"] and item["answer"].isascii() and " " not in item["answer"]
     assert {item["kind"] for item in test} == {"colour", "shape", "count", "position"}
+
+
+def read_mcq(text: str) -> tuple[str, list[str]]:
+    """'<image>\nQ\nA. x\nB. y\n<instruction>' -> (Q, [x, y])."""
+    lines = text.split("\n")
+    assert lines[0] == "<image>" and lines[-1] == make_shapes.MCQ_INSTRUCTION, text
+    options = lines[2:-1]
+    assert [o[:3] for o in options] == [f"{c}. " for c in "ABCD"[:len(options)]], text
+    return lines[1], [o[3:] for o in options]
+
+
+def test_mmbench_tsv_is_circular_vlmevalkit_layout(shapes):
+    from llava_min import vlmeval
+    bench = vlmeval.read_tsv(shapes / "MMBench_shapes.tsv")
+    assert bench.kind == "mcq" and bench.circular
+    items = json.loads((shapes / "test.json").read_text())
+    test = {int(item["id"].split("-")[1]): item for item in items}
+    groups = {}
+    for i, row in enumerate(bench.rows):
+        groups.setdefault(int(row["index"]) % 1_000_000, []).append((int(row["index"]), i))
+    assert sorted(groups) == sorted(test)
+    for g, members in groups.items():
+        item = test[g]
+        first = vlmeval.options(bench.rows[members[0][1]])
+        assert [m[0] for m in members] == [g + k * 1_000_000 for k in range(len(first))]
+        assert sorted(first.values()) == sorted(make_shapes.CHOICES[item["kind"]])
+        for k, (_, i) in enumerate(members):
+            row = bench.rows[i]
+            texts = list(vlmeval.options(row).values())
+            assert texts == list(first.values())[k:] + list(first.values())[:k]
+            assert row["question"] == item["question"] and row[row["answer"]] == item["answer"]
+            assert row["category"] == item["kind"] and row["split"] == "dev"
+            (image,) = vlmeval.load_images(bench, i)
+            with Image.open(shapes / item["image"]) as png:
+                assert image.tobytes() == png.convert("RGB").tobytes()
 
 
 def pixel_digests(folder: Path, prefix: str) -> set[bytes]:
@@ -184,7 +233,8 @@ def test_test_images_disjoint_from_train_even_when_repeats_are_likely(tmp_path):
     out = tmp_path / "small"
     summary = make_shapes.make_shapes(out, n_train=400, n_test=100, seed=0, image_size=28)
     assert summary["test_images"] == 100
-    train, test = pixel_digests(out, "train"), pixel_digests(out, "test")
+    train = pixel_digests(out, "train")
+    test = pixel_digests(out, "test")
     assert not train & test, f"{len(train & test)} test images repeat a training image"
 
     # ...and that check has teeth: the same held-out draws without the exclusion do collide
