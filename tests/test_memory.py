@@ -262,6 +262,30 @@ def test_host_ram_per_node(tmp_path):
     assert "WARNING" not in memory.report(plan, 80, host_gib=peak + 1)
 
 
+def test_host_ram_counts_every_rank_of_the_node_by_default(monkeypatch):
+    """--nproc 4 on one node: four ranks' host RAM unless --nproc-per-node (or torchrun) says less;
+    under FSDP on GPUs rank 0 also holds the whole model while loading, and the node's load figure is
+    the printed line's sum."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = argparse.Namespace(llm_config="internlm2-1_8b", vit_config="dinov2-large", world_size=4)
+    plan = memory.plan_from_args(args, device="cuda")
+    assert plan.nproc_per_node == 4
+    two = memory.plan_from_args(argparse.Namespace(**vars(args), nproc_per_node=2), device="cuda")
+    assert two.nproc_per_node == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert memory.plan_from_args(args, device="cuda").nproc_per_node == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    sharded = plan.replace(fsdp=True)
+    h = memory.host_bytes(sharded)
+    whole = memory.estimate(sharded).load_host_rank0
+    assert whole > 0 and h["rank0_load_extra"] == whole
+    assert h["load"] == 4 * sum(h["rank_load"].values()) + whole
+    assert memory.host_bytes(plan)["rank0_load_extra"] == 0
+    line = [row for row in memory.report(sharded, 80).splitlines() if row.lstrip().startswith("loading")][0]
+    assert f"{h['load'] / GiB:8.2f}" in line and f"rank 0's whole model {whole / GiB:.2f}" in line
+
+
 def test_host_ram_command_line():
     cmd = [sys.executable, "-m", "llava_min.memory", "--llm-config", "internlm2-7b", "--vit-config", "dinov2-large",
            "--device", "cpu", "--nproc-per-node", "2", "--host-ram-gib", "64"]

@@ -63,7 +63,7 @@ class Plan:
     device: str = "cuda"
     # train.py builds DDP(gradient_as_bucket_view=True): no bucket copy
     ddp_bucket_view: bool = True
-    nproc_per_node: int = 1             # ranks sharing one node's host RAM
+    nproc_per_node: int = 1             # ranks sharing one node's host RAM (default: every rank)
     num_workers: int = 4
     prefetch: int = 2                   # loader.Loader's batches in flight per worker
     # Size of the --data files (the sample table each rank holds)
@@ -435,8 +435,16 @@ def host_bytes(plan: Plan) -> dict:
     # shared-memory batches.
     out["worker"] = {"own pages": int(WORKER_BASE)}
     for k in phases:
-        workers = plan.num_workers * out["worker"]["own pages"] if k == "training" else 0
+        workers = 0
+        if k == "training":
+            workers = plan.num_workers * out["worker"]["own pages"]
         out[k] = plan.nproc_per_node * (sum(out[f"rank_{k}"].values()) + workers)
+    # FSDP on GPUs: rank 0 alone reads the whole model into host RAM, then sends each rank its
+    # shards; the other ranks build on the meta device. One node holds that rank 0's extra bytes.
+    out["rank0_load_extra"] = 0
+    if plan.device == "cuda" and plan.fsdp and plan.world_size > 1:
+        out["rank0_load_extra"] = int(estimate(plan).load_host_rank0)
+        out["load"] += out["rank0_load_extra"]
     return out
 
 
@@ -548,13 +556,18 @@ def plan_from_args(args, world_size: int | None = None, device: str | None = Non
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     sources = [Path(s) for s in (given.get("llm"), given.get("vit"), init and init / "llm", init and init / "vit") if s]
     shards = [f.stat().st_size for s in sources if s.is_dir() for f in s.glob("*.safetensors")]
+    if not world_size:
+        world_size = given.get("world_size") or int(os.environ.get("WORLD_SIZE", 1))
+    # Ranks on one node: torchrun's LOCAL_WORLD_SIZE, else every rank of the job (--nproc on one
+    # node) unless --nproc-per-node says otherwise.
+    nproc_per_node = given.get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+    nproc_per_node = nproc_per_node or world_size
     same_names = ("lora_r", "lora_dropout", "batch_size", "max_length", "grad_checkpointing", "zero", "fsdp",
                   "num_workers", "images_per_sample")
     plan = Plan(llm=internlm2.load_config(llm_source), vit=llava.vision_config(vit_source),
                 train=tuple(p for p in llava.PARTS if p in parts), image_size=image_size or 336,
                 dtype=given.get("dtype") or ("bfloat16" if device == "cuda" else "float32"),
-                world_size=world_size or given.get("world_size") or int(os.environ.get("WORLD_SIZE", 1)), device=device,
-                nproc_per_node=given.get("nproc_per_node") or int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                world_size=world_size, device=device, nproc_per_node=nproc_per_node,
                 data_bytes=sum(Path(f).stat().st_size for f in given.get("data", []) if Path(f).is_file()),
                 shard_bytes=max(shards, default=0),
                 **{name: given[name] for name in same_names if name in given})
@@ -628,7 +641,10 @@ def report(plan: Plan, gpu_gib: float | None = None, host_gib: float | None = No
                   "         GiB"]
     for label, phase in (("reading the data", "start"), ("loading", "load"), ("training", "training")):
         items = ", ".join(f"{k} {v / GiB:.2f}" for k, v in h[f"rank_{phase}"].items() if v)
-        lines.append(f"  {label:17s}{h[phase] / GiB:8.2f}   {n} x ({items}{worker if phase == 'training' else ''})")
+        line = f"  {label:17s}{h[phase] / GiB:8.2f}   {n} x ({items}{worker if phase == 'training' else ''})"
+        if phase == "load" and h["rank0_load_extra"]:
+            line += f" + rank 0's whole model {h['rank0_load_extra'] / GiB:.2f} (FSDP)"
+        lines.append(line)
     if host_gib:
         lines.append(host_warning(plan, host_gib) or f"  fits this node's {host_gib:.1f} GiB")
     return "\n".join(lines)
