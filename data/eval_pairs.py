@@ -14,37 +14,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llava_min.chat import load_for_inference, prompt_ids  # noqa: E402
-from llava_min.eval import normalise  # noqa: E402
-from llava_min.image import load_image, preprocess  # noqa: E402
+from llava_min.chat import load_for_inference  # noqa: E402
+from llava_min.eval import evaluate, normalise  # noqa: E402
 
 
-@torch.no_grad()
 def answers(model, tok, items: list[dict], folder: Path, batch_size: int = 32) -> list[str]:
-    """The model's answer to each item, in order; the question's <image> tags stay where they are.
-    """
-    config = model.config
-    out = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        prompts = [prompt_ids(tok, item["question"], with_image=False) for item in batch]
-        width = max(map(len, prompts))
-        # Left padding: every prompt ends at the same column, so generation appends in step.
-        ids = torch.full((len(batch), width), config.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        # Every image of the batch, row by row, each row's in the order of its tags.
-        images = [preprocess(load_image(folder / name), config.image_size, mode=config.image_mode)
-                  for item in batch for name in item["image"]]
-        new = model.generate(ids, torch.stack(images), max_new_tokens=4, attention_mask=mask)
-        for row in new.tolist():
-            out.append(tok.decode([t for t in row if t not in config.stop_ids]))
-    return out
+    """The model's answer to each item, in order: llava_min.eval's batched greedy generation (the
+    question's <image> tags stay where they are, the images in their order)."""
+    results = evaluate(model, tok, items, folder, batch_size=batch_size, max_new_tokens=4)
+    return [result["prediction"] for result in results]
 
 
 def main(argv=None) -> None:
