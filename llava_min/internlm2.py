@@ -279,6 +279,13 @@ class InternLM2(nn.Module):
     """InternLM2ForCausalLM: a random init from a config, or `from_pretrained(path)` for released
     weights."""
 
+    # The linear layers LoRA adapts (lora.apply_lora): every one of the blocks, the fused wqkv (one
+    # adapter for q, k and v, as PEFT does on InternLM2), wo and the SwiGLU. The head (`output`)
+    # never gets one: its adapter would be large, and the references do not train it.
+    lora_targets = ("wqkv", "wo", "w1", "w2", "w3")
+    # Where a chat answer ends: <|im_end|> (92542), then </s> (2).
+    stop_ids = (92542, 2)
+
     def __init__(self, config: InternLM2Config):
         super().__init__()
         self.config = config

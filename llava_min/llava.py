@@ -89,7 +89,7 @@ class LLaVAConfig:
     image_size: int = 224           # square input size the model was trained with
     # "pad" (LLaVA-1.5 expand-to-square) or "crop" (the tower's own processor)
     image_mode: str = "pad"
-    stop_ids: list[int] = field(default_factory=lambda: [92542, 2])  # <|im_end|>, </s>
+    stop_ids: list[int] = field(default_factory=lambda: list(InternLM2.stop_ids))  # <|im_end|>, </s>
     pad_id: int = 0                 # input_ids padding (XTuner's DEFAULT_PAD_TOKEN_INDEX)
     # The tokenizer's size; generation never picks the LLM's padding ids
     text_vocab_size: int | None = None

@@ -17,10 +17,6 @@ import torch.nn.functional as F
 
 from . import LlavaMinError
 
-# Every linear layer of the blocks: the fused wqkv (one adapter for q, k and v, as PEFT does on
-# InternLM2), wo and the SwiGLU. The head (`output`) never gets one: its adapter would be large,
-# and the references do not train it.
-DEFAULT_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
 LORA_KEYS = ("lora_A", "lora_B")
 # alpha = 2 r unless given: LLaVA-1.5's scale (r 128, alpha 256).
 ALPHA_PER_RANK = 2
@@ -71,21 +67,26 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.05,
-               targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS) -> list[str]:
-    """Replace every nn.Linear whose name ends with one of `targets` by a LoRALinear, in place, and
-    freeze all else. Returns the replaced names. alpha defaults to ALPHA_PER_RANK * r; XTuner's
+               targets: tuple[str, ...] | list[str] | None = None) -> list[str]:
+    """Replace every nn.Linear whose name ends with one of `targets` (default: the LLM's own
+    `lora_targets`) by a LoRALinear, in place, and freeze all else. Returns the replaced names. alpha defaults to ALPHA_PER_RANK * r; XTuner's
     InternLM2-7B QLoRA uses r 512, alpha 256: pass alpha to match it."""
     if type(r) is not int or r < 1:
         raise LlavaMinError(f"LoRA rank must be a positive integer, got r={r!r} (e.g. --lora-r 64)")
     if alpha is None:
         alpha = ALPHA_PER_RANK * r
+    if targets is None and not hasattr(module, "lora_targets"):
+        raise LlavaMinError(f"{type(module).__name__} names no lora_targets; pass targets=(...) with "
+                            "the names of the linear layers to adapt")
+    if targets is None:
+        targets = module.lora_targets
     if alpha <= 0 or not 0 <= dropout < 1:
         raise LlavaMinError(f"LoRA needs alpha > 0 and 0 <= dropout < 1, got alpha={alpha}, "
                             f"dropout={dropout}")
     refused = [t for t in targets if t.split(".")[-1] == "output"]
     if refused:
         raise LlavaMinError(f"LoRA targets {refused} name the output head 'output', which never gets an "
-                            f"adapter; choose among the block layers, e.g. {list(DEFAULT_TARGETS)}")
+                            "adapter; choose among the block layers")
     chosen = [(name, m) for name, m in module.named_modules()
               if any(name == t or name.endswith("." + t) for t in targets)]
     for name, m in chosen:

@@ -61,6 +61,9 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
+    # InternLM2's names, and like it the layers LoRA adapts by default
+    lora_targets = InternLM2.lora_targets
+
     def __init__(self, layers=2):
         super().__init__()
         self.model = nn.Module()
