@@ -482,6 +482,10 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
     update (or a skip, --nan), a metrics line; between two steps the checkpoints."""
     device = d.device
     plan = memory.plan_from_args(args, world_size=d.world_size)
+    # Every image of a sample takes ViT and projector memory: book the most any sample holds (a
+    # packed row is booked with as many images as fit in it already).
+    if not args.pack:
+        plan = plan.replace(images_per_sample=max(1, data.dataset.stats["most_images"]))
     gpu_gib = None
     if device.type == "cuda":
         gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30

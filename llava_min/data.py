@@ -493,6 +493,7 @@ class LLaVADataset:
         kinds: dict[str, int] = {}
         doubtful = []              # (kept position, sample) that max_length may cut
         several = 0
+        most_images = 0
         for index, sample in enumerate(samples.scan()):
             problems = classified_problems(sample, self.image_folder, files)
             if problems:
@@ -512,6 +513,7 @@ class LLaVADataset:
                 self._kept.append(index)
                 self.lengths.append(estimate_length(sample, self.image_tokens))
                 several += images > 1
+                most_images = max(most_images, images)
         if not len(samples):
             raise LlavaMinError(f"no samples in {samples.names()}")
         if bad and not skip_bad:
@@ -524,7 +526,8 @@ class LLaVADataset:
         truncated, left_out = self._count_cuts(samples, doubtful, counter)
         with_image = sum(1 for n in self.lengths if n > 0)
         self.stats = {"loaded": len(samples), "used": len(self._kept), "with_image": with_image,
-                      "several_images": several, "text_only": len(self._kept) - with_image,
+                      "several_images": several, "most_images": most_images,
+                      "text_only": len(self._kept) - with_image,
                       "truncated": truncated, "images_left_out": left_out, "truncation_exact": True,
                       "dropped_bad": len(bad), "bad_kinds": dict(sorted(kinds.items())),
                       "dropped_no_supervision": len(unsupervised), "dropped_too_many_images": len(too_many)}

@@ -325,7 +325,7 @@ def test_no_supervision_dropped_and_truncation_counted(folder):
     long_question = "<image>\n" + "colour " * 60
     samples = [_sample(0), _sample(1, question=long_question), _sample(2, None, "Hi", "word " * 80)]
     ds = LLaVADataset(samples, folder / "tok.model", folder, image_size=28, max_length=48, image_tokens=16)
-    assert ds.stats == {"loaded": 3, "used": 2, "with_image": 1, "several_images": 0, "text_only": 1,
+    assert ds.stats == {"loaded": 3, "used": 2, "with_image": 1, "several_images": 0, "most_images": 1, "text_only": 1,
                         "truncated": 1, "images_left_out": 0, "truncation_exact": True, "dropped_bad": 0,
                         "bad_kinds": {}, "dropped_no_supervision": 1, "dropped_too_many_images": 0}
     assert "; 1 cut at max_length 48; dropped 0 bad," in ds.report()
