@@ -1,7 +1,8 @@
 """llava-min: a minimal, pure-PyTorch LLaVA-InternLM2 (a ViT -> MLP projector -> InternLM2).
 
-Reading order: internlm2.py, dinov2.py (clip.py, siglip.py: the other towers), projector.py, llava.py, then tokenizer.py, data.py, image.py,
-loader.py, and the two training scripts at the repository root.
+Reading order: internlm2.py, dinov2.py (clip.py, siglip.py: the other towers), projector.py,
+llava.py, then tokenizer.py, data.py, image.py, loader.py, and the two training scripts at the
+repository root.
 
 The public classes are imported on first use (PEP 562), so `python -m llava_min.data check` or a loader
 worker does not pay for modules it never touches.

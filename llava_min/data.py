@@ -454,7 +454,8 @@ class LLaVADataset:
     from) or, with max_images, that hold more images; skip_bad drops (and counts, per kind) bad
     samples instead of raising an error that lists them; `report()` and `stats` say what was
     dropped and how many samples max_length cuts. image_mode: "pad" (LLaVA-1.5) or "crop" (the
-    tower's processor), with the tower's `preprocessing`; each image takes image_tokens positions; a longer sample is cut at the end (item["truncated"]).
+    tower's processor), with the tower's `preprocessing`; each image takes image_tokens positions;
+    a longer sample is cut at the end (item["truncated"]).
     """
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",

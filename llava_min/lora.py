@@ -69,8 +69,9 @@ class LoRALinear(nn.Module):
 def apply_lora(module: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.05,
                targets: tuple[str, ...] | list[str] | None = None) -> list[str]:
     """Replace every nn.Linear whose name ends with one of `targets` (default: the LLM's own
-    `lora_targets`) by a LoRALinear, in place, and freeze all else. Returns the replaced names. alpha defaults to ALPHA_PER_RANK * r; XTuner's
-    InternLM2-7B QLoRA uses r 512, alpha 256: pass alpha to match it."""
+    `lora_targets`) by a LoRALinear, in place, and freeze all else. Returns the replaced names.
+    alpha defaults to ALPHA_PER_RANK * r; XTuner's InternLM2-7B QLoRA uses r 512, alpha 256: pass
+    alpha to match it."""
     if type(r) is not int or r < 1:
         raise LlavaMinError(f"LoRA rank must be a positive integer, got r={r!r} (e.g. --lora-r 64)")
     if alpha is None:
@@ -158,7 +159,8 @@ def load_lora_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> N
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise LlavaMinError(f"LoRA adapters do not match the model: missing {missing[:4]} "
-                            f"({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all); resume with the same "
+                            f"({len(missing)} in all), unexpected {unexpected[:4]} "
+                            f"({len(unexpected)} in all); resume with the same "
                             "--lora-r and target modules as the run that saved them")
     for key, t in state.items():
         if t.shape != own[key].shape:

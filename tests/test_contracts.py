@@ -3,8 +3,8 @@
 A vision tower (dinov2.py, clip.py, siglip.py) is used through `config`, `blocks`, `features`, `hidden_states`,
 `freeze_unused`, `set_gradient_checkpointing`, `from_pretrained` / `save_pretrained` and the static `load_config`
 / `presets`; the LLM (internlm2.py) through `config`, `embed`, `forward_hidden`, `output`, `new_cache`, `layers`,
-`lora_targets`, `stop_ids`, `set_gradient_checkpointing`, `from_pretrained` / `save_pretrained`; both through nn.Module's own methods. The
-check reads every file of the package and the two training scripts: any attribute taken of something named
+`lora_targets`, `stop_ids`, `set_gradient_checkpointing`, `from_pretrained` / `save_pretrained`;
+both through nn.Module's own methods. The check reads every file of the package and the two training scripts: any attribute taken of something named
 `vit` / `llm` (a variable, or `model.vit`) must be one of those. It also proves it catches `model.vit.encoder`
 and `llm.model.layers`, and that every tower class has every member of the contract.
 """
