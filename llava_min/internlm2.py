@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.varlen import varlen_attn
 from torch.utils.checkpoint import checkpoint
 
 from . import LlavaMinError, weights
@@ -179,6 +178,10 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
     q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v))   # (B * T, heads, hd)
     groups = H // k.shape[1]
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # Imported here, where it runs: importing varlen loads torch's compiler stack (about a
+        # second), which a CPU run, a GPU run without --pack and a command that only checks its
+        # flags never need.
+        from torch.nn.attention.varlen import varlen_attn
         # window_size (-1, 0): causal.
         return varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len,
                            packing.max_len, window_size=(-1, 0), enable_gqa=groups > 1)

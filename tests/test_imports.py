@@ -10,7 +10,8 @@ PACKAGE = ROOT / "llava_min"
 READING_PATH = ["internlm2", "dinov2", "clip", "siglip", "projector", "llava", "lora", "weights",
                 "tokenizer", "data", "image", "sampler", "loader", "dist", "optim", "checkpoint", "fsdp",
                 "parallel", "__init__"]
-LOCAL_ALLOWED = {("__init__", "importlib"), ("optim", "torch.distributed.optim")}
+LOCAL_ALLOWED = {("__init__", "importlib"), ("optim", "torch.distributed.optim"),
+                 ("internlm2", "torch.nn.attention.varlen")}
 
 
 def module_name(file: pathlib.Path) -> str:
