@@ -8,7 +8,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llava_min"
 READING_PATH = ["internlm2", "dinov2", "clip", "siglip", "projector", "llava", "lora", "weights",
-                "tokenizer", "data", "image", "sampler", "loader", "dist", "optim", "checkpoint", "fsdp",
+                "tokenizer", "data", "image", "spmproto", "sampler", "loader", "dist", "optim", "checkpoint", "fsdp",
                 "parallel", "__init__"]
 LOCAL_ALLOWED = {("__init__", "importlib"), ("optim", "torch.distributed.optim"),
                  ("internlm2", "torch.nn.attention.varlen")}
