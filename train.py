@@ -541,6 +541,8 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
         # Every rank is here, after the same step: save it (unless saved already), say how to go on, exit 3.
         if e.finished > start_step and e.finished % args.save_every:
             save(par, schedule, args, out, e.finished, data, frozen, d, final=False)
+        # The message below the progress bar, not inside it.
+        bar.close()
         d.print0(bad_image_stop_message(args, out, e.finished, start_step))
         raise SystemExit(BAD_IMAGE_EXIT) from None
     except torch.cuda.OutOfMemoryError:
@@ -685,9 +687,9 @@ class BadImageStop(Exception):
 def bad_images(d: "dist.Dist", local_bad: list[dict], step: int, skip_bad: bool) -> list[dict]:
     """A collective, called by every rank when any has a sample whose image did not decode: each
     rank logs its own (once per sample), all learn every rank's; without skip_bad, BadImageStop."""
-    done = "dropped from the loss (--skip-bad-samples)"
+    done = "left out of the loss (--skip-bad-samples)"
     if not skip_bad:
-        done = "its image does not decode"
+        done = "stops the run"
     for bad in local_bad:
         d.log(f"step {step + 1}: {bad['sample']} {done}: {bad['error']}")
     gathered = dist.all_gather_object(d, local_bad, what=f"bad images at step {step + 1}")
