@@ -261,8 +261,8 @@ def test_under_torchrun_only_rank_1_meets_it(shapes, tmp_path, skip):
            *train_cmd(shapes, data, out, *extra)]
     rc, seconds, log = run(cmd, tmp_path / "log", limit=60)
     assert seconds < 40, f"{seconds:.0f} s: a hang?\n{log[-4000:]}"
-    bad_line = [line for line in log.splitlines() if "step 3: sample " in line]
-    assert len(bad_line) == 1 and bad_line[0].startswith("[rank 1] step 3: sample "), log[-4000:]
+    # Said once, by the rank that met it.
+    assert log.count("step 3: sample ") == 1 and "[rank 1] step 3: sample " in log, log[-4000:]
     assert "DistTimeout" not in log
     if skip:
         assert rc == 0, log[-4000:]
@@ -272,4 +272,5 @@ def test_under_torchrun_only_rank_1_meets_it(shapes, tmp_path, skip):
     assert rc != 0 and "stopped before step 3: an image above does not decode; checkpoint" in log, log[-4000:]
     assert [r["step"] for r in records(out)] == [1, 2]
     assert (out / "checkpoints" / "step-000002").is_dir()
-    assert "Traceback" not in log.split("Failures:")[0]
+    # The traceback and the summary that follow are torchrun's own, for any rank that exits non-zero.
+    assert log.count("Traceback") == 1 and "exitcode  : 3" in log
