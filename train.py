@@ -535,10 +535,10 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
                 # The step, the checkpoint and the command to continue; exit 143 / 130 / 138.
                 stop.finish(step + 1, out)
         if bad_total:
-            d.print0(f"bad images: {bad_total} samples left out of the loss, their image did not decode "
-                     f"(named above and in {out}/metrics.jsonl)")
+            d.print0(f"bad images: {bad_total} samples left out of the loss, their image did not "
+                     f"decode (named above and in {out}/metrics.jsonl)")
     except BadImageStop as e:
-        # Every rank is here, after the same step: save it (unless saved already), say how to go on, exit 3.
+        # Every rank is here, after the same step: save it (unless saved), say how to go on, exit 3.
         if e.finished > start_step and e.finished % args.save_every:
             save(par, schedule, args, out, e.finished, data, frozen, d, final=False)
         # The message below the progress bar, not inside it.
@@ -570,8 +570,8 @@ def held_out_loss(args, data: Data, par: "parallel.Parallel", autocast, step: in
 
 
 def last_record(out: Path, d: "dist.Dist") -> dict:
-    """Rank 0: the last line of OUT/metrics.jsonl (after open_metrics kept those up to the start step), or {}.
-    Other ranks: {}."""
+    """Rank 0: the last line of OUT/metrics.jsonl (open_metrics kept those up to the start step),
+    or {}. Other ranks: {}."""
     metrics_file = out / "metrics.jsonl"
     if d.rank != 0 or not metrics_file.exists():
         return {}
@@ -701,18 +701,21 @@ def bad_images(d: "dist.Dist", local_bad: list[dict], step: int, skip_bad: bool)
 def bad_image_stop_message(args, out: Path, finished: int, start_step: int) -> str:
     """What the run says when it stops on an image that does not decode: the checkpoint, then the
     three ways on."""
-    ckpt = f"checkpoint {out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(finished)}"
+    folder = f"{out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(finished)}"
+    ckpt = f"checkpoint {folder}"
     if finished == 0:
         ckpt = "no step finished, nothing to save"
     elif finished == start_step:
-        ckpt = f"the checkpoint it resumed from, {out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(finished)}"
+        ckpt = f"the checkpoint it resumed from, {folder}"
     check = ["python", "-m", "llava_min.data", "check", "--data", *map(str, args.data),
              "--image-folder", str(args.image_folder), "--decode"]
     resume_cmd = stop.resume_command()
-    return (f"stopped before step {finished + 1}: an image above does not decode; {ckpt}. Ways on:\n"
+    skip_cmd = resume_cmd + ["--skip-bad-samples"]
+    return (f"stopped before step {finished + 1}: an image above does not decode; {ckpt}. "
+            "Ways on:\n"
             f"  list every image that does not decode:  {shlex.join(check)}\n"
             f"  after fixing or removing those samples: {shlex.join(resume_cmd)}\n"
-            f"  or drop such samples from the loss:     {shlex.join(resume_cmd + ['--skip-bad-samples'])}")
+            f"  or drop such samples from the loss:     {shlex.join(skip_cmd)}")
 
 
 def optimizer_step(par: "parallel.Parallel", schedule: CosineSchedule, args, loss: float,

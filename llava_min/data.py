@@ -52,7 +52,7 @@ GPT_TAG = "tag in a gpt turn"
 MISSING_FILE = "missing image file"
 EMPTY_LIST = "empty image list"
 IMAGE_FIELD = "'image' not a file name"
-# What LLaVADataset does with an image that does not decode when an item is built (see its docstring).
+# What LLaVADataset does with an image that does not decode as an item is built (its docstring).
 DECODE_ERRORS = ("raise", "mark")
 
 
@@ -457,9 +457,10 @@ class LLaVADataset:
     samples instead of raising an error that lists them; `report()` and `stats` say what was
     dropped and how many samples max_length cuts. image_mode: "pad" (LLaVA-1.5) or "crop" (the
     tower's processor), with the tower's `preprocessing`; each image takes image_tokens positions; a longer sample is cut at the end (item["truncated"]).
-    An image that exists but does not decode is met only here, mid-run: decode_errors "raise" (the default) raises
-    an error naming the sample; "mark" (train.py) hands the sample on, dropped from the loss (`bad_item`), so that
-    the training loop decides, on every rank at once, to skip it or to stop.
+    An image that exists but does not decode is met only here, mid-run: decode_errors "raise"
+    (the default) raises an error naming the sample; "mark" (train.py) hands the sample on,
+    dropped from the loss (`bad_item`), so that the training loop decides, on every rank at once,
+    to skip it or to stop.
     """
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",
@@ -467,7 +468,8 @@ class LLaVADataset:
                  max_images: int | None = None, preprocessing: Preprocessing = IMAGENET,
                  decode_errors: str = "raise"):
         if decode_errors not in DECODE_ERRORS:
-            raise LlavaMinError(f"decode_errors is {decode_errors!r}; use one of {', '.join(DECODE_ERRORS)}")
+            raise LlavaMinError(f"decode_errors is {decode_errors!r}; use one of "
+                                f"{', '.join(DECODE_ERRORS)}")
         if max_length <= 0 or image_tokens <= 0:
             raise LlavaMinError(f"max_length ({max_length}) and image_tokens ({image_tokens}) must be positive")
         if max_images is not None and max_images < 0:
@@ -598,8 +600,8 @@ class LLaVADataset:
         placeholders = ids.count(IMAGE_TOKEN_INDEX)
         paths = image_paths(sample, self.image_folder)[:placeholders]
         item = {"index": i, "id": sample["id"], "input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": None, "images": paths,
-                "truncated": len(ids) < full, "bad": None}
+                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": None,
+                "images": paths, "truncated": len(ids) < full, "bad": None}
         if not paths:
             return item
         # uint8: the model normalises on its device (a quarter of the bytes between processes)
@@ -607,7 +609,8 @@ class LLaVADataset:
         for path in paths:
             try:
                 image = load_image(path)
-                images.append(to_pixels(image, self.image_size, self.image_mode, self.preprocessing))
+                pixels = to_pixels(image, self.image_size, self.image_mode, self.preprocessing)
+                images.append(pixels)
             except LlavaMinError as e:
                 if self.decode_errors == "raise":
                     raise LlavaMinError(f"{self.describe(i)}: {e}") from e
@@ -616,9 +619,9 @@ class LLaVADataset:
         return item
 
     def bad_item(self, item: dict, path: str, error: str) -> dict:
-        """`item` dropped from the loss: every label masked, placeholder pixels (zeros) for each of its images, so
-        that a batch's shapes and its image placeholders still agree (packed rows too); item["bad"] says which
-        sample, which file and what the decoder said."""
+        """`item` dropped from the loss: every label masked, placeholder pixels (zeros) for each of
+        its images, so that a batch's shapes and its image placeholders still agree (packed rows
+        too); item["bad"] says which sample, which file and what the decoder said."""
         item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
         shape = (len(item["images"]), 3, self.image_size, self.image_size)
         item["pixel_values"] = torch.zeros(shape, dtype=torch.uint8)    # (n_images, 3, H, W)
@@ -681,7 +684,8 @@ def _collate_rows(rows: list[list[dict]], pad_id: int, shared: bool) -> dict:
             "pixel_values": _stack_images(samples, shared),
             "image_counts": (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1),
             "ids": [s["id"] for s in samples], "indices": [s["index"] for s in samples],
-            # LLaVADataset(decode_errors="mark"): the samples dropped from the loss as their image did not decode
+            # LLaVADataset(decode_errors="mark"): the samples dropped from the loss, an image not
+            # decoding
             "bad": [s["bad"] for s in samples if s.get("bad")],
             "num_truncated": sum(bool(s.get("truncated")) for s in samples)}
 

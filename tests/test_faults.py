@@ -6,8 +6,9 @@ whose command line holds the test's private folder):
   * a missing image and malformed samples (roles not alternating, no "conversations") stop the run before
     any step, all listed at once with index, id and file; `python -m llava_min.data check` lists the same;
   * an image that exists but is garbage bytes (it passes the start-up check) stops the run at its first
-    batch, naming the sample id and the file, with a few lines and exit status 3, no traceback, with
-    --num-workers 0 and 2 (tests/test_bad_images.py: later steps, the checkpoint, --skip-bad-samples);
+    batch, naming the sample id and the file, in a few lines, exit status 3, no traceback,
+    with --num-workers 0 and 2 (tests/test_bad_images.py: later steps, the checkpoint,
+    --skip-bad-samples);
     `data check --decode` finds it;
   * a loader worker killed with SIGKILL during training ends the run within 30 s, naming the signal;
   * one rank frozen with SIGSTOP under torchrun ends the job within --dist-timeout + 60 s, non-zero, with a
@@ -19,9 +20,9 @@ whose command line holds the test's private folder):
     no loader worker behind, and --resume continues from it to the last step;
   * --nan skip logs each skipped step with its sample ids and the run goes on, its schedule in step, and
     still saves the model;
-  * a rank that raises (the data set fails on a sample that only rank 1 reads at step 1, as the sampler
-    assigns samples; a fault injected by a wrapper around train.py) ends every rank long before
-    --dist-timeout, non-zero, with the error printed by rank 1.
+  * a rank that raises (the data set fails on a sample that only rank 1 reads at step 1, as the
+    sampler assigns samples; a fault injected by a wrapper around train.py) ends every rank long
+    before --dist-timeout, non-zero, with the error printed by rank 1.
 
 Every run uses the tiny presets on a 48-image shapes data set, and every wait has a limit. The SIGSTOP tests
 take about a minute each: torchrun gives a rank that ignores its SIGTERM 30 s before SIGKILL.
@@ -196,7 +197,9 @@ def test_garbage_image_fails_at_its_first_batch_naming_id_and_path(shapes, tmp_p
     blame = r"step 1: sample \d+ \(id " + re.escape(f"'{sample_id}'") + r".* stops the run: "
     assert re.search(blame, log), log[-3000:]
     assert f"image {bad}" in log and "cannot identify image file" in log
-    assert "stopped before step 1: an image above does not decode; no step finished, nothing to save" in log
+    stopped = ("stopped before step 1: an image above does not decode; no step finished, "
+               "nothing to save")
+    assert stopped in log
     assert metric_steps(out) == []
     assert_nothing_left(f"{tmp_path}/")
 
@@ -295,7 +298,7 @@ def test_sigstopped_rank_mid_step_is_named_by_the_waiting_rank(shapes, tmp_path)
         kill_session(proc)
 
 
-# train.py whose data set raises on sample argv[1]: a fault in a worker that the loader reports as it is.
+# train.py whose data set raises on sample argv[1]: a fault the loader reports as it is.
 RAISING_TRAIN = """
 import os, runpy, sys
 sys.path.insert(0, os.getcwd())
