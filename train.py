@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -304,7 +305,7 @@ def load_data(args, d: "dist.Dist") -> Data:
                            image_mode=args.image_mode, max_length=args.max_length,
                            image_tokens=image_tokens, system=args.system,
                            skip_bad=args.skip_bad_samples, max_images=args.max_images,
-                           preprocessing=vit_cfg.preprocessing)
+                           preprocessing=vit_cfg.preprocessing, decode_errors="mark")
     d.print0(dataset.report())
     global_batch = args.batch_size * d.world_size * args.grad_accum
     sampler = GlobalBatchSampler(dataset.lengths, global_batch, seed=args.seed, pack=args.pack)
@@ -491,6 +492,8 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
         gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     d.print0(memory.report(plan, gpu_gib))
     metrics = open_metrics(args, out, start_step, d)
+    # Samples dropped so far because an image did not decode (metrics.jsonl's running total).
+    bad_total = last_record(out, d).get("bad_samples_total", 0)
     loader = make_loader(args, data, start_step, d)
     # MFU on a known GPU: FLOPs counted as tools/flops.py says.
     peak = flops.peak_flops(device, compute_dtype)
@@ -510,13 +513,16 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
             t0 = time.time()
             d.heartbeat(step + 1, "waiting for data")
             micro = [next(batches) for _ in range(args.grad_accum)]
-            sums = forward_backward(par, micro, autocast, device, d, step, count_flops)
+            sums = forward_backward(par, micro, autocast, device, d, step, count_flops,
+                                    skip_bad=args.skip_bad_samples)
             lr = schedule.lr
             grad_norm = optimizer_step(par, schedule, args, sums["loss"], micro, step, d)
             last = step + 1 == data.max_steps
             eval_loss = held_out_loss(args, data, par, autocast, step + 1, last)
+            bad_total += len(sums["bad"])
             if grad_norm is not None:
                 record = step_record(step, sums, lr, grad_norm, time.time() - t0, peak, d)
+                record["bad_samples_total"] = bad_total
                 if eval_loss is not None:
                     record["eval_loss"] = eval_loss
                 write_record(record, metrics, bar)
@@ -532,6 +538,17 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
             if stopping:
                 # The step, the checkpoint and the command to continue; exit 143 / 130 / 138.
                 stop.finish(step + 1, out)
+        if bad_total:
+            d.print0(f"bad images: {bad_total} samples left out of the loss, their image did not "
+                     f"decode (named above and in {out}/metrics.jsonl)")
+    except BadImageStop as e:
+        # Every rank is here, after the same step: save it (unless saved), say how to go on, exit 3.
+        if e.finished > start_step and e.finished % args.save_every:
+            save(par, schedule, args, out, e.finished, data, frozen, d, final=False)
+        # The message below the progress bar, not inside it.
+        bar.close()
+        d.print0(bad_image_stop_message(args, out, e.finished, start_step))
+        raise SystemExit(BAD_IMAGE_EXIT) from None
     except torch.cuda.OutOfMemoryError:
         # Say what would fit before the traceback: the estimate and the flags that change it.
         d.log("CUDA out of memory. " + memory.report(plan, gpu_gib) + "\nflags that would fit: "
@@ -554,6 +571,18 @@ def held_out_loss(args, data: Data, par: "parallel.Parallel", autocast, step: in
     if step % every and not last:
         return None
     return round(data.held_out.loss(par.model, autocast, step), 6)
+
+
+def last_record(out: Path, d: "dist.Dist") -> dict:
+    """Rank 0: the last line of OUT/metrics.jsonl (open_metrics kept those up to the start step),
+    or {}. Other ranks: {}."""
+    metrics_file = out / "metrics.jsonl"
+    if d.rank != 0 or not metrics_file.exists():
+        return {}
+    lines = metrics_file.read_text().splitlines()
+    if not lines:
+        return {}
+    return json.loads(lines[-1])
 
 
 def open_metrics(args, out: Path, start_step: int, d: "dist.Dist"):
@@ -589,21 +618,29 @@ def make_loader(args, data: Data, start_step: int, d: "dist.Dist") -> Loader:
 
 
 def forward_backward(par: "parallel.Parallel", micro: list[dict], autocast, device, d: "dist.Dist",
-                     step: int, count_flops=None) -> dict:
+                     step: int, count_flops=None, skip_bad: bool = False) -> dict:
     """Forward and backward over one optimizer step's micro-batches. Returns, summed over the
     whole job: "loss" (the global mean), "tokens" (real LLM positions), "positions" (with the
-    padding), "flops" (count_flops), "truncated" (samples cut at --max-length). The loss is
-    normalised by the supervised-token count of the whole global batch (all ranks, all
-    micro-batches), so any split of it over processes and accumulation gives the same loss and
-    gradients."""
+    padding), "flops" (count_flops), "truncated" (samples cut at --max-length), "bad" (the
+    samples of every rank whose image did not decode). The loss is normalised by the
+    supervised-token count of the whole global batch (all ranks, all micro-batches), so any split
+    of it over processes and accumulation gives the same loss and gradients. A sample whose image
+    did not decode comes with its labels masked: with skip_bad it is left out of the loss and the
+    count; without, every rank raises BadImageStop before any forward."""
     # The positions the model trains on (llava.trained_positions: the splice leaves their count
     # unchanged).
     local_tokens = 0
     for b in micro:
         local_tokens += int(trained_positions(b["labels"], b["attention_mask"]).sum())
-    counts = torch.tensor([float(local_tokens)], device=device)
+    local_bad = [bad for b in micro for bad in b["bad"]]
+    # The samples whose image did not decode travel in the same all-reduce: every rank learns of
+    # any rank's before a forward.
+    counts = torch.tensor([float(local_tokens), float(len(local_bad))], device=device)
     dist.all_reduce(d, counts, what=f"supervised-token count at step {step + 1}")
-    global_tokens = max(counts.item(), 1.0)
+    global_tokens = max(counts[0].item(), 1.0)
+    bad = []
+    if counts[1].item():
+        bad = bad_images(d, local_bad, step, skip_bad)
     # loss sum, real positions, all positions, FLOPs, truncated samples
     stats = torch.zeros(5, device=device, dtype=torch.float64)
     for m, batch in enumerate(micro):
@@ -633,7 +670,56 @@ def forward_backward(par: "parallel.Parallel", micro: list[dict], autocast, devi
         stats[4] += batch["num_truncated"]
     dist.all_reduce(d, stats, what=f"loss sum at step {step + 1}")
     return {"loss": stats[0].item() / global_tokens, "tokens": int(stats[1]),
-            "positions": int(stats[2]), "flops": float(stats[3]), "truncated": int(stats[4])}
+            "positions": int(stats[2]), "flops": float(stats[3]), "truncated": int(stats[4]),
+            "bad": bad}
+
+
+# Exit status of a run stopped by an image that does not decode (2 is a command-line mistake,
+# 128 + N a signal).
+BAD_IMAGE_EXIT = 3
+
+
+class BadImageStop(Exception):
+    """Raised on every rank, in the same step, when a sample's image did not decode and
+    --skip-bad-samples is off; `finished` is the number of the last finished step."""
+
+    def __init__(self, finished: int):
+        super().__init__(f"an image did not decode in step {finished + 1}")
+        self.finished = finished
+
+
+def bad_images(d: "dist.Dist", local_bad: list[dict], step: int, skip_bad: bool) -> list[dict]:
+    """A collective, called by every rank when any has a sample whose image did not decode: each
+    rank logs its own (once per sample), all learn every rank's; without skip_bad, BadImageStop."""
+    done = "left out of the loss (--skip-bad-samples)"
+    if not skip_bad:
+        done = "stops the run"
+    for bad in local_bad:
+        d.log(f"step {step + 1}: {bad['sample']} {done}: {bad['error']}")
+    gathered = dist.all_gather_object(d, local_bad, what=f"bad images at step {step + 1}")
+    if not skip_bad:
+        raise BadImageStop(step)
+    return [bad for rank_bad in gathered for bad in rank_bad]
+
+
+def bad_image_stop_message(args, out: Path, finished: int, start_step: int) -> str:
+    """What the run says when it stops on an image that does not decode: the checkpoint, then the
+    three ways on."""
+    folder = f"{out}/{checkpoint.CHECKPOINTS}/{checkpoint.step_name(finished)}"
+    ckpt = f"checkpoint {folder}"
+    if finished == 0:
+        ckpt = "no step finished, nothing to save"
+    elif finished == start_step:
+        ckpt = f"the checkpoint it resumed from, {folder}"
+    check = ["python", "-m", "llava_min.data", "check", "--data", *map(str, args.data),
+             "--image-folder", str(args.image_folder), "--decode"]
+    resume_cmd = stop.resume_command()
+    skip_cmd = resume_cmd + ["--skip-bad-samples"]
+    return (f"stopped before step {finished + 1}: an image above does not decode; {ckpt}. "
+            "Ways on:\n"
+            f"  list every image that does not decode:  {shlex.join(check)}\n"
+            f"  after fixing or removing those samples: {shlex.join(resume_cmd)}\n"
+            f"  or drop such samples from the loss:     {shlex.join(skip_cmd)}")
 
 
 def optimizer_step(par: "parallel.Parallel", schedule: CosineSchedule, args, loss: float,
@@ -672,7 +758,11 @@ def step_record(step: int, sums: dict, lr: float, grad_norm: float, seconds: flo
               "grad_norm": round(grad_norm, 4),
               "tokens_per_s": round(sums["tokens"] / seconds, 1),
               "padding": round(1 - sums["tokens"] / sums["positions"], 4),
-              "truncated": sums["truncated"], "seconds": round(seconds, 3)}
+              "truncated": sums["truncated"], "seconds": round(seconds, 3),
+              "bad_samples": len(sums["bad"])}
+    if sums["bad"]:
+        # --skip-bad-samples: the files that did not decode, of the samples left out of this step
+        record["bad_images"] = [bad["file"] for bad in sums["bad"]]
     if peak:
         record["mfu"] = round(sums["flops"] / (seconds * d.world_size * peak), 4)
     if d.device.type == "cuda":

@@ -52,6 +52,8 @@ GPT_TAG = "tag in a gpt turn"
 MISSING_FILE = "missing image file"
 EMPTY_LIST = "empty image list"
 IMAGE_FIELD = "'image' not a file name"
+# What LLaVADataset does with an image that does not decode as an item is built (its docstring).
+DECODE_ERRORS = ("raise", "mark")
 
 
 def image_files(sample: dict) -> list[str]:
@@ -456,11 +458,19 @@ class LLaVADataset:
     dropped and how many samples max_length cuts. image_mode: "pad" (LLaVA-1.5) or "crop" (the
     tower's processor), with the tower's `preprocessing`; each image takes image_tokens positions;
     a longer sample is cut at the end (item["truncated"]).
+    An image that exists but does not decode is met only here, mid-run: decode_errors "raise"
+    (the default) raises an error naming the sample; "mark" (train.py) hands the sample on,
+    dropped from the loss (`bad_item`), so that the training loop decides, on every rank at once,
+    to skip it or to stop.
     """
 
     def __init__(self, data, tokenizer, image_folder=None, *, image_size: int = 336, image_mode: str = "pad",
                  max_length: int = 2048, image_tokens: int = 1, system: str | None = None, skip_bad: bool = False,
-                 max_images: int | None = None, preprocessing: Preprocessing = IMAGENET):
+                 max_images: int | None = None, preprocessing: Preprocessing = IMAGENET,
+                 decode_errors: str = "raise"):
+        if decode_errors not in DECODE_ERRORS:
+            raise LlavaMinError(f"decode_errors is {decode_errors!r}; use one of "
+                                f"{', '.join(DECODE_ERRORS)}")
         if max_length <= 0 or image_tokens <= 0:
             raise LlavaMinError(f"max_length ({max_length}) and image_tokens ({image_tokens}) must be positive")
         if max_images is not None and max_images < 0:
@@ -476,6 +486,7 @@ class LLaVADataset:
         self.image_tokens = image_tokens
         self.system = system
         self.max_images = max_images
+        self.decode_errors = decode_errors
         samples = Samples(data)
         self._start_up(samples, skip_bad)
         self.samples = samples.keep(self._kept)
@@ -592,21 +603,35 @@ class LLaVADataset:
         # A cut leaves out the images after it: the first `placeholders` images are the ones kept.
         placeholders = ids.count(IMAGE_TOKEN_INDEX)
         paths = image_paths(sample, self.image_folder)[:placeholders]
-        pixel_values = None
-        if paths:
+        item = {"index": i, "id": sample["id"], "input_ids": torch.tensor(ids, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": None,
+                "images": paths, "truncated": len(ids) < full, "bad": None}
+        if not paths:
+            return item
+        # uint8: the model normalises on its device (a quarter of the bytes between processes)
+        images = []
+        for path in paths:
             try:
-                # uint8: the model normalises on its device (a quarter of the bytes between
-                # processes)
-                images = []
-                for path in paths:
-                    image = load_image(path)
-                    images.append(to_pixels(image, self.image_size, self.image_mode, self.preprocessing))
+                image = load_image(path)
+                pixels = to_pixels(image, self.image_size, self.image_mode, self.preprocessing)
+                images.append(pixels)
             except LlavaMinError as e:
-                raise LlavaMinError(f"{self.describe(i)}: {e}") from e
-            pixel_values = torch.stack(images)                         # (n_images, 3, H, W)
-        return {"index": i, "id": sample["id"], "input_ids": torch.tensor(ids, dtype=torch.long),
-                "labels": torch.tensor(labels, dtype=torch.long), "pixel_values": pixel_values, "images": paths,
-                "truncated": len(ids) < full}
+                if self.decode_errors == "raise":
+                    raise LlavaMinError(f"{self.describe(i)}: {e}") from e
+                return self.bad_item(item, path, str(e))
+        item["pixel_values"] = torch.stack(images)                     # (n_images, 3, H, W)
+        return item
+
+    def bad_item(self, item: dict, path: str, error: str) -> dict:
+        """`item` dropped from the loss: every label masked, placeholder pixels (zeros) for each of
+        its images, so that a batch's shapes and its image placeholders still agree (packed rows
+        too); item["bad"] says which sample, which file and what the decoder said."""
+        item["labels"] = torch.full_like(item["labels"], IGNORE_INDEX)
+        shape = (len(item["images"]), 3, self.image_size, self.image_size)
+        item["pixel_values"] = torch.zeros(shape, dtype=torch.uint8)    # (n_images, 3, H, W)
+        item["bad"] = {"index": item["index"], "id": item["id"], "file": path, "error": error,
+                       "sample": self.describe(item["index"])}
+        return item
 
 
 def collate(samples: list[dict], pad_id: int = 0, shared: bool = False) -> dict:
@@ -663,6 +688,9 @@ def _collate_rows(rows: list[list[dict]], pad_id: int, shared: bool) -> dict:
             "pixel_values": _stack_images(samples, shared),
             "image_counts": (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1),
             "ids": [s["id"] for s in samples], "indices": [s["index"] for s in samples],
+            # LLaVADataset(decode_errors="mark"): the samples dropped from the loss, an image not
+            # decoding
+            "bad": [s["bad"] for s in samples if s.get("bad")],
             "num_truncated": sum(bool(s.get("truncated")) for s in samples)}
 
 

@@ -6,7 +6,10 @@ whose command line holds the test's private folder):
   * a missing image and malformed samples (roles not alternating, no "conversations") stop the run before
     any step, all listed at once with index, id and file; `python -m llava_min.data check` lists the same;
   * an image that exists but is garbage bytes (it passes the start-up check) stops the run at its first
-    batch, naming the sample id and the file, with --num-workers 0 and 2; `data check --decode` finds it;
+    batch, naming the sample id and the file, in a few lines, exit status 3, no traceback,
+    with --num-workers 0 and 2 (tests/test_bad_images.py: later steps, the checkpoint,
+    --skip-bad-samples);
+    `data check --decode` finds it;
   * a loader worker killed with SIGKILL during training ends the run within 30 s, naming the signal;
   * one rank frozen with SIGSTOP under torchrun ends the job within --dist-timeout + 60 s, non-zero, with a
     message from the waiting rank naming the collective, the timeout and the frozen rank, and the waiting
@@ -17,8 +20,9 @@ whose command line holds the test's private folder):
     no loader worker behind, and --resume continues from it to the last step;
   * --nan skip logs each skipped step with its sample ids and the run goes on, its schedule in step, and
     still saves the model;
-  * a rank that raises (a garbage image that only rank 1 reads at step 1, as the sampler assigns samples)
-    ends every rank long before --dist-timeout, non-zero, with the error printed by rank 1.
+  * a rank that raises (the data set fails on a sample that only rank 1 reads at step 1, as the
+    sampler assigns samples; a fault injected by a wrapper around train.py) ends every rank long
+    before --dist-timeout, non-zero, with the error printed by rank 1.
 
 Every run uses the tiny presets on a 48-image shapes data set, and every wait has a limit. The SIGSTOP tests
 take about a minute each: torchrun gives a rank that ignores its SIGTERM 30 s before SIGKILL.
@@ -188,14 +192,14 @@ def test_garbage_image_fails_at_its_first_batch_naming_id_and_path(shapes, tmp_p
     out = tmp_path / "out"
     rc, seconds, log = run([PY, *train_cmd(shapes, data, out, "--batch-size", 8, "--max-steps", 3,
                                            "--num-workers", workers)], tmp_path / "log", 60)
-    assert rc != 0 and "SampleError" in log, log[-3000:]
-    where = "the main process (num_workers=0)" if workers == 0 else "loader worker 0 (pid "
-    blame = re.escape(where) + r".* failed on sample \d+ \(id " + re.escape(f"'{sample_id}'")
+    # The few lines of a run stopped by an image that does not decode (train.py BAD_IMAGE_EXIT).
+    assert rc == 3 and "Traceback" not in log, log[-3000:]
+    blame = r"step 1: sample \d+ \(id " + re.escape(f"'{sample_id}'") + r".* stops the run: "
     assert re.search(blame, log), log[-3000:]
     assert f"image {bad}" in log and "cannot identify image file" in log
-    assert "Run with --num-workers 0 to debug it in the main process" in log
-    if workers:
-        assert "Traceback in the worker:" in log
+    stopped = ("stopped before step 1: an image above does not decode; no step finished, "
+               "nothing to save")
+    assert stopped in log
     assert metric_steps(out) == []
     assert_nothing_left(f"{tmp_path}/")
 
@@ -294,18 +298,39 @@ def test_sigstopped_rank_mid_step_is_named_by_the_waiting_rank(shapes, tmp_path)
         kill_session(proc)
 
 
+# train.py whose data set raises on sample argv[1]: a fault the loader reports as it is.
+RAISING_TRAIN = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+from llava_min.data import LLaVADataset
+faulty = int(sys.argv[1])
+getitem = LLaVADataset.__getitem__
+def raising_getitem(self, i):
+    if i == faulty:
+        raise RuntimeError("a fault injected by the test")
+    return getitem(self, i)
+LLaVADataset.__getitem__ = raising_getitem
+sys.argv = sys.argv[2:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
 def test_rank_that_raises_ends_every_rank_promptly(shapes, tmp_path):
-    # A garbage image that only rank 1 reads at step 1 (the sampler gives each rank its own slice).
+    # A sample that only rank 1 reads at step 1 (the sampler gives each rank its own slice) raises.
     rank0, rank1 = first_step_samples(shapes, 2, 4)
-    data, sample_id, bad = with_garbage_image(shapes, tmp_path, rank1[0])
     assert rank1[0] not in rank0
+    samples = json.loads((shapes / "pretrain.json").read_text())
+    sample_id = samples[rank1[0]]["id"]
+    script = tmp_path / "raising_train.py"
+    script.write_text(RAISING_TRAIN)
     out, timeout = tmp_path / "out", 120                      # a hang would last the whole timeout
-    rc, seconds, log = run(torchrun(*train_cmd(shapes, data, out, "--batch-size", 4, "--max-steps", 3,
-                                               "--dist-timeout", timeout)), tmp_path / "log", timeout)
+    cmd = train_cmd(shapes, shapes / "pretrain.json", out, "--batch-size", 4, "--max-steps", 3,
+                    "--dist-timeout", timeout)
+    rc, seconds, log = run(torchrun(script, rank1[0], *cmd), tmp_path / "log", timeout)
     assert rc != 0 and seconds < timeout / 2, f"{seconds:.0f} s\n{log[-3000:]}"
     assert re.search(r"\[rank1\]:.*SampleError: the main process \(num_workers=0\) failed on sample \d+ \(id "
                      + re.escape(f"'{sample_id}'"), log), log[-4000:]
-    assert f"image {bad}" in log
+    assert "RuntimeError: a fault injected by the test" in log
     assert read_heartbeat(out, 1)["phase"].startswith("exited: SampleError")
     # torchrun's summary blames rank 1; rank 0 was ended by torchrun's SIGTERM, not by a timeout.
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)", log.split("Root Cause (first observed failure):")[-1])
