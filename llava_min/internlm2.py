@@ -72,6 +72,38 @@ class InternLM2Config:
 
 # The network
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32, cast back to the input dtype, THEN scale: the released code multiplies
+    # the weight with the input-dtype value (InternLM2RMSNorm / LlamaRMSNorm), which is visible
+    # in bf16.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class LeanRMSNorm(torch.autograd.Function):
+    """`rms_norm` that keeps only its input for backward. Autograd would also keep the normalised
+    copy, (..., hidden) fp32, for the weight's gradient; here backward recomputes it (one cheap
+    pass) and differentiates the same ops, so the gradients are those of `rms_norm`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(needs[0])
+            weight = weight.detach().requires_grad_(needs[1])
+            out = rms_norm(x, weight, ctx.eps)
+        wanted = [t for t, need in zip((x, weight), needs) if need]
+        grads = list(torch.autograd.grad(out, wanted, grad))
+        # None for an input that needs no gradient, and for eps
+        return *[grads.pop(0) if need else None for need in needs], None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -79,10 +111,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32, cast back to the input dtype, THEN scale: the released code multiplies
-        # the weight with the input-dtype value (InternLM2RMSNorm / LlamaRMSNorm), which is visible
-        # in bf16.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # A trained weight: LeanRMSNorm keeps the input only. A frozen one keeps nothing more.
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            return LeanRMSNorm.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rotary_tables(config: InternLM2Config, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -254,6 +286,27 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * hd))   # heads back to (B, T, hidden)
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up keeping gate and up for backward, not silu(gate) too (autograd's silu and
+    mul would keep all three, each (..., intermediate)); backward reuses its temporaries in place,
+    so that it holds one (..., intermediate) tensor less at the step's peak."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        # d silu(g) / dg = sig * (1 + g * (1 - sig))
+        d_gate = (1 - sig).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(grad)
+        # d out / d up = silu(gate), written over sig
+        d_up = sig.mul_(gate).mul_(grad)
+        return d_gate, d_up
+
+
 class FeedForward(nn.Module):
     def __init__(self, config: InternLM2Config):
         super().__init__()
@@ -262,7 +315,11 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)   # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate = self.w1(x)
+        up = self.w3(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return self.w2(SwiGLU.apply(gate, up))
+        return self.w2(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

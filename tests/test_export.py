@@ -8,8 +8,10 @@ square, RGBA, grey) and prompts (one turn, a system prompt, two turns, text only
 prompt ids equal llava-min's (each image's run of <image> ids read as one -200), whether the
 template is rendered and then tokenized or apply_chat_template tokenizes (one BOS either way); pixel
 values within 1e-3 (pad and crop modes); logits within 1e-4 in fp32; the same greedy tokens; three
-images in one prompt give the same logits. With the real InternLM2 tokenizer: the same prompt ids on
-real-format text (CJK, code, whitespace runs, emoji). A bf16 frozen LLM is exported bit for bit
+images in one prompt give the same logits. The same for a model with a CLIP and one with a SigLIP
+tower (train.py, one step): prompt ids, pixels in pad and crop modes, logits, greedy tokens. With
+the real InternLM2 tokenizer: the same prompt ids on real-format text (CJK, code, whitespace runs,
+emoji). A bf16 frozen LLM is exported bit for bit
 (after the parity tests' wqkv split); sharded output loads; CLIP and SigLIP vision-only saves load
 with every tensor found. Refused, with the reason: DINOv2 with registers, a 3-layer projector, a
 projector of another width, an LLM vocabulary with no free id for <image>, a tokenizer with a dummy
@@ -119,14 +121,22 @@ def messages_of(turns, system=None, image=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(llava-min folder, exported folder): finetune.py with LoRA on the shapes data, then the export
-    command line (in this process: a fresh interpreter would only add torch's import time)."""
+def shapes_data(tmp_path_factory):
+    """A folder with the shapes data set (shapes/) and a tokenizer trained on it (tok.model)."""
     d = tmp_path_factory.mktemp("export")
     shapes = d / "shapes"
     run(["data/make_shapes.py", "--out", shapes, "--n-train", "16", "--n-test", "2",
          "--image-size", "28"])
     train_tokenizer([shapes / "finetune.json"], vocab_size=400, out=d / "tok.model", threads=1)
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_data):
+    """(llava-min folder, exported folder): finetune.py with LoRA on the shapes data, then the export
+    command line (in this process: a fresh interpreter would only add torch's import time)."""
+    d = shapes_data
+    shapes = d / "shapes"
     run(["finetune.py", "--data", shapes / "finetune.json", "--image-folder", shapes,
          "--tokenizer", d / "tok.model", "--llm-config", "tiny", "--vit-config", "tiny",
          "--image-size", IMAGE_SIZE, "--max-length", "64", "--num-workers", "0", "--max-steps", "2",
@@ -275,6 +285,66 @@ def test_crop_mode_pixels(trained, tmp_path):
     for image in images():
         pixels = processor.image_processor(image, return_tensors="pt").pixel_values[0]
         assert (pixels - preprocess(image, IMAGE_SIZE, mode="crop")).abs().max() < 1e-3
+
+
+# The CLIP and SigLIP towers: transformers' Llava does not interpolate their position embeddings,
+# so the tiny presets run at their 56 px grid (4 x 4 patches)
+TOWER_SIZE = 56
+
+
+def assert_same_model(model_dir, hf_dir, mode):
+    """llava-min's model and its export agree on several images: prompt ids, pixels within 1e-3 (in
+    the trained image mode, with the tower's statistics), logits within 1e-4, greedy tokens."""
+    ours = LLaVA.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    hf, processor = load_hf(hf_dir)
+    image_id = hf.config.image_token_id
+    preprocessing = ours.vit.config.preprocessing
+    tokens = ours.vit.config.image_tokens(TOWER_SIZE)
+    for k, image in enumerate(images()):
+        turns = TURNS[k % 2]
+        expected = llava_min_prompt(tok, turns)
+        prompt = processor.apply_chat_template(messages_of(turns, image=image),
+                                               add_generation_prompt=True)
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        ids = inputs.input_ids[0].tolist()
+        assert collapse(ids, image_id) == expected
+        assert ids.count(image_id) == tokens
+
+        pixels = preprocess(image, TOWER_SIZE, mode=mode, preprocessing=preprocessing)
+        assert (inputs.pixel_values[0] - pixels).abs().max() < 1e-3, (mode, k)
+        with torch.no_grad():
+            logits = ours(torch.tensor([expected]), pixels[None]).logits
+            hf_logits = hf(**inputs).logits
+        assert (logits - hf_logits).abs().max() < 1e-4, (mode, k)
+
+        # Greedy: 12 tokens past any stop (no id stops them), so that every step is compared
+        no_stop = [hf.config.text_config.vocab_size]
+        new = ours.generate(torch.tensor([expected]), pixels[None], max_new_tokens=12,
+                            stop_ids=no_stop)[0].tolist()
+        start = inputs.input_ids.shape[1]
+        hf_new = hf.generate(**inputs, max_new_tokens=12, eos_token_id=no_stop)[0, start:]
+        assert hf_new.tolist() == new, (mode, k)
+
+
+@pytest.mark.parametrize("preset", ["tiny-clip", "tiny-siglip"])
+def test_clip_and_siglip_models_are_the_same_model_in_transformers(shapes_data, tmp_path, preset):
+    """A model with each tower, saved by train.py after one step, exported in pad and crop modes (the
+    tower's crop: CLIP's shortest edge and centre crop, SigLIP's plain resize to the square)."""
+    shapes = shapes_data / "shapes"
+    model = tmp_path / "model"
+    run(["train.py", "--data", shapes / "pretrain.json", "--image-folder", shapes,
+         "--tokenizer", shapes_data / "tok.model", "--llm-config", "tiny", "--vit-config", preset,
+         "--image-size", TOWER_SIZE, "--max-length", "96", "--num-workers", "0", "--max-steps", "1",
+         "--batch-size", "4", "--lr", "1e-2", "--out", model])
+    vision_type = {"tiny-clip": "clip_vision_model", "tiny-siglip": "siglip_vision_model"}[preset]
+    for mode in ("pad", "crop"):
+        settings = json.loads((model / "llava_config.json").read_text()) | {"image_mode": mode}
+        (model / "llava_config.json").write_text(json.dumps(settings))
+        export(model, tmp_path / mode, dtype="float32")
+        config = json.loads((tmp_path / mode / "config.json").read_text())
+        assert config["vision_config"]["model_type"] == vision_type
+        assert_same_model(model, tmp_path / mode, mode)
 
 
 # Hand-made llava-min folders: the parts in the official formats, as train.py leaves them

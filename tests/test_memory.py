@@ -148,6 +148,9 @@ def test_activation_model_matches_saved_tensors(train, dtype, lora_r, ckpt):
     # output head (inside the checkpointed loss chunks) and, with checkpointing, the blocks' matrices. Those
     # live in autocast's cache until the forward ends, which is why the estimate books them all.
     unsaved = 0
+    # A frozen ViT's features need no gradient: the projector's first matrix is not saved either.
+    if dtype == "bfloat16" and "vit" not in train:
+        unsaved += 2 * VIT.hidden_size * LLM.hidden_size
     if dtype == "bfloat16" and "llm" in train and not lora_r:
         unsaved += 2 * LLM.vocab_size * LLM.hidden_size
         if ckpt:
@@ -203,7 +206,8 @@ def test_suggest_fit_makes_the_seven_billion_model_fit_24_gib():
     assert not memory.fits(full, 24)
     advice = memory.suggest_fit(full, 24)
     assert any(a.startswith("--lora-r") for a in advice), advice
-    assert advice[-1].startswith("-> ") and float(advice[-1].split()[1]) <= 0.95 * 24
+    # The figure is printed to 0.1 GiB
+    assert advice[-1].startswith("-> ") and float(advice[-1].split()[1]) <= round(0.95 * 24, 1)
     lora = preset_plan(batch_size=1, lora_r=128, grad_checkpointing=True)
     e = memory.estimate(lora)
     assert 15 * GiB < e.weights < 17 * GiB            # the frozen bf16 LLM dominates

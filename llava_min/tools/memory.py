@@ -231,15 +231,16 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
     # the lse, the bf16 rotary tables
     attention = a * (2 * h + 2 * kv) + 4 * nh + (a * hd if r != a else 0)
     if mode == "full":
-        # each RMSNorm's fp32 input and its normalised output (for the weight's gradient), and the
-        # bf16 copy each linear makes of its input (w1 and w3 make one each)
-        norms = (4 + r + a) * h + (4 + r) * h + (a * h if r == a else 2 * a * h) + 8
-        # w1 out, w3 out, silu out, their product
-        mlp = 4 * a * i
-    else:
-        # Frozen linears save nothing: no weight gradient
-        norms = 2 * (4 * h + 4)
+        # each RMSNorm's fp32 input (LeanRMSNorm recomputes the rest), its output, and the bf16
+        # copy each linear makes of its input (w1 and w3 make one each)
+        norms = (4 + a) * h + 4 * h + (a * h if r == a else 2 * a * h)
+        # w1 out, w3 out (SwiGLU keeps no silu), their product (w2's input)
         mlp = 3 * a * i
+    else:
+        # Frozen linears save nothing: no weight gradient. Each RMSNorm keeps its input and rstd.
+        norms = 2 * (4 * h + 4)
+        # w1 out, w3 out, for SwiGLU's backward
+        mlp = 2 * a * i
     block = norms + attention + mlp
     if mode == "lora":
         # per adapted linear (inputs summed: 4h + i): the dropout mask (1 byte from CUDA's fused
@@ -256,14 +257,17 @@ def activation_bytes(plan: Plan) -> dict[str, int]:
     block *= N
     items = {}
     if plan.grad_checkpointing:
-        items["llm blocks (inputs kept)"] = L * r * h * N   # each block keeps its input ...
+        # Each block keeps its input, and all of them the rotary tables (cos and sin, hd / 2 wide,
+        # one row of positions) ...
+        items["llm blocks (inputs kept)"] = L * r * h * N + r * hd * plan.max_length
         # ... and one is recomputed at a time in backward
         items["llm recompute (one block)"] = block
     else:
         items["llm blocks"] = L * block
     # ids and splice indices, the final norm, and each supervised token's gathered hidden state
     supervised = max(0, N - n_images * plan.image_tokens)
-    final_norm = (4 * h + r * h + 4) if mode == "full" else (4 * h + 4)
+    # (LeanRMSNorm keeps no rstd)
+    final_norm = 4 * h + 4 * (mode != "full")
     items["llm outside blocks"] = 16 * N + final_norm * N + (r * h + 24) * supervised
     # the prefix (CLS, registers) and the patches
     vit_tokens = n_images * (v.prefix_tokens + plan.image_tokens)
