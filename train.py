@@ -482,15 +482,7 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
     """Steps start_step + 1 .. max_steps, each: the micro-batches' forward and backward, one
     update (or a skip, --nan), a metrics line; between two steps the checkpoints."""
     device = d.device
-    plan = memory.plan_from_args(args, world_size=d.world_size)
-    # Every image of a sample takes ViT and projector memory: book the most any sample holds (a
-    # packed row is booked with as many images as fit in it already).
-    if not args.pack:
-        plan = plan.replace(images_per_sample=max(1, data.dataset.stats["most_images"]))
-    gpu_gib = None
-    if device.type == "cuda":
-        gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    d.print0(memory.report(plan, gpu_gib))
+    plan, gpu_gib = memory_estimate(args, data, d)
     metrics = open_metrics(args, out, start_step, d)
     # Samples dropped so far because an image did not decode (metrics.jsonl's running total).
     bad_total = last_record(out, d).get("bad_samples_total", 0)
@@ -559,6 +551,21 @@ def train_loop(args, out: Path, par: "parallel.Parallel", schedule: CosineSchedu
         bar.close()
         if metrics:
             metrics.close()
+
+
+def memory_estimate(args, data: Data, d: "dist.Dist"):
+    """The memory tool's plan for this run and the GPU's GiB (None on the CPU), its report printed
+    before the first step."""
+    plan = memory.plan_from_args(args, world_size=d.world_size)
+    # Every image of a sample takes ViT and projector memory: book the most any sample holds (a
+    # packed row is booked with as many images as fit in it already).
+    if not args.pack:
+        plan = plan.replace(images_per_sample=max(1, data.dataset.stats["most_images"]))
+    gpu_gib = None
+    if d.device.type == "cuda":
+        gpu_gib = torch.cuda.get_device_properties(d.device).total_memory / 2**30
+    d.print0(memory.report(plan, gpu_gib))
+    return plan, gpu_gib
 
 
 def held_out_loss(args, data: Data, par: "parallel.Parallel", autocast, step: int,
