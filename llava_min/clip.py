@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import LlavaMinError, weights
+from .dinov2 import check_layer
 from .image import Preprocessing, check_image_size
 
 # Checkpoint key -> module key. The hub ships the whole CLIP model (vision_model.*, text_model.*,
@@ -303,13 +304,6 @@ class CLIP(nn.Module):
         blocks = self.blocks[:self.config.blocks_run(layer)]
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         return self._run(x, blocks)[:, self.config.prefix_tokens:]
-
-
-def check_layer(layer: int, n: int) -> None:
-    """A hidden-state index of a tower with n blocks, as Python indexes a list of n + 1."""
-    if not -(n + 1) <= layer <= n:
-        raise LlavaMinError(f"layer {layer} is out of range for a ViT with {n} blocks (hidden states are "
-                            f"indexed {-(n + 1)}..{n})")
 
 
 # Config files and presets

@@ -330,12 +330,17 @@ class DINOv2(nn.Module):
     def features(self, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
         """hidden_states(pixel_values)[layer] without the CLS and register tokens: (B, N, D). Runs
         only the blocks that layer needs (-2 skips the last block and the final LayerNorm)."""
-        n = self.config.num_hidden_layers
-        if not -(n + 1) <= layer <= n:
-            raise LlavaMinError(f"layer {layer} is out of range for a ViT with {n} blocks (hidden states are "
-                                f"indexed {-(n + 1)}..{n})")
+        check_layer(layer, self.config.num_hidden_layers)
         blocks = self.blocks[:self.config.blocks_run(layer)]
         return self._run(self.embeddings(pixel_values), blocks)[:, self.config.prefix_tokens:]
+
+
+def check_layer(layer: int, n: int) -> None:
+    """A hidden-state index of a tower with n blocks, as Python indexes a list of n + 1 (every
+    tower's `features` checks its layer here)."""
+    if not -(n + 1) <= layer <= n:
+        raise LlavaMinError(f"layer {layer} is out of range for a ViT with {n} blocks (hidden states are "
+                            f"indexed {-(n + 1)}..{n})")
 
 
 # Config files and presets

@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import LlavaMinError, weights
-from .clip import ACTIVATIONS, Block, check_layer
+from .clip import ACTIVATIONS, Block
+from .dinov2 import check_layer
 from .image import Preprocessing, check_image_size
 
 # Checkpoint key -> module key. The hub ships the whole SigLIP model (vision_model.*, text_model.*,
